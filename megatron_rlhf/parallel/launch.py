@@ -1,0 +1,143 @@
+"""Start N local processes that form one torch.distributed job, from a single command.
+
+Used by the checkpoint tools (each "runs as one command") and by the distributed tests. Under
+torchrun or a Ray worker group the environment is already set and :func:`run_distributed` runs
+the function in-process instead of spawning.
+
+Guarantees: every child gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT on a free
+loopback port and a fair share of CPU threads; the result of each rank is returned in rank order;
+if any rank fails, the others are terminated and :class:`DistributedLaunchError` carries the
+failing rank's traceback. No process outlives the call.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+
+
+class DistributedLaunchError(RuntimeError):
+    """A rank of a locally launched job failed; the message holds its traceback."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _child(
+    rank: int,
+    world_size: int,
+    port: int,
+    threads: int,
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    results: Any,
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(threads)
+    try:
+        result = function(*args)
+        results.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if torch.distributed.is_initialized():
+            try:
+                from megatron_rlhf.parallel.init import destroy_parallel
+
+                destroy_parallel()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+
+
+def spawn(
+    function: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_seconds: float = 1800.0,
+) -> list[Any]:
+    """Run ``function(*args)`` in ``world_size`` fresh processes; return results by rank.
+
+    ``function`` must be importable (module level) and its arguments and result picklable.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    processes = [
+        context.Process(
+            target=_child,
+            args=(rank, world_size, port, threads, function, args, results),
+            daemon=False,
+        )
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    collected: dict[int, Any] = {}
+    failure: tuple[int, str] | None = None
+    try:
+        while len(collected) < world_size and failure is None:
+            try:
+                rank, ok, payload = results.get(timeout=timeout_seconds)
+            except queue.Empty:
+                failure = (-1, f"timed out after {timeout_seconds} s waiting for ranks")
+                break
+            if ok:
+                collected[rank] = payload
+            else:
+                failure = (rank, payload)
+            if failure is None:
+                dead = [
+                    p for i, p in enumerate(processes) if i not in collected and p.exitcode
+                ]
+                if dead:
+                    failure = (-1, f"a rank exited with code {dead[0].exitcode} before reporting")
+    finally:
+        for process in processes:
+            if failure is not None and process.is_alive():
+                process.terminate()
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    if failure is not None:
+        rank, message = failure
+        where = f"rank {rank}" if rank >= 0 else "launcher"
+        raise DistributedLaunchError(f"{where} of {world_size} failed:\n{message}")
+    return [collected[rank] for rank in range(world_size)]
+
+
+def already_launched() -> bool:
+    """True when running under torchrun/Ray with the distributed environment already set."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def run_distributed(function: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run in-process if already launched with the right world size, else :func:`spawn`."""
+    if already_launched():
+        launched_size = int(os.environ["WORLD_SIZE"])
+        if launched_size != world_size:
+            raise DistributedLaunchError(
+                f"launched with WORLD_SIZE={launched_size} but this job needs {world_size}"
+            )
+        return [function(*args)]
+    return spawn(function, world_size, *args)

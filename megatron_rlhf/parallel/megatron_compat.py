@@ -1,0 +1,100 @@
+"""Every difference between Megatron-Core releases that this package depends on, in one place.
+
+Supported: megatron-core 0.16.x (the newest release for Python 3.11, used on CPU test machines)
+and the newer releases GPU clusters run on Python 3.12. The rest of the package calls Megatron
+through stable public APIs or through the functions here; nothing else branches on the version.
+
+Strategy: keyword arguments that a release does not know are dropped only when they carry the
+"off" value (so a new feature cannot be silently ignored); otherwise a clear error names the
+argument and the installed version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from importlib import metadata
+from typing import Any, Callable
+
+MIN_MEGATRON_CORE = (0, 16)
+
+
+class MegatronVersionError(RuntimeError):
+    """The installed megatron-core cannot do what the configuration asks for."""
+
+
+def megatron_core_version() -> tuple[int, ...]:
+    """Installed megatron-core version as a tuple of ints, e.g. (0, 16, 1)."""
+    try:
+        raw = metadata.version("megatron-core")
+    except metadata.PackageNotFoundError as error:
+        raise MegatronVersionError(
+            "megatron-core is not installed; install it with `pip install megatron-core` "
+            "(0.16.x on Python 3.11, newer releases on Python >= 3.12)"
+        ) from error
+    numbers = []
+    for part in raw.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    version = tuple(numbers)
+    if version[:2] < MIN_MEGATRON_CORE:
+        raise MegatronVersionError(
+            f"megatron-core {raw} is too old; megatron-rlhf needs >= "
+            f"{'.'.join(map(str, MIN_MEGATRON_CORE))}"
+        )
+    return version
+
+
+def call_with_supported_kwargs(
+    function: Callable[..., Any], off_values: dict[str, Any] | None = None, **kwargs: Any
+) -> Any:
+    """Call ``function`` dropping keyword arguments it does not accept.
+
+    A keyword is dropped only if its value equals ``off_values[name]`` (feature off); an
+    unsupported keyword with any other value raises :class:`MegatronVersionError`.
+    """
+    parameters = inspect.signature(function).parameters
+    accepts_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    supported = {}
+    for name, value in kwargs.items():
+        if name in parameters or accepts_var_kwargs:
+            supported[name] = value
+        elif off_values is not None and name in off_values and off_values[name] == value:
+            continue
+        else:
+            raise MegatronVersionError(
+                f"{function.__module__}.{function.__qualname__} in megatron-core "
+                f"{'.'.join(map(str, megatron_core_version()))} has no argument {name!r} "
+                f"(asked for {name}={value!r})"
+            )
+    return function(**supported)
+
+
+def dataclass_with_supported_fields(cls: type, off_values: dict[str, Any], **fields: Any) -> Any:
+    """Instantiate a Megatron config dataclass, dropping fields this release lacks when off."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    kept = {}
+    for name, value in fields.items():
+        if name in known:
+            kept[name] = value
+        elif name in off_values and off_values[name] == value:
+            continue
+        else:
+            raise MegatronVersionError(
+                f"{cls.__name__} in megatron-core {'.'.join(map(str, megatron_core_version()))} "
+                f"has no field {name!r} (asked for {name}={value!r})"
+            )
+    return cls(**kept)
+
+
+def global_layer_index(layer: Any) -> int:
+    """0-based index of a TransformerLayer in the whole model (across pipeline stages)."""
+    # ``layer_number`` is 1-based and global in every supported release.
+    return int(layer.layer_number) - 1
+
+
+def process_group_collection() -> Any:
+    """The ProcessGroupCollection for the groups made by ``initialize_model_parallel``."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
