@@ -165,7 +165,7 @@ class _NullStream:
         pass
 
     def record_event(self, event: Any = None) -> Any:
-        return event
+        return event if event is not None else _NullEvent()
 
 
 class _CpuCuda(types.SimpleNamespace):
@@ -352,6 +352,35 @@ def _wrap_tensor_methods(owner: Any, attribute: str) -> None:
                 setattr(module, attribute, wrapper)
 
 
+def _maybe_move_tensor_to_cpu_on_cpu(
+    tensor: Any, as_numpy: bool = False, record_stream: bool = False
+) -> Any:
+    """Megatron's ``maybe_move_tensor_to_cpu`` for CPU tensors: honour ``as_numpy`` too.
+
+    The original converts only CUDA tensors, so on CPU the MoE all-to-all split sizes stay
+    tensors, which ``all_to_all_single`` rejects; on GPU they arrive as NumPy arrays.
+    """
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _replace_function(module_name: str, attribute: str, replacement: Callable[..., Any]) -> None:
+    """Replace a Megatron module-level function here and wherever it was imported by name."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return
+    original = getattr(module, attribute, None)
+    if original is None:
+        return
+    for other in list(sys.modules.values()):
+        if getattr(other, "__name__", "").startswith("megatron.") and (
+            getattr(other, attribute, None) is original
+        ):
+            setattr(other, attribute, replacement)
+
+
 def _install_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as megatron_random
 
@@ -408,6 +437,13 @@ def enable() -> bool:
             owner = getattr(owner, name)
         if hasattr(owner, attribute):
             _wrap_tensor_methods(owner, attribute)
+    import megatron.core.transformer.moe.token_dispatcher  # noqa: F401 - binds the name below
+
+    _replace_function(
+        "megatron.core.transformer.moe.moe_utils",
+        "maybe_move_tensor_to_cpu",
+        _maybe_move_tensor_to_cpu_on_cpu,
+    )
     _install_rng_tracker()
     _ENABLED = True
     return True

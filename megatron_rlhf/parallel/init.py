@@ -22,6 +22,7 @@ import torch
 from megatron_rlhf.config.parallel import ParallelConfig, ParallelLayoutError
 from megatron_rlhf.parallel import cpu_support
 from megatron_rlhf.parallel.megatron_compat import (
+    apply_release_fixes,
     call_with_supported_kwargs,
     megatron_core_version,
     process_group_collection,
@@ -77,6 +78,7 @@ def initialize_parallel(
     else:
         cpu_support.enable()
         device = torch.device("cpu")
+    apply_release_fixes()
 
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -94,23 +95,36 @@ def spawn(
         process.start()
     collected: dict[int, Any] = {}
     failure: tuple[int, str] | None = None
+    deadline = time.monotonic() + timeout_seconds
     try:
         while len(collected) < world_size and failure is None:
             try:
-                rank, ok, payload = results.get(timeout=timeout_seconds)
+                rank, ok, payload = results.get(timeout=1.0)
             except queue.Empty:
-                failure = (-1, f"timed out after {timeout_seconds} s waiting for ranks")
-                break
+                if time.monotonic() > deadline:
+                    failure = (-1, f"timed out after {timeout_seconds} s waiting for ranks")
+                for rank, process in enumerate(processes):
+                    if rank not in collected and process.exitcode is not None:
+                        # Give a result that was queued just before exit a moment to arrive.
+                        try:
+                            late = results.get(timeout=5.0)
+                        except queue.Empty:
+                            failure = (
+                                rank,
+                                f"exited with code {process.exitcode} without reporting a result",
+                            )
+                            break
+                        rank, ok, payload = late
+                        if ok:
+                            collected[rank] = payload
+                        else:
+                            failure = (rank, payload)
+                        break
+                continue
             if ok:
                 collected[rank] = payload
             else:
                 failure = (rank, payload)
-            if failure is None:
-                dead = [
-                    p for i, p in enumerate(processes) if i not in collected and p.exitcode
-                ]
-                if dead:
-                    failure = (-1, f"a rank exited with code {dead[0].exitcode} before reporting")
     finally:
         for process in processes:
             if failure is not None and process.is_alive():

@@ -98,3 +98,21 @@ def process_group_collection() -> Any:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def apply_release_fixes() -> list[str]:
+    """Work around defects of specific megatron-core releases; returns what was fixed.
+
+    - 0.16.x without Transformer Engine: ``moe_utils`` imports ``te_general_gemm`` only inside a
+      ``try`` and then tests ``te_general_gemm is not None``, so every MoE router call raises
+      NameError (GPU too). Defining the name as None selects the torch GEMM path it meant.
+    """
+    fixed = []
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError:
+        return fixed
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+        fixed.append("moe_utils.te_general_gemm")
+    return fixed

@@ -1,0 +1,143 @@
+"""Megatron distributed checkpoints of a model, with the metadata needed to rebuild it anywhere.
+
+Layout of a checkpoint directory::
+
+    <dir>/megatron_rlhf.json   what model this is: role, HF config, saved layout, padded vocab
+    <dir>/hf/                  config.json + tokenizer files (they travel with the checkpoint)
+    <dir>/model/               Megatron-Core distributed checkpoint (torch_dist format)
+
+Because the model part is a Megatron-Core distributed checkpoint, a checkpoint saved at one
+TP/PP/EP layout loads at any other layout whose TP size divides the saved padded vocabulary.
+
+Atomicity: :func:`save_model_checkpoint` writes into ``<dir>.partial`` and renames it to
+``<dir>`` only after every rank has finished, so ``<dir>`` either holds a complete checkpoint or
+does not exist. :func:`read_checkpoint_metadata` refuses directories without the metadata file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_rlhf.config.parallel import ParallelConfig
+
+METADATA_FILE = "megatron_rlhf.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or from an unknown format."""
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    role: str
+    hf_config: dict[str, Any]
+    tensor_parallel: int
+    pipeline_parallel: int
+    expert_parallel: int
+    padded_vocab_size: int
+    params_dtype: str
+    transformer_impl: str
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(
+            tensor_parallel=self.tensor_parallel,
+            pipeline_parallel=self.pipeline_parallel,
+            expert_parallel=self.expert_parallel,
+        )
+
+
+def read_checkpoint_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
+    directory = Path(ckpt_dir)
+    if not directory.is_dir():
+        partial = directory.with_name(directory.name + ".partial")
+        hint = f" (an incomplete save was left at {partial})" if partial.exists() else ""
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found{hint}")
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory}: not a megatron-rlhf checkpoint (no {METADATA_FILE}); make one with "
+            "checkpoints_tools/hf_to_megatron.py"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        metadata = CheckpointMetadata(**raw)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata ({error})") from error
+    if metadata.format_version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version={metadata.format_version}, this version reads {FORMAT_VERSION}"
+        )
+    if not (directory / "model").is_dir():
+        raise CheckpointError(f"{directory}: the model/ part of the checkpoint is missing")
+    return metadata
+
+
+def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Check ``out_dir`` can be written; remove a stale ``.partial`` sibling. Call on one rank."""
+    directory = Path(out_dir)
+    if directory.exists() and any(directory.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{directory}: already exists and is not empty (pass --overwrite)")
+    partial = directory.with_name(directory.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    return directory
+
+
+def save_model_checkpoint(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    metadata: CheckpointMetadata,
+    hf_side_dir: str | Path | None,
+) -> None:
+    """Save ``model`` (this rank's stage) collectively; all ranks must call it."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rlhf.checkpoint.hf_io import copy_side_files
+
+    directory = Path(out_dir)
+    partial = directory.with_name(directory.name + ".partial")
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        (partial / "model").mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(partial / "model"))
+    torch.distributed.barrier()
+    if rank == 0:
+        if hf_side_dir is not None:
+            copy_side_files(hf_side_dir, partial / "hf", include_config=False)
+        (partial / "hf").mkdir(exist_ok=True)
+        (partial / "hf" / "config.json").write_text(json.dumps(metadata.hf_config, indent=2))
+        (partial / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        partial.rename(directory)
+    torch.distributed.barrier()
+
+
+def load_model_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Load this rank's shards of ``model`` from a checkpoint saved at any layout."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(ckpt_dir) / "model"
+    sharded = model.sharded_state_dict()
+    try:
+        loaded = dist_checkpointing.load(sharded, str(directory))
+    except Exception as error:  # Megatron raises several types for unreadable checkpoints
+        raise CheckpointError(f"{directory}: cannot load distributed checkpoint ({error})") from error
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory}: checkpoint does not match the model (missing {missing[:5]}, "
+            f"unexpected {list(unexpected)[:5]})"
+        )

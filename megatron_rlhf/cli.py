@@ -1,0 +1,242 @@
+"""`megatron-rlhf`: the command-line entry point (also `python -m megatron_rlhf`).
+
+Each subcommand turns its arguments into one call of a library function. Library modules are
+imported inside the command that uses them, so `--help` and argument errors answer at once and
+never import torch, Megatron-Core, vLLM or Ray.
+
+Exit codes: 0 success; 1 `verify` found logits further apart than the tolerance; 2 a user error
+(bad argument, missing file, invalid value), printed as `error: <message>` on stderr without a
+traceback (`--traceback` shows it). Other exceptions propagate with their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+EXIT_OK = 0
+EXIT_VERIFICATION_FAILED = 1
+EXIT_USER_ERROR = 2
+
+# Errors a user can cause; library code raises ValueError subclasses (e.g. ParallelLayoutError) for
+# bad values and FileNotFoundError for missing inputs.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+# --- convert-hf ------------------------------------------------------------------------------
+
+
+def add_convert_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="where to write the Megatron checkpoint"
+    )
+    parser.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="tensor parallel")
+    parser.add_argument(
+        "--pp", type=_positive_int, default=1, metavar="M", help="pipeline parallel"
+    )
+    parser.add_argument(
+        "--ep", type=_positive_int, default=1, metavar="E", help="expert parallel (MoE models)"
+    )
+
+
+def run_convert_hf(args: argparse.Namespace) -> int:
+    from megatron_rlhf.checkpoint.convert import hf_to_megatron
+
+    hf_to_megatron(
+        args.hf,
+        args.out,
+        tensor_parallel=args.tp,
+        pipeline_parallel=args.pp,
+        expert_parallel=args.ep,
+    )
+    print(f"wrote Megatron checkpoint (TP={args.tp}, PP={args.pp}, EP={args.ep}) to {args.out}")
+    return EXIT_OK
+
+
+# --- export-hf -------------------------------------------------------------------------------
+
+
+def add_export_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ckpt", required=True, metavar="DIR", help="Megatron checkpoint directory (any TP/PP)"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="where to write the Hugging Face model"
+    )
+
+
+def run_export_hf(args: argparse.Namespace) -> int:
+    from megatron_rlhf.checkpoint.convert import megatron_to_hf
+
+    megatron_to_hf(args.ckpt, args.out)
+    print(f"wrote Hugging Face model to {args.out}")
+    return EXIT_OK
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
+    parser.add_argument(
+        "--ckpt", required=True, metavar="DIR", help="Megatron checkpoint directory"
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=_positive_float,
+        default=None,
+        metavar="T",
+        help="largest allowed |logit difference| (default: the library's, 1e-4 in fp32)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random probe tokens (default: 0)"
+    )
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from megatron_rlhf.checkpoint.verify import VerificationFailed, verify_checkpoint
+
+    try:
+        max_abs_logit_diff = verify_checkpoint(
+            args.hf, args.ckpt, tolerance=args.tolerance, seed=args.seed
+        )
+    except VerificationFailed as failure:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        measured = getattr(failure, "max_abs_logit_diff", None)
+        if measured is not None:
+            print(f"max_abs_logit_diff={float(measured)}")
+        return EXIT_VERIFICATION_FAILED
+    print(f"max_abs_logit_diff={float(max_abs_logit_diff)}")
+    return EXIT_OK
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        default="outputs/demo",
+        metavar="DIR",
+        help="where the demo writes its models and checkpoints (default: outputs/demo)",
+    )
+    parser.add_argument(
+        "--arch", default="llama", help="architecture of the tiny model (default: llama)"
+    )
+    parser.add_argument("--tp", type=_positive_int, default=2, metavar="N", help="default: 2")
+    parser.add_argument("--pp", type=_positive_int, default=2, metavar="M", help="default: 2")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from megatron_rlhf.demo import run_conversion_demo
+
+    return int(
+        run_conversion_demo(
+            args.out, architecture=args.arch, tensor_parallel=args.tp, pipeline_parallel=args.pp
+        )
+    )
+
+
+# --- parser and entry point ------------------------------------------------------------------
+
+# name -> (one-line help, add_arguments, run)
+COMMANDS: dict[
+    str,
+    tuple[
+        str,
+        Callable[[argparse.ArgumentParser], None],
+        Callable[[argparse.Namespace], int],
+    ],
+] = {
+    "convert-hf": (
+        "convert a Hugging Face model to a Megatron checkpoint at a given TP/PP/EP",
+        add_convert_hf_arguments,
+        run_convert_hf,
+    ),
+    "export-hf": (
+        "export a Megatron checkpoint (any TP/PP/EP) to a Hugging Face model",
+        add_export_hf_arguments,
+        run_export_hf,
+    ),
+    "verify": (
+        "compare a Megatron checkpoint's logits with its Hugging Face model's; prints "
+        "max_abs_logit_diff=<value> last and exits 1 above the tolerance",
+        add_verify_arguments,
+        run_verify,
+    ),
+    "demo": (
+        "CPU demo: tiny model, HF -> Megatron (TP2 x PP2) -> HF, logits and bit-exact checks",
+        add_demo_arguments,
+        run_demo,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_rlhf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="megatron-rlhf",
+        description="Megatron-Core based RLHF training stack: checkpoint tools and demo.",
+        epilog="Run `megatron-rlhf COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="show the full traceback of user errors too (for debugging)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="level of the progress messages printed on stderr (default: info)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (summary, add_arguments, run) in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=summary, description=summary)
+        add_arguments(subparser)
+        subparser.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        if args.traceback:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Forward passes through a pipelined model with Megatron-Core's own schedules.
+
+:func:`forward_only` runs microbatches through every pipeline stage (no-pipelining schedule for
+PP=1, 1F1B otherwise) and returns, on the last stage, whatever ``collect`` makes of each
+microbatch's output; other stages get an empty list. Used for logit checks, reference/actor
+log-probs and reward scoring.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+@torch.no_grad()
+def forward_only(
+    model: torch.nn.Module,
+    microbatches: list[dict[str, torch.Tensor]],
+    collect: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any],
+) -> list[Any]:
+    """Run ``model`` on each microbatch; return ``collect(output, microbatch)`` per microbatch.
+
+    Every microbatch holds ``input_ids`` ``[B, T]`` (same B and T for all) and optionally
+    ``position_ids`` and ``sequence_lengths``; all ranks must pass the same shapes.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        return []
+    batch_size, seq_length = microbatches[0]["input_ids"].shape
+    for index, microbatch in enumerate(microbatches):
+        if tuple(microbatch["input_ids"].shape) != (batch_size, seq_length):
+            raise ValueError(
+                f"microbatch {index} has input_ids shape {tuple(microbatch['input_ids'].shape)}, "
+                f"expected {(batch_size, seq_length)} like microbatch 0"
+            )
+    iterator = iter(microbatches)
+
+    def forward_step(data_iterator, stage_model):
+        microbatch = next(data_iterator)
+        output = stage_model(
+            microbatch["input_ids"],
+            microbatch.get("position_ids"),
+            sequence_lengths=microbatch.get("sequence_lengths"),
+        )
+
+        def collect_output(output_tensor: torch.Tensor, non_loss_data: bool = False):
+            return collect(output_tensor, microbatch)
+
+        return output, collect_output
+
+    was_training = model.training
+    model.eval()
+    try:
+        collected = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterator,
+            model=[model],
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    finally:
+        model.train(was_training)
+    from megatron.core import parallel_state
+
+    return list(collected) if parallel_state.is_pipeline_last_stage() else []
+
+
+def gather_vocab_parallel_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """All-gather ``[B, T, V/tp]`` logits over the TP group -> ``[B, T, vocab_size]``.
+
+    Materialises the full vocabulary on every TP rank: for checks and tools, not for training
+    (use :mod:`megatron_rlhf.models.logprobs` there).
+    """
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if group.size() > 1:
+        parts = [torch.empty_like(logits) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+        logits = torch.cat(parts, dim=-1)
+    return logits[..., :vocab_size]

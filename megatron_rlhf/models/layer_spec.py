@@ -1,0 +1,116 @@
+"""Layer specs: Transformer Engine when installed and asked for, Megatron-Core "local" otherwise.
+
+The choice is made by :class:`ModelBuildConfig.transformer_impl` (``auto`` | ``local`` |
+``transformer_engine``). ``auto`` picks Transformer Engine only where it is importable and CUDA
+is present; asking for ``transformer_engine`` where it is not installed fails at config
+validation with :class:`TransformerEngineUnavailable`, never deep inside a kernel.
+
+Parameter naming differs between the two: TE fuses the input layernorm into
+``self_attention.linear_qkv`` and the pre-MLP layernorm into ``mlp.linear_fc1`` (dense layers),
+and names grouped-GEMM expert weights ``experts.linear_fc1.weight<j>``. :func:`canonical_name`
+maps a TE name to the local-spec name used by ``megatron_rlhf.mapping``; :func:`implementation_name`
+is its inverse.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from typing import Any
+
+import torch
+
+from megatron_rlhf.models.arch import ArchSpec
+
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+class TransformerEngineUnavailable(RuntimeError):
+    """The configuration asks for Transformer Engine, which is not usable here."""
+
+
+def transformer_engine_installed() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(requested: str) -> str:
+    """``local`` or ``transformer_engine`` for a requested impl; raises if TE is asked but absent."""
+    if requested not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl={requested!r} (choose from {TRANSFORMER_IMPLS})")
+    if requested == "auto":
+        if transformer_engine_installed() and torch.cuda.is_available():
+            return "transformer_engine"
+        return "local"
+    if requested == "transformer_engine":
+        if not transformer_engine_installed():
+            raise TransformerEngineUnavailable(
+                "transformer_impl='transformer_engine' but Transformer Engine is not installed; "
+                "install it (`pip install transformer-engine[pytorch]`, GPU machines only) or "
+                "use transformer_impl='local'"
+            )
+        if not torch.cuda.is_available():
+            raise TransformerEngineUnavailable(
+                "transformer_impl='transformer_engine' needs a CUDA device; use "
+                "transformer_impl='local' on CPU"
+            )
+    return requested
+
+
+def build_layer_spec(arch: ArchSpec, impl: str) -> Any:
+    """The Megatron-Core ``ModuleSpec`` of one transformer layer for ``arch``."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=arch.num_experts,
+            moe_grouped_gemm=arch.is_moe,
+            qk_layernorm=arch.qk_layernorm,
+        )
+    if impl != "local":
+        raise ValueError(f"unresolved transformer_impl {impl!r}")
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=arch.num_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=arch.qk_layernorm,
+        normalization="RMSNorm",
+    )
+
+
+_TE_TO_LOCAL = (
+    (re.compile(r"\.self_attention\.linear_qkv\.layer_norm_weight$"), ".input_layernorm.weight"),
+    (re.compile(r"\.mlp\.linear_fc1\.layer_norm_weight$"), ".pre_mlp_layernorm.weight"),
+    (
+        re.compile(r"\.mlp\.experts\.linear_fc(\d)\.weight(\d+)$"),
+        r".mlp.experts.local_experts.\2.linear_fc\1.weight",
+    ),
+)
+_LOCAL_TO_TE_DENSE = (
+    (re.compile(r"\.input_layernorm\.weight$"), ".self_attention.linear_qkv.layer_norm_weight"),
+    (re.compile(r"\.pre_mlp_layernorm\.weight$"), ".mlp.linear_fc1.layer_norm_weight"),
+)
+_LOCAL_TO_TE_EXPERT = (
+    re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.linear_fc(\d)\.weight$"),
+    r".mlp.experts.linear_fc\2.weight\1",
+)
+
+
+def canonical_name(name: str, impl: str) -> str:
+    """Local-spec name of a parameter named ``name`` in a model built with ``impl``."""
+    if impl != "transformer_engine":
+        return name
+    for pattern, replacement in _TE_TO_LOCAL:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+def implementation_name(canonical: str, impl: str, is_moe_layer: bool) -> str:
+    """Inverse of :func:`canonical_name` for a layer that is (not) an MoE layer."""
+    if impl != "transformer_engine":
+        return canonical
+    pattern, replacement = _LOCAL_TO_TE_EXPERT
+    canonical = pattern.sub(replacement, canonical)
+    for pattern, replacement in _LOCAL_TO_TE_DENSE:
+        if is_moe_layer and "pre_mlp_layernorm" in pattern.pattern:
+            continue  # MoE layers keep a separate pre-MLP norm under TE too
+        canonical = pattern.sub(replacement, canonical)
+    return canonical
