@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+import warnings
 from typing import Callable, Sequence
 
 EXIT_OK = 0
@@ -21,8 +24,12 @@ EXIT_VERIFICATION_FAILED = 1
 EXIT_USER_ERROR = 2
 
 # Errors a user can cause; library code raises ValueError subclasses (e.g. ParallelLayoutError) for
-# bad values and FileNotFoundError for missing inputs.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+# bad values, FileNotFoundError for missing inputs and FileExistsError for an output in the way.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+# Notices Megatron-Core prints on every machine without Transformer Engine or Apex (every CPU
+# machine, by design). Hidden in this process and in the ranks it starts, which read PYTHONWARNINGS.
+EXPECTED_NOTICES = ("Transformer Engine and Apex are not installed", "Apex is not installed")
 
 
 def _positive_int(text: str) -> int:
@@ -60,6 +67,13 @@ def add_convert_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ep", type=_positive_int, default=1, metavar="E", help="expert parallel (MoE models)"
     )
+    _add_overwrite_argument(parser)
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists and is not empty"
+    )
 
 
 def run_convert_hf(args: argparse.Namespace) -> int:
@@ -71,6 +85,7 @@ def run_convert_hf(args: argparse.Namespace) -> int:
         tensor_parallel=args.tp,
         pipeline_parallel=args.pp,
         expert_parallel=args.ep,
+        overwrite=args.overwrite,
     )
     print(f"wrote Megatron checkpoint (TP={args.tp}, PP={args.pp}, EP={args.ep}) to {args.out}")
     return EXIT_OK
@@ -86,12 +101,13 @@ def add_export_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="where to write the Hugging Face model"
     )
+    _add_overwrite_argument(parser)
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
     from megatron_rlhf.checkpoint.convert import megatron_to_hf
 
-    megatron_to_hf(args.ckpt, args.out)
+    megatron_to_hf(args.ckpt, args.out, overwrite=args.overwrite)
     print(f"wrote Hugging Face model to {args.out}")
     return EXIT_OK
 
@@ -125,9 +141,7 @@ def run_verify(args: argparse.Namespace) -> int:
         )
     except VerificationFailed as failure:
         print(f"error: {failure}", file=sys.stderr, flush=True)
-        measured = getattr(failure, "max_abs_logit_diff", None)
-        if measured is not None:
-            print(f"max_abs_logit_diff={float(measured)}")
+        print(f"max_abs_logit_diff={float(failure.max_abs_diff)}")
         return EXIT_VERIFICATION_FAILED
     print(f"max_abs_logit_diff={float(max_abs_logit_diff)}")
     return EXIT_OK
@@ -223,12 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def hide_expected_notices() -> None:
+    """Ignore :data:`EXPECTED_NOTICES` here and in child processes (a user's PYTHONWARNINGS wins)."""
+    for message in EXPECTED_NOTICES:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+    ours = ",".join(f"ignore:{message}:UserWarning" for message in EXPECTED_NOTICES)
+    user = os.environ.get("PYTHONWARNINGS", "")
+    if not user.startswith(ours):
+        os.environ["PYTHONWARNINGS"] = f"{ours},{user}" if user else ours
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    hide_expected_notices()
     try:
         return args.run(args)
     except USER_ERRORS as error:

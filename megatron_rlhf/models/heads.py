@@ -92,8 +92,9 @@ class RoleModel(torch.nn.Module):
         self.role = role
         self.module = trunk
         self.head = head
-        self.post_process = post_process
-        self.pre_process = trunk.pre_process
+        # Not named pre_process/post_process: Megatron's get_attr_wrapped_model looks those up
+        # to find the GPTModel itself (e.g. for tied-embedding gradients), which is .module.
+        self.is_last_stage = post_process
         self.config = trunk.config
 
     def set_input_tensor(self, input_tensor: Any) -> None:
@@ -118,7 +119,7 @@ class RoleModel(torch.nn.Module):
         output = self.module(
             input_ids, position_ids, None, packed_seq_params=packed_seq_params
         )
-        if not self.post_process or self.head is None:
+        if not self.is_last_stage or self.head is None:
             return output
         token_scores = self.head(output)
         if self.role == "reward":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import socket
 import time
@@ -53,8 +54,9 @@ def _child(
     )
     torch.set_num_threads(threads)
     try:
-        result = function(*args)
-        results.put((rank, True, result))
+        # Plain pickle bytes: torch's queue reductions share tensors through file descriptors
+        # that disappear when this process exits, before the parent may have read them.
+        results.put((rank, True, pickle.dumps(function(*args))))
     except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -137,7 +139,7 @@ def spawn(
         rank, message = failure
         where = f"rank {rank}" if rank >= 0 else "launcher"
         raise DistributedLaunchError(f"{where} of {world_size} failed:\n{message}")
-    return [collected[rank] for rank in range(world_size)]
+    return [pickle.loads(collected[rank]) for rank in range(world_size)]
 
 
 def already_launched() -> bool:

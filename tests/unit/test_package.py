@@ -2,7 +2,7 @@
 
 Import checks run in a fresh interpreter (a subprocess), where `sys.modules` shows exactly what
 `import megatron_rlhf` pulled in. The CLI contract tests (exit codes, the `verify` output line,
-argument mapping) run `cli.main` in-process with stand-in library modules: the CLI is what is
+argument mapping) run `cli.main` in-process with stand-in library functions: the CLI is what is
 under test here, the checkpoint library has its own tests.
 """
 
@@ -101,10 +101,10 @@ def test_help_lists_every_subcommand() -> None:
 # --- CLI contract, with stand-in library modules ---------------------------------------------
 
 
-class _FakeVerificationFailed(ValueError):
-    def __init__(self, message: str, max_abs_logit_diff: float) -> None:
-        super().__init__(message)
-        self.max_abs_logit_diff = max_abs_logit_diff
+@pytest.fixture(autouse=True)
+def _restore_pythonwarnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cli.main adds filters to PYTHONWARNINGS for the ranks it starts; undo it after each test."""
+    monkeypatch.setenv("PYTHONWARNINGS", "")
 
 
 def _install_fake_module(
@@ -119,15 +119,26 @@ def _install_fake_module(
 def test_convert_hf_passes_the_parallel_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def hf_to_megatron(hf_dir, out_dir, tensor_parallel, pipeline_parallel, expert_parallel=1):
-        calls.append((hf_dir, out_dir, tensor_parallel, pipeline_parallel, expert_parallel))
+    def hf_to_megatron(
+        hf_dir, out_dir, tensor_parallel, pipeline_parallel, expert_parallel=1, overwrite=False
+    ):
+        calls.append(
+            (hf_dir, out_dir, tensor_parallel, pipeline_parallel, expert_parallel, overwrite)
+        )
 
     _install_fake_module(
         monkeypatch, "megatron_rlhf.checkpoint.convert", hf_to_megatron=hf_to_megatron
     )
     code = cli.main(["convert-hf", "--hf", "in", "--out", "out", "--tp", "2", "--pp", "4"])
     assert code == 0
-    assert calls == [("in", "out", 2, 4, 1)]
+    assert calls == [("in", "out", 2, 4, 1, False)]
+
+
+def _verification_failed() -> type[Exception]:
+    """The library's real exception: the CLI must read what it really carries."""
+    from megatron_rlhf.checkpoint.verify import VerificationFailed
+
+    return VerificationFailed
 
 
 def test_verify_prints_the_difference_last_and_exits_0(
@@ -136,7 +147,7 @@ def test_verify_prints_the_difference_last_and_exits_0(
     _install_fake_module(
         monkeypatch,
         "megatron_rlhf.checkpoint.verify",
-        VerificationFailed=_FakeVerificationFailed,
+        VerificationFailed=_verification_failed(),
         verify_checkpoint=lambda hf_dir, ckpt_dir, tolerance=None, seed=0: 2.5e-06,
     )
     code = cli.main(["verify", "--hf", "hf", "--ckpt", "ckpt"])
@@ -147,26 +158,28 @@ def test_verify_prints_the_difference_last_and_exits_0(
 def test_verify_above_tolerance_exits_1_with_the_difference_last(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    verification_failed = _verification_failed()
+
     def verify_checkpoint(hf_dir, ckpt_dir, tolerance=None, seed=0):
-        raise _FakeVerificationFailed("logits differ by 0.5 > 0.0001", max_abs_logit_diff=0.5)
+        raise verification_failed(0.5, tolerance)
 
     _install_fake_module(
         monkeypatch,
         "megatron_rlhf.checkpoint.verify",
-        VerificationFailed=_FakeVerificationFailed,
+        VerificationFailed=verification_failed,
         verify_checkpoint=verify_checkpoint,
     )
     code = cli.main(["verify", "--hf", "hf", "--ckpt", "ckpt", "--tolerance", "1e-4"])
     captured = capsys.readouterr()
     assert code == 1
     assert captured.out.splitlines()[-1] == "max_abs_logit_diff=0.5"
-    assert "logits differ by 0.5" in captured.err
+    assert captured.err.startswith("error: ")
 
 
 def test_user_error_exits_2_with_a_message_and_no_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def megatron_to_hf(ckpt_dir, out_dir):
+    def megatron_to_hf(ckpt_dir, out_dir, overwrite=False):
         raise FileNotFoundError(f"no Megatron checkpoint in {ckpt_dir}")
 
     _install_fake_module(
