@@ -101,13 +101,27 @@ def add_export_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="where to write the Hugging Face model"
     )
+    parser.add_argument(
+        "--tp", type=_positive_int, default=None, metavar="N",
+        help="load at this tensor-parallel size instead of the saved one (resharding)",
+    )
+    parser.add_argument(
+        "--pp", type=_positive_int, default=None, metavar="M",
+        help="load at this pipeline-parallel size instead of the saved one (resharding)",
+    )
     _add_overwrite_argument(parser)
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
     from megatron_rlhf.checkpoint.convert import megatron_to_hf
 
-    megatron_to_hf(args.ckpt, args.out, overwrite=args.overwrite)
+    megatron_to_hf(
+        args.ckpt,
+        args.out,
+        tensor_parallel=args.tp,
+        pipeline_parallel=args.pp,
+        overwrite=args.overwrite,
+    )
     print(f"wrote Hugging Face model to {args.out}")
     return EXIT_OK
 

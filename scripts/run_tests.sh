@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run the test suite on this machine's CPU, setting up .venv first if needed.
+#
+#   bash scripts/run_tests.sh [pytest arguments...]
+#
+# With no arguments pytest runs everything under tests/ (pytest.ini's testpaths); give files,
+# node ids or -k/-m expressions to narrow it. Tests marked `gpu` are deselected here (on a GPU
+# machine run them with `.venv/bin/python -m pytest -m gpu`). Exit status is pytest's, except that
+# a run that collected no test fails: CI must never pass on zero tests.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/bootstrap_env.sh
+
+status=0
+.venv/bin/python -m pytest -m "not gpu" -q -ra --timeout=900 --durations=15 "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "run_tests: error: pytest collected no tests (exit 5); a run with no tests is a failure" >&2
+  exit 1
+fi
+exit "$status"
