@@ -1,20 +1,15 @@
 """Qwen2 / Qwen2.5 (QKV bias, usually tied embeddings) <-> Megatron.
 
-The QKV bias is fused in the same per-group layout as the weight; ``ArchSpec.qkv_bias`` is
-always true for this family.
+Same tensor layout as Llama: the differences are properties of the ArchSpec, not of the names.
+``ArchSpec.qkv_bias`` is always true for this family, so the fused QKV bias rule (same per-group
+layout as the weight) is included; with ``tie_word_embeddings`` no ``lm_head.weight`` is exported
+and the last pipeline stage's output layer is filled from ``model.embed_tokens.weight``.
 """
 
 from __future__ import annotations
 
-from megatron_rlhf.mapping.rules import WeightRule, attention_rules, dense_mlp_rules, embedding_rules
-from megatron_rlhf.models.arch import ArchSpec
+from megatron_rlhf.mapping.llama import global_rules, layer_rules
 
 FAMILY = "qwen2"
 
-
-def global_rules(arch: ArchSpec, role: str) -> list[WeightRule]:
-    return embedding_rules(arch, role)
-
-
-def layer_rules(arch: ArchSpec, moe_layer: bool) -> list[WeightRule]:
-    return attention_rules(arch) + dense_mlp_rules()
+__all__ = ["FAMILY", "global_rules", "layer_rules"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from megatron_rlhf.mapping import glm, llama, mixtral, qwen2, qwen3, qwen3_moe
+from megatron_rlhf.mapping import glm, glm4, llama, mixtral, qwen2, qwen3, qwen3_moe
 from megatron_rlhf.mapping.rules import WeightRule
 from megatron_rlhf.models.arch import ArchSpec, UnsupportedArchitecture
 
 MAPPINGS: dict[str, ModuleType] = {
-    module.FAMILY: module for module in (llama, qwen2, qwen3, glm, qwen3_moe, mixtral)
+    module.FAMILY: module for module in (llama, qwen2, qwen3, glm, glm4, qwen3_moe, mixtral)
 }
 
 

@@ -8,7 +8,8 @@ error that names the field and its value, before any work starts.
 
 Supported families (``ArchSpec.family``): llama (Llama-2/3 style, GQA, untied), qwen2 (QKV bias,
 tied or untied), qwen3 (QK norm), glm (GLM-4 in HF's ``GlmForCausalLM`` layout: QKV bias, partial
-interleaved rotary, fused gate/up), qwen3_moe and mixtral (MoE, top-k softmax routing).
+interleaved rotary, fused gate/up), glm4 (GLM-4-0414, ``Glm4ForCausalLM``: glm plus sandwich norms
+after attention and MLP), qwen3_moe and mixtral (MoE, top-k softmax routing).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FAMILY_BY_MODEL_TYPE = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "glm": "glm",
+    "glm4": "glm4",
     "qwen3_moe": "qwen3_moe",
     "mixtral": "mixtral",
 }
@@ -73,6 +75,8 @@ class ArchSpec:
     """True: softmax over all experts, then top-k without renormalising (norm_topk_prob=False)."""
     moe_layer_pattern: tuple[int, ...] | None = None
     """Per layer: 1 = MoE layer, 0 = dense MLP layer. None for dense models."""
+    post_sublayer_norms: bool = False
+    """Extra RMSNorm on the attention and MLP outputs before the residual add (GLM-4-0414)."""
 
     @property
     def is_moe(self) -> bool:
@@ -240,11 +244,13 @@ def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json"
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rotary_percent=partial,
-        rotary_interleaved=family == "glm",
+        rotary_interleaved=family in ("glm", "glm4"),
         rope_scaling_factor=scaling,
-        qkv_bias=family == "qwen2" or (family == "glm" and bool(config.get("attention_bias"))),
+        qkv_bias=family == "qwen2"
+        or (family in ("glm", "glm4") and bool(config.get("attention_bias"))),
         qk_layernorm=family in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        post_sublayer_norms=family == "glm4",
         **moe,
     )
 
@@ -255,6 +261,7 @@ def _default_architecture(model_type: str) -> str:
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
         "glm": "GlmForCausalLM",
+        "glm4": "Glm4ForCausalLM",
         "qwen3_moe": "Qwen3MoeForCausalLM",
         "mixtral": "MixtralForCausalLM",
     }[model_type]

@@ -61,19 +61,25 @@ def build_layer_spec(arch: ArchSpec, impl: str) -> Any:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=arch.num_experts,
             moe_grouped_gemm=arch.is_moe,
             qk_layernorm=arch.qk_layernorm,
         )
-    if impl != "local":
+    elif impl == "local":
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=arch.num_experts,
+            moe_grouped_gemm=False,
+            qk_layernorm=arch.qk_layernorm,
+            normalization="RMSNorm",
+        )
+    else:
         raise ValueError(f"unresolved transformer_impl {impl!r}")
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        num_experts=arch.num_experts,
-        moe_grouped_gemm=False,
-        qk_layernorm=arch.qk_layernorm,
-        normalization="RMSNorm",
-    )
+    if arch.post_sublayer_norms:
+        from megatron_rlhf.models.sandwich_norm import with_sandwich_norms
+
+        spec = with_sandwich_norms(spec)
+    return spec
 
 
 _TE_TO_LOCAL = (

@@ -23,7 +23,7 @@ from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
-DENSE = ("llama", "qwen2", "qwen3", "glm")
+DENSE = ("llama", "qwen2", "qwen3", "glm", "glm4")
 MOE = ("qwen3_moe", "mixtral")
 VOCAB = 500
 TOLERANCE = 1e-4
