@@ -17,9 +17,9 @@ How it works (two mechanisms, both scoped to a fixed list of Megatron modules):
    ``Tensor.cuda`` returns the tensor itself and ``Tensor.type()`` names CPU tensors with their
    CUDA type name.
 
-The CUDA RNG tracker is replaced by :class:`CpuRNGStatesTracker`, which keeps named CPU generator
-states with the same semantics (``add``/``fork``/``get_states``/``set_states``), so dropout in
-tensor-parallel regions draws from per-TP-rank streams exactly as on GPU.
+The CUDA RNG tracker is replaced by :class:`~megatron_rlhf.parallel.cpu_rng.CpuRNGStatesTracker`
+(see that module), so dropout in tensor-parallel regions draws from per-TP-rank streams exactly
+as on GPU.
 
 Guarantees: after :func:`enable`, GPT models with the local layer spec (dense and MoE with the
 alltoall/allgather dispatcher), the no-pipelining and 1F1B pipeline schedules, Megatron DDP, the
@@ -42,6 +42,8 @@ import types
 from typing import Any, Callable
 
 import torch
+
+from megatron_rlhf.parallel.cpu_rng import install_cpu_rng_tracker
 
 # Megatron modules whose ``torch`` global is replaced by the CPU-routing proxy (the modules of
 # the model, schedule, DDP, optimizer and checkpoint paths that name CUDA devices).
@@ -257,54 +259,6 @@ class _CpuTorch(types.ModuleType):
         return attribute
 
 
-class CpuRNGStatesTracker:
-    """CPU version of Megatron's ``CudaRNGStatesTracker``: named generator states, forkable.
-
-    ``fork(name)`` swaps the default CPU generator's state for the named one for the duration of
-    the context, and stores the advanced state back afterwards, so consecutive forks continue the
-    same stream. Seeds are registered once per name, as in Megatron.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.reset()
-
-    def is_initialized(self) -> bool:
-        return self._is_initialized
-
-    def reset(self) -> None:
-        self._is_initialized = False
-        self.states_: dict[str, torch.Tensor] = {}
-        self.seeds_: set[int] = set()
-
-    def get_states(self) -> dict[str, torch.Tensor]:
-        return {name: state.clone() for name, state in self.states_.items()}
-
-    def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        self._is_initialized = True
-        self.states_ = {name: state.clone() for name, state in states.items()}
-
-    def add(self, name: str, seed: int) -> None:
-        self._is_initialized = True
-        if seed in self.seeds_:
-            raise ValueError(f"seed {seed} already exists in the CPU RNG tracker")
-        if name in self.states_:
-            raise ValueError(f"RNG state {name!r} already exists in the CPU RNG tracker")
-        self.seeds_.add(seed)
-        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
-
-    @contextlib.contextmanager
-    def fork(self, name: str = "model-parallel-rng"):
-        if name not in self.states_:
-            raise KeyError(f"RNG state {name!r} is not added to the CPU RNG tracker")
-        outside_state = torch.get_rng_state()
-        torch.set_rng_state(self.states_[name])
-        try:
-            yield
-        finally:
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(outside_state)
-
-
 @contextlib.contextmanager
 def _tensor_methods_on_cpu():
     original_cuda = torch.Tensor.cuda
@@ -381,33 +335,6 @@ def _replace_function(module_name: str, attribute: str, replacement: Callable[..
             setattr(other, attribute, replacement)
 
 
-def _install_rng_tracker() -> None:
-    from megatron.core.tensor_parallel import random as megatron_random
-
-    # Any (re-)initialisation of the tracker inside Megatron now builds the CPU tracker.
-    megatron_random.CudaRNGStatesTracker = CpuRNGStatesTracker
-    megatron_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    # Megatron seeds the "default" CUDA generator; on CPU the default generator is torch's.
-    megatron_random.torch = _CpuTorch()
-    original_seed = megatron_random.model_parallel_cuda_manual_seed
-    if getattr(original_seed, "_megatron_rlhf_cpu", False):
-        return
-
-    @functools.wraps(original_seed)
-    def seed_on_cpu(seed: int, *args: Any, **kwargs: Any) -> None:
-        torch.manual_seed(seed)
-        kwargs.pop("te_rng_tracker", None)
-        kwargs.pop("use_cudagraphable_rng", None)
-        original_seed(seed, *args, **kwargs)
-
-    seed_on_cpu._megatron_rlhf_cpu = True  # type: ignore[attr-defined]
-    megatron_random.model_parallel_cuda_manual_seed = seed_on_cpu
-    import megatron.core.tensor_parallel as tensor_parallel
-
-    tensor_parallel.model_parallel_cuda_manual_seed = seed_on_cpu
-
-
 def enable() -> bool:
     """Route Megatron-Core's CUDA-only calls to the CPU when CUDA is absent.
 
@@ -444,7 +371,7 @@ def enable() -> bool:
         "maybe_move_tensor_to_cpu",
         _maybe_move_tensor_to_cpu_on_cpu,
     )
-    _install_rng_tracker()
+    install_cpu_rng_tracker(_CpuTorch())
     _ENABLED = True
     return True
 

@@ -27,7 +27,7 @@ def _rng_worker(hf_dir: str):
 
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model
-    from megatron_rlhf.parallel.cpu_support import CpuRNGStatesTracker
+    from megatron_rlhf.parallel.cpu_rng import CpuRNGStatesTracker
     from megatron_rlhf.parallel.init import initialize_parallel
 
     parallel = ParallelConfig(tensor_parallel=2)
