@@ -40,18 +40,9 @@ LAYOUTS = {
 
 
 def lm_loss(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
-    """Mean next-token negative log-likelihood from vocab-parallel logits."""
-    from megatron.core import parallel_state
+    from megatron_rlhf.trainer.lm_loss import next_token_loss
 
-    from megatron_rlhf.models.logprobs import vocab_parallel_logprobs
-
-    targets = microbatch["input_ids"][:, 1:]
-    logprobs = vocab_parallel_logprobs(
-        logits[:, :-1], targets, parallel_state.get_tensor_model_parallel_group(),
-        valid_vocab_size=VOCAB,
-    )
-    loss = -logprobs.mean()
-    return loss, {"loss": loss.detach()}
+    return next_token_loss(logits, microbatch, VOCAB)
 
 
 def _train_worker(parallel: ParallelConfig, models: dict[str, str], tokens: torch.Tensor):

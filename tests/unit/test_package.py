@@ -177,15 +177,12 @@ def test_verify_above_tolerance_exits_1_with_the_difference_last(
 
 
 def test_user_error_exits_2_with_a_message_and_no_traceback(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def megatron_to_hf(ckpt_dir, out_dir, overwrite=False):
-        raise FileNotFoundError(f"no Megatron checkpoint in {ckpt_dir}")
-
-    _install_fake_module(
-        monkeypatch, "megatron_rlhf.checkpoint.convert", megatron_to_hf=megatron_to_hf
-    )
-    code = cli.main(["export-hf", "--ckpt", "missing", "--out", "out"])
+    # The real converter: a missing checkpoint is refused before any process starts.
+    missing = tmp_path / "missing"
+    code = cli.main(["export-hf", "--ckpt", str(missing), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
-    assert err == "error: no Megatron checkpoint in missing\n"
+    assert err == f"error: {missing}: checkpoint directory not found\n"
+    assert not (tmp_path / "out").exists()
