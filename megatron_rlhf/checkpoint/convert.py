@@ -5,7 +5,8 @@
   safetensors through ``megatron_rlhf.mapping`` and saves a Megatron distributed checkpoint
   (``megatron_rlhf.checkpoint.dist_ckpt``) with the HF config and tokenizer files.
 - :func:`megatron_to_hf`: loads a checkpoint at its saved layout (or another one), streams the
-  full tensors in HF naming through the same mapping and writes safetensors, config and tokenizer.
+  full tensors in HF naming through the same mapping and writes safetensors, config and tokenizer
+  (into ``<out>.partial``, renamed to ``<out>`` once complete).
 
 All validation a user can trip (architecture, layout vs. model shape, missing/corrupt files,
 existing output) happens in the calling process before any worker starts. Weights keep their
@@ -15,8 +16,9 @@ dtype end to end, so HF -> Megatron -> HF reproduces every tensor bit for bit.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_rlhf.checkpoint.dist_ckpt import (
@@ -24,7 +26,12 @@ from megatron_rlhf.checkpoint.dist_ckpt import (
     prepare_output_dir,
     read_checkpoint_metadata,
 )
-from megatron_rlhf.checkpoint.hf_io import HFWeightReader, HFWeightWriter, copy_side_files
+from megatron_rlhf.checkpoint.hf_io import (
+    HFCheckpointError,
+    HFWeightReader,
+    HFWeightWriter,
+    copy_side_files,
+)
 from megatron_rlhf.config.parallel import ParallelConfig
 from megatron_rlhf.models.arch import ArchSpec, arch_spec_from_hf_config, load_hf_config
 from megatron_rlhf.models.provider import DTYPES, ModelBuildConfig, validate_layout
@@ -36,6 +43,20 @@ def hf_dtype_name(hf_config: dict) -> str:
     """The weight dtype an HF config declares (``dtype`` or ``torch_dtype``), default float32."""
     declared = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
     return declared if declared in DTYPES else "float32"
+
+
+def hf_weights_dtype_name(reader: HFWeightReader, hf_config: dict) -> str:
+    """The dtype the embedding is stored in; the config's declared dtype if that is unknown.
+
+    The file wins over the config: the model is built in the dtype the weights have, so that
+    HF -> Megatron -> HF gives back the same tensors in the same dtype.
+    """
+    stored = reader.dtype_name("model.embed_tokens.weight")
+    declared = hf_dtype_name(hf_config)
+    if stored is not None and stored != declared:
+        log.warning("%s: config declares %s but the weights are stored as %s; using %s",
+                    reader.directory, declared, stored, stored)
+    return stored or declared
 
 
 @dataclass(frozen=True)
@@ -72,13 +93,29 @@ def plan_hf_to_megatron(
         pipeline_parallel=pipeline_parallel,
         expert_parallel=expert_parallel,
     )
-    build = ModelBuildConfig(
-        role="lm", transformer_impl="local", params_dtype=params_dtype or hf_dtype_name(hf_config)
-    )
+    build = ModelBuildConfig(role="lm", transformer_impl="local")
     padded_vocab = validate_layout(arch, parallel, build)
-    HFWeightReader(hf_dir)  # fails early on missing/corrupt safetensors files and indexes
-    prepare_output_dir(out_dir, overwrite)
+    reader = HFWeightReader(hf_dir)  # fails early on missing/corrupt safetensors and indexes
+    check_hf_tensors_present(reader, arch, build.role)
+    build = replace(build, params_dtype=params_dtype or hf_weights_dtype_name(reader, hf_config))
+    prepare_output_dir(out_dir, overwrite, inputs=(hf_dir,))
     return ConversionPlan(hf_dir, out_dir, arch, hf_config, parallel, build, padded_vocab)
+
+
+def check_hf_tensors_present(reader: HFWeightReader, arch: ArchSpec, role: str) -> None:
+    """Raise :class:`HFCheckpointError` if a tensor the mapping of ``arch`` needs is absent."""
+    from megatron_rlhf.mapping.registry import expand_rules
+
+    needed = {
+        name for placed in expand_rules(arch, role) if not placed.rule.optional
+        for name in placed.rule.hf
+    }
+    missing = sorted(needed - set(reader.names()))
+    if missing:
+        raise HFCheckpointError(
+            f"{reader.directory}: {len(missing)} tensors that its config.json implies are not in "
+            f"the safetensors files, e.g. {missing[:3]}"
+        )
 
 
 def _hf_to_megatron_worker(plan: ConversionPlan) -> list[str]:
@@ -166,7 +203,7 @@ def plan_checkpoint_load(
     )
     validate_layout(arch, parallel, build)
     if out_dir is not None:
-        prepare_output_dir(out_dir, overwrite)
+        prepare_output_dir(out_dir, overwrite, inputs=(ckpt_dir,))
     return ExportPlan(ckpt_dir, out_dir, arch, metadata, parallel, build)
 
 
@@ -188,15 +225,26 @@ def _megatron_to_hf_worker(plan: ExportPlan) -> int:
     from megatron_rlhf.mapping.engine import export_hf_weights
 
     state, model = load_checkpoint_model(plan)
-    writer = HFWeightWriter(plan.out_dir) if state.rank == 0 else None
+    assert plan.out_dir is not None
+    out_dir = Path(plan.out_dir)
+    # Written next to the output and renamed at the end: the output holds a complete model or
+    # is left as it was, and --overwrite never leaves stale shards of an earlier export behind.
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    writer = HFWeightWriter(partial) if state.rank == 0 else None
+    # Megatron keeps some parameters (the norms) in float32 whatever params_dtype is; the HF
+    # files hold every tensor in the model's dtype.
+    dtype = DTYPES[plan.build.params_dtype]
     count = 0
     for name, tensor in export_hf_weights(model, plan.arch, plan.build.role):
         if writer is not None:
-            writer.add(name, tensor)
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         count += 1
     if writer is not None:
         writer.close()
-        copy_side_files(Path(plan.ckpt_dir) / "hf", plan.out_dir)
+        copy_side_files(Path(plan.ckpt_dir) / "hf", partial)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        partial.rename(out_dir)
     torch.distributed.barrier()
     return count
 

@@ -81,9 +81,23 @@ def read_checkpoint_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
     return metadata
 
 
-def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Check ``out_dir`` can be written; remove a stale ``.partial`` sibling. Call on one rank."""
+def prepare_output_dir(
+    out_dir: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()
+) -> Path:
+    """Check ``out_dir`` can be written; remove a stale ``.partial`` sibling. Call on one rank.
+
+    ``inputs``: directories the job reads; an output that is one of them (or holds one) is
+    refused, since writing it replaces the whole directory.
+    """
     directory = Path(out_dir)
+    for source in inputs:
+        source_path = Path(source).resolve()
+        if directory.resolve() == source_path or directory.resolve() in source_path.parents:
+            raise ValueError(
+                f"--out {directory} would replace the input {source}; choose another directory"
+            )
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory}: exists and is not a directory")
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{directory}: already exists and is not empty (pass --overwrite)")

@@ -32,6 +32,8 @@ SIDE_FILES = (
 )
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+"""safetensors header dtype -> the name ModelBuildConfig.params_dtype uses."""
 
 
 class HFCheckpointError(ValueError):
@@ -53,11 +55,20 @@ class HFWeightReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise HFCheckpointError(f"{index}: not a valid safetensors index ({error})") from error
+            names_in: dict[Path, set[str]] = {}
             for name, file_name in weight_map.items():
                 self._file_of[name] = self.directory / file_name
-            for path in sorted(set(self._file_of.values())):
+                names_in.setdefault(self.directory / file_name, set()).add(name)
+            for path in sorted(names_in):
                 if not path.is_file():
                     raise HFCheckpointError(f"{index} names shard {path.name}, which is missing")
+                # Reads only the header: a corrupt or truncated shard fails here, not in a worker.
+                absent = sorted(names_in[path] - set(self._open(path).keys()))
+                if absent:
+                    raise HFCheckpointError(
+                        f"{index} places {len(absent)} tensors in {path.name} that it does not "
+                        f"hold, e.g. {absent[0]!r}"
+                    )
         elif single.is_file():
             for name in self._open(single).keys():
                 self._file_of[name] = single
@@ -79,6 +90,15 @@ class HFWeightReader:
 
     def names(self) -> list[str]:
         return sorted(self._file_of)
+
+    def dtype_name(self, name: str) -> str | None:
+        """Stored dtype of ``name`` ("float32", "bfloat16", "float16"), read from the header only;
+        None for other dtypes or a missing tensor."""
+        path = self._file_of.get(name)
+        if path is None:
+            return None
+        stored = self._open(path).get_slice(name).get_dtype()  # type: ignore[attr-defined]
+        return SAFETENSORS_DTYPES.get(stored)
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of

@@ -3,7 +3,8 @@
 :func:`verify_checkpoint` runs the checkpoint under its saved TP/PP/EP layout (local processes it
 starts itself), runs the HF model with transformers on the same random token batch, and returns
 the maximum absolute difference of the logits over every position and every vocabulary entry of
-the HF vocabulary. Above the tolerance it raises :class:`VerificationFailed`.
+the HF vocabulary. Above the tolerance it raises :class:`VerificationFailed`. Both directories are
+checked (metadata, config, safetensors headers, same vocabulary) before any process starts.
 
 Tolerance: :data:`DEFAULT_TOLERANCE` = 1e-4 for float32 weights (what reordered fp32 reductions
 give on these models); bf16/fp16 checkpoints are compared in float32 after loading and use
@@ -14,10 +15,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from megatron_rlhf.checkpoint.convert import ExportPlan, load_checkpoint_model, plan_checkpoint_load
+from megatron_rlhf.checkpoint.convert import (
+    ExportPlan,
+    load_checkpoint_model,
+    plan_checkpoint_load,
+)
+from megatron_rlhf.checkpoint.hf_io import HFWeightReader
+from megatron_rlhf.models.arch import arch_spec_from_hf_config, load_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +91,24 @@ def hf_logits(hf_dir: str, batch: VerifyBatch) -> torch.Tensor:
         return model(input_ids=batch.input_ids).logits.float()
 
 
+def check_hf_model_matches(hf_dir: str, plan: ExportPlan) -> None:
+    """Fail before any work on an unreadable HF directory or one with another vocabulary."""
+    source = str(Path(hf_dir) / "config.json")
+    hf_arch = arch_spec_from_hf_config(load_hf_config(hf_dir), source=source)
+    HFWeightReader(hf_dir)
+    if hf_arch.vocab_size != plan.arch.vocab_size:
+        raise ValueError(
+            f"{source}: vocab_size={hf_arch.vocab_size}, but checkpoint {plan.ckpt_dir} has "
+            f"vocab_size={plan.arch.vocab_size}; they are not the same model"
+        )
+
+
 def verify_checkpoint(
     hf_dir: str, ckpt_dir: str, tolerance: float | None = None, seed: int = 0
 ) -> float:
     """Max |logit difference| between the checkpoint and the HF model; raises above tolerance."""
     plan = plan_checkpoint_load(ckpt_dir)
+    check_hf_model_matches(hf_dir, plan)
     if tolerance is None:
         half = plan.metadata.params_dtype != "float32"
         tolerance = HALF_PRECISION_TOLERANCE if half else DEFAULT_TOLERANCE

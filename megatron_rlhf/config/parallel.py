@@ -21,7 +21,8 @@ class ParallelConfig:
     and the padded vocabulary. >= 1."""
 
     pipeline_parallel: int = 1
-    """PP: ranks that split the layers into consecutive stages. <= number of layers. >= 1."""
+    """PP: ranks that split the layers into consecutive stages of equal size; must divide the
+    number of layers. >= 1."""
 
     context_parallel: int = 1
     """CP: ranks that split the sequence dimension of attention. >= 1."""

@@ -31,6 +31,33 @@ FAMILY_BY_MODEL_TYPE = {
 }
 MOE_FAMILIES = frozenset({"qwen3_moe", "mixtral"})
 
+_GLM_FIELD_DEFAULTS: dict[str, Any] = {
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "rms_norm_eps": 1.5625e-07,
+    "attention_bias": True,
+    "partial_rotary_factor": 0.5,
+    "max_position_embeddings": 131072,
+}
+HF_FIELD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768},
+    "glm": _GLM_FIELD_DEFAULTS,
+    "glm4": _GLM_FIELD_DEFAULTS,
+    "qwen3_moe": {"num_key_value_heads": 4, "max_position_embeddings": 32768},
+    "mixtral": {
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 131072,
+    },
+}
+"""What transformers 5.19 assumes, per ``model_type``, for a field that ``config.json`` leaves
+out (its config classes' defaults). The HF model, and so the weights on disk, follow these values,
+so the spec does too. Fields not listed here default alike for every family: no KV heads or null
+means MHA, no head_dim means hidden_size / heads, rms_norm_eps 1e-6, rope_theta 10000."""
+
 
 class UnsupportedArchitecture(ValueError):
     """The HF config describes a model this package cannot reproduce exactly."""
@@ -123,7 +150,11 @@ def _rope(config: dict[str, Any], where: str) -> tuple[float, float, float | Non
                     f"{where}: llama3 rope scaling with {key}={parameters.get(key)} is not "
                     f"supported (Megatron-Core implements {key}={value})"
                 )
-        original = parameters.get("original_max_position_embeddings", 8192)
+        # transformers: a top-level original_max_position_embeddings wins, then the rope dict's,
+        # then max_position_embeddings.
+        original = config.get("original_max_position_embeddings") or parameters.get(
+            "original_max_position_embeddings", config.get("max_position_embeddings")
+        )
         if int(original) != 8192:
             raise UnsupportedArchitecture(
                 f"{where}: llama3 rope scaling with original_max_position_embeddings="
@@ -141,6 +172,18 @@ def _reject_unsupported_features(config: dict[str, Any], family: str, where: str
         raise UnsupportedArchitecture(f"{where}: hidden_act={activation!r} (supported: silu)")
     if config.get("use_sliding_window"):
         raise UnsupportedArchitecture(f"{where}: use_sliding_window=true is not supported")
+    windowed = sorted(set(config.get("layer_types") or []) - {"full_attention"})
+    if windowed:
+        raise UnsupportedArchitecture(
+            f"{where}: layer_types contains {windowed} (only full_attention is supported)"
+        )
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise UnsupportedArchitecture(
+            f"{where}: quantization_config (quant_method={method!r}) is not supported; convert "
+            "the unquantized checkpoint"
+        )
     if family in ("llama", "mixtral") and config.get("sliding_window"):
         raise UnsupportedArchitecture(
             f"{where}: sliding_window={config['sliding_window']} is not supported"
@@ -203,6 +246,8 @@ def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json"
             f"{source}: model_type={model_type!r} is not supported (supported: {supported})"
         )
     family = FAMILY_BY_MODEL_TYPE[model_type]
+    absent = {key for key in HF_FIELD_DEFAULTS[model_type] if key not in config}
+    config = {**HF_FIELD_DEFAULTS[model_type], **config}
     architectures = config.get("architectures") or []
     hf_architecture = architectures[0] if architectures else ""
     if hf_architecture and not hf_architecture.endswith("ForCausalLM"):
@@ -217,9 +262,14 @@ def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json"
     groups = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden_size // heads)
     if heads % groups != 0:
+        defaulted = (
+            f" (absent from the config: transformers' default for {model_type})"
+            if "num_key_value_heads" in absent
+            else ""
+        )
         raise UnsupportedArchitecture(
             f"{source}: num_attention_heads={heads} is not a multiple of "
-            f"num_key_value_heads={groups}"
+            f"num_key_value_heads={groups}{defaulted}"
         )
     theta, partial, scaling = _rope(config, source)
     rotary_dims = head_dim * partial

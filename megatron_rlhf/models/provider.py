@@ -1,7 +1,7 @@
 """Model provider: one Megatron-Core ``GPTModel`` per pipeline stage, built from an ArchSpec.
 
 :func:`build_model` validates the layout against the architecture first (TP must divide the
-heads, KV heads, MLP widths and padded vocabulary; PP must not exceed the layers; EP must divide
+heads, KV heads, MLP widths and padded vocabulary; PP must divide the layers; EP must divide
 the experts), then builds the stage's ``GPTModel`` with the layer spec chosen by
 :class:`ModelBuildConfig.transformer_impl` and wraps it in the head of its role
 (:class:`megatron_rlhf.models.heads.RoleModel`).
@@ -107,6 +107,11 @@ def validate_layout(arch: ArchSpec, parallel: ParallelConfig, build: ModelBuildC
         raise ParallelLayoutError(
             f"pipeline_parallel={parallel.pipeline_parallel} is larger than the number of "
             f"layers ({arch.num_layers})"
+        )
+    if arch.num_layers % parallel.pipeline_parallel != 0:
+        raise ParallelLayoutError(
+            f"pipeline_parallel={parallel.pipeline_parallel} does not divide the number of layers "
+            f"({arch.num_layers}); Megatron-Core gives every stage the same number of layers"
         )
     if arch.is_moe:
         assert arch.num_experts is not None and arch.moe_ffn_hidden_size is not None
