@@ -67,14 +67,30 @@ def test_repeated_identical_boxes_are_one_answer() -> None:
     assert extract_final_answer("\\boxed{7}. Check: \\boxed{ 7 }", "7", 100).answer == "7"
 
 
-def test_model_text_never_reaches_sympy_in_the_trainer(math_verifier) -> None:
+def test_model_text_never_reaches_sympy_in_the_trainer() -> None:
     """An answer that would run code if eval'd is compared inside the sandbox; the trainer process
-    never imports sympy or math-verify."""
+    never imports sympy or math-verify. Checked in a fresh interpreter: in the test session other
+    libraries (torch, transformers, vLLM) import sympy for their own reasons."""
+    import subprocess
     import sys
 
-    (result,) = math_verifier.score([_sample("\\boxed{__import__('os').system('touch /tmp/pwned')}", "1")])
-    assert result.status is RewardStatus.FAILED_VERIFICATION
-    assert "math_verify" not in sys.modules and "sympy" not in sys.modules
+    program = """
+import sys
+from megatron_rlhf.rewards.sample import RewardSample, RewardStatus
+from megatron_rlhf.rewards.sandbox.executor import Sandbox, SandboxConfig
+from megatron_rlhf.rewards.verifiers.math_verifier import MathVerifier, MathVerifierConfig
+with Sandbox(SandboxConfig()) as sandbox:
+    verifier = MathVerifier(MathVerifierConfig(), sandbox=sandbox)
+    answer = "\\\\boxed{__import__('os').system('touch /tmp/pwned')}"
+    (result,) = verifier.score([RewardSample("m", "math", "", answer, "1")])
+    verifier.close()
+assert result.status is RewardStatus.FAILED_VERIFICATION, result
+leaked = [name for name in ("math_verify", "sympy") if name in sys.modules]
+assert not leaked, leaked
+print("clean")
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("clean"), done.stderr[-2000:]
 
 
 def test_hard_time_limit_holds_in_a_worker_thread(sandbox) -> None:
