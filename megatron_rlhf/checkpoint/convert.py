@@ -73,8 +73,7 @@ class ConversionPlan:
 
     @property
     def world_size(self) -> int:
-        # Expert parallelism is carved out of data parallelism: one replica per EP rank.
-        return self.parallel.world_size(data_parallel=self.parallel.expert_parallel)
+        return self.parallel.minimal_world_size
 
 
 def plan_hf_to_megatron(
@@ -176,7 +175,7 @@ class ExportPlan:
 
     @property
     def world_size(self) -> int:
-        return self.parallel.world_size(data_parallel=self.parallel.expert_parallel)
+        return self.parallel.minimal_world_size
 
 
 def plan_checkpoint_load(

@@ -80,6 +80,12 @@ class ParallelConfig:
             )
         return data_parallel
 
+    @property
+    def minimal_world_size(self) -> int:
+        """Fewest processes that run this layout: TP*PP*CP per replica and, because expert
+        parallelism is carved out of data parallelism, one replica per EP rank."""
+        return self.model_parallel * self.expert_parallel
+
     def world_size(self, data_parallel: int = 1) -> int:
         """Processes needed for this layout with ``data_parallel`` replicas."""
         _check_positive("data_parallel", data_parallel)

@@ -13,6 +13,16 @@ from typing import Any, Callable
 import torch
 
 
+def run_microbatch(stage_model: torch.nn.Module, microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """This stage's output for a microbatch (``input_ids`` and optional ``position_ids`` /
+    ``sequence_lengths``), as Megatron's schedules call it."""
+    return stage_model(
+        microbatch["input_ids"],
+        microbatch.get("position_ids"),
+        sequence_lengths=microbatch.get("sequence_lengths"),
+    )
+
+
 @torch.no_grad()
 def forward_only(
     model: torch.nn.Module,
@@ -39,11 +49,7 @@ def forward_only(
 
     def forward_step(data_iterator, stage_model):
         microbatch = next(data_iterator)
-        output = stage_model(
-            microbatch["input_ids"],
-            microbatch.get("position_ids"),
-            sequence_lengths=microbatch.get("sequence_lengths"),
-        )
+        output = run_microbatch(stage_model, microbatch)
 
         def collect_output(output_tensor: torch.Tensor, non_loss_data: bool = False):
             return collect(output_tensor, microbatch)

@@ -156,8 +156,7 @@ def run_sync_checks(plan: SyncCheckPlan, layouts: list[ParallelConfig], world_si
 
 def run_sync_check(plan: SyncCheckPlan) -> SyncCheckResult:
     """Run the check at ``plan.parallel`` in ``TP x PP x EP`` local processes."""
-    world = plan.parallel.world_size(data_parallel=plan.parallel.expert_parallel)
-    return run_sync_checks(plan, [plan.parallel], world)[0]
+    return run_sync_checks(plan, [plan.parallel], plan.parallel.minimal_world_size)[0]
 
 
 def check_weight_sync(hf_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,

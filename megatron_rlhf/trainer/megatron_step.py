@@ -168,17 +168,15 @@ class MegatronUpdater:
         """Forward, backward and optimizer step over this rank's microbatches."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_rlhf.models.forward import run_microbatch
+
         if not microbatches:
             raise ValueError("step() needs at least one microbatch")
         batch_size, seq_length = microbatches[0]["input_ids"].shape
 
         def forward_step(data_iterator, stage_model):
             microbatch = next(data_iterator)
-            output = stage_model(
-                microbatch["input_ids"],
-                microbatch.get("position_ids"),
-                sequence_lengths=microbatch.get("sequence_lengths"),
-            )
+            output = run_microbatch(stage_model, microbatch)
             return output, lambda output_tensor: _snapshot_metrics(loss_fn(output_tensor, microbatch))
 
         self.model.zero_grad_buffer()

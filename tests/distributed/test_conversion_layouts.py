@@ -114,7 +114,7 @@ def layout_reports(hf_models, tokens):
             parallel = LAYOUTS[layout]
             archs = MOE if "EP" in layout else DENSE + MOE
             models = {arch: hf_models[arch] for arch in archs}
-            world = parallel.world_size(data_parallel=parallel.expert_parallel)
+            world = parallel.minimal_world_size
             per_rank = spawn(_layout_worker, world, parallel, models, tokens)
             merged = {}
             for arch in archs:
