@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SIZES = {  # name -> (hidden, layers, intermediate)
-    "tiny-9M": (256, 4, 768),
-    "small-60M": (512, 8, 1536),
-    "medium-200M": (1024, 12, 3072),
+SIZES = {  # name -> (hidden, layers, intermediate); parameter counts are in the results table
+    "d256-L4": (256, 4, 768),
+    "d512-L8": (512, 8, 1536),
+    "d1024-L12": (1024, 12, 3072),
 }
 
 
