@@ -24,6 +24,7 @@ from megatron_rlhf.mapping.registry import PlacedRule, expand_rules
 from megatron_rlhf.mapping.rules import pad_vocab, shard, to_hf, to_megatron, unshard
 from megatron_rlhf.models.arch import ArchSpec
 from megatron_rlhf.models.layer_spec import canonical_name
+from megatron_rlhf.parallel.megatron_compat import global_layer_index
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
@@ -64,7 +65,7 @@ def local_parameters(model: torch.nn.Module, impl: str = "local") -> dict[str, L
         layer_match = _LAYER.match(name)
         if layer_match:
             layer = trunk.decoder.layers[int(layer_match.group(1))]
-            global_layer = layer.layer_number - 1
+            global_layer = global_layer_index(layer)
             name = _LAYER.sub(f"decoder.layers.{global_layer}.", name, count=1)
             expert_match = _EXPERT.search(name)
             if expert_match:
