@@ -34,19 +34,14 @@ SIZES = {  # name -> (hidden, layers, intermediate); parameter counts are in the
 
 
 def _worker(size: str, repeats: int, out_queue_path: str) -> None:
-    import json
-
-    import torch
-
     from megatron_rlhf.checkpoint.hf_io import HFWeightReader
     from megatron_rlhf.config.parallel import ParallelConfig
-    from megatron_rlhf.mapping.engine import export_hf_weights, load_hf_weights
+    from megatron_rlhf.mapping.engine import load_hf_weights
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
-    from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
 
     hidden, layers, intermediate = SIZES[size]
     work = Path(tempfile.mkdtemp(prefix=f"sync_bench_{size}_"))
@@ -67,6 +62,20 @@ def _worker(size: str, repeats: int, out_queue_path: str) -> None:
     start = time.perf_counter()
     engine = RolloutEngine(RolloutConfig(model_dir=str(hf_dir), max_model_len=256))
     engine_start_s = time.perf_counter() - start
+    try:
+        _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, params, out_queue_path)
+    finally:
+        engine.shutdown()  # spawned children skip vLLM's atexit: stop the engine core explicitly
+
+
+def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, params, out_queue_path) -> None:
+    import json
+
+    import torch
+
+    from megatron_rlhf.mapping.engine import export_hf_weights
+    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
     sync = WeightSync(engine, WeightSyncConfig(bucket_bytes=64 * 1024**2))
     sync.connect()
 

@@ -1,0 +1,298 @@
+"""The PPO update machinery shared by the actor and critic trainers (:mod:`.actor_critic`).
+
+:class:`PPOTrainerBase` plans epochs x minibatches x DP shards x microbatches over a rollout batch,
+normalises each microbatch's loss to its exact share of the minibatch reduction (see
+:class:`MinibatchNorm` and the :mod:`.actor_critic` docstring), runs one
+:class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater` step per minibatch and reduces the
+step's metrics over microbatches, DP and PP so that :class:`OptimizerStepStats` is identical on
+every rank. It also runs no-grad forward passes that read one value per response token.
+
+Guarantees: every rank must receive the same full rollout tensors; DP rank ``d`` uses the
+``d``-th contiguous shard of each minibatch. A batch that does not split into whole
+microbatches raises ``ValueError`` naming the sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from megatron_rlhf.algorithms import AlgorithmConfig, Experience, reduction_parts
+from megatron_rlhf.trainer.megatron_step import MegatronUpdater, OptimizerSettings
+from megatron_rlhf.types import RolloutBatch
+
+# loss terms of one microbatch: (response-token outputs [b, R], experience) ->
+# (reduced loss [], {metric name: token-mean metric []})
+TermsFn = Callable[[Tensor, Experience], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class PPOUpdateConfig:
+    """How one rollout batch is turned into optimizer steps."""
+
+    ppo_epochs: int = 1
+    """Passes over the rollout batch (>= 1)."""
+    num_minibatches: int = 1
+    """Optimizer steps per epoch; must divide the batch size (>= 1)."""
+    micro_batch_size: int = 1
+    """Sequences per Megatron microbatch on one DP rank; must divide the per-rank minibatch."""
+    temperature: float = 1.0
+    """Sampling temperature the log-probs are computed at (actor only; > 0)."""
+
+    def __post_init__(self) -> None:
+        for name in ("ppo_epochs", "num_minibatches", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PPOUpdateConfig.{name}={getattr(self, name)} must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"PPOUpdateConfig.temperature={self.temperature} must be > 0")
+
+
+@dataclass
+class OptimizerStepStats:
+    """One optimizer step of :meth:`update`; identical on every rank."""
+
+    epoch: int
+    """0-based PPO epoch."""
+    minibatch: int
+    """0-based minibatch within the epoch."""
+    loss: float
+    """Exact minibatch loss (the configured reduction over the whole minibatch)."""
+    grad_norm: float | None
+    """Global gradient norm before clipping (None when skipped)."""
+    learning_rate: float
+    """Learning rate the step used."""
+    skipped: bool
+    """True when a non-finite loss or gradient made the updater skip the step."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """Loss terms (same normalisation as ``loss``) and token-mean metrics over the minibatch."""
+
+
+def _response_positions(batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+    """``(input_ids [B, L], positions [B, R])``: output position predicting each response token."""
+    input_ids, response_start = batch.full_sequences()
+    if batch.num_samples and int(batch.prompt_lengths.min()) < 1:
+        raise ValueError("every prompt needs at least one token (prompt_lengths has a 0)")
+    width = batch.response_ids.shape[1]
+    positions = response_start.unsqueeze(1) - 1 + torch.arange(width).unsqueeze(0)
+    return input_ids, positions.clamp(0, max(input_ids.shape[1] - 2, 0))
+
+
+def gather_responses(token_outputs: Tensor, positions: Tensor) -> Tensor:
+    """``[b, L']`` per-position outputs -> ``[b, R]`` at the response positions."""
+    return token_outputs.gather(1, positions.to(token_outputs.device))
+
+
+def _weighted(name: str, value: Tensor, share: Tensor, token_share: Tensor) -> Tensor:
+    """A microbatch metric's contribution to the minibatch value: loss terms by the reduction's
+    denominator share, token-mean metrics (``*fraction``, ``ratio_mean``, ``approx_kl``) by the
+    token share; ``*_max`` metrics are reduced with max instead and pass unchanged."""
+    if name.endswith("_max"):
+        return value
+    if name.endswith("fraction") or name in ("ratio_mean", "approx_kl"):
+        return value * token_share
+    return value * share
+
+
+def _broadcast_from_last_stage(tensor: Tensor) -> Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    if group.size() > 1:
+        tensor = tensor.contiguous()
+        last = torch.distributed.get_global_rank(group, group.size() - 1)
+        torch.distributed.broadcast(tensor, src=last, group=group)
+    return tensor
+
+
+@dataclass(frozen=True)
+class MinibatchNorm:
+    """What a microbatch needs to contribute its exact share of a minibatch's loss."""
+
+    reduction: str
+    denominator: float
+    """The reduction's denominator over the whole minibatch (all DP shards), at least 1."""
+    tokens: float
+    """Response tokens in the whole minibatch, at least 1 (for token-mean metrics)."""
+    scale: int
+    """num_microbatches * dp_size: undoes Megatron's per-microbatch and DDP's DP averaging."""
+
+    @classmethod
+    def of(cls, response_mask: Tensor, reduction: str, scale: int) -> MinibatchNorm:
+        parts = reduction_parts(torch.zeros(response_mask.shape), response_mask, reduction)
+        tokens = response_mask.to(torch.bool).sum()
+        return cls(
+            reduction,
+            float(parts.denominator.clamp(min=1)),
+            float(tokens.clamp(min=1)),
+            scale,
+        )
+
+
+class PPOTrainerBase:
+    """What the actor and critic share: minibatch / microbatch plan, normalisation, stats."""
+
+    role = ""
+    """Model role a subclass trains (``RoleModel.role``)."""
+    metric_names: tuple[str, ...] = ("loss_share",)
+    """Names a subclass's loss terms report; ``*_max`` ones are max-reduced, others summed."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: OptimizerSettings,
+        algorithm: AlgorithmConfig,
+        update: PPOUpdateConfig,
+    ):
+        if getattr(model, "role", None) != self.role:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.role!r}-role model, got {getattr(model, 'role', None)!r}"
+            )
+        self.model = model
+        self.algorithm = algorithm
+        self.update_config = update
+        self.updater = MegatronUpdater(model, optimizer)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.updater.skipped_steps
+
+    def _per_position(self, batch: RolloutBatch, collect: Callable[[Tensor, dict], Tensor]) -> Tensor:
+        """``[B, R]`` of ``collect(output, microbatch) -> [b, R]`` over the batch, on every rank."""
+        from megatron_rlhf.models.forward import forward_only
+
+        input_ids, positions = _response_positions(batch)
+        count, size = batch.num_samples, self.update_config.micro_batch_size
+        padded = -(-count // size) * size
+        if padded > count:  # equal microbatches for the schedule; extra rows are discarded
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(padded - count, -1)])
+            positions = torch.cat([positions, positions[:1].expand(padded - count, -1)])
+        device = next(self.model.parameters()).device
+        microbatches = [
+            {"input_ids": ids.to(device), "positions": pos}
+            for ids, pos in zip(input_ids.split(size), positions.split(size))
+        ]
+        outputs = forward_only(self.model, microbatches, lambda out, mb: collect(out, mb).float().cpu())
+        result = torch.cat(outputs)[:count] if outputs else torch.zeros(count, positions.shape[1])
+        result = _broadcast_from_last_stage(result)
+        return result * batch.response_mask.to(result.dtype)
+
+    @staticmethod
+    def _plan(count: int, config: PPOUpdateConfig) -> tuple[int, int]:
+        """Validated ``(minibatch size, per-DP-rank shard size)``."""
+        from megatron.core import parallel_state
+
+        dp = parallel_state.get_data_parallel_world_size()
+        if count % config.num_minibatches:
+            raise ValueError(f"batch size {count} not divisible by num_minibatches={config.num_minibatches}")
+        minibatch = count // config.num_minibatches
+        if minibatch % dp or (minibatch // dp) % config.micro_batch_size:
+            raise ValueError(
+                f"minibatch of {minibatch} samples must split into {dp} DP shards of whole "
+                f"microbatches of micro_batch_size={config.micro_batch_size}"
+            )
+        return minibatch, minibatch // dp
+
+    def _update(
+        self,
+        batch: RolloutBatch,
+        experience: Experience,
+        terms_fn: TermsFn,
+        model_output: Callable[[Tensor, dict[str, Tensor]], object],
+        config: PPOUpdateConfig | None,
+    ) -> list[OptimizerStepStats]:
+        from megatron.core import parallel_state
+
+        config = config or self.update_config
+        responses = tuple(batch.response_ids.shape)
+        if tuple(experience.response_mask.shape) != responses:
+            raise ValueError(
+                f"experience {tuple(experience.response_mask.shape)} does not match the rollout "
+                f"batch responses {responses}"
+            )
+        minibatch, shard = self._plan(batch.num_samples, config)
+        dp = parallel_state.get_data_parallel_world_size()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        input_ids, positions = _response_positions(batch)
+        device = next(self.model.parameters()).device
+        stats = []
+        for epoch in range(config.ppo_epochs):
+            for index in range(config.num_minibatches):
+                samples = torch.arange(index * minibatch, (index + 1) * minibatch)
+                local = samples[dp_rank * shard : (dp_rank + 1) * shard]
+                microbatches = [
+                    {
+                        "input_ids": input_ids[part].to(device),
+                        "positions": positions[part],
+                        "sample_index": part,
+                    }
+                    for part in local.split(config.micro_batch_size)
+                ]
+                norm = MinibatchNorm.of(
+                    experience.response_mask[samples],
+                    self.algorithm.loss_reduction,
+                    len(microbatches) * dp,
+                )
+                loss_fn = partial(self._microbatch_loss, experience, terms_fn, model_output, norm)
+                result = self.updater.step(microbatches, loss_fn)
+                stats.append(self._step_stats(epoch, index, result))
+        return stats
+
+    @staticmethod
+    def _microbatch_loss(
+        experience: Experience,
+        terms_fn: TermsFn,
+        model_output: Callable[[Tensor, dict[str, Tensor]], object],
+        norm: MinibatchNorm,
+        output: Tensor,
+        microbatch: dict[str, Tensor],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The microbatch's share of the minibatch loss, scaled for Megatron and DDP (module doc)."""
+        part = experience.select(microbatch["sample_index"]).to(output.device)
+        loss, metrics = terms_fn(model_output(output, microbatch), part)
+        mask = part.response_mask
+        share = reduction_parts(mask.new_zeros(mask.shape, dtype=loss.dtype), mask, norm.reduction)
+        share = share.denominator.to(loss.dtype) / norm.denominator
+        token_share = mask.to(torch.bool).sum().to(loss.dtype) / norm.tokens
+        scaled = loss * share * norm.scale
+        weighted = {name: _weighted(name, value, share, token_share) for name, value in metrics.items()}
+        return scaled, {
+            "loss": scaled.detach(),
+            "loss_share": (loss * share).detach(),
+            **weighted,
+        }
+
+    def _step_stats(self, epoch: int, index: int, result) -> OptimizerStepStats:
+        """Sum the microbatch shares over microbatches and DP; broadcast from the last stage."""
+        from megatron.core import parallel_state
+
+        names = list(self.metric_names)
+        summed = [name for name in names if not name.endswith("_max")]
+        maxed = [name for name in names if name.endswith("_max")]
+        totals = torch.zeros(len(summed), dtype=torch.float64)
+        maxima = torch.zeros(len(maxed), dtype=torch.float64)  # metrics named *_max are >= 0
+        for metrics in result.metrics:
+            totals += torch.stack([metrics[name].double().cpu().reshape(()) for name in summed])
+            if maxed:
+                maxima = torch.maximum(
+                    maxima,
+                    torch.stack([metrics[n].double().cpu().reshape(()) for n in maxed]),
+                )
+        group = parallel_state.get_data_parallel_group()
+        torch.distributed.all_reduce(totals, group=group)
+        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
+        totals = _broadcast_from_last_stage(torch.cat([totals, maxima]))
+        values = dict(zip(summed + maxed, totals.tolist()))
+        loss = values.pop("loss_share")
+        return OptimizerStepStats(
+            epoch,
+            index,
+            loss,
+            None if result.skipped else float(result.grad_norm),
+            result.learning_rate,
+            result.skipped,
+            values,
+        )
