@@ -158,4 +158,4 @@ class InstructionFollowingVerifier:
         return RewardResult(reward, RewardStatus.FAILED_VERIFICATION, Verdict.WRONG_ANSWER, detail, seconds)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: this verifier runs in-process and holds no sandbox or pool."""

@@ -113,4 +113,4 @@ class MultipleChoiceVerifier:
         return RewardResult.incorrect(Verdict.WRONG_ANSWER, f"chose {letter}, key is {key}")
 
     def close(self) -> None:
-        pass
+        """Nothing to release: this verifier runs in-process and holds no sandbox or pool."""
