@@ -8,6 +8,8 @@
   gathered over its tensor-parallel (or expert-tensor-parallel) group by the ranks that own it,
   then broadcast over the expert-parallel and pipeline groups, so that at most one full
   parameter is materialised at a time (plus its shards). All ranks must iterate to the end.
+  A yielded tensor may share storage with a live parameter (replicated parameters, TP1):
+  clone it to keep it across an optimizer step.
 
 Used by the checkpoint converters and, later, by weight sync into vLLM.
 """

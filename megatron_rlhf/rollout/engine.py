@@ -58,7 +58,8 @@ class RolloutConfig:
     """KV cache size on CPU machines (VLLM_CPU_KVCACHE_SPACE), in GiB."""
     enforce_eager: bool = True
     weight_transfer_backend: str | None = "auto"
-    """auto (gloo on CPU, nccl on GPU) | gloo | nccl | ipc | None (no weight updates)."""
+    """auto (the best transport WeightSync implements: gloo, on CPU and GPU) | gloo | nccl |
+    ipc | None (no weight updates)."""
     enable_sleep_mode: bool = False
     """Release the KV cache while the trainer runs (colocated GPU placement; no-op on CPU)."""
 
@@ -255,7 +256,9 @@ def resolve_transfer_backend(requested: str | None, on_gpu: bool) -> str | None:
     if requested is None:
         return None
     if requested == "auto":
-        return "nccl" if on_gpu else "gloo"
+        # vLLM's nccl / ipc backends have no trainer side in WeightSync yet; gloo works with CPU
+        # and GPU engines alike (workers move each received bucket to their device).
+        return "gloo"
     if requested in ("nccl", "ipc") and not on_gpu:
         raise ValueError(f"weight_transfer_backend={requested!r} needs GPUs; use 'gloo' on CPU")
     if requested not in ("gloo", "nccl", "ipc"):

@@ -153,14 +153,14 @@ class MegatronUpdater:
         self.steps = 0
 
     def _all_finite(self, loss_values: list[float]) -> bool:
-        local_ok = all(math.isfinite(value) for value in loss_values)
-        if local_ok:
-            for parameter in self.model.parameters():
-                grad = getattr(parameter, "main_grad", None)
-                if grad is not None and not bool(torch.isfinite(grad).all()):
-                    local_ok = False
-                    break
-        flag = torch.tensor([1.0 if local_ok else 0.0], device=next(self.model.parameters()).device)
+        """Whether every loss and gradient is finite on every rank (one host sync in total)."""
+        device = next(self.model.parameters()).device
+        finite = torch.tensor(all(math.isfinite(value) for value in loss_values), device=device)
+        for parameter in self.model.parameters():
+            grad = getattr(parameter, "main_grad", None)
+            if grad is not None:
+                finite &= torch.isfinite(grad).all()
+        flag = finite.to(torch.float32).reshape(1)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item() == 1.0)
 
