@@ -44,6 +44,9 @@ PINNED=(
   pytest-timeout==2.4.0
   math-verify==0.9.0  # math answer equivalence, run inside the code sandbox
   pyseccomp==0.1.2  # ctypes binding of the system libseccomp: the sandbox's seccomp filter
+  ray==2.60.0  # the RL trainer's single controller and worker groups
+  matplotlib==3.11.2  # report and Best-of-N plots (PNG, Agg backend)
+  tensorboard==2.21.0  # torch.utils.tensorboard metric logging
 )
 # Debian packages the reward sandbox needs: command that must exist -> package providing it.
 APT_TOOLS=(bwrap:bubblewrap)

@@ -1,0 +1,1 @@
+"""Best-of-N, reward-model classification metrics, diversity metrics and run reports."""
