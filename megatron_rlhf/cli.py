@@ -292,6 +292,28 @@ COMMANDS: dict[
 }
 
 
+def _external(module: str, name: str) -> tuple[Callable, Callable]:
+    """``(add_<name>_arguments, run_<name>)`` of a light ``*_cli`` module, imported on first use
+    (those modules import only the standard library at the top)."""
+    import importlib
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(module), f"add_{name}_arguments")(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), f"run_{name}")(args)
+
+    return add_arguments, run
+
+
+EXTERNAL_COMMANDS = {
+    "train-rl": ("RL training (GRPO, or PPO with a critic) on Ray with vLLM rollouts; resumes by itself",
+                 "megatron_rlhf.trainer.rl_cli", "train_rl"),
+}
+for _name, (_summary, _module, _function) in EXTERNAL_COMMANDS.items():
+    COMMANDS[_name] = (_summary, *_external(_module, _function))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_rlhf import __version__
 

@@ -101,6 +101,12 @@ class ActorTrainer(PPOTrainerBase):
         """``[B, R]`` float32 log pi(response token | prefix), 0.0 on padding, on every rank."""
         return self._per_position(batch, lambda logits, mb: self._token_logprobs(logits, mb)[0])
 
+    @torch.no_grad()
+    def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """``([B, R], [B, R])`` float32 log-probs and policy entropy per response position (one pass)."""
+        both = self._per_position(batch, lambda logits, mb: torch.stack(self._token_logprobs(logits, mb), dim=-1))
+        return both[..., 0], both[..., 1]
+
     def update(
         self,
         batch: RolloutBatch,

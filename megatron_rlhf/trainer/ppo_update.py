@@ -178,7 +178,8 @@ class PPOTrainerBase:
         outputs = forward_only(self.model, microbatches, lambda out, mb: collect(out, mb).float().cpu())
         result = torch.cat(outputs)[:count] if outputs else torch.zeros(count, positions.shape[1])
         result = _broadcast_from_last_stage(result)
-        return result * batch.response_mask.to(result.dtype)
+        mask = batch.response_mask.to(result.dtype)
+        return result * mask.reshape(mask.shape + (1,) * (result.dim() - mask.dim()))
 
     @staticmethod
     def _plan(count: int, config: PPOUpdateConfig) -> tuple[int, int]:

@@ -1,0 +1,121 @@
+"""Configuration of an RL run (PPO or GRPO): typed, validated, one dataclass per component.
+
+:class:`RLConfig` gathers the component configs the loop passes down explicitly: the algorithm
+(:class:`~megatron_rlhf.algorithms.AlgorithmConfig`), sampling, the PPO update plan, optimizers,
+Megatron layouts and sizes of the worker groups, the engine, placement, rewards, data and
+logging. Presets: :func:`grpo_algorithm` and :func:`ppo_algorithm` give the "Does RLHF Scale?"
+settings of each method (group normalisation and asymmetric shrinking for GRPO; GAE with a
+critic for PPO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_rlhf.algorithms import AlgorithmConfig
+from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+
+ALGORITHMS = ("grpo", "ppo")
+
+
+def grpo_algorithm(**overrides) -> AlgorithmConfig:
+    """GRPO: group-relative advantages, KL as a loss term (k3), asymmetric reward shrinking."""
+    settings = dict(advantage_estimator="grpo", kl_mode="loss", kl_estimator="k3", kl_coef=0.01,
+                    reward_shrink_alpha=1.0, value_clip=None)
+    settings.update(overrides)
+    return AlgorithmConfig(**settings)
+
+
+def ppo_algorithm(**overrides) -> AlgorithmConfig:
+    """PPO: GAE over a critic's values, KL as a per-token reward penalty (k1)."""
+    settings = dict(advantage_estimator="gae", gamma=1.0, gae_lambda=0.95, kl_mode="penalty",
+                    kl_estimator="k1", kl_coef=0.01, reward_normalization="batch")
+    settings.update(overrides)
+    return AlgorithmConfig(**settings)
+
+
+@dataclass(frozen=True)
+class WorkerGroupConfig:
+    """Size and layout of one Megatron worker group."""
+
+    world_size: int = 1
+    """Ranks (Ray actors); data parallelism takes what the layout leaves."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    threads_per_rank: int = 1
+    """torch intra-op threads per rank on CPU machines (>= 1)."""
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or self.threads_per_rank < 1:
+            raise ValueError("world_size and threads_per_rank must be >= 1")
+        self.parallel.data_parallel(self.world_size)  # raises when the layout does not fit
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    policy_dir: str
+    """HF directory of the starting policy (the SFT model); also the reference and the engine's."""
+    out_dir: str
+    """Run directory: metrics, checkpoints, final policy (``<out_dir>/policy``)."""
+    prompt_files: tuple[str, ...]
+    """Prompt JSONL files (``megatron_rlhf.data.prompts`` schema, one domain tag per prompt)."""
+    algorithm: AlgorithmConfig = field(default_factory=grpo_algorithm)
+    critic_dir: str | None = None
+    """HF directory the critic's trunk starts from (PPO); None: the policy's. Value head fresh."""
+    steps: int = 20
+    """RL steps (one rollout batch and its PPO epochs each)."""
+    prompts_per_step: int = 8
+    """Prompts per rollout batch; each gets ``n`` responses."""
+    n: int = 4
+    """Responses per prompt."""
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    max_prompt_tokens: int = 128
+    update: PPOUpdateConfig = field(default_factory=PPOUpdateConfig)
+    actor_optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=1e-5))
+    critic_optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=1e-5))
+    actor: WorkerGroupConfig = field(default_factory=WorkerGroupConfig)
+    critic: WorkerGroupConfig = field(default_factory=WorkerGroupConfig)
+    reference: WorkerGroupConfig = field(default_factory=WorkerGroupConfig)
+    engine_tensor_parallel: int = 1
+    """vLLM's own TP size."""
+    placement: str = "colocated"
+    """colocated (engine inside the actor's rank 0; groups share bundles) | disaggregated."""
+    weight_sync_bucket_bytes: int = 64 * 1024**2
+    reward_config: str | None = None
+    """Reward YAML (``megatron_rlhf.rewards.reward_config``); None: the verifiers per domain."""
+    curriculum: dict | list | None = None
+    """Curriculum phases (``megatron_rlhf.data.curriculum``); None: uniform over all prompts."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    seed: int = 1234
+    ray_address: str | None = None
+    """Ray cluster to join; None starts a local one sized to this machine."""
+    tensorboard: bool = True
+    wandb: bool = False
+    console: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.prompt_files:
+            raise ValueError("RLConfig.prompt_files is empty: give at least one prompt JSONL file")
+        for name in ("steps", "prompts_per_step", "n", "max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.placement not in ("colocated", "disaggregated"):
+            raise ValueError(f"RLConfig.placement={self.placement!r} (colocated or disaggregated)")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"RLConfig.temperature={self.temperature} must be > 0")
+        samples = self.prompts_per_step * self.n
+        if samples % self.update.num_minibatches:
+            raise ValueError(
+                f"prompts_per_step x n = {samples} samples do not split into "
+                f"num_minibatches={self.update.num_minibatches}"
+            )
+
+    @property
+    def algorithm_name(self) -> str:
+        return "ppo" if self.algorithm.needs_critic else "grpo"

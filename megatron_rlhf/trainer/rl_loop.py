@@ -1,0 +1,266 @@
+"""The RL run: a Ray single controller around :func:`~megatron_rlhf.trainer.rl_step.rl_step`.
+
+:func:`run_rl` starts (or joins) Ray, builds the worker groups (actor with the vLLM engine,
+reference, critic for PPO) on placement groups, the hybrid reward router, the prompt sampler
+(curriculum or uniform) and the metrics sinks; resumes from the newest complete checkpoint under
+``out_dir`` if there is one; runs the steps; checkpoints every ``checkpoint_every`` steps and at
+the end; and writes the final policy as a Hugging Face directory (``<out_dir>/policy``).
+
+Resume guarantee (deterministic CPU mode, same layout): the actor's weights, Adam state, LR
+schedule and RNG streams, the critic's, the prompt sampler's position, the KL controller and
+the running reward statistics come back exactly; the engine receives the restored weights before
+the first resumed step and sampling seeds are derived from the step number, so the resumed steps
+compute the same rewards and losses as an uninterrupted run.
+
+Checkpoint order: the critic (PPO) is saved before the actor, and the actor's checkpoint carries
+the loop state; resume takes the actor's newest complete step and loads the critic at that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from megatron_rlhf.trainer.rl_config import RLConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RLResult:
+    policy_dir: str
+    """The final policy as a Hugging Face directory."""
+    metrics_file: str
+    steps_run: int
+    resumed_from: int | None
+
+
+FAULT_ENV = "MEGATRON_RLHF_FAULT"
+"""Fault injection for resume tests: ``<phase>@<step>[+<seconds>]`` SIGKILLs this process group
+``seconds`` after ``phase`` (a step phase, or ``checkpoint``) of ``step`` starts. Never set it in a
+real run: it kills every process of the group, as a crash of the node would."""
+
+
+def fault_hook_from_env() -> Any:
+    """The phase hook :data:`FAULT_ENV` asks for, or None."""
+    import signal
+    import threading
+    import time
+
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    try:
+        phase, rest = spec.split("@")
+        step_text, _, delay_text = rest.partition("+")
+        target, delay = int(step_text), float(delay_text or 0.0)
+    except ValueError:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <phase>@<step>[+<seconds>]") from None
+
+    def kill() -> None:
+        time.sleep(delay)
+        log.warning("%s: killing process group %d", FAULT_ENV, os.getpgrp())
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    def hook(name: str, step: int) -> None:
+        if name == phase and step == target:
+            threading.Thread(target=kill, daemon=True).start()
+
+    return hook
+
+
+def _start_ray(config: RLConfig) -> bool:
+    """Start a local Ray instance unless one is running; returns whether this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if config.ray_address:
+        ray.init(address=config.ray_address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=True,
+                 logging_level=logging.WARNING)
+    return True
+
+
+def build_components(config: RLConfig, tokenizer: Any):
+    """Worker groups, engine and router; returns ``(components, groups, placement)``."""
+    from megatron_rlhf.rewards.reward_config import build_sources, default_reward_config, load_reward_config
+    from megatron_rlhf.rewards.router import HybridRewardRouter
+    from megatron_rlhf.rollout.engine import RolloutConfig, SamplingSettings
+    from megatron_rlhf.trainer.rl_step import RLComponents
+    from megatron_rlhf.workers.group import Placement, PlacementPlan, WorkerGroup
+    from megatron_rlhf.workers.megatron_worker import ActorWorker, CriticWorker, ReferenceWorker, RoleWorkerSpec
+    from megatron_rlhf.workers.rollout_worker import RolloutWorker
+
+    algorithm = config.algorithm
+    sizes = [config.actor.world_size, config.reference.world_size] + ([config.critic.world_size] if algorithm.needs_critic else [])
+    placement = Placement(PlacementPlan(placement=config.placement, bundles=max(sizes), cpus_per_bundle=1.0))
+    common = dict(algorithm=algorithm, update=config.update, seed=config.seed)
+    groups: dict[str, Any] = {}
+    try:
+        actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
+                                    optimizer=config.actor_optimizer, threads=config.actor.threads_per_rank, **common)
+        groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,))
+        rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
+                                max_model_len=config.max_prompt_tokens + config.max_new_tokens,
+                                max_prompt_tokens=config.max_prompt_tokens, overlong_prompts="drop",
+                                seed=config.seed)
+        if config.placement == "disaggregated":
+            groups["rollout"] = WorkerGroup("rollout", RolloutWorker, 1, placement, (rollout,))
+            groups["actor"].all("attach_engine", None, groups["rollout"].workers[0], config.weight_sync_bucket_bytes)
+        else:
+            groups["actor"].all("attach_engine", rollout, None, config.weight_sync_bucket_bytes)
+        if algorithm.kl_mode != "none":
+            reference_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.reference.parallel,
+                                            threads=config.reference.threads_per_rank, **common)
+            groups["reference"] = WorkerGroup("reference", ReferenceWorker, config.reference.world_size, placement,
+                                              (reference_spec,))
+        if algorithm.needs_critic:
+            critic_spec = RoleWorkerSpec(hf_dir=config.critic_dir or config.policy_dir, parallel=config.critic.parallel,
+                                         optimizer=config.critic_optimizer, threads=config.critic.threads_per_rank,
+                                         **common)
+            groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement, (critic_spec,))
+        reward = load_reward_config(config.reward_config) if config.reward_config else default_reward_config()
+        router = HybridRewardRouter(reward.router, build_sources(reward))
+    except BaseException:
+        shutdown_groups(groups, placement)
+        raise
+    sampling = SamplingSettings(n=config.n, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                                seed=config.seed)
+    parts = RLComponents(actor=groups["actor"], reference=groups.get("reference"), critic=groups.get("critic"),
+                         router=router, tokenizer=tokenizer, algorithm=algorithm, sampling=sampling)
+    return parts, groups, placement
+
+
+def shutdown_groups(groups: dict[str, Any], placement: Any) -> None:
+    for name in ("actor", "critic", "reference", "rollout"):
+        if name in groups:
+            groups[name].shutdown()
+    placement.remove()
+
+
+def make_sampler(config: RLConfig, tokenizer: Any):
+    from megatron_rlhf.data.curriculum import CurriculumConfig, CurriculumSampler
+    from megatron_rlhf.data.prompts import PromptDatasetConfig, PromptSampler, load_prompt_datasets
+
+    records, stats = load_prompt_datasets(list(config.prompt_files),
+                                          PromptDatasetConfig(max_prompt_tokens=config.max_prompt_tokens), tokenizer)
+    for item in stats:
+        log.info("%s", item.summary())
+    if not records:
+        raise ValueError(f"no valid prompts in {list(config.prompt_files)}")
+    if config.curriculum is not None:
+        curriculum = CurriculumConfig.from_mapping(config.curriculum, where="RLConfig.curriculum")
+        return CurriculumSampler.from_records(records, curriculum, config.prompts_per_step, seed=config.seed)
+    return PromptSampler(records, config.prompts_per_step, seed=config.seed)
+
+
+def run_rl(config: RLConfig) -> RLResult:
+    """Run (or resume) the RL job described by ``config``."""
+    from transformers import AutoTokenizer
+
+    from megatron_rlhf.algorithms import DomainRewardStats, build_kl_controller
+    from megatron_rlhf.trainer.metrics_log import MetricsLogConfig, MetricsLogger
+    from megatron_rlhf.trainer.rl_step import RLState, rl_step
+
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(config.policy_dir)
+    sampler = make_sampler(config, tokenizer)
+    started_ray = _start_ray(config)
+    parts, groups, placement = build_components(config, tokenizer)
+    try:
+        algorithm = config.algorithm
+        state = RLState(kl_controller=build_kl_controller(algorithm.kl_controller, algorithm.kl_coef,
+                                                          algorithm.kl_target, algorithm.kl_horizon),
+                        domain_stats=DomainRewardStats())
+        resumed = _resume(config, groups, sampler, state)
+        if resumed is not None:
+            state = resumed
+            groups["actor"].call("sync_weights")  # the engine starts from the initial weights
+        parts.on_phase = fault_hook_from_env()
+        first_step = state.step
+        logger = MetricsLogger(
+            MetricsLogConfig(output_dir=str(out_dir), console=config.console, total_steps=config.steps,
+                             tensorboard=config.tensorboard, wandb=config.wandb,
+                             console_keys=("reward/mean", "kl/mean", "entropy/mean", "response/length_mean")),
+            resume_step=first_step - 1 if first_step else None,
+            run_config=_plain(asdict(config)),
+        )
+        with logger:
+            while state.step < config.steps:
+                parts.sampling = replace(parts.sampling, seed=config.seed + state.step)
+                prompts = sampler.next_batch()
+                metrics, state = rl_step(parts, state, prompts)
+                logger.log(state.step - 1, metrics)
+                last = state.step == config.steps
+                if last or (config.checkpoint_every and state.step % config.checkpoint_every == 0):
+                    if parts.on_phase is not None:
+                        parts.on_phase("checkpoint", state.step)
+                    _save(config, groups, sampler, state)
+        policy_dir = groups["actor"].call("export_hf", str(out_dir / "policy"))
+        return RLResult(policy_dir=policy_dir, metrics_file=str(logger.jsonl_path),
+                        steps_run=state.step - first_step, resumed_from=first_step if resumed is not None else None)
+    finally:
+        parts.router.close()
+        shutdown_groups(groups, placement)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _loop_state(sampler: Any, state: Any) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "sampler": sampler.state_dict(),
+        "kl_coef": float(state.kl_controller.value),
+        "domain_stats": state.domain_stats.to_dict() if state.domain_stats is not None else {},
+        "domains": list(state.domains),
+    }
+
+
+def _save(config: RLConfig, groups: dict[str, Any], sampler: Any, state: Any) -> None:
+    run_dir = str(Path(config.out_dir) / "state")
+    if "critic" in groups:
+        groups["critic"].call("save_state", run_dir, "critic", state.step, {}, config.keep_checkpoints)
+    groups["actor"].call("save_state", run_dir, "actor", state.step, _loop_state(sampler, state),
+                         config.keep_checkpoints)
+
+
+def _resume(config: RLConfig, groups: dict[str, Any], sampler: Any, fresh: Any):
+    from dataclasses import replace as dc_replace
+
+    from megatron_rlhf.algorithms import DomainRewardStats
+
+    run_dir = str(Path(config.out_dir) / "state")
+    loaded = groups["actor"].call("load_state", run_dir, "actor", None)
+    if loaded is None:
+        return None
+    step, extra = loaded
+    if "critic" in groups:
+        critic_step = groups["critic"].call("load_state", run_dir, "critic", step)
+        if critic_step is None or critic_step[0] != step:
+            raise RuntimeError(f"the critic has no complete checkpoint at the actor's step {step} under {run_dir}")
+    sampler.load_state_dict(extra["sampler"])
+    controller = dc_replace(fresh.kl_controller, value=float(extra["kl_coef"]))
+    log.info("resumed from step %d (%s)", step, run_dir)
+    return type(fresh)(step=int(extra["step"]), kl_controller=controller,
+                       domain_stats=DomainRewardStats.from_dict(extra["domain_stats"]),
+                       domains=list(extra["domains"]))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of a config (tuples to lists, other objects to strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

@@ -1,0 +1,204 @@
+"""One RL step (PPO with a critic, or critic-free GRPO / RLOO / REINFORCE++), top to bottom.
+
+:func:`rl_step` is the algorithm as DESIGN.md writes it; each phase is a named, timed call into a
+worker group or a pure library function::
+
+    batch   = rollout(prompts, n)                       # vLLM, colocated with the actor
+    rewards = router.score(samples)                     # verifiers + RM + GenRM (hybrid reward)
+    old_lp  = actor.logprobs(batch)                     # + the policy entropy, same pass
+    ref_lp  = reference.logprobs(batch)                 # KL anchor (unless kl_mode == "none")
+    values  = critic.values(batch)                      # PPO only
+    exp     = make_experience(...)                      # clip -> normalise -> baseline -> shrink, KL, advantages
+    actor.update(exp); critic.update(exp)
+    actor.sync_weights()                                # Megatron -> vLLM, no disk
+
+Samples whose reward is an infrastructure error (``reward is None``: a crashed sandbox, an
+unparseable GenRM judgement) are never trained on as a 0: their response mask is cleared and
+their reward set to their group's mean of valid rewards (zero advantage); they are counted.
+
+Everything the next step needs (KL coefficient, running per-domain reward moments) is returned
+in a new :class:`RLState`, which the loop checkpoints.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from megatron_rlhf.algorithms import AlgorithmConfig, Rollout, make_experience
+from megatron_rlhf.data.prompts import PromptRecord
+from megatron_rlhf.trainer.metrics_log import PhaseTimer
+from megatron_rlhf.trainer.rl_metrics import step_metrics
+from megatron_rlhf.types import RolloutBatch
+
+
+@dataclass
+class RLState:
+    """What an RL run carries from step to step (checkpointed with the models)."""
+
+    step: int = 0
+    kl_controller: Any = None
+    """A :mod:`megatron_rlhf.algorithms.kl_controllers` controller (its ``value`` is the coefficient)."""
+    domain_stats: Any = None
+    """:class:`~megatron_rlhf.algorithms.DomainRewardStats` for "domain" normalisation."""
+    domains: list[str] = field(default_factory=list)
+    """Domain tag of each domain id, in first-seen order (ids are positions here)."""
+
+
+@dataclass
+class RLComponents:
+    """The worker groups and services one step calls (built by :mod:`.rl_loop`)."""
+
+    actor: Any
+    """WorkerGroup of ActorWorker (the engine is on its rank 0, or remote)."""
+    reference: Any | None
+    critic: Any | None
+    router: Any
+    """A reward source over RewardSample lists (the hybrid router)."""
+    tokenizer: Any
+    algorithm: AlgorithmConfig
+    sampling: Any
+    """:class:`~megatron_rlhf.rollout.engine.SamplingSettings` (n responses per prompt)."""
+    chat_template: bool = True
+    """Render prompts as chat messages with the tokenizer's template (False: raw prompt text)."""
+    on_phase: Callable[[str, int], None] | None = None
+    """Called as each phase starts with ``(phase name, step)`` (tracing, fault-injection tests)."""
+
+
+def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]) -> tuple[dict[str, float], RLState]:
+    """Run one step on ``prompts``; returns the step's metrics and the state for the next step."""
+    timer = PhaseTimer()
+    algorithm = parts.algorithm
+
+    @contextmanager
+    def phase(name: str):
+        with timer.phase(name):
+            if parts.on_phase is not None:
+                parts.on_phase(name, state.step)
+            yield
+
+    with phase("rollout"):
+        batch: RolloutBatch = parts.actor.call("generate", [p.as_messages() if parts.chat_template else p.rollout_input() for p in prompts], parts.sampling)
+    step_prompts = [prompts[int(index)] for index in batch.prompt_index]
+
+    with phase("reward"):
+        samples = reward_samples(batch, step_prompts, parts.tokenizer, state.step)
+        results = parts.router.score(samples)
+        rewards, valid = rewards_tensor(results, batch.group_index)
+    sampled = batch
+    batch = replace(batch, response_mask=batch.response_mask * valid.unsqueeze(1).to(batch.response_mask.dtype))
+
+    with phase("actor_logprobs"):
+        old_logprobs, entropy = parts.actor.call("logprobs_and_entropy", batch)
+
+    ref_logprobs = None
+    if algorithm.kl_mode != "none":
+        with phase("reference_logprobs"):
+            ref_logprobs = parts.reference.call("logprobs", batch)
+
+    values = None
+    if algorithm.needs_critic:
+        with phase("critic_values"):
+            values = parts.critic.call("values", batch)
+
+    with phase("make_experience"):
+        domain_ids, domains = domain_index([p.domain for p in step_prompts], state.domains)
+        rollout = Rollout(
+            rewards=rewards,
+            response_mask=batch.response_mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            group_index=batch.group_index,
+            domain_ids=domain_ids,
+        )
+        experience, domain_stats = make_experience(
+            rollout, algorithm, kl_coef=state.kl_controller.value, domain_stats=state.domain_stats
+        )
+
+    kl_coef = state.kl_controller.value
+    with phase("actor_update"):
+        actor_stats = parts.actor.call("update", batch, experience, kl_coef, algorithm)
+
+    critic_stats = []
+    if algorithm.needs_critic:
+        with phase("critic_update"):
+            critic_stats = parts.critic.call("update", batch, experience, algorithm)
+
+    with phase("weight_sync"):
+        sync = parts.actor.call("sync_weights")
+
+    mean_kl = _masked_mean(experience.kl, experience.response_mask) if experience.kl is not None else 0.0
+    controller = state.kl_controller.update(max(mean_kl, 0.0) * _mean_length(experience.response_mask), batch.num_samples)
+    metrics = step_metrics(
+        batch=sampled,
+        prompts=step_prompts,
+        results=results,
+        experience=experience,
+        old_logprobs=old_logprobs,
+        entropy=entropy,
+        actor_stats=actor_stats,
+        critic_stats=critic_stats,
+        kl_coef=kl_coef,
+        mean_kl=mean_kl,
+        weight_sync=sync,
+        timings=timer.pop_step(),
+    )
+    new_state = RLState(step=state.step + 1, kl_controller=controller, domain_stats=domain_stats, domains=domains)
+    return metrics, new_state
+
+
+def reward_samples(batch: RolloutBatch, prompts: Sequence[PromptRecord], tokenizer: Any, step: int) -> list:
+    """The router's input: decoded responses with each prompt's domain and ground truth."""
+    from megatron_rlhf.rewards.sample import RewardSample
+
+    samples = []
+    lengths = batch.response_lengths.tolist()
+    for row, (prompt, length) in enumerate(zip(prompts, lengths)):
+        response = tokenizer.decode(batch.response_ids[row, :length].tolist(), skip_special_tokens=True)
+        samples.append(RewardSample(
+            sample_id=f"{step}:{row}:{prompt.id}",
+            domain=prompt.domain,
+            prompt=prompt.text,
+            response=response,
+            ground_truth=prompt.ground_truth,
+        ))
+    return samples
+
+
+def rewards_tensor(results: Sequence[Any], group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rewards [B], valid [B] bool)``; an invalid (infra-error) sample gets its group's valid mean."""
+    valid = torch.tensor([result.reward is not None for result in results], dtype=torch.bool)
+    rewards = torch.tensor([result.reward if result.reward is not None else 0.0 for result in results],
+                           dtype=torch.float32)
+    for group in torch.unique(group_index[~valid]).tolist():
+        members = group_index == group
+        good = members & valid
+        rewards[members & ~valid] = rewards[good].mean() if good.any() else 0.0
+    return rewards, valid
+
+
+def domain_index(domains: Sequence[str], known: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """Stable integer ids for domain tags (new tags are appended to ``known``)."""
+    table = list(known)
+    ids = []
+    for domain in domains:
+        if domain not in table:
+            table.append(domain)
+        ids.append(table.index(domain))
+    return torch.tensor(ids, dtype=torch.long), table
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    mask = mask.to(values.dtype)
+    return float((values * mask).sum() / mask.sum().clamp(min=1))
+
+
+def _mean_length(mask: torch.Tensor) -> float:
+    return float(mask.to(torch.float32).sum(dim=1).mean()) if mask.numel() else 0.0
+
+
+StepFunction = Callable[[RLComponents, RLState, Sequence[PromptRecord]], tuple[dict[str, float], RLState]]

@@ -1,0 +1,236 @@
+"""Thin Ray workers that hold one Megatron model shard for a role and call library functions.
+
+One class per role of the RL loop: :class:`ActorWorker` (``lm`` model, PPO/GRPO updates through
+:class:`~megatron_rlhf.trainer.actor_critic.ActorTrainer`, weight sync into the rollout engine),
+:class:`ReferenceWorker` (frozen ``lm`` model, log-probs only) and :class:`CriticWorker`
+(``value`` model, :class:`~megatron_rlhf.trainer.actor_critic.CriticTrainer`). Each is one rank of
+a :class:`~megatron_rlhf.workers.group.WorkerGroup`; the driver calls a method on every rank of
+the group at once, because the library functions behind them are collectives.
+
+Workers hold no algorithm logic: they build the model with the provider
+(:func:`~megatron_rlhf.models.provider.build_stage_model`), fill it from a Hugging Face directory
+through :mod:`megatron_rlhf.mapping`, and forward calls. The classes are plain Python (Ray wraps
+them in :class:`WorkerGroup`), so a test can also run one in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_rlhf.algorithms import AlgorithmConfig, Experience
+from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+from megatron_rlhf.types import RolloutBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoleWorkerSpec:
+    """What one worker group builds."""
+
+    hf_dir: str
+    """Hugging Face directory the model starts from (weights, config)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The group's Megatron layout; its world size is the group size (DP takes the rest)."""
+    optimizer: OptimizerSettings | None = None
+    """Optimizer of a trained role (actor, critic); None for frozen roles."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    update: PPOUpdateConfig = field(default_factory=PPOUpdateConfig)
+    seed: int = 1234
+    threads: int = 1
+    """torch intra-op threads per rank (CPU machines)."""
+    params_dtype: str = "float32"
+
+
+class MegatronWorker:
+    """One rank: process-group set-up, model build and load; subclasses add role methods."""
+
+    role = "lm"
+
+    def __init__(self, rank: int, world_size: int, spec: RoleWorkerSpec):
+        self.rank = rank
+        self.world_size = world_size
+        self.spec = spec
+        self.model: torch.nn.Module | None = None
+        self.arch: Any = None
+        self.padded_vocab = 0
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port on it (called on rank 0)."""
+        from megatron_rlhf.parallel.launch import free_port
+
+        try:
+            import ray
+
+            address = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001 - outside Ray (in-process use): loopback
+            address = "127.0.0.1"
+        return address, free_port()
+
+    def join_process_group(self, address: str, port: int) -> None:
+        """Initialise torch.distributed + Megatron for this rank, build and load the model."""
+        from megatron_rlhf.checkpoint.hf_io import HFWeightReader
+        from megatron_rlhf.mapping.engine import load_hf_weights
+        from megatron_rlhf.models.arch import arch_spec_from_hf_dir
+        from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
+        from megatron_rlhf.parallel.init import initialize_parallel
+
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.rank),
+                          MASTER_ADDR=address, MASTER_PORT=str(port))
+        torch.set_num_threads(self.spec.threads)
+        self.state = initialize_parallel(self.spec.parallel, seed=self.spec.seed)
+        self.arch = arch_spec_from_hf_dir(self.spec.hf_dir)
+        build = ModelBuildConfig(role=self.role, params_dtype=self.spec.params_dtype)
+        self.padded_vocab = validate_layout(self.arch, self.spec.parallel, build)
+        self.model = build_stage_model(self.arch, self.spec.parallel, build, device=self.state.device)
+        load_hf_weights(self.model, HFWeightReader(self.spec.hf_dir), self.arch, self.role, self.padded_vocab)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """Role set-up once the weights are in (trainer, optimizer)."""
+
+    def _checkpointed(self, name: str) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        return {name: trainer.updater if trainer is not None else self.model}
+
+    def save_state(self, run_dir: str, name: str, step: int, extra_state: dict, keep_last: int) -> str:
+        """Atomic checkpoint of this group's model (+ optimizer, schedule, RNG) under ``run_dir/name``."""
+        from megatron_rlhf.checkpoint.train_state import save_train_state
+
+        return str(save_train_state(os.path.join(run_dir, name), step, self._checkpointed(name), extra_state,
+                                    keep_last=keep_last))
+
+    def load_state(self, run_dir: str, name: str, step: int | None) -> tuple[int, dict] | None:
+        """Restore the newest complete checkpoint (or the one at ``step``); None when there is none."""
+        from pathlib import Path
+
+        from megatron_rlhf.checkpoint.train_state import (
+            CHECKPOINTS_DIR,
+            load_latest_train_state,
+            load_train_state,
+            step_dir_name,
+        )
+
+        root = os.path.join(run_dir, name)
+        if step is None:
+            info = load_latest_train_state(root, self._checkpointed(name))
+        else:
+            directory = Path(root) / CHECKPOINTS_DIR / step_dir_name(step)
+            info = load_train_state(directory, self._checkpointed(name)) if directory.is_dir() else None
+        return None if info is None else (info.step, info.extra_state)
+
+    def shutdown(self) -> None:
+        from megatron_rlhf.parallel.init import destroy_parallel
+
+        destroy_parallel()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class ReferenceWorker(MegatronWorker):
+    """Frozen policy copy: the KL anchor."""
+
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        from megatron_rlhf.models.sequence_logprobs import response_logprobs
+
+        return response_logprobs(self.model, batch, self.arch.vocab_size,
+                                 temperature=self.spec.update.temperature,
+                                 micro_batch_size=self.spec.update.micro_batch_size)
+
+
+class ActorWorker(MegatronWorker):
+    """The policy: log-probs and entropy, PPO/GRPO updates, weight export into the engine."""
+
+    def _after_load(self) -> None:
+        from megatron_rlhf.trainer.actor_critic import ActorTrainer
+
+        if self.spec.optimizer is None:
+            raise ValueError("the actor worker needs RoleWorkerSpec.optimizer")
+        self.trainer = ActorTrainer(self.model, self.spec.optimizer, self.spec.algorithm, self.spec.update,
+                                    valid_vocab_size=self.arch.vocab_size)
+        self.engine = None
+        self.weight_sync = None
+
+    # --- rollout engine (colocated on rank 0, or a remote engine) ---------------------------
+    def attach_engine(self, rollout_config: Any | None, remote: Any | None = None,
+                      bucket_bytes: int = 64 * 1024**2) -> None:
+        """Start the colocated engine on rank 0 (``rollout_config``) or use a remote one, and
+        open the weight-transfer group (a collective over the actor group)."""
+        from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+        if self.rank == 0:
+            if remote is not None:
+                from megatron_rlhf.workers.rollout_worker import RemoteEngine
+
+                self.engine = RemoteEngine(remote)
+            else:
+                from megatron_rlhf.rollout.engine import RolloutEngine
+
+                self.engine = RolloutEngine(rollout_config)
+        self.weight_sync = WeightSync(self.engine, WeightSyncConfig(bucket_bytes=bucket_bytes))
+        self.weight_sync.connect()
+
+    def generate(self, prompts: list, settings: Any) -> RolloutBatch:
+        """Sample with the colocated engine (rank 0 only; other ranks return None)."""
+        if self.rank != 0:
+            return None
+        if self.engine is None:
+            raise RuntimeError("generate() called on an actor without an attached engine")
+        return self.engine.generate(prompts, settings)
+
+    def sync_weights(self) -> dict[str, float]:
+        report = self.weight_sync.sync(self.model, self.arch)
+        return {"seconds": report.seconds, "bytes": float(report.bytes), "buckets": float(report.buckets)}
+
+    # --- training ----------------------------------------------------------------------------
+    def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.trainer.logprobs_and_entropy(batch)
+
+    def update(self, batch: RolloutBatch, experience: Experience, kl_coef: float,
+               algorithm: AlgorithmConfig | None = None) -> list[Any]:
+        """PPO epochs over the batch; ``algorithm`` (the driver's) replaces the spec's when given."""
+        if algorithm is not None:
+            self.trainer.algorithm = algorithm
+        return self.trainer.update(batch, experience, kl_coef=kl_coef)
+
+    def export_hf(self, out_dir: str) -> str | None:
+        """Write the current policy as a Hugging Face directory (rank 0 writes; a collective)."""
+        from megatron_rlhf.checkpoint.hf_export import save_hf_directory
+
+        return save_hf_directory(self.model, self.arch, self.spec.hf_dir, out_dir, role="lm")
+
+    def shutdown(self) -> None:
+        if getattr(self, "engine", None) is not None and hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
+            self.engine = None
+        super().shutdown()
+
+
+class CriticWorker(MegatronWorker):
+    """The value model of PPO (its value head starts fresh; the trunk from ``hf_dir``)."""
+
+    role = "value"
+
+    def _after_load(self) -> None:
+        from megatron_rlhf.trainer.actor_critic import CriticTrainer
+
+        if self.spec.optimizer is None:
+            raise ValueError("the critic worker needs RoleWorkerSpec.optimizer")
+        self.trainer = CriticTrainer(self.model, self.spec.optimizer, self.spec.algorithm, self.spec.update)
+
+    def values(self, batch: RolloutBatch) -> torch.Tensor:
+        return self.trainer.values(batch)
+
+    def update(self, batch: RolloutBatch, experience: Experience, algorithm: AlgorithmConfig | None = None) -> list[Any]:
+        if algorithm is not None:
+            self.trainer.algorithm = algorithm
+        return self.trainer.update(batch, experience)

@@ -1,0 +1,73 @@
+"""The rollout engine as a Ray actor (disaggregated placement) and its proxy for weight sync.
+
+Colocated placement (the default) starts the :class:`~megatron_rlhf.rollout.engine.RolloutEngine`
+inside the actor group's rank 0 (:meth:`ActorWorker.attach_engine`), so generation and weight
+sync need no extra hop. Disaggregated placement runs it here, in its own Ray actor on its own
+devices; the actor's rank 0 then drives the weight transfer through :class:`RemoteEngine`, which
+offers the three things :class:`~megatron_rlhf.rollout.weight_sync.WeightSync` uses
+(``backend``, ``config``, ``llm.collective_rpc``) by calling this actor.
+
+Guarantee: the engine is shut down when the actor is (``shutdown``), so no vLLM engine-core
+process outlives the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_rlhf.types import RolloutBatch
+
+
+class RolloutWorker:
+    """Holds one :class:`RolloutEngine` (vLLM's own TP inside it)."""
+
+    def __init__(self, rank: int, world_size: int, config: Any):
+        from megatron_rlhf.rollout.engine import RolloutEngine
+
+        if world_size != 1:
+            raise ValueError("a rollout worker group has one Ray actor per engine (world_size=1)")
+        self.engine = RolloutEngine(config)
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return "127.0.0.1", 0
+
+    def join_process_group(self, address: str, port: int) -> None:
+        """The engine has no trainer process group; vLLM manages its own workers."""
+
+    def describe(self) -> tuple[str, Any]:
+        return self.engine.backend, self.engine.config
+
+    def generate(self, prompts: list, settings: Any) -> RolloutBatch:
+        return self.engine.generate(prompts, settings)
+
+    def collective_rpc(self, method: str, kwargs: dict | None = None) -> Any:
+        return self.engine.llm.collective_rpc(method, kwargs=kwargs or {})
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class _RemoteLLM:
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def collective_rpc(self, method: str, kwargs: dict | None = None) -> Any:
+        import ray
+
+        return ray.get(self.handle.collective_rpc.remote(method, kwargs))
+
+
+class RemoteEngine:
+    """A disaggregated engine seen from the actor's rank 0 (enough for WeightSync)."""
+
+    def __init__(self, handle: Any):
+        import ray
+
+        self.handle = handle
+        self.backend, self.config = ray.get(handle.describe.remote())
+        self.llm = _RemoteLLM(handle)
+
+    def generate(self, prompts: list, settings: Any) -> RolloutBatch:
+        import ray
+
+        return ray.get(self.handle.generate.remote(prompts, settings))
