@@ -307,6 +307,10 @@ def _external(module: str, name: str) -> tuple[Callable, Callable]:
 
 
 EXTERNAL_COMMANDS = {
+    "label-steps": ("Math-Shepherd step labels: roll out m completions per step prefix with vLLM and grade them; "
+                    "resumable JSONL for PRM training", "megatron_rlhf.data.step_labels_cli", "label_steps"),
+    "eval-bon": ("Best-of-N evaluation: sample N per prompt, select by ORM / PRM / GenRM / random, grade with a "
+                 "verifier; table + plot vs pass@N", "megatron_rlhf.evaluation.best_of_n_cli", "eval_bon"),
     "train-rl": ("RL training (GRPO, or PPO with a critic) on Ray with vLLM rollouts; resumes by itself",
                  "megatron_rlhf.trainer.rl_cli", "train_rl"),
 }

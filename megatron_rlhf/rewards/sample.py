@@ -49,6 +49,8 @@ class Verdict(str, enum.Enum):
     """The scorer itself ran past its own hard time limit (INFRA_ERROR)."""
     SCORER_ERROR = "scorer_error"
     """The scorer itself crashed or could not run (INFRA_ERROR)."""
+    UNPARSEABLE_JUDGEMENT = "unparseable_judgement"
+    """A generative judge (GenRM) wrote no verdict that could be read (INFRA_ERROR)."""
 
 
 @dataclass(frozen=True)

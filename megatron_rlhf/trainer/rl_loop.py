@@ -125,6 +125,9 @@ def build_components(config: RLConfig, tokenizer: Any):
                                          optimizer=config.critic_optimizer, threads=config.critic.threads_per_rank,
                                          **common)
             groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement, (critic_spec,))
+        from megatron_rlhf.rewards.genrm import register_genrm_kind
+
+        register_genrm_kind()
         reward = load_reward_config(config.reward_config) if config.reward_config else default_reward_config()
         router = HybridRewardRouter(reward.router, build_sources(reward))
     except BaseException:
