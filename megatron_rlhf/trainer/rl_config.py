@@ -84,7 +84,8 @@ class RLConfig:
     """colocated (engine inside the actor's rank 0; groups share bundles) | disaggregated."""
     weight_sync_bucket_bytes: int = 64 * 1024**2
     reward_config: str | None = None
-    """Reward YAML (``megatron_rlhf.rewards.reward_config``); None: the verifiers per domain."""
+    """Reward YAML (``megatron_rlhf.rewards.reward_config``); None: the verifiers per domain.
+    Sources of ``kind: reward_model`` (a ``train-rm`` checkpoint) get their own worker group."""
     curriculum: dict | list | None = None
     """Curriculum phases (``megatron_rlhf.data.curriculum``); None: uniform over all prompts."""
     checkpoint_every: int = 10

@@ -27,6 +27,7 @@ from typing import Any
 from megatron_rlhf.trainer.rl_config import RLConfig
 
 log = logging.getLogger(__name__)
+SEED_STRIDE = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,26 @@ def build_components(config: RLConfig, tokenizer: Any):
                                          **common)
             groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement, (critic_spec,))
         from megatron_rlhf.rewards.genrm import register_genrm_kind
+        from megatron_rlhf.workers.reward_worker import (
+            SOURCE_KIND,
+            RemoteRewardSource,
+            RewardModelWorker,
+            register_reward_model_kind,
+            reward_model_spec,
+        )
 
         register_genrm_kind()
+        register_reward_model_kind()
         reward = load_reward_config(config.reward_config) if config.reward_config else default_reward_config()
-        router = HybridRewardRouter(reward.router, build_sources(reward))
+        sources = {}
+        for name, source in reward.sources.items():
+            if source.kind == SOURCE_KIND:
+                spec = reward_model_spec(source.config, config.seed)
+                groups[f"reward:{name}"] = WorkerGroup(f"reward:{name}", RewardModelWorker,
+                                                       source.config.tensor_parallel, placement, (spec,))
+                sources[name] = RemoteRewardSource(name, groups[f"reward:{name}"])
+        sources.update(build_sources(reward, only={n for n, s in reward.sources.items() if s.kind != SOURCE_KIND}))
+        router = HybridRewardRouter(reward.router, sources)
     except BaseException:
         shutdown_groups(groups, placement)
         raise
@@ -141,9 +158,8 @@ def build_components(config: RLConfig, tokenizer: Any):
 
 
 def shutdown_groups(groups: dict[str, Any], placement: Any) -> None:
-    for name in ("actor", "critic", "reference", "rollout"):
-        if name in groups:
-            groups[name].shutdown()
+    for group in groups.values():
+        group.shutdown()
     placement.remove()
 
 
@@ -197,7 +213,8 @@ def run_rl(config: RLConfig) -> RLResult:
         )
         with logger:
             while state.step < config.steps:
-                parts.sampling = replace(parts.sampling, seed=config.seed + state.step)
+                # vLLM seeds the n samples of a request seed, seed + 1, ...: strides keep steps apart
+                parts.sampling = replace(parts.sampling, seed=config.seed + SEED_STRIDE * state.step)
                 prompts = sampler.next_batch()
                 metrics, state = rl_step(parts, state, prompts)
                 logger.log(state.step - 1, metrics)

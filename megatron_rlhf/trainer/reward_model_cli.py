@@ -1,0 +1,365 @@
+"""`megatron-rlhf train-rm --config cfg.yaml`: train an ORM or PRM from a YAML recipe.
+
+The YAML file (every section optional except the first four keys; unknown keys are errors)::
+
+    model: path/to/hf_model            # HF directory (weights + tokenizer) to start from
+    role: reward                       # reward (ORM) | prm
+    train_files: [pairs.jsonl, labelled.jsonl]
+    output: runs/rm                    # gets checkpoint/ (Megatron dist ckpt) and metrics.jsonl
+    validation_files: [val.jsonl]
+    steps: 100                         # optimizer steps
+    validate_every: 50                 # 0: validate only after the last step
+    seed: 1
+    skip_malformed_lines: false        # true: report and skip bad JSONL lines instead of failing
+    data_parallel: 1                   # world size = TP * PP * this, when not under torchrun
+    parallel: {tensor_parallel: 1, pipeline_parallel: 1}            # ParallelConfig fields
+    tokenization: {step_separator: "\\n", prompt_format: chat}      # RewardTokenization fields
+    training: {pairs_per_microbatch: 2, responses_per_microbatch: 2,
+               microbatches_per_step: 4}                             # RewardTrainingConfig fields
+    optimizer: {lr: 1.0e-5, clip_grad: 1.0}                          # OptimizerSettings fields
+
+Relative paths are relative to the YAML file's directory. It runs SPMD: under torchrun every rank runs the job in-process (WORLD_SIZE must fit the layout);
+otherwise it starts ``--nproc`` (default TP * PP * data_parallel) local processes. All checks a
+user can trip (config, files, malformed lines with file:line, layout, output directory) run before
+any model is built. Prints ``pairwise_accuracy=<v> auc=<v> step_auc=<v>`` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+SECTIONS = ("parallel", "tokenization", "training", "optimizer")
+
+
+@dataclass(frozen=True)
+class TrainRMConfig:
+    model: str
+    """HF model directory (config, safetensors, tokenizer) the reward model starts from."""
+    role: str
+    """reward (outcome RM, Bradley-Terry + BCE) or prm (process RM)."""
+    train_files: tuple[str, ...]
+    """JSONL files of preference pairs / labelled / step-labelled responses (kinds may mix)."""
+    output: str
+    """Output directory: checkpoint/ and metrics.jsonl."""
+    validation_files: tuple[str, ...] = ()
+    steps: int = 100
+    """Optimizer steps. >= 1."""
+    validate_every: int = 0
+    """Validate every N steps (and after the last); 0: only after the last. >= 0."""
+    seed: int = 1
+    skip_malformed_lines: bool = False
+    data_parallel: int = 1
+    """DP size when the job starts its own processes (not under torchrun). >= 1."""
+    parallel: Any = None
+    """ParallelConfig."""
+    tokenization: Any = None
+    """RewardTokenization."""
+    training: Any = None
+    """RewardTrainingConfig."""
+    optimizer: Any = None
+    """OptimizerSettings."""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "output"):  # accept Path objects; keep the config picklable and plain
+            object.__setattr__(self, name, str(getattr(self, name)))
+        for name in ("train_files", "validation_files"):
+            files = getattr(self, name)
+            files = (files,) if isinstance(files, (str, os.PathLike)) else files
+            object.__setattr__(self, name, tuple(str(path) for path in files))
+        defaults = _section_classes()
+        for name, cls in defaults.items():  # None: the section's defaults
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, cls())
+            elif not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        from megatron_rlhf.trainer.reward_model import TRAINABLE_ROLES
+
+        if self.role not in TRAINABLE_ROLES:
+            raise ValueError(f"role={self.role!r} (choose from {TRAINABLE_ROLES})")
+        if not self.train_files:
+            raise ValueError("train_files is empty")
+        for name, minimum in (("steps", 1), ("validate_every", 0), ("data_parallel", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _section_classes() -> dict[str, type]:
+    from megatron_rlhf.config.parallel import ParallelConfig
+    from megatron_rlhf.data.reward_data import RewardTokenization
+    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
+
+    return {
+        "parallel": ParallelConfig, "tokenization": RewardTokenization,
+        "training": RewardTrainingConfig, "optimizer": OptimizerSettings,
+    }
+
+
+def _section(cls: type, values: Any, where: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: must be a mapping, got {type(values).__name__}")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(types)}")
+    values = {name: _yaml_float(value) if types[name] in ("float", float) else value for name, value in values.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from error
+
+
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; accept it for float fields."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _relative_to(config_path: Path, value: Any) -> str:
+    """A path from the config; relative ones are relative to the config file's directory."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{config_path}: expected a path, got {value!r}")
+    return str(Path(value) if Path(value).is_absolute() else config_path.parent / value)
+
+
+def load_train_rm_config(path: str | Path) -> TrainRMConfig:
+    """Parse and validate the YAML recipe; errors name the file and key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    top = {f.name for f in dataclasses.fields(TrainRMConfig)}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(top)}")
+    for key in ("model", "role", "train_files", "output"):
+        if key not in raw:
+            raise ValueError(f"{path}: missing required key {key!r}")
+    sections = {name: _section(cls, raw.get(name), f"{path}: {name}") for name, cls in _section_classes().items()}
+    files = {}
+    for key in ("train_files", "validation_files"):
+        value = raw.get(key) or []
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"{path}: {key} must be a list of file paths")
+        files[key] = tuple(_relative_to(path, item) for item in value)
+    scalars = {key: raw[key] for key in ("steps", "validate_every", "seed", "skip_malformed_lines", "data_parallel") if key in raw}
+    try:
+        return TrainRMConfig(
+            model=_relative_to(path, raw["model"]), role=raw["role"], output=_relative_to(path, raw["output"]),
+            **files, **scalars, **sections,
+        )
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+@dataclass(frozen=True)
+class TrainRMPlan:
+    """Validated, tokenised and picklable: everything a rank needs."""
+
+    config: TrainRMConfig
+    world_size: int
+    padded_vocab: int
+    hf_config: dict
+    params_dtype: str
+    pad_token_id: int
+    train: Any
+    """TokenizedRewardData."""
+    validation: Any = None
+    """TokenizedRewardData or None."""
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_data(config: TrainRMConfig, files: tuple[str, ...], tokenizer) -> tuple[Any, list[str]]:
+    from megatron_rlhf.data.reward_data import read_reward_file, tokenize_records
+
+    records, notes = [], []
+    for path in files:
+        dataset = read_reward_file(path, config.tokenization.step_separator, strict=not config.skip_malformed_lines)
+        if dataset.malformed:
+            notes.append(f"skipped {len(dataset.malformed)} malformed line(s):\n{dataset.report()}")
+        records += dataset.records
+    data = tokenize_records(tokenizer, records, config.tokenization)
+    if data.dropped_too_long:
+        notes.append(f"left out {data.dropped_too_long} record(s) longer than max_length={config.tokenization.max_length}")
+    return data, notes
+
+
+def plan_train_rm(config: TrainRMConfig, world_size: int, prepare_output: bool = True) -> TrainRMPlan:
+    import transformers
+
+    from megatron_rlhf.checkpoint.convert import hf_weights_dtype_name
+    from megatron_rlhf.checkpoint.dist_ckpt import prepare_output_dir
+    from megatron_rlhf.checkpoint.hf_io import HFWeightReader
+    from megatron_rlhf.models.arch import arch_spec_from_hf_config, load_hf_config
+    from megatron_rlhf.models.provider import ModelBuildConfig, validate_layout
+
+    hf_config = load_hf_config(config.model)
+    arch = arch_spec_from_hf_config(hf_config, source=str(Path(config.model) / "config.json"))
+    data_parallel = config.parallel.data_parallel(world_size)
+    if config.training.microbatches_per_step % data_parallel:
+        raise ValueError(
+            f"training.microbatches_per_step={config.training.microbatches_per_step} is not a "
+            f"multiple of the data-parallel size {data_parallel}"
+        )
+    padded_vocab = validate_layout(arch, config.parallel, ModelBuildConfig(role=config.role, transformer_impl="local"))
+    params_dtype = hf_weights_dtype_name(HFWeightReader(config.model), hf_config)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
+    train, notes = _read_data(config, config.train_files, tokenizer)
+    if config.training.pairs_per_microbatch and not train.pairs:
+        raise ValueError(f"training.pairs_per_microbatch > 0 but {config.train_files} hold no preference pairs")
+    if config.training.responses_per_microbatch and not train.labelled:
+        raise ValueError(f"training.responses_per_microbatch > 0 but {config.train_files} hold no labelled responses")
+    validation = None
+    if config.validation_files:
+        validation, more = _read_data(config, config.validation_files, tokenizer)
+        notes += more
+    if prepare_output:
+        prepare_output_dir(config.output, overwrite=False, inputs=(config.model,))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return TrainRMPlan(config, world_size, padded_vocab, hf_config, params_dtype, pad, train, validation, notes)
+
+
+def _validation_batches(plan: TrainRMPlan):
+    from megatron_rlhf.data.reward_data import collate_labelled, collate_pairs
+
+    data = plan.validation
+    if data is None:
+        return None, None
+    pairs = collate_pairs(data.pairs, plan.pad_token_id) if data.pairs else None
+    labelled = collate_labelled(data.labelled, plan.pad_token_id) if data.labelled else None
+    return pairs, labelled
+
+
+def _train_rm_worker(plan: TrainRMPlan) -> dict[str, Any]:
+    import torch
+
+    from megatron_rlhf.checkpoint.dist_ckpt import CheckpointMetadata
+    from megatron_rlhf.checkpoint.hf_io import HFWeightReader
+    from megatron_rlhf.data.reward_data import (
+        MixedBatchSampler,
+        collate_labelled,
+        collate_pairs,
+    )
+    from megatron_rlhf.mapping.engine import load_hf_weights
+    from megatron_rlhf.models.arch import arch_spec_from_hf_config
+    from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model
+    from megatron_rlhf.parallel.init import initialize_parallel
+    from megatron_rlhf.rewards.learned import write_reward_model_info
+    from megatron_rlhf.trainer.reward_model import RewardModelTrainer
+
+    config = plan.config
+    state = initialize_parallel(config.parallel, seed=config.seed)
+    if state.rank == 0 and not logging.getLogger().handlers:  # a spawned rank: report progress
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    arch = arch_spec_from_hf_config(plan.hf_config)
+    build = ModelBuildConfig(role=config.role, transformer_impl="local", params_dtype=plan.params_dtype)
+    model = build_stage_model(arch, config.parallel, build)
+    load_hf_weights(model, HFWeightReader(config.model), arch, config.role, plan.padded_vocab)
+    trainer = RewardModelTrainer(model, config.optimizer, config.training)
+    training = config.training
+    sampler = MixedBatchSampler(
+        len(plan.train.pairs), len(plan.train.labelled), training.pairs_per_step, training.responses_per_step, config.seed
+    )
+    validation = _validation_batches(plan)
+    output = Path(config.output)
+    metrics_file = None
+    if state.rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        metrics_file = (output / "metrics.jsonl").open("w")
+    last_metrics: dict[str, Any] = {}
+    for step in range(config.steps):
+        pair_rows, labelled_rows = sampler.step(step)
+        pairs = collate_pairs([plan.train.pairs[i] for i in pair_rows], plan.pad_token_id) if pair_rows else None
+        labelled = (
+            collate_labelled([plan.train.labelled[i] for i in labelled_rows], plan.pad_token_id)
+            if labelled_rows else None
+        )
+        row = {"step": step + 1, **dataclasses.asdict(trainer.train_step(pairs, labelled))}
+        final = step + 1 == config.steps
+        if any(part is not None for part in validation) and (final or (config.validate_every and (step + 1) % config.validate_every == 0)):
+            last_metrics = dataclasses.asdict(trainer.evaluate(*validation))
+            row.update({f"validation/{name}": value for name, value in last_metrics.items()})
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            log.info("step %d loss %.4f %s", step + 1, row["loss"],
+                     " ".join(f"{k}={v}" for k, v in row.items() if k.startswith("validation/")))
+    if metrics_file is not None:
+        metrics_file.close()
+    metadata = CheckpointMetadata(
+        role=config.role, hf_config=plan.hf_config,
+        tensor_parallel=config.parallel.tensor_parallel, pipeline_parallel=config.parallel.pipeline_parallel,
+        expert_parallel=config.parallel.expert_parallel, padded_vocab_size=plan.padded_vocab,
+        params_dtype=plan.params_dtype, transformer_impl="local",
+    )
+    checkpoint = output / "checkpoint"
+    trainer.save_checkpoint(checkpoint, metadata, hf_side_dir=config.model)
+    if state.rank == 0:
+        write_reward_model_info(checkpoint, config.role, config.tokenization)
+    torch.distributed.barrier()
+    return {**last_metrics, "skipped_steps": trainer.skipped_steps}
+
+
+def add_train_rm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="YAML", help="train-rm recipe (see module doc)")
+    parser.add_argument(
+        "--nproc", type=int, default=None, metavar="N",
+        help="local processes to start when not under torchrun (default: TP * PP * data_parallel; "
+        "ignored under torchrun, whose WORLD_SIZE rules)",
+    )
+
+
+def train_reward_model(config: TrainRMConfig, world_size: int | None = None) -> dict[str, Any]:
+    """Train as ``config`` says; return the final validation metrics (``pairwise_accuracy``,
+    ``auc``, ``step_auc``), ``skipped_steps`` and ``checkpoint`` (the directory written).
+
+    Under torchrun every rank calls this with the same config (WORLD_SIZE rules); otherwise it
+    starts ``world_size`` local processes (default TP * PP * ``config.data_parallel``).
+    """
+    from megatron_rlhf.parallel.launch import already_launched, run_distributed
+
+    if already_launched():
+        world_size, is_first = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]) == 0
+    else:
+        world_size, is_first = world_size or config.parallel.world_size(config.data_parallel), True
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    plan = plan_train_rm(config, world_size, prepare_output=is_first)
+    for note in plan.notes:
+        log.warning("%s", note)
+    metrics = run_distributed(_train_rm_worker, world_size, plan)[0]
+    return {**metrics, "checkpoint": str(Path(config.output) / "checkpoint")}
+
+
+def run_train_rm(args: argparse.Namespace) -> int:
+    from megatron_rlhf.parallel.launch import already_launched
+
+    config = load_train_rm_config(args.config)
+    metrics = train_reward_model(config, args.nproc)
+    if not already_launched() or int(os.environ["RANK"]) == 0:
+        print(f"wrote {config.role} checkpoint to {metrics['checkpoint']}")
+        print(" ".join(f"{name}={metrics.get(name)}" for name in ("pairwise_accuracy", "auc", "step_auc")))
+    return 0

@@ -1,0 +1,115 @@
+"""Trained reward models (ORM / PRM from ``train-rm``) as Ray worker groups and router sources.
+
+:class:`RewardModelWorker` is one rank of a reward-model group: it joins the group's process
+group, builds its stage of the model from the ``train-rm`` checkpoint at the group's layout
+(:func:`~megatron_rlhf.rewards.learned.load_learned_reward_source`) and scores samples.
+:class:`RemoteRewardSource` is the router-side :class:`~megatron_rlhf.rewards.interface.RewardSource`
+that calls every rank of the group at once (scoring is a collective) and returns rank 0's results.
+
+Guarantee: one result per sample, in order; a failure inside the model makes every sample of the
+batch an INFRA_ERROR (never a silent reward), as the learned source guarantees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.workers.megatron_worker import MegatronWorker
+
+
+SOURCE_KIND = "reward_model"
+
+
+@dataclass(frozen=True)
+class RewardModelSourceConfig:
+    """``kind: reward_model`` in a reward YAML: a trained ORM/PRM served by a worker group."""
+
+    ckpt_dir: str
+    """A ``train-rm`` output checkpoint directory (reward or prm role)."""
+    aggregate: str = "last"
+    """PRM: last | min | product."""
+    output: str = "logit"
+    """ORM: logit | probability."""
+    micro_batch_size: int = 8
+    tensor_parallel: int = 1
+    """The group's TP size (its world size)."""
+
+
+def _outside_the_rl_loop(config: RewardModelSourceConfig) -> Any:
+    raise ValueError(
+        f"reward source kind {SOURCE_KIND!r} ({config.ckpt_dir}) is served by a worker group of the RL loop "
+        "(train-rl); to score files with a reward model use eval-bon's rm: scorer"
+    )
+
+
+def register_reward_model_kind() -> None:
+    """Make ``kind: reward_model`` valid in reward YAML files (idempotent)."""
+    from megatron_rlhf.rewards.reward_config import SOURCE_KINDS, register_source_kind
+
+    if SOURCE_KIND not in SOURCE_KINDS:
+        register_source_kind(SOURCE_KIND, RewardModelSourceConfig, _outside_the_rl_loop)
+
+
+def reward_model_spec(config: RewardModelSourceConfig, seed: int) -> "RewardModelSpec":
+    return RewardModelSpec(ckpt_dir=config.ckpt_dir, parallel=ParallelConfig(tensor_parallel=config.tensor_parallel),
+                           aggregate=config.aggregate, output=config.output,
+                           micro_batch_size=config.micro_batch_size, seed=seed)
+
+
+@dataclass(frozen=True)
+class RewardModelSpec:
+    ckpt_dir: str
+    """A ``train-rm`` output checkpoint directory (reward or prm role)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    aggregate: str = "last"
+    """PRM: last | min | product."""
+    output: str = "logit"
+    """ORM: logit | probability."""
+    micro_batch_size: int = 8
+    threads: int = 1
+    seed: int = 1234
+
+
+class RewardModelWorker(MegatronWorker):
+    """One rank holding a trained reward model."""
+
+    def __init__(self, rank: int, world_size: int, spec: RewardModelSpec):
+        self.rank, self.world_size, self.spec = rank, world_size, spec
+        self.source = None
+
+    def join_process_group(self, address: str, port: int) -> None:
+        import os
+
+        import torch
+
+        from megatron_rlhf.parallel.init import initialize_parallel
+        from megatron_rlhf.rewards.learned import LearnedRewardConfig, load_learned_reward_source
+
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.rank),
+                          MASTER_ADDR=address, MASTER_PORT=str(port))
+        torch.set_num_threads(self.spec.threads)
+        initialize_parallel(self.spec.parallel, seed=self.spec.seed)
+        self.source = load_learned_reward_source(
+            self.spec.ckpt_dir, self.spec.parallel,
+            config=LearnedRewardConfig(aggregate=self.spec.aggregate, output=self.spec.output),
+            micro_batch_size=self.spec.micro_batch_size,
+        )
+
+    def score(self, samples: Sequence[Any]) -> list[Any]:
+        return self.source.score(samples)
+
+
+class RemoteRewardSource:
+    """A reward-model worker group seen by the router."""
+
+    def __init__(self, name: str, group: Any):
+        self.name = name
+        self.group = group
+
+    def score(self, samples: Sequence[Any]) -> list[Any]:
+        return self.group.call("score", list(samples)) if samples else []
+
+    def close(self) -> None:
+        """The group is shut down with the run's other worker groups."""
