@@ -164,12 +164,12 @@ def run_verify(args: argparse.Namespace) -> int:
 # --- demo ------------------------------------------------------------------------------------
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+def add_conversion_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
-        default="outputs/demo",
+        default="outputs/conversion-demo",
         metavar="DIR",
-        help="where the demo writes its models and checkpoints (default: outputs/demo)",
+        help="where it writes its models and checkpoints (default: outputs/conversion-demo)",
     )
     parser.add_argument(
         "--arch", default="llama", help="architecture of the tiny model (default: llama)"
@@ -178,8 +178,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=_positive_int, default=2, metavar="M", help="default: 2")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from megatron_rlhf.demo import run_conversion_demo
+def run_conversion_demo(args: argparse.Namespace) -> int:
+    from megatron_rlhf.conversion_demo import run_conversion_demo
 
     return int(
         run_conversion_demo(
@@ -278,10 +278,10 @@ COMMANDS: dict[
         add_check_weight_sync_arguments,
         run_check_weight_sync,
     ),
-    "demo": (
-        "CPU demo: tiny model, HF -> Megatron (TP2 x PP2) -> HF, logits and bit-exact checks",
-        add_demo_arguments,
-        run_demo,
+    "conversion-demo": (
+        "conversion check on CPU: tiny model, HF -> Megatron (TP2 x PP2) -> HF, logits and bit-exact checks",
+        add_conversion_demo_arguments,
+        run_conversion_demo,
     ),
     "score": (
         "score a JSONL file of samples with the reward verifiers/router; prints "
@@ -307,6 +307,15 @@ def _external(module: str, name: str) -> tuple[Callable, Callable]:
 
 
 EXTERNAL_COMMANDS = {
+    "demo": ("the main job on CPU: tiny model, synthetic math/code/chat data, SFT, reward model, Pre-PPO "
+             "selection, GRPO (or PPO) with the hybrid reward and vLLM rollouts, held-out evaluation, report",
+             "megatron_rlhf.demo", "demo"),
+    "train-sft": ("supervised fine-tuning on chat JSONL (loss on assistant tokens) at any TP/PP/DP",
+                  "megatron_rlhf.trainer.sft_cli", "train_sft"),
+    "train-genrm": ("generative reward model training: SFT of the judge's verdicts, with or without the reference answer",
+                    "megatron_rlhf.trainer.genrm", "train_genrm"),
+    "train-rm": ("reward-model training (ORM: Bradley-Terry + BCE; PRM: per-step BCE) at any TP/PP/DP, "
+                 "SPMD under torchrun", "megatron_rlhf.trainer.reward_model_cli", "train_rm"),
     "label-steps": ("Math-Shepherd step labels: roll out m completions per step prefix with vLLM and grade them; "
                     "resumable JSONL for PRM training", "megatron_rlhf.data.step_labels_cli", "label_steps"),
     "eval-bon": ("Best-of-N evaluation: sample N per prompt, select by ORM / PRM / GenRM / random, grade with a "

@@ -19,7 +19,7 @@ import pytest
 from megatron_rlhf import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ("convert-hf", "export-hf", "verify", "demo")
+SUBCOMMANDS = ("convert-hf", "export-hf", "verify", "demo", "conversion-demo", "train-rl", "train-sft", "train-rm", "label-steps", "eval-bon")
 HEAVY_MODULES = ("torch", "megatron", "transformers", "vllm", "ray", "transformer_engine")
 BLOCKED_BACKENDS = ("vllm", "ray", "transformer_engine")
 
