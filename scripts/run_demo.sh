@@ -9,5 +9,5 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/bootstrap_env.sh
+bash scripts/bootstrap_env.sh --with-vllm
 exec .venv/bin/megatron-rlhf demo "$@"

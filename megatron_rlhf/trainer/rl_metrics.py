@@ -3,7 +3,8 @@
 Names (``/``-separated groups, as they appear in JSONL, TensorBoard and W&B):
 
 - ``reward/mean``, ``reward/<domain>``: raw rewards of valid samples; ``accuracy/<domain>``:
-  fraction of samples a verifier passed (status ``scored`` with reward > 0); ``reward/infra_errors``;
+  fraction of samples a verifier passed (domains whose rewards are all 0 or 1, i.e. pass/fail
+  verifiers; learned scores have no accuracy); ``reward/infra_errors``;
 - ``kl/mean`` (per token, rollout policy vs reference), ``kl/coef``; ``entropy/mean`` (per token);
 - ``response/length_mean``, ``response/hit_max_tokens``, ``diversity/edit`` (mean pairwise
   normalised edit distance among the n responses of a prompt; absent for n = 1);
@@ -68,7 +69,8 @@ def _reward_metrics(prompts: Sequence[Any], results: Sequence[Any]) -> dict[str,
     metrics = {"reward/mean": sum(every) / len(every) if every else 0.0, "reward/infra_errors": float(errors)}
     for domain, values in sorted(by_domain.items()):
         metrics[f"reward/{domain}"] = sum(values) / len(values)
-        metrics[f"accuracy/{domain}"] = sum(passed[domain]) / len(passed[domain])
+        if all(value in (0.0, 1.0) for value in values):  # a verifier's pass/fail, not a learned score
+            metrics[f"accuracy/{domain}"] = sum(passed[domain]) / len(passed[domain])
     return metrics
 
 

@@ -49,6 +49,14 @@ class RoleWorkerSpec:
     params_dtype: str = "float32"
 
 
+def defined_vocab_size(hf_dir: str, vocab_size: int) -> int:
+    """Tokens the tokenizer defines (the engine never samples the padded rows beyond them, and
+    its log-probs are normalised over these), at most the model's vocabulary size."""
+    from transformers import AutoTokenizer
+
+    return min(len(AutoTokenizer.from_pretrained(hf_dir)), vocab_size)
+
+
 class MegatronWorker:
     """One rank: process-group set-up, model build and load; subclasses add role methods."""
 
@@ -91,6 +99,7 @@ class MegatronWorker:
         self.padded_vocab = validate_layout(self.arch, self.spec.parallel, build)
         self.model = build_stage_model(self.arch, self.spec.parallel, build, device=self.state.device)
         load_hf_weights(self.model, HFWeightReader(self.spec.hf_dir), self.arch, self.role, self.padded_vocab)
+        self.valid_vocab_size = defined_vocab_size(self.spec.hf_dir, self.arch.vocab_size)
         self._after_load()
 
     def _after_load(self) -> None:
@@ -142,7 +151,7 @@ class ReferenceWorker(MegatronWorker):
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         from megatron_rlhf.models.sequence_logprobs import response_logprobs
 
-        return response_logprobs(self.model, batch, self.arch.vocab_size,
+        return response_logprobs(self.model, batch, self.valid_vocab_size,
                                  temperature=self.spec.update.temperature,
                                  micro_batch_size=self.spec.update.micro_batch_size)
 
@@ -156,7 +165,7 @@ class ActorWorker(MegatronWorker):
         if self.spec.optimizer is None:
             raise ValueError("the actor worker needs RoleWorkerSpec.optimizer")
         self.trainer = ActorTrainer(self.model, self.spec.optimizer, self.spec.algorithm, self.spec.update,
-                                    valid_vocab_size=self.arch.vocab_size)
+                                    valid_vocab_size=self.valid_vocab_size)
         self.engine = None
         self.weight_sync = None
 
