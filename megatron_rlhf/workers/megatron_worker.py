@@ -118,21 +118,18 @@ class MegatronWorker:
 
     def load_state(self, run_dir: str, name: str, step: int | None) -> tuple[int, dict] | None:
         """Restore the newest complete checkpoint (or the one at ``step``); None when there is none."""
-        from pathlib import Path
-
         from megatron_rlhf.checkpoint.train_state import (
-            CHECKPOINTS_DIR,
+            complete_checkpoints,
             load_latest_train_state,
             load_train_state,
-            step_dir_name,
         )
 
         root = os.path.join(run_dir, name)
         if step is None:
             info = load_latest_train_state(root, self._checkpointed(name))
         else:
-            directory = Path(root) / CHECKPOINTS_DIR / step_dir_name(step)
-            info = load_train_state(directory, self._checkpointed(name)) if directory.is_dir() else None
+            found = dict(complete_checkpoints(root))
+            info = load_train_state(found[step], self._checkpointed(name)) if step in found else None
         return None if info is None else (info.step, info.extra_state)
 
     def shutdown(self) -> None:
