@@ -10,6 +10,12 @@ Parameter naming differs between the two: TE fuses the input layernorm into
 and names grouped-GEMM expert weights ``experts.linear_fc1.weight<j>``. :func:`canonical_name`
 maps a TE name to the local-spec name used by ``megatron_rlhf.mapping``; :func:`implementation_name`
 is its inverse.
+
+Core attention of the local spec is chosen by :class:`ModelBuildConfig.local_attention`
+(``sdpa`` | ``megatron``): ``sdpa`` (the default) swaps Megatron's unfused ``DotProductAttention``
+for :class:`megatron_rlhf.models.sdpa_attention.SDPACoreAttention` (fused
+``scaled_dot_product_attention``, same function, no parameters, so checkpoints are shared);
+``megatron`` keeps Megatron's module. The Transformer Engine spec ignores it (TE's fused attention).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from megatron_rlhf.models.arch import ArchSpec
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+LOCAL_ATTENTIONS = ("sdpa", "megatron")
 
 
 class TransformerEngineUnavailable(RuntimeError):
@@ -56,8 +63,19 @@ def resolve_transformer_impl(requested: str) -> str:
     return requested
 
 
-def build_layer_spec(arch: ArchSpec, impl: str) -> Any:
-    """The Megatron-Core ``ModuleSpec`` of one transformer layer for ``arch``."""
+def validate_local_attention(local_attention: str) -> None:
+    """Raise a ValueError naming ``local_attention`` unless it is one of LOCAL_ATTENTIONS."""
+    if local_attention not in LOCAL_ATTENTIONS:
+        raise ValueError(f"local_attention={local_attention!r} (choose from {LOCAL_ATTENTIONS})")
+
+
+def build_layer_spec(arch: ArchSpec, impl: str, local_attention: str = "sdpa") -> Any:
+    """The Megatron-Core ``ModuleSpec`` of one transformer layer for ``arch``.
+
+    ``local_attention`` picks the core attention of the local spec (see the module docstring);
+    it is ignored for ``impl='transformer_engine'``.
+    """
+    validate_local_attention(local_attention)
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "transformer_engine":
@@ -73,6 +91,10 @@ def build_layer_spec(arch: ArchSpec, impl: str) -> Any:
             qk_layernorm=arch.qk_layernorm,
             normalization="RMSNorm",
         )
+        if local_attention == "sdpa":
+            from megatron_rlhf.models.sdpa_attention import SDPACoreAttention
+
+            spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     else:
         raise ValueError(f"unresolved transformer_impl {impl!r}")
     if arch.post_sublayer_norms:

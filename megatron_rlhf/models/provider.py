@@ -20,7 +20,11 @@ import torch
 from megatron_rlhf.config.parallel import ParallelConfig, ParallelLayoutError
 from megatron_rlhf.models.arch import ArchSpec
 from megatron_rlhf.models.heads import ROLES, SCALAR_ROLES, RoleModel, ScalarHead
-from megatron_rlhf.models.layer_spec import build_layer_spec, resolve_transformer_impl
+from megatron_rlhf.models.layer_spec import (
+    build_layer_spec,
+    resolve_transformer_impl,
+    validate_local_attention,
+)
 from megatron_rlhf.parallel.megatron_compat import dataclass_with_supported_fields
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,12 +51,18 @@ class ModelBuildConfig:
     """alltoall | allgather: how tokens reach experts under expert parallelism."""
     moe_aux_loss_coeff: float = 0.0
     """Load-balancing auxiliary loss weight; 0 disables it (the forward pass is unaffected)."""
+    local_attention: str = "sdpa"
+    """sdpa | megatron: core attention of the local spec. sdpa: fused
+    torch scaled_dot_product_attention (megatron_rlhf.models.sdpa_attention); megatron:
+    Megatron-Core's unfused DotProductAttention. Same function, no parameters either way;
+    ignored under Transformer Engine."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role={self.role!r} (choose from {ROLES})")
         if self.params_dtype not in DTYPES:
             raise ValueError(f"params_dtype={self.params_dtype!r} (choose from {tuple(DTYPES)})")
+        validate_local_attention(self.local_attention)
         if self.make_vocab_size_divisible_by < 1:
             raise ValueError(
                 f"make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} must be >= 1"
@@ -222,7 +232,7 @@ def build_model(
     is_lm = build.role not in SCALAR_ROLES
     trunk = GPTModel(
         config=config,
-        transformer_layer_spec=build_layer_spec(arch, impl),
+        transformer_layer_spec=build_layer_spec(arch, impl, build.local_attention),
         vocab_size=vocab,
         max_sequence_length=build.max_sequence_length or arch.max_position_embeddings,
         pre_process=pre_process,
