@@ -5,7 +5,8 @@ killed demo continues where it stopped, and the RL stage resumes from its own ch
 
 1. ``prepare``: a tokenizer trained on synthetic text, a tiny llama with random weights, and the
    synthetic data sets (math word problems with numeric answers, small Python functions checked
-   by tests in the sandbox, general chat with preference pairs), with held-out splits;
+   by tests in the sandbox, general chat with preference pairs), with held-out splits; like
+   real SFT data, a share (``sft_noise``) of the math and code answers are wrong solutions;
 2. ``sft``: supervised fine-tuning of the base model on chat data (loss on responses only);
 3. ``reward_model``: the multi-task outcome reward model of "Does RLHF Scale?" (Bradley-Terry on
    preference pairs + BCE on correctness-labelled math/code answers), started from the SFT model;
@@ -49,16 +50,18 @@ class DemoConfig:
     vocab_size: int = 512
     sft_per_domain: int = 500
     """SFT conversations per domain (math, code, general)."""
-    sft_epochs: int = 6
+    sft_epochs: int = 8
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
+    sft_noise: float = 0.4
+    """Share of math and code SFT conversations whose answer is replaced by a wrong solution."""
     prompts_per_domain: int = 96
     """RL training prompts per domain (before Pre-PPO adds the hardest again)."""
     eval_prompts_per_domain: int = 48
     rm_steps: int = 120
     pre_ppo_keep_fraction: float = 0.5
-    rl_steps: int = 36
-    prompts_per_step: int = 12
+    rl_steps: int = 30
+    prompts_per_step: int = 16
     n: int = 8
     rl_lr: float = 2e-4
     max_new_tokens: int = 56

@@ -43,11 +43,40 @@ def stage_prepare(config, out: Path, results: dict) -> dict[str, Any]:
     sizes = DemoDatasetSizes(
         sft_per_domain=config.sft_per_domain, sft_eval_per_domain=16, prompts_per_domain=config.prompts_per_domain,
         eval_prompts_per_domain=config.eval_prompts_per_domain, preference_pairs=256, preference_eval_pairs=64,
-        math=MathDifficulty(operand_min=1, operand_max=9, min_operations=1, max_operations=1, multiplication=False),
+        math=MathDifficulty(operand_min=1, operand_max=5, min_operations=1, max_operations=1, multiplication=False),
         code=CodeDifficulty(constant_max=200),
     )
     files = write_demo_datasets(paths["data"], seed=config.seed, sizes=sizes)
-    return {"base_model": str(paths["base"]), **{name: str(path) for name, path in vars(files).items()}}
+    noisy = inject_wrong_solutions(files.sft_train, files.reasoning_labelled, config.sft_noise, config.seed)
+    return {"base_model": str(paths["base"]), "sft_wrong_solutions": noisy,
+            **{name: str(path) for name, path in vars(files).items()}}
+
+
+def inject_wrong_solutions(sft_path: Path, labelled_path: Path, rate: float, seed: int) -> int:
+    """Replace the assistant answer of a ``rate`` share of the math and code SFT conversations by
+    the task's wrong solution (from the labelled file), as noisy human- or model-written SFT data
+    has: the SFT policy then answers wrongly part of the time, which RL with verifiable rewards
+    can correct. Deterministic in ``seed``; returns the number of conversations changed."""
+    import random
+
+    from megatron_rlhf.data.jsonl import write_jsonl
+
+    wrong = {}
+    for line in labelled_path.read_text().splitlines():
+        row = json.loads(line)
+        if row["label"] == 0:
+            wrong[row["prompt"]] = row["response"]
+    rng = random.Random(f"sft-noise:{seed}")
+    rows, changed = [], 0
+    for line in sft_path.read_text().splitlines():
+        row = json.loads(line)
+        prompt = row["messages"][0]["content"]
+        if row.get("domain") in ("math", "code") and prompt in wrong and rng.random() < rate:
+            row["messages"][-1]["content"] = wrong[prompt]
+            changed += 1
+        rows.append(row)
+    write_jsonl(sft_path, rows)
+    return changed
 
 
 # --- 2. SFT -------------------------------------------------------------------------------------
