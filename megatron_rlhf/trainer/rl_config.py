@@ -83,6 +83,12 @@ class RLConfig:
     placement: str = "colocated"
     """colocated (engine inside the actor's rank 0; groups share bundles) | disaggregated."""
     weight_sync_bucket_bytes: int = 64 * 1024**2
+    sync_alarm_logprob_diff: float | None = 0.05
+    """Alarm when the trainer's log-probs of the sampled tokens differ from the engine's by more
+    than this (both hold the same weights after a sync; a larger gap means a broken sync or a
+    dtype/kernel mismatch). None: no check."""
+    sync_alarm_action: str = "warn"
+    """warn (log and count in ``ratio/sync_alarms``) | stop (raise, after the step's checkpoint)."""
     reward_config: str | None = None
     """Reward YAML (``megatron_rlhf.rewards.reward_config``); None: the verifiers per domain.
     Sources of ``kind: reward_model`` (a ``train-rm`` checkpoint) get their own worker group."""
@@ -108,6 +114,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.placement={self.placement!r} (colocated or disaggregated)")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        if self.sync_alarm_action not in ("warn", "stop"):
+            raise ValueError(f"RLConfig.sync_alarm_action={self.sync_alarm_action!r} (warn or stop)")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature={self.temperature} must be > 0")
         samples = self.prompts_per_step * self.n

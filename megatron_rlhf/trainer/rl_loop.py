@@ -12,6 +12,11 @@ the running reward statistics come back exactly; the engine receives the restore
 the first resumed step and sampling seeds are derived from the step number, so the resumed steps
 compute the same rewards and losses as an uninterrupted run.
 
+Weight-sync check: every step compares the trainer's log-probs of the sampled tokens with the
+engine's sampling log-probs (both come from the same weights, synced at the end of the previous
+step) and reports the largest difference and the mean importance ratio; above
+``sync_alarm_logprob_diff`` it warns, or stops the run (``sync_alarm_action: stop``).
+
 Checkpoint order: the critic (PPO) is saved before the actor, and the actor's checkpoint carries
 the loop state; resume takes the actor's newest complete step and loads the critic at that step.
 """
@@ -211,18 +216,23 @@ def run_rl(config: RLConfig) -> RLResult:
             resume_step=first_step - 1 if first_step else None,
             run_config=_plain(asdict(config)),
         )
+        alarms = 0
         with logger:
             while state.step < config.steps:
                 # vLLM seeds the n samples of a request seed, seed + 1, ...: strides keep steps apart
                 parts.sampling = replace(parts.sampling, seed=config.seed + SEED_STRIDE * state.step)
                 prompts = sampler.next_batch()
                 metrics, state = rl_step(parts, state, prompts)
+                alarm = sync_alarm(config, metrics)
+                metrics["ratio/sync_alarms"] = alarms = alarms + bool(alarm)
                 logger.log(state.step - 1, metrics)
                 last = state.step == config.steps
                 if last or (config.checkpoint_every and state.step % config.checkpoint_every == 0):
                     if parts.on_phase is not None:
                         parts.on_phase("checkpoint", state.step)
                     _save(config, groups, sampler, state)
+                if alarm and config.sync_alarm_action == "stop":
+                    raise RuntimeError(alarm)
         policy_dir = groups["actor"].call("export_hf", str(out_dir / "policy"))
         return RLResult(policy_dir=policy_dir, metrics_file=str(logger.jsonl_path),
                         steps_run=state.step - first_step, resumed_from=first_step if resumed is not None else None)
@@ -233,6 +243,19 @@ def run_rl(config: RLConfig) -> RLResult:
             import ray
 
             ray.shutdown()
+
+
+def sync_alarm(config: RLConfig, metrics: dict[str, float]) -> str | None:
+    """The weight-sync consistency check on the step's own samples (module docstring): a message
+    when the trainer's and the engine's log-probs of the sampled tokens disagree, else None."""
+    difference = metrics.get("ratio/engine_max_abs_logprob_diff", 0.0)
+    if config.sync_alarm_logprob_diff is None or difference <= config.sync_alarm_logprob_diff:
+        return None
+    message = (f"weight-sync check: trainer and engine log-probs of the sampled tokens differ by {difference:.4g} "
+               f"(> sync_alarm_logprob_diff={config.sync_alarm_logprob_diff}); mean importance ratio "
+               f"{metrics.get('ratio/engine_mean', float('nan')):.4f}")
+    log.warning("%s", message)
+    return message
 
 
 def _loop_state(sampler: Any, state: Any) -> dict[str, Any]:
