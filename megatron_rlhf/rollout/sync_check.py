@@ -56,6 +56,8 @@ class SyncCheckPlan:
     learning_rate: float = 1e-2
     bucket_bytes: int = 1024**2
     seed: int = 0
+    weight_transfer_backend: str = "gloo"
+    """Transport under test (``RolloutConfig.weight_transfer_backend``); the user command passes auto."""
 
 
 def _compare(megatron_lp: torch.Tensor, batch) -> tuple[float, float, int]:
@@ -128,15 +130,18 @@ def _check_worker(plan: SyncCheckPlan, layouts: list[ParallelConfig]) -> list[Sy
     from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
 
     initialize_parallel(layouts[0], seed=plan.seed)
-    engine = None
+    engine = sync = None
     try:
         if torch.distributed.get_rank() == 0:
             engine = RolloutEngine(RolloutConfig(model_dir=plan.hf_dir, tensor_parallel=plan.engine_tensor_parallel,
-                                                 max_model_len=128, seed=plan.seed))
+                                                 max_model_len=128, seed=plan.seed,
+                                                 weight_transfer_backend=plan.weight_transfer_backend))
         sync = WeightSync(engine, WeightSyncConfig(bucket_bytes=plan.bucket_bytes))
         sync.connect()
         return [_check_layout(plan, parallel, engine, sync) for parallel in layouts]
     finally:
+        if sync is not None:
+            sync.shutdown()
         if engine is not None:
             engine.shutdown()
 
@@ -161,13 +166,14 @@ def run_sync_check(plan: SyncCheckPlan) -> SyncCheckResult:
 
 def check_weight_sync(hf_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                       expert_parallel: int = 1, engine_tensor_parallel: int = 1,
-                      tolerance: float = DEFAULT_TOLERANCE) -> SyncCheckResult:
+                      tolerance: float = DEFAULT_TOLERANCE, weight_transfer_backend: str = "auto") -> SyncCheckResult:
     """The user command: raises :class:`WeightSyncCheckFailed` above ``tolerance``."""
     plan = SyncCheckPlan(
         hf_dir=hf_dir,
         parallel=ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                                 expert_parallel=expert_parallel),
         engine_tensor_parallel=engine_tensor_parallel,
+        weight_transfer_backend=weight_transfer_backend,
     )
     result = run_sync_check(plan)
     if not result.max_abs_logprob_diff <= tolerance or not result.changed_after_second_sync:

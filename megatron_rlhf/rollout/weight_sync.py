@@ -10,14 +10,24 @@ vLLM's weight-transfer API (``start_weight_update`` / ``update_weights`` per buc
 Guarantees: never goes through a file; peak extra memory on the sender is about one bucket plus
 the parameter being gathered; every rank returns the same :class:`SyncReport`.
 
-Transports: ``gloo`` (this module's backend, CPU machines, registered through the vLLM plugin)
-is implemented and tested here. vLLM's ``nccl`` (disaggregated GPUs) and ``ipc`` (colocated,
-CUDA IPC handles) backends need their own trainer-side engines and are not driven by this class
-yet: asking for them raises.
+Transports (both registered through :mod:`megatron_rlhf.rollout.vllm_plugin`, chosen by the
+engine's ``weight_transfer_backend``):
+
+- ``shm`` (:mod:`~megatron_rlhf.rollout.shm_transfer`): the sender writes each bucket into one
+  shared-memory segment created by :meth:`WeightSync.connect`; same host only. Buckets are cut
+  before they would exceed ``bucket_bytes``, so the segment stays ``bucket_bytes`` large unless
+  one tensor is larger. The segment is unlinked by :meth:`WeightSync.shutdown`, when a sync
+  raises (the sync must then be re-connected), and at process exit.
+- ``gloo`` (:mod:`~megatron_rlhf.rollout.gloo_transfer`): a broadcast over a private gloo group;
+  works across hosts (disaggregated placement).
+
+vLLM's ``nccl`` (disaggregated GPUs) and ``ipc`` (colocated, CUDA IPC handles) backends need
+their own trainer-side engines and are not driven by this class yet: asking for them raises.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +35,11 @@ from typing import Any
 
 import torch
 
-from megatron_rlhf.rollout.gloo_transfer import BACKEND_NAME, broadcast_buffer, make_transfer_group, pack_bucket
+from megatron_rlhf.rollout import gloo_transfer, shm_transfer
+from megatron_rlhf.rollout.gloo_transfer import broadcast_buffer, make_transfer_group, pack_bucket
+
+log = logging.getLogger(__name__)
+TRANSPORTS = (gloo_transfer.BACKEND_NAME, shm_transfer.BACKEND_NAME)
 
 
 class UnsupportedTransport(RuntimeError):
@@ -35,7 +49,8 @@ class UnsupportedTransport(RuntimeError):
 @dataclass(frozen=True)
 class WeightSyncConfig:
     bucket_bytes: int = 64 * 1024**2
-    """Bytes per transfer bucket: bounds the sender's and workers' extra memory."""
+    """Bytes per transfer bucket: bounds the sender's and workers' extra memory (and, for
+    ``shm``, the shared-memory segment, which must fit in ``/dev/shm``)."""
     host: str = "127.0.0.1"
     """Address the sender's rendezvous store listens on (reachable by the vLLM workers)."""
 
@@ -63,15 +78,30 @@ class WeightSync:
         self.engine = engine if self.is_sender else None
         self.config = config
         self.group = None
-        if self.is_sender and engine.backend != BACKEND_NAME:
+        self.segment: shm_transfer.SharedSegment | None = None
+        self.backend = engine.backend if self.is_sender else None
+        if self.is_sender and self.backend not in TRANSPORTS:
             raise UnsupportedTransport(
                 f"weight sync over vLLM's {engine.backend!r} backend is not driven by "
-                "megatron_rlhf yet; use weight_transfer_backend='gloo'"
+                "megatron_rlhf yet; use weight_transfer_backend='shm' (same host) or 'gloo'"
             )
+
+    @property
+    def connected(self) -> bool:
+        return self.group is not None or self.segment is not None
 
     def connect(self) -> None:
         """Open the trainer -> engine transfer group (once, before the first sync)."""
         if not self.is_sender:
+            return
+        if self.backend == shm_transfer.BACKEND_NAME:
+            self.segment = shm_transfer.SharedSegment(self.config.bucket_bytes)
+            try:
+                self.engine.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {
+                    "segment_name": self.segment.name, "segment_bytes": self.segment.num_bytes}})
+            except BaseException:
+                self.shutdown()
+                raise
             return
         from megatron_rlhf.parallel.launch import free_port
 
@@ -85,7 +115,30 @@ class WeightSync:
             self.group = make_transfer_group(self.config.host, port, 0, 1 + workers)
             future.result()
 
+    def shutdown(self) -> None:
+        """Unlink the ``shm`` segment (and let the workers unmap it). Idempotent; every rank may call."""
+        segment, self.segment, self.group = self.segment, None, None
+        if segment is None:
+            return
+        segment.unlink()
+        if getattr(self.engine, "llm", None) is not None:  # an engine already shut down needs nothing
+            try:
+                self.engine.llm.collective_rpc("shutdown_weight_transfer_engine")
+            except Exception as error:  # the segment is gone either way; workers unmap at exit
+                log.warning("vLLM workers did not release the weight-transfer segment: %s", error)
+
+    def _send_shm_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+        info = shm_transfer.bucket_layout(bucket)
+        self.segment.ensure(info["num_bytes"])
+        shm_transfer.pack_bucket_into(bucket, self.segment.view)
+        info.update(segment_name=self.segment.name, segment_bytes=self.segment.num_bytes)
+        # Returns once every worker has copied the bucket out: the segment is free again.
+        self.engine.llm.collective_rpc("update_weights", kwargs={"update_info": info})
+        return sum(t.numel() * t.element_size() for _, t in bucket)  # payload, alignment padding not counted
+
     def _send_bucket(self, pool: ThreadPoolExecutor, bucket: list[tuple[str, torch.Tensor]]) -> int:
+        if self.segment is not None:
+            return self._send_shm_bucket(bucket)
         buffer, info = pack_bucket(bucket)
         future = pool.submit(self.engine.llm.collective_rpc, "update_weights",
                              kwargs={"update_info": info})
@@ -100,12 +153,13 @@ class WeightSync:
         """Stream ``model``'s weights into the engine; a collective over all trainer ranks."""
         from megatron_rlhf.mapping.engine import export_hf_weights
 
-        if self.is_sender and self.group is None:
-            raise RuntimeError("WeightSync.sync called before connect()")
+        if self.is_sender and not self.connected:
+            raise RuntimeError("WeightSync.sync called before connect() (or after a failed sync or shutdown)")
         start = time.perf_counter()
         total = tensors = buckets = largest = 0
         dtype = getattr(torch, self.engine.config.dtype) if self.is_sender else None
-        pool = ThreadPoolExecutor(max_workers=1) if self.is_sender else None
+        pool = ThreadPoolExecutor(max_workers=1) if self.is_sender and self.segment is None else None
+        cut_before = self.segment is not None  # shm: keep buckets within the segment
         try:
             if self.is_sender:
                 self.engine.llm.collective_rpc("start_weight_update")
@@ -116,8 +170,13 @@ class WeightSync:
                 if not self.is_sender:
                     continue
                 tensor = tensor.to(device="cpu", dtype=dtype)
+                size = shm_transfer.aligned_nbytes(tensor) if cut_before else tensor.numel() * tensor.element_size()
+                if cut_before and bucket and bucket_bytes + size > self.config.bucket_bytes:
+                    sent = self._send_bucket(pool, bucket)
+                    total, buckets, largest = total + sent, buckets + 1, max(largest, sent)
+                    bucket, bucket_bytes = [], 0
                 bucket.append((name, tensor))
-                bucket_bytes += tensor.numel() * tensor.element_size()
+                bucket_bytes += size
                 if bucket_bytes >= self.config.bucket_bytes:
                     sent = self._send_bucket(pool, bucket)
                     total, buckets, largest = total + sent, buckets + 1, max(largest, sent)
@@ -127,6 +186,11 @@ class WeightSync:
                     sent = self._send_bucket(pool, bucket)
                     total, buckets, largest = total + sent, buckets + 1, max(largest, sent)
                 self.engine.llm.collective_rpc("finish_weight_update")
+        except BaseException:
+            if self.segment is not None:  # never leave a segment behind a failed sync; the
+                self.segment.unlink()     # workers' update is still open, so they keep their
+                self.segment = None       # mapping until the next connect or their exit
+            raise
         finally:
             if pool is not None:
                 pool.shutdown(wait=False)

