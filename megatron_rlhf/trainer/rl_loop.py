@@ -46,8 +46,9 @@ class RLResult:
 
 FAULT_ENV = "MEGATRON_RLHF_FAULT"
 """Fault injection for resume tests: ``<phase>@<step>[+<seconds>]`` SIGKILLs this process group
-``seconds`` after ``phase`` (a step phase, or ``checkpoint``) of ``step`` starts. Never set it in a
-real run: it kills every process of the group, as a crash of the node would."""
+``seconds`` after ``phase`` (a step phase, or ``checkpoint``) first starts at a step >= ``step``
+(a resumed run may start past ``step``). Never set it in a real run: it kills every process of
+the group, as a crash of the node would."""
 
 
 def fault_hook_from_env() -> Any:
@@ -71,8 +72,11 @@ def fault_hook_from_env() -> Any:
         log.warning("%s: killing process group %d", FAULT_ENV, os.getpgrp())
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
+    fired = []
+
     def hook(name: str, step: int) -> None:
-        if name == phase and step == target:
+        if name == phase and step >= target and not fired:
+            fired.append(step)
             threading.Thread(target=kill, daemon=True).start()
 
     return hook

@@ -2,7 +2,8 @@
 
 The run is the user command (`megatron-rlhf train-rl --config run.yaml`) in its own process
 group. ``MEGATRON_RLHF_FAULT=<phase>@<step>+<seconds>`` makes the run SIGKILL its whole process
-group (driver, Ray, workers, vLLM) that long after the phase starts, as a crashed node would.
+group (driver, Ray, workers, vLLM) that long after the phase first starts at a step >= <step>,
+as a crashed node would.
 Each restart is the same command. In deterministic CPU mode the metrics of every step of the
 interrupted-and-resumed run equal those of an uninterrupted run: rewards, losses, gradient
 norms, KL, entropy and response lengths, exactly.
@@ -91,8 +92,9 @@ def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(s
     assert sorted(expected) == list(range(STEPS))
 
     config, out_dir = _config(root, policy, prompts, "interrupted")
-    # step 1's rollout, step 2's actor update, then the save that publishes step 3
-    for fault in ("rollout@1+1.0", "actor_update@2+0.2", "checkpoint@3+0.05"):
+    # a rollout (step >= 1), an actor update (step >= 2), then a checkpoint save (step >= 3); each
+    # restart resumes from the last complete checkpoint, wherever the previous kill landed
+    for fault in ("rollout@1+0.3", "actor_update@2+0.2", "checkpoint@3+0.05"):
         code = _run(config, fault)
         assert code == -signal.SIGKILL, f"the run was not killed by {fault} (exit {code})"
     _run(config, None)
