@@ -80,11 +80,9 @@ def pack_bucket(tensors: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, 
 
 def build_engine_classes():
     """Define the worker-side engine against the installed vLLM (imported lazily)."""
-    from vllm.distributed.weight_transfer.base import (
-        WeightTransferEngine,
-        WeightTransferInitInfo,
-        WeightTransferUpdateInfo,
-    )
+    from vllm.distributed.weight_transfer.base import WeightTransferInitInfo, WeightTransferUpdateInfo
+
+    from megatron_rlhf.rollout.layerwise_reload import reload_engine_base
 
     @dataclass
     class GlooWeightTransferInitInfo(WeightTransferInitInfo):
@@ -100,12 +98,11 @@ def build_engine_classes():
         shapes: list[list[int]]
         num_bytes: int
 
-    class GlooWeightTransferEngine(WeightTransferEngine):
+    class GlooWeightTransferEngine(reload_engine_base()):
         """Worker side: receive broadcast buckets, load them with ``model.load_weights``."""
 
         init_info_cls = GlooWeightTransferInitInfo
         update_info_cls = GlooWeightTransferUpdateInfo
-        supports_draft_weight_update = False
 
         def __init__(self, config, vllm_config, device, model) -> None:
             super().__init__(config, vllm_config, device, model)
@@ -118,24 +115,6 @@ def build_engine_classes():
             self.group = make_transfer_group(
                 init_info.master_address, init_info.master_port, rank, init_info.world_size
             )
-
-        def start_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload.layerwise import (
-                initialize_layerwise_reload,
-            )
-
-            initialize_layerwise_reload(self.model)
-
-        def finish_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload.layerwise import (
-                finalize_layerwise_reload,
-            )
-
-            finalize_layerwise_reload(self.model, self.model_config)
-
-        def update_weights(self, update_info: dict[str, Any]) -> None:
-            # The base class synchronises an accelerator afterwards; gloo is synchronous.
-            self.receive_weights(self.parse_update_info(update_info))
 
         def receive_weights(self, update_info) -> None:
             if self.group is None:

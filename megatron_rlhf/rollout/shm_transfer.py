@@ -196,11 +196,9 @@ def attach_segment(name: str, num_bytes: int) -> tuple[mmap.mmap, torch.Tensor]:
 
 def build_engine_classes():
     """Define the worker-side engine against the installed vLLM (imported lazily)."""
-    from vllm.distributed.weight_transfer.base import (
-        WeightTransferEngine,
-        WeightTransferInitInfo,
-        WeightTransferUpdateInfo,
-    )
+    from vllm.distributed.weight_transfer.base import WeightTransferInitInfo, WeightTransferUpdateInfo
+
+    from megatron_rlhf.rollout.layerwise_reload import reload_engine_base
 
     @dataclass
     class ShmWeightTransferInitInfo(WeightTransferInitInfo):
@@ -217,12 +215,11 @@ def build_engine_classes():
         offsets: list[int]
         num_bytes: int
 
-    class ShmWeightTransferEngine(WeightTransferEngine):
+    class ShmWeightTransferEngine(reload_engine_base()):
         """Worker side: copy each bucket out of the shared segment, load it with ``load_weights``."""
 
         init_info_cls = ShmWeightTransferInitInfo
         update_info_cls = ShmWeightTransferUpdateInfo
-        supports_draft_weight_update = False
 
         def __init__(self, config, vllm_config, device, model) -> None:
             super().__init__(config, vllm_config, device, model)
@@ -237,24 +234,6 @@ def build_engine_classes():
 
         def init_transfer_engine(self, init_info) -> None:
             self._attach(init_info.segment_name, init_info.segment_bytes)
-
-        def start_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload.layerwise import (
-                initialize_layerwise_reload,
-            )
-
-            initialize_layerwise_reload(self.model)
-
-        def finish_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload.layerwise import (
-                finalize_layerwise_reload,
-            )
-
-            finalize_layerwise_reload(self.model, self.model_config)
-
-        def update_weights(self, update_info: dict[str, Any]) -> None:
-            # The base class synchronises an accelerator afterwards; the copies here are synchronous.
-            self.receive_weights(self.parse_update_info(update_info))
 
         def receive_weights(self, update_info) -> None:
             if self.view is None:
