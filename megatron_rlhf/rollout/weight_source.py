@@ -1,0 +1,131 @@
+"""The trainer side of vLLM's weight-transfer API, as Megatron sees it: a source, a client, buckets.
+
+vLLM (0.32+) splits a live weight update into a *trainer engine* per transport
+(``TrainerWeightTransferEngine``: ``trainer_init`` on every trainer rank, then ``send_weights``
+per update), a ``WeightSource`` the engine iterates, and a ``VLLMWeightSyncClient`` that drives
+the inference side (``init_weight_transfer_engine``, ``start_weight_update``,
+``update_weights``, ``finish_weight_update``). This module provides the two Megatron-specific
+pieces, used with vLLM's own ``nccl`` / ``ipc`` trainer engines and with this package's ``gloo``
+/ ``shm`` ones alike:
+
+- :func:`megatron_weight_source`: the actor's weights in HF naming, streamed through
+  :func:`megatron_rlhf.mapping.engine.export_hf_weights` (TP shards gathered, PP stages and EP
+  experts broadcast), cast to the engine's dtype, on every trainer rank in the same order. Each
+  iteration is a collective over the trainer ranks. ``metadata()`` (names, dtypes, full shapes)
+  is one such pass, cached until the source is bound to another model.
+- :class:`EngineClient`: the client over a :class:`~megatron_rlhf.rollout.engine.RolloutEngine`
+  (or the disaggregated ``RemoteEngine``), i.e. vLLM's ``collective_rpc`` to its workers.
+
+And :func:`iter_buckets`, the bucketing this package's transports share: a bucket is cut before
+it would exceed ``bucket_bytes``, so it is larger only when one tensor is.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What one ``send_weights`` moved (payload bytes, alignment padding not counted)."""
+
+    bytes: int
+    tensors: int
+    buckets: int
+    largest_bucket_bytes: int
+
+
+def payload_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def iter_buckets(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 size_of: Callable[[torch.Tensor], int] = payload_bytes) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group ``pairs`` into buckets of at most ``bucket_bytes`` (by ``size_of``), in order."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    filled = 0
+    for name, tensor in pairs:
+        size = size_of(tensor)
+        if bucket and filled + size > bucket_bytes:
+            yield bucket
+            bucket, filled = [], 0
+        bucket.append((name, tensor))
+        filled += size
+    if bucket:
+        yield bucket
+
+
+class EngineClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over an engine's ``llm.collective_rpc``."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine was shut down (its ``llm`` dropped): nothing left to tell."""
+        return getattr(self.engine, "llm", None) is not None
+
+    def _call(self, method: str, **kwargs: Any) -> None:
+        self.engine.llm.collective_rpc(method, kwargs=kwargs or None)
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._call("init_weight_transfer_engine", init_info=init_info)
+
+    def start_weight_update(self) -> None:
+        self._call("start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._call("update_weights", update_info=update_info)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._call("finish_weight_update")
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._call("shutdown_weight_transfer_engine")
+
+
+@functools.cache
+def _source_class():
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    from megatron_rlhf.mapping.engine import export_hf_weights
+
+    class MegatronWeightSource(WeightSource):
+        """The bound Megatron model's weights in HF naming (see the module docstring)."""
+
+        def __init__(self, dtype: torch.dtype, device: str | None):
+            self.dtype = dtype
+            self.device = device
+            self._model: tuple[Any, Any, str] | None = None
+            self._metadata: list[ParamMeta] | None = None
+
+        def bind(self, model: torch.nn.Module, arch: Any, role: str) -> None:
+            """Stream ``model`` (an ``ArchSpec`` and mapping role) from now on."""
+            if self._model is None or self._model[0] is not model or self._model[1:] != (arch, role):
+                self._metadata = None
+            self._model = (model, arch, role)
+
+        def metadata(self) -> list[ParamMeta]:
+            if self._metadata is None:  # one collective export pass; shapes do not change
+                self._metadata = [ParamMeta(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in self]
+            return self._metadata
+
+        def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+            if self._model is None:
+                raise RuntimeError("MegatronWeightSource iterated before bind(model, arch, role)")
+            model, arch, role = self._model
+            for name, tensor in export_hf_weights(model, arch, role):
+                yield name, tensor.to(device=self.device or tensor.device, dtype=self.dtype)
+
+    return MegatronWeightSource
+
+
+def megatron_weight_source(dtype: torch.dtype, device: str | None = "cpu"):
+    """A vLLM ``WeightSource`` over a Megatron model (``device=None`` keeps the model's device)."""
+    return _source_class()(dtype, device)

@@ -1,0 +1,29 @@
+"""Bucketing of the weight stream shared by the gloo and shm transports (no engine needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_rlhf.rollout.weight_source import iter_buckets, payload_bytes
+
+
+def named(*sizes: int) -> list[tuple[str, torch.Tensor]]:
+    return [(f"t{i}", torch.zeros(size, dtype=torch.uint8)) for i, size in enumerate(sizes)]
+
+
+def test_buckets_are_cut_before_they_would_overflow_and_keep_order():
+    buckets = list(iter_buckets(named(40, 50, 10, 30, 80), bucket_bytes=100))
+    assert [[name for name, _ in bucket] for bucket in buckets] == [["t0", "t1", "t2"], ["t3"], ["t4"]]
+    assert all(sum(payload_bytes(t) for _, t in bucket) <= 100 for bucket in buckets)
+
+
+def test_a_tensor_larger_than_a_bucket_travels_alone():
+    buckets = list(iter_buckets(named(10, 250, 10), bucket_bytes=100))
+    assert [[name for name, _ in bucket] for bucket in buckets] == [["t0"], ["t1"], ["t2"]]
+
+
+def test_size_function_counts_padding_and_empty_streams_give_no_bucket():
+    aligned = lambda tensor: -(-payload_bytes(tensor) // 64) * 64
+    buckets = list(iter_buckets(named(1, 1, 1), bucket_bytes=128, size_of=aligned))
+    assert [len(bucket) for bucket in buckets] == [2, 1]
+    assert list(iter_buckets([], bucket_bytes=10)) == []
