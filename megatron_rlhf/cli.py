@@ -19,6 +19,8 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
+from megatron_rlhf.cli_args import positive_float, positive_int
+
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -32,26 +34,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
 EXPECTED_NOTICES = ("Transformer Engine and Apex are not installed", "Apex is not installed")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 # --- convert-hf ------------------------------------------------------------------------------
 
 
@@ -60,12 +42,12 @@ def add_convert_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="where to write the Megatron checkpoint"
     )
-    parser.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="tensor parallel")
+    parser.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor parallel")
     parser.add_argument(
-        "--pp", type=_positive_int, default=1, metavar="M", help="pipeline parallel"
+        "--pp", type=positive_int, default=1, metavar="M", help="pipeline parallel"
     )
     parser.add_argument(
-        "--ep", type=_positive_int, default=1, metavar="E", help="expert parallel (MoE models)"
+        "--ep", type=positive_int, default=1, metavar="E", help="expert parallel (MoE models)"
     )
     _add_overwrite_argument(parser)
 
@@ -102,11 +84,11 @@ def add_export_hf_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, metavar="DIR", help="where to write the Hugging Face model"
     )
     parser.add_argument(
-        "--tp", type=_positive_int, default=None, metavar="N",
+        "--tp", type=positive_int, default=None, metavar="N",
         help="load at this tensor-parallel size instead of the saved one (resharding)",
     )
     parser.add_argument(
-        "--pp", type=_positive_int, default=None, metavar="M",
+        "--pp", type=positive_int, default=None, metavar="M",
         help="load at this pipeline-parallel size instead of the saved one (resharding)",
     )
     _add_overwrite_argument(parser)
@@ -136,7 +118,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tolerance",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="T",
         help="largest allowed |logit difference| (default: the library's, 1e-4 in fp32)",
@@ -174,8 +156,8 @@ def add_conversion_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch", default="llama", help="architecture of the tiny model (default: llama)"
     )
-    parser.add_argument("--tp", type=_positive_int, default=2, metavar="N", help="default: 2")
-    parser.add_argument("--pp", type=_positive_int, default=2, metavar="M", help="default: 2")
+    parser.add_argument("--tp", type=positive_int, default=2, metavar="N", help="default: 2")
+    parser.add_argument("--pp", type=positive_int, default=2, metavar="M", help="default: 2")
 
 
 def run_conversion_demo(args: argparse.Namespace) -> int:
@@ -193,14 +175,14 @@ def run_conversion_demo(args: argparse.Namespace) -> int:
 
 def add_check_weight_sync_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
-    parser.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="trainer TP")
-    parser.add_argument("--pp", type=_positive_int, default=1, metavar="M", help="trainer PP")
-    parser.add_argument("--ep", type=_positive_int, default=1, metavar="E", help="trainer EP")
+    parser.add_argument("--tp", type=positive_int, default=1, metavar="N", help="trainer TP")
+    parser.add_argument("--pp", type=positive_int, default=1, metavar="M", help="trainer PP")
+    parser.add_argument("--ep", type=positive_int, default=1, metavar="E", help="trainer EP")
     parser.add_argument(
-        "--engine-tp", type=_positive_int, default=1, metavar="N", help="vLLM's own TP size"
+        "--engine-tp", type=positive_int, default=1, metavar="N", help="vLLM's own TP size"
     )
     parser.add_argument(
-        "--tolerance", type=_positive_float, default=None, metavar="T",
+        "--tolerance", type=positive_float, default=None, metavar="T",
         help="largest allowed |log-prob difference| (default: 1e-3)",
     )
 

@@ -27,6 +27,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from megatron_rlhf.cli_args import non_negative_float, positive_int
+
 log = logging.getLogger(__name__)
 
 
@@ -248,26 +250,6 @@ def run_sft(
 # ----------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
 def add_train_sft_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `megatron-rlhf train-sft` (imports nothing heavy)."""
     add = parser.add_argument
@@ -276,32 +258,32 @@ def add_train_sft_arguments(parser: argparse.ArgumentParser) -> None:
         help="chat JSONL: {messages: [...]} or {prompt, response}")
     add("--out", required=True, metavar="DIR", help="writes checkpoint/, hf/ and sft_report.json here")
     add("--valid", default=None, metavar="FILE", help="held-out chat JSONL for the validation loss")
-    add("--valid-fraction", type=_non_negative_float, default=0.0, metavar="F",
+    add("--valid-fraction", type=non_negative_float, default=0.0, metavar="F",
         help="hold out this share of --data when --valid is not given (default: 0, no validation)")
-    add("--tp", type=_positive_int, default=1, metavar="N", help="tensor parallel (default: 1)")
-    add("--pp", type=_positive_int, default=1, metavar="M", help="pipeline parallel (default: 1)")
-    add("--nproc", type=_positive_int, default=None, metavar="P",
+    add("--tp", type=positive_int, default=1, metavar="N", help="tensor parallel (default: 1)")
+    add("--pp", type=positive_int, default=1, metavar="M", help="pipeline parallel (default: 1)")
+    add("--nproc", type=positive_int, default=None, metavar="P",
         help="processes = TP x PP x DP (default: TP x PP; under torchrun: WORLD_SIZE)")
-    add("--epochs", type=_positive_int, default=1, help="passes over the data (default: 1)")
-    add("--global-batch-size", type=_positive_int, default=8, metavar="B",
+    add("--epochs", type=positive_int, default=1, help="passes over the data (default: 1)")
+    add("--global-batch-size", type=positive_int, default=8, metavar="B",
         help="conversations per optimizer step over all DP ranks (default: 8)")
-    add("--micro-batch-size", type=_positive_int, default=1, metavar="B",
+    add("--micro-batch-size", type=positive_int, default=1, metavar="B",
         help="conversations per microbatch on one DP rank (default: 1)")
-    add("--max-length", type=_positive_int, default=None, metavar="T",
+    add("--max-length", type=positive_int, default=None, metavar="T",
         help="tokens kept per conversation (default: the model's max positions)")
-    add("--lr", type=_non_negative_float, default=1e-5, help="peak learning rate (default: 1e-5)")
-    add("--min-lr", type=_non_negative_float, default=0.0, help="final learning rate (default: 0)")
+    add("--lr", type=non_negative_float, default=1e-5, help="peak learning rate (default: 1e-5)")
+    add("--min-lr", type=non_negative_float, default=0.0, help="final learning rate (default: 0)")
     add("--lr-warmup-steps", type=int, default=0, metavar="N", help="linear warmup steps (default: 0)")
     add("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine",
         help="decay from --lr to --min-lr over the run (default: cosine)")
-    add("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay (default: 0)")
-    add("--clip-grad", type=_non_negative_float, default=1.0,
+    add("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay (default: 0)")
+    add("--clip-grad", type=non_negative_float, default=1.0,
         help="gradient-norm clip, 0 off (default: 1)")
-    add("--adam-eps", type=_non_negative_float, default=1e-8, help="Adam epsilon (default: 1e-8)")
+    add("--adam-eps", type=non_negative_float, default=1e-8, help="Adam epsilon (default: 1e-8)")
     add("--seed", type=int, default=0, help="seed of the shuffle and the initialisation (default: 0)")
     add("--eval-interval", type=int, default=0, metavar="N",
         help="validate every N steps (default: 0, before training and after each epoch)")
-    add("--log-interval", type=_positive_int, default=10, metavar="N",
+    add("--log-interval", type=positive_int, default=10, metavar="N",
         help="log every N steps (default: 10)")
     add("--params-dtype", choices=("float32", "bfloat16", "float16"), default=None,
         help="training weight dtype (default: the dtype of the HF weights)")
