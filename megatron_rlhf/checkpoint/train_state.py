@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
-import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,18 +62,35 @@ from typing import Any
 import torch
 
 from megatron_rlhf.checkpoint.dist_ckpt import CheckpointError
+from megatron_rlhf.checkpoint.optimizer_state import (
+    is_distributed_optimizer as _is_distributed_optimizer,
+    is_updater as _is_updater,
+    module_of as _module_of,
+    restore_adam_steps as _restore_adam_steps,
+    saved_adam_steps as _saved_adam_steps,
+    sharded_state as _sharded_state,
+)
+from megatron_rlhf.checkpoint.step_directories import (  # noqa: F401 - public names re-exported
+    CHECKPOINTS_DIR,
+    COMPLETE_FILE,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    TMP_INFIX,
+    checkpoint_problem,
+    complete_checkpoints,
+    find_latest_checkpoint,
+    fsync_path as _fsync,
+    prune_checkpoints,
+    publish_directory as _publish_directory,
+    remove_stale_temporaries,
+    write_complete_marker as _write_complete_marker,
+    write_latest_marker as _write_latest_marker,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
-COMPLETE_FILE = "COMPLETE"
 STATE_FILE = "train_state.json"
 EXTRA_STATE_FILE = "extra_state.pt"
-FORMAT_VERSION = 1
-TMP_INFIX = ".tmp-"
-OPTIMIZER_SHARDING = "dp_reshardable"
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _PLAIN_TYPES = (type(None), bool, int, float, str, torch.Tensor)
 
@@ -179,104 +194,6 @@ def _check_plain(value: Any, where: str) -> None:
         )
 
 
-def _is_updater(component: Any) -> bool:
-    return all(
-        hasattr(component, name) for name in ("model", "optimizer", "scheduler", "skipped_steps")
-    )
-
-
-def _module_of(component: Any) -> torch.nn.Module:
-    """The model whose ``sharded_state_dict`` is saved (a DDP wrapper unwrapped)."""
-    model = component.model if _is_updater(component) else component
-    return model.module if hasattr(model, "ddp_config") else model
-
-
-def _sharded_state(component: Any, is_loading: bool) -> dict[str, Any]:
-    metadata = {
-        "distrib_optim_sharding_type": OPTIMIZER_SHARDING,
-        "chained_optim_avoid_prefix": True,
-    }
-    model_state = _module_of(component).sharded_state_dict(metadata=metadata)
-    if not _is_updater(component):
-        return {"model": model_state}
-    _materialise_optimizer_state(component.optimizer)
-    optimizer_state = component.optimizer.sharded_state_dict(
-        model_state, is_loading=is_loading, metadata=metadata
-    )
-    return {"model": model_state, "optimizer": optimizer_state}
-
-
-# Megatron-Core 0.16 with torch's Adam/SGD (no Apex/Transformer Engine: CPU, some GPU installs)
-# needs three corrections to round-trip optimizer state exactly.
-
-
-def _inner_optimizers(optimizer: Any) -> list[Any]:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _is_distributed_optimizer(optimizer: Any) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(inner, DistributedOptimizer) for inner in _inner_optimizers(optimizer))
-
-
-def _materialise_optimizer_state(optimizer: Any) -> None:
-    """Create the zero state torch makes at a first step (Adam: moments, step 0; SGD: momentum
-    buffers) in a never-stepped optimizer: Megatron can neither save an empty torch Adam state
-    nor load into one. A zero SGD buffer gives the first step (dampening 0) the same update, bit
-    for bit, as a missing one; Megatron's SGD lacks the state initialiser that loading calls, so
-    a no-op one is set (the state exists by then)."""
-    for inner in _inner_optimizers(optimizer):
-        torch_optimizer = inner.optimizer
-        if isinstance(torch_optimizer, torch.optim.SGD):
-            inner.init_state_fn = inner.init_state_fn or (lambda *args, **kwargs: None)
-            for group in torch_optimizer.param_groups:
-                for parameter in group["params"] if group["momentum"] else []:
-                    torch_optimizer.state[parameter].setdefault(
-                        "momentum_buffer", torch.zeros_like(parameter)
-                    )
-        elif inner.init_state_fn is not None and len(torch_optimizer.state) == 0:
-            inner.init_state_fn(torch_optimizer, inner.config)
-            if isinstance(torch_optimizer, torch.optim.Adam):  # Apex/TE Adam keep no "step"
-                for parameter_state in torch_optimizer.state.values():
-                    parameter_state.setdefault("step", torch.tensor(0.0))
-
-
-def _saved_adam_steps(optimizer: Any, loaded: Any) -> list[float | None]:
-    """Per chained optimizer, the Adam step of a distributed-optimizer checkpoint (None else).
-
-    Also puts back step 0 where a non-distributed checkpoint saved before the first step lacks
-    it (Megatron saves the common step only when it is non-zero)."""
-    inners = _inner_optimizers(optimizer)
-    steps: list[float | None] = []
-    for inner, state in zip(
-        inners,
-        [loaded] if len(inners) == 1 else [loaded[i] for i in range(len(inners))],
-    ):
-        if "param_state" in state:
-            found = {group.get("step") for group in state["optimizer"]["param_groups"]} - {None}
-            steps.append(float(found.pop()) if len(found) == 1 else None)
-            continue
-        steps.append(None)
-        torch_state = state.get("optimizer", state).get("state", {})
-        if "common_step" not in torch_state and isinstance(inner.optimizer, torch.optim.Adam):
-            for parameter_state in torch_state.values():
-                parameter_state.setdefault("step", torch.tensor(0.0))
-    return steps
-
-
-def _restore_adam_steps(optimizer: Any, saved_steps: list[float | None]) -> None:
-    """Give every parameter its own, correct Adam ``step`` after a load. The distributed
-    optimizer loads one ``step`` tensor shared by all parameters, then overwrites it with the
-    loading template's 0; torch Adam would also add 1 to a shared tensor once per parameter."""
-    for inner, step in zip(_inner_optimizers(optimizer), saved_steps):
-        for parameter_state in inner.optimizer.state.values():
-            current = parameter_state.get("step")
-            if isinstance(current, torch.Tensor):
-                value = current if step is None else torch.tensor(step, dtype=current.dtype)
-                parameter_state["step"] = value.clone()
-
-
 def _model_parallel_sizes() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
@@ -339,136 +256,6 @@ def _write_rng_state(path: Path) -> None:
     }
     torch.save(state, path)
     _fsync(path)
-
-
-def _write_complete_marker(staging: Path, step: int) -> None:
-    """Fsync every file, then record their sizes in ``COMPLETE`` (written last, fsynced)."""
-    files = {}
-    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        _fsync(path)
-        files[str(path.relative_to(staging))] = path.stat().st_size
-    marker = staging / COMPLETE_FILE
-    marker.write_text(
-        json.dumps({"format_version": FORMAT_VERSION, "step": step, "files": files}, indent=1)
-    )
-    _fsync(marker)
-    for directory in sorted({p for p in staging.rglob("*") if p.is_dir()} | {staging}):
-        _fsync(directory)
-
-
-def _publish_directory(staging: Path, final: Path) -> None:
-    """Atomically rename ``staging`` to ``final``; an existing ``final`` is moved aside first."""
-    replaced = final.with_name(f"{final.name}{TMP_INFIX}replaced-{uuid.uuid4().hex}")
-    if final.exists():
-        final.rename(replaced)
-    staging.rename(final)
-    _fsync(final.parent)
-    shutil.rmtree(replaced, ignore_errors=True)
-
-
-def _write_latest_marker(checkpoints: Path, name: str) -> None:
-    temporary = checkpoints / f"{LATEST_FILE}{TMP_INFIX}{uuid.uuid4().hex}"
-    temporary.write_text(name + "\n")
-    _fsync(temporary)
-    os.replace(temporary, checkpoints / LATEST_FILE)
-    _fsync(checkpoints)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def remove_stale_temporaries(checkpoints: Path) -> list[Path]:
-    """Delete ``*.tmp-*`` leftovers of killed saves or prunes. Call on one rank, between saves."""
-    removed = sorted(checkpoints.glob(f"*{TMP_INFIX}*"))
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        logger.info("removed stale temporary %s", path)
-    return removed
-
-
-def prune_checkpoints(checkpoints: Path, keep_last: int) -> list[Path]:
-    """Delete all but the ``keep_last`` newest complete checkpoints (rename, then delete)."""
-    pruned = [path for _, path in complete_checkpoints(checkpoints.parent, quiet=True)[:-keep_last]]
-    for path in pruned:
-        doomed = path.with_name(f"{path.name}{TMP_INFIX}pruned-{uuid.uuid4().hex}")
-        path.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-    return pruned
-
-
-def checkpoint_problem(directory: Path) -> str | None:
-    """Why ``directory`` is not a complete checkpoint, or None when it is."""
-    match = _STEP_DIR.match(directory.name)
-    if match is None:
-        return f"name {directory.name!r} is not step_NNNNNN"
-    marker = directory / COMPLETE_FILE
-    if not marker.is_file():
-        return f"no {COMPLETE_FILE} marker (an interrupted or foreign save)"
-    try:
-        record = json.loads(marker.read_text())
-        step, version, files = (
-            record["step"],
-            record["format_version"],
-            dict(record["files"]),
-        )
-    except (
-        ValueError,
-        KeyError,
-        TypeError,
-    ) as error:  # JSONDecodeError, UnicodeDecodeError
-        return f"corrupt {COMPLETE_FILE} marker ({type(error).__name__}: {error})"
-    if version != FORMAT_VERSION:
-        return f"{COMPLETE_FILE} has format_version={version}; this version reads {FORMAT_VERSION}"
-    if step != int(match.group(1)):
-        return f"{COMPLETE_FILE} names step {step}, the directory step {int(match.group(1))}"
-    for relative, size in files.items():
-        path = directory / relative
-        if not path.is_file():
-            return f"file {relative} listed in {COMPLETE_FILE} is missing"
-        if path.stat().st_size != size:
-            return f"file {relative} has {path.stat().st_size} bytes, {COMPLETE_FILE} says {size}"
-    return None
-
-
-def complete_checkpoints(run_dir: str | Path, quiet: bool = False) -> list[tuple[int, Path]]:
-    """``(step, directory)`` of the complete checkpoints under ``run_dir``, oldest first;
-    others are skipped with a warning naming the reason (unless ``quiet``)."""
-    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
-    found = []
-    for path in sorted(checkpoints.glob("step_*")) if checkpoints.is_dir() else []:
-        if TMP_INFIX in path.name or not path.is_dir():
-            continue
-        problem = checkpoint_problem(path)
-        if problem is None:
-            found.append((int(_STEP_DIR.match(path.name).group(1)), path))
-        elif not quiet:
-            logger.warning("ignoring checkpoint %s: %s", path, problem)
-    return sorted(found)
-
-
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``run_dir``, or None. Needs no process group."""
-    found = complete_checkpoints(run_dir)
-    if not found:
-        return None
-    newest = found[-1][1]
-    latest = Path(run_dir) / CHECKPOINTS_DIR / LATEST_FILE
-    pointed = latest.read_text().strip() if latest.is_file() else None
-    if pointed != newest.name:
-        logger.warning(
-            "%s names %r; the newest complete checkpoint is %s (its save was killed "
-            "before updating %s): using it",
-            latest,
-            pointed,
-            newest.name,
-            LATEST_FILE,
-        )
-    return newest
 
 
 def load_latest_train_state(run_dir: str | Path, models: dict[str, Any]) -> TrainStateInfo | None:

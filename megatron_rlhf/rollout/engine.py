@@ -31,6 +31,7 @@ from megatron_rlhf.types import RolloutBatch
 
 log = logging.getLogger(__name__)
 OVERLONG_POLICIES = ("truncate", "drop")
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class TokenizerMismatch(ValueError):
@@ -74,6 +75,8 @@ class RolloutConfig:
             raise ValueError(f"overlong_prompts={self.overlong_prompts!r} (choose {OVERLONG_POLICIES})")
         if self.tensor_parallel < 1 or self.max_model_len < 2:
             raise ValueError("tensor_parallel must be >= 1 and max_model_len >= 2")
+        if self.dtype not in ENGINE_DTYPES:  # also the dtype weights are synced in
+            raise ValueError(f"dtype={self.dtype!r} (choose {', '.join(ENGINE_DTYPES)})")
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,36 @@ def reload_engine_base():
             self.receive_weights(self.parse_update_info(update_info))
 
     return LayerwiseReloadEngine
+
+
+def buffered_weights_inspectable() -> bool:
+    """Whether this vLLM's layerwise reload exposes what it buffers (``loaded_weights``)."""
+    try:
+        from dataclasses import fields
+
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info  # noqa: F401
+        from vllm.model_executor.model_loader.reload.types import LayerReloadingInfo
+    except ImportError:
+        return False
+    return "loaded_weights" in {field.name for field in fields(LayerReloadingInfo)}
+
+
+def copy_buffered_weights(model: Any, buffer: Any) -> int:
+    """Replace every tensor the layerwise reload still buffers that lies in ``buffer`` by a copy.
+
+    Layerwise reload keeps the tensors given to ``load_weights`` until their layer is complete
+    (a layer split across buckets; layers with padding, processed at ``finish``). Called after
+    each bucket whose tensors are views of a buffer about to be reused; returns the count copied.
+    """
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    start = buffer.data_ptr()
+    end = start + buffer.numel() * buffer.element_size()
+    copied = 0
+    for layer in model.modules():
+        for _, bound in get_layerwise_info(layer).loaded_weights:
+            for key, value in bound.arguments.items():
+                if hasattr(value, "data_ptr") and start <= value.data_ptr() < end:
+                    bound.arguments[key] = value.clone()
+                    copied += 1
+    return copied

@@ -11,24 +11,27 @@ processes by :mod:`~megatron_rlhf.rollout.vllm_plugin`) and the trainer engine
 (:func:`build_trainer_classes`, vLLM's ``TrainerWeightTransferEngine`` interface, driven by
 :class:`megatron_rlhf.rollout.weight_sync.WeightSync`). Protocol:
 
-- ``trainer_init``: the sender creates one segment (:class:`SharedSegment`, ``bucket_bytes``
-  large) and ``init_weight_transfer_engine`` tells the workers its name; each worker maps it
-  read-only and fails at once if it cannot (another host, a private ``/dev/shm``);
-- per bucket: the sender packs the tensors back to back (64-byte aligned) into the segment and
-  calls ``update_weights`` with the bucket's layout (``names``, ``dtype_names``, ``shapes``,
-  ``offsets``, ``num_bytes``, and the segment's name and size); each worker copies the tensors
-  out of the segment and loads them through vLLM's layerwise reload, exactly as the gloo
-  backend does (``start_weight_update`` / ``finish_weight_update``);
-- the RPC returns only after every worker has copied the bucket, so the sender reuses the
-  segment for the next bucket; a bucket with one tensor larger than the segment replaces it
-  by a larger one (new name, carried in the update info; workers re-map).
+- ``trainer_init``: the sender creates ``num_buffers`` segments (:class:`SharedSegment`, 2 by
+  default, ``bucket_bytes`` each) and ``init_weight_transfer_engine`` names one to the workers,
+  which fail at once if they cannot map it (another host, a private ``/dev/shm``);
+- per bucket: the sender packs the tensors back to back (64-byte aligned) into the next segment
+  in turn and calls ``update_weights`` (on a helper thread) with the bucket's layout (``names``,
+  ``dtype_names``, ``shapes``, ``offsets``, ``num_bytes``, and the segment's name and size);
+  each worker maps that segment copy-on-write and loads views of it through vLLM's layerwise
+  reload (``start_weight_update`` / ``finish_weight_update``, as the gloo backend), copying out
+  only what the reload still buffers when the call returns;
+- the RPC returns only after every worker has loaded the bucket, and a segment is packed again
+  only after the RPC of the bucket it held returned, so with two segments packing overlaps
+  loading; a bucket with one tensor larger than its segment replaces it by a larger one (new
+  name, carried in the update info).
 
-Guarantees: shared memory only, never a file on disk; one segment per sender, at most the
-largest bucket in size; the segment is unlinked by ``WeightSync.shutdown``, when a sync raises,
+Guarantees: shared memory only, never a file on disk; ``num_buffers`` segments per sender, each
+at most the largest bucket in size; the segments are unlinked by ``WeightSync.shutdown``, when a sync raises,
 and, failing those, when the sender process exits (a ``multiprocessing`` finalizer, and the
 resource tracker behind it); free space in ``/dev/shm`` is checked before the segment is
 created or grown (writing past a full tmpfs would kill the trainer with SIGBUS); workers map the
-segment read-only and copy out of it, so the next bucket cannot change weights already loaded.
+segment copy-on-write per bucket and copy out whatever vLLM still holds after it, so neither the
+next bucket can change weights already loaded nor a worker's in-place write reach the segment.
 
 Not guaranteed: anything across hosts (use ``gloo``); a ``/dev/shm`` large enough (Docker's
 default is 64 MiB: lower ``bucket_bytes`` or raise ``--shm-size``); clean-up after SIGKILL of
@@ -45,7 +48,7 @@ import mmap
 import os
 import shutil
 import uuid
-import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory, util
 from pathlib import Path
@@ -216,7 +219,12 @@ def remove_orphaned_segments() -> list[str]:
 
 
 def attach_segment(name: str, num_bytes: int) -> tuple[mmap.mmap, torch.Tensor]:
-    """Map an existing segment read-only (worker side); a clear error when it is not here."""
+    """Map an existing segment copy-on-write (worker side); a clear error when it is not here.
+
+    ``MAP_PRIVATE``: pages this process never writes show the sender's current bytes; a write
+    (a weight loader modifying its input in place) lands in a private copy, never in the segment
+    the other workers read. Mapped per bucket, so no private copy outlives a bucket.
+    """
     path = os.path.join(SHM_DIR, name)
     try:
         descriptor = os.open(path, os.O_RDONLY)
@@ -226,20 +234,24 @@ def attach_segment(name: str, num_bytes: int) -> tuple[mmap.mmap, torch.Tensor]:
             "the vLLM workers on the same host (and the same /dev/shm); use weight_transfer_backend='gloo'"
         ) from error
     try:
-        mapping = mmap.mmap(descriptor, num_bytes, prot=mmap.PROT_READ)
+        # No MAP_POPULATE: on a private writable mapping it would pre-fault for writing, i.e.
+        # copy every page; read faults map the shared pages themselves.
+        mapping = mmap.mmap(descriptor, num_bytes, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(descriptor)
-    with warnings.catch_warnings():  # read-only buffer: every use below copies out of it
-        warnings.simplefilter("ignore", UserWarning)
-        view = torch.frombuffer(mapping, dtype=torch.uint8, count=num_bytes)
-    return mapping, view
+    return mapping, torch.frombuffer(mapping, dtype=torch.uint8, count=num_bytes)
 
 
 def build_engine_classes():
     """Define the worker-side engine against the installed vLLM (imported lazily)."""
     from vllm.distributed.weight_transfer.base import WeightTransferInitInfo, WeightTransferUpdateInfo
 
-    from megatron_rlhf.rollout.layerwise_reload import reload_engine_base
+    from megatron_rlhf.rollout.layerwise_reload import (
+        buffered_weights_inspectable,
+        copy_buffered_weights,
+        reload_engine_base,
+    )
 
     @dataclass
     class ShmWeightTransferInitInfo(WeightTransferInitInfo):
@@ -257,7 +269,14 @@ def build_engine_classes():
         num_bytes: int
 
     class ShmWeightTransferEngine(reload_engine_base()):
-        """Worker side: copy each bucket out of the shared segment, load it with ``load_weights``."""
+        """Worker side: load each bucket straight from a mapping of the segment.
+
+        On a CPU device the tensors handed to ``load_weights`` are views of the mapping (no copy);
+        whatever vLLM's layerwise reload still buffers when the call returns (a layer whose
+        tensors continue in the next bucket, padded layers processed at the end) is copied out
+        then, since the sender overwrites the segment with the next bucket. Other devices, or a
+        vLLM whose layerwise buffers cannot be inspected, copy every tensor.
+        """
 
         init_info_cls = ShmWeightTransferInitInfo
         update_info_cls = ShmWeightTransferUpdateInfo
@@ -265,33 +284,31 @@ def build_engine_classes():
         def __init__(self, config, vllm_config, device, model) -> None:
             super().__init__(config, vllm_config, device, model)
             self.segment_name: str | None = None
-            self.mapping: mmap.mmap | None = None
-            self.view: torch.Tensor | None = None
-
-        def _attach(self, name: str, num_bytes: int) -> None:
-            self.shutdown()
-            self.mapping, self.view = attach_segment(name, num_bytes)
-            self.segment_name = name
+            self.zero_copy = torch.device(device).type == "cpu" and buffered_weights_inspectable()
 
         def init_transfer_engine(self, init_info) -> None:
-            self._attach(init_info.segment_name, init_info.segment_bytes)
+            # Fail at once when the segment is not on this host; buckets map it again each time.
+            mapping, view = attach_segment(init_info.segment_name, init_info.segment_bytes)
+            del view
+            mapping.close()
+            self.segment_name = init_info.segment_name
 
         def receive_weights(self, update_info) -> None:
-            if self.view is None:
+            if self.segment_name is None:
                 raise RuntimeError("shm weight transfer used before init_weight_transfer_engine")
-            if update_info.segment_name != self.segment_name:  # the sender grew its segment
-                self._attach(update_info.segment_name, update_info.segment_bytes)
-            views = unpack_bucket_views(self.view, update_info.names, update_info.dtype_names,
+            self.segment_name = update_info.segment_name  # a new name when the sender grew it
+            _, segment = attach_segment(update_info.segment_name, update_info.segment_bytes)
+            views = unpack_bucket_views(segment, update_info.names, update_info.dtype_names,
                                         update_info.shapes, update_info.offsets)
-            # Copies: layerwise reload keeps tensors until a layer is complete, and the sender
-            # overwrites the segment with the next bucket as soon as this call returns.
-            self.model.load_weights([(name, view.to(self.device, copy=True)) for name, view in views])
+            if not self.zero_copy:
+                self.model.load_weights([(name, view.to(self.device, copy=True)) for name, view in views])
+                return
+            self.model.load_weights(views)
+            copy_buffered_weights(self.model, segment)
+            # The mapping is unmapped when its last view is released (on return).
 
         def shutdown(self) -> None:
-            self.view = None
-            if self.mapping is not None:
-                self.mapping.close()
-            self.mapping, self.segment_name = None, None
+            self.segment_name = None
 
     return ShmWeightTransferEngine
 
@@ -307,74 +324,102 @@ def build_trainer_classes():
     class ShmTrainerInitInfo(TrainerInitInfo):
         backend: ClassVar[str] = BACKEND_NAME
         bucket_bytes: int = 64 * 1024**2
+        num_buffers: int = 2
+        """Segments the sender cycles through: with 2, it packs the next bucket while the workers
+        load the previous one (``/dev/shm`` holds ``num_buffers`` buckets)."""
 
     class ShmTrainerWeightTransferEngine(TrainerWeightTransferEngine):
-        """Sender (trainer rank 0): write each bucket into the segment, then let the workers load it.
+        """Sender (trainer rank 0): pack buckets into the segments in turn, workers load each.
 
-        Other trainer ranks only iterate the source (the export's collectives). A send that
-        raises unlinks the segment: the engine is then unusable until ``trainer_init`` again.
+        ``update_weights`` runs on a helper thread, so packing bucket k+1 overlaps the workers'
+        loading of bucket k; a segment is reused only after the workers returned from the bucket
+        it held. Other trainer ranks only iterate the source (the export's collectives). A send
+        that raises unlinks the segments: the engine is unusable until ``trainer_init`` again.
         """
 
         init_info_cls = ShmTrainerInitInfo
 
-        def __init__(self, *, client, source, is_sender: bool = True, bucket_bytes: int = 64 * 1024**2):
+        def __init__(self, *, client, source, is_sender: bool = True, bucket_bytes: int = 64 * 1024**2,
+                     num_buffers: int = 2):
             super().__init__(client=client, source=source, is_sender=is_sender)
+            if num_buffers < 1:
+                raise ValueError(f"num_buffers={num_buffers} must be >= 1")
             self.bucket_bytes = bucket_bytes
-            self.segment: SharedSegment | None = None
+            self.num_buffers = num_buffers
+            self.segments: list[SharedSegment] = []
+
+        @property
+        def segment(self) -> SharedSegment | None:
+            """The first segment (None once unlinked)."""
+            return self.segments[0] if self.segments else None
+
+        def _unlink_segments(self) -> None:
+            segments, self.segments = self.segments, []
+            for segment in segments:
+                segment.unlink()
 
         @classmethod
         def trainer_init(cls, init_info, *, client, source=None):
             if source is None:
                 raise ValueError("the shm trainer engine needs a WeightSource")
             engine = cls(client=client, source=source, is_sender=init_info.is_sender,
-                         bucket_bytes=init_info.bucket_bytes)
+                         bucket_bytes=init_info.bucket_bytes, num_buffers=init_info.num_buffers)
             if engine.is_sender:
                 remove_orphaned_segments()
-                engine.segment = SharedSegment(init_info.bucket_bytes)
                 try:
+                    for _ in range(engine.num_buffers):
+                        engine.segments.append(SharedSegment(init_info.bucket_bytes))
                     client.init_weight_transfer_engine({"segment_name": engine.segment.name,
                                                         "segment_bytes": engine.segment.num_bytes})
                 except BaseException:
-                    engine.segment.unlink()
+                    engine._unlink_segments()
                     raise
             return engine
 
         def send_weights(self) -> TransferStats:
             if not self.is_sender:
                 return TransferStats(0, sum(1 for _ in self.source), 0, 0)
-            if self.segment is None:
+            if not self.segments:
                 raise RuntimeError("shm weight transfer used after a failed send or shutdown; "
                                    "call trainer_init (WeightSync.connect) again")
             total = tensors = buckets = largest = 0
+            in_flight: list[Future | None] = [None] * len(self.segments)
+            pool = ThreadPoolExecutor(max_workers=1)  # one RPC at a time, in bucket order
             try:
                 self.client.start_weight_update()
-                for bucket in iter_buckets(self.source, self.bucket_bytes, aligned_nbytes):
+                for index, bucket in enumerate(iter_buckets(self.source, self.bucket_bytes, aligned_nbytes)):
+                    slot = index % len(self.segments)
+                    if in_flight[slot] is not None:
+                        in_flight[slot].result()  # the workers are done with this segment
+                    segment = self.segments[slot]
                     info = bucket_layout(bucket)
-                    self.segment.ensure(info["num_bytes"])
-                    pack_bucket_into(bucket, self.segment.view)
-                    info.update(segment_name=self.segment.name, segment_bytes=self.segment.num_bytes)
-                    # Returns once every worker has loaded the bucket: the segment is free again.
-                    self.client.update_weights(info)
+                    segment.ensure(info["num_bytes"])
+                    pack_bucket_into(bucket, segment.view)
+                    info.update(segment_name=segment.name, segment_bytes=segment.num_bytes)
+                    in_flight[slot] = pool.submit(self.client.update_weights, info)
                     sent = sum(t.numel() * t.element_size() for _, t in bucket)
                     total, tensors, buckets, largest = total + sent, tensors + len(bucket), buckets + 1, max(largest, sent)
+                for future in in_flight:
+                    if future is not None:
+                        future.result()
                 self.client.finish_weight_update()
             except BaseException:
-                # Never leave a segment behind a failed send; the workers' update is still open,
-                # so they keep their mapping until the next init or their exit.
-                self.segment.unlink()
-                self.segment = None
+                # Never leave segments behind a failed send; the workers' update is still open,
+                # and a worker still loading keeps its own mapping until it returns.
+                self._unlink_segments()
                 raise
+            finally:
+                pool.shutdown(wait=False)
             return TransferStats(total, tensors, buckets, largest)
 
         def shutdown(self) -> None:
-            segment, self.segment = self.segment, None
-            if segment is None:
+            if not self.segments:
                 return
-            segment.unlink()
+            self._unlink_segments()
             if getattr(self.client, "alive", True):  # an engine already shut down needs nothing
                 try:
                     self.client.shutdown_weight_transfer_engine()
-                except Exception as error:  # the segment is gone either way; workers unmap at exit
+                except Exception as error:  # the segments are gone either way; workers unmap at exit
                     log.warning("vLLM workers did not release the weight-transfer segment: %s", error)
 
     return ShmTrainerInitInfo, ShmTrainerWeightTransferEngine

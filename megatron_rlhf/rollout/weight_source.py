@@ -17,7 +17,8 @@ pieces, used with vLLM's own ``nccl`` / ``ipc`` trainer engines and with this pa
   (or the disaggregated ``RemoteEngine``), i.e. vLLM's ``collective_rpc`` to its workers.
 
 And :func:`iter_buckets`, the bucketing this package's transports share: a bucket is cut before
-it would exceed ``bucket_bytes``, so it is larger only when one tensor is.
+it would exceed ``bucket_bytes`` (so it is larger only when one tensor is) and, where a layer
+fits, between layers.
 """
 
 from __future__ import annotations
@@ -44,18 +45,55 @@ def payload_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def layer_key(name: str) -> str:
+    """The transformer layer an HF name belongs to (the prefix through its outermost index, as
+    vLLM's ``layerwise_groups``), or the name itself for un-indexed tensors (embeddings, norms)."""
+    parts = name.split(".")
+    for position, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: position + 1])
+    return name
+
+
 def iter_buckets(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-                 size_of: Callable[[torch.Tensor], int] = payload_bytes) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group ``pairs`` into buckets of at most ``bucket_bytes`` (by ``size_of``), in order."""
+                 size_of: Callable[[torch.Tensor], int] = payload_bytes,
+                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group ``pairs`` into buckets of at most ``bucket_bytes`` (by ``size_of``), in order.
+
+    A layer's tensors (:func:`layer_key`) stay in one bucket unless the layer alone is larger
+    than a bucket: vLLM's layerwise reload processes a layer when its last tensor arrives and
+    until then holds the earlier ones, so whole layers per bucket let the receiver drop (or
+    reuse) a bucket as soon as it is loaded. Holds at most one bucket and one layer.
+    """
     bucket: list[tuple[str, torch.Tensor]] = []
     filled = 0
-    for name, tensor in pairs:
-        size = size_of(tensor)
-        if bucket and filled + size > bucket_bytes:
+    layer: list[tuple[str, torch.Tensor]] = []
+    layer_bytes = 0
+    current = None
+
+    def place(group: list[tuple[str, torch.Tensor]], group_bytes: int):
+        nonlocal bucket, filled
+        if bucket and filled + group_bytes > bucket_bytes:
             yield bucket
             bucket, filled = [], 0
-        bucket.append((name, tensor))
-        filled += size
+        for name, tensor in group:  # a layer larger than a bucket is split by tensor
+            size = size_of(tensor)
+            if bucket and filled + size > bucket_bytes:
+                yield bucket
+                bucket, filled = [], 0
+            bucket.append((name, tensor))
+            filled += size
+
+    for name, tensor in pairs:
+        key = layer_key(name)
+        if key != current and layer:
+            yield from place(layer, layer_bytes)
+            layer, layer_bytes = [], 0
+        current = key
+        layer.append((name, tensor))
+        layer_bytes += size_of(tensor)
+    if layer:
+        yield from place(layer, layer_bytes)
     if bucket:
         yield bucket
 

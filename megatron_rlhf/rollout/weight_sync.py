@@ -19,9 +19,10 @@ Transports, by the engine's ``weight_transfer_backend``:
 - ``ipc`` (vLLM's ``IPCTrainerWeightTransferEngine``): CUDA IPC handles to packed buckets on each
   trainer rank's GPU, opened by the vLLM worker on the same GPU (colocated GPUs).
 
-Guarantees: never through a file; peak extra memory on the sender about one bucket
-(``bucket_bytes``; vLLM's packed ``nccl``/``ipc`` use it as their packed buffer size) plus the
-parameter being gathered; every rank returns the same :class:`SyncReport`; a sync that raises
+Guarantees: never through a file; extra memory on the sender bounded by the buckets in flight
+(``bucket_bytes`` each: ``shm`` keeps two segments so packing overlaps loading, ``gloo`` one
+buffer; vLLM's packed ``nccl``/``ipc`` use it as their packed buffer size) plus one layer's
+tensors (buckets are cut between layers where a layer fits); every rank returns the same :class:`SyncReport`; a sync that raises
 leaves the transport closed (``shm``: segment unlinked) until :meth:`WeightSync.connect`.
 Verified here on CPU for ``shm`` and ``gloo``; the ``nccl`` and ``ipc`` paths need GPUs and are
 covered only by the ``gpu``-marked tests.
@@ -50,8 +51,8 @@ class UnsupportedTransport(RuntimeError):
 @dataclass(frozen=True)
 class WeightSyncConfig:
     bucket_bytes: int = 64 * 1024**2
-    """Bytes per transfer bucket: bounds the sender's and workers' extra memory (and, for
-    ``shm``, the shared-memory segment, which must fit in ``/dev/shm``)."""
+    """Bytes per transfer bucket: bounds the sender's and workers' extra memory (for ``shm``,
+    each of its two shared-memory segments, which must fit in ``/dev/shm`` together)."""
     host: str = "127.0.0.1"
     """Address the sender's rendezvous store listens on (``gloo``, ``nccl``; reachable by the
     vLLM workers)."""

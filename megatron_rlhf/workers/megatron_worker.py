@@ -182,7 +182,12 @@ class ActorWorker(MegatronWorker):
                 from megatron_rlhf.rollout.engine import RolloutEngine
 
                 self.engine = RolloutEngine(rollout_config)
-        self.weight_sync = WeightSync(self.engine, WeightSyncConfig(bucket_bytes=bucket_bytes))
+        host = "127.0.0.1"
+        if remote is not None:  # the engine's workers may run on another node: listen where they reach us
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        self.weight_sync = WeightSync(self.engine, WeightSyncConfig(bucket_bytes=bucket_bytes, host=host))
         self.weight_sync.connect()
 
     def generate(self, prompts: list, settings: Any) -> RolloutBatch:

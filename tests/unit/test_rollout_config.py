@@ -50,3 +50,8 @@ def test_unknown_backend_is_named():
 def test_bad_overlong_policy_is_named():
     with pytest.raises(ValueError, match="overlong_prompts='cut'"):
         RolloutConfig(model_dir="x", overlong_prompts="cut")
+
+
+def test_engine_dtype_is_named_when_unknown():
+    with pytest.raises(ValueError, match="dtype='auto' \\(choose float32, bfloat16, float16\\)"):
+        RolloutConfig(model_dir="unused", dtype="auto")
