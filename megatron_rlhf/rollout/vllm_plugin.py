@@ -6,9 +6,25 @@ worker-side engines must be known. Safe to call more than once.
 
 - ``gloo`` (:mod:`megatron_rlhf.rollout.gloo_transfer`): a private gloo group, any hosts;
 - ``shm`` (:mod:`megatron_rlhf.rollout.shm_transfer`): a POSIX shared-memory segment, same host.
+
+It also silences one false alarm of vLLM's layerwise reload, logged on every weight update of
+every RoPE model: ``RotaryEmbedding: Failed to load weights``. The rotary cos/sin cache is a
+derived buffer that no checkpoint holds; vLLM puts the existing one back, which is correct.
+Every other message of that logger passes.
 """
 
 from __future__ import annotations
+
+import logging
+
+LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class RotaryReloadNoise(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning (see the module docstring)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
 
 
 def register() -> None:
@@ -22,3 +38,6 @@ def register() -> None:
         except ValueError as error:  # registered already in this process
             if "already registered" not in str(error):
                 raise
+    layerwise = logging.getLogger(LAYERWISE_LOGGER)
+    if not any(isinstance(existing, RotaryReloadNoise) for existing in layerwise.filters):
+        layerwise.addFilter(RotaryReloadNoise())
