@@ -2,6 +2,8 @@
 
 - Tests marked ``gpu`` are skipped where ``torch.cuda.is_available()`` is False. torch is imported
   only when such a test was collected, so pure-Python tests start fast.
+- Tests marked ``vllm`` need the vLLM engine: skipped where it is not installed, except under CI
+  (``CI`` set), which installs it, so there a missing engine stops the run instead of skipping.
 - Nothing is fetched from a model hub: Hugging Face offline mode is on (tests build their tiny
   models and tokenizers themselves), and the setting reaches the processes tests spawn.
 - HF tokenizers' own thread pool is off, so tests that fork or spawn ranks after using a tokenizer
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -20,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _require_vllm([item for item in items if item.get_closest_marker("vllm") is not None])
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
@@ -29,4 +33,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in gpu_items:
+        item.add_marker(skip)
+
+
+def _require_vllm(vllm_items: list[pytest.Item]) -> None:
+    if not vllm_items or importlib.util.find_spec("vllm") is not None:
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError(
+            f"{len(vllm_items)} collected tests are marked vllm but vLLM is not installed; CI installs it "
+            "with `bash scripts/bootstrap_env.sh --with-vllm` (a missing engine must fail, not skip)"
+        )
+    skip = pytest.mark.skip(reason="vLLM is installed by `bash scripts/bootstrap_env.sh --with-vllm`")
+    for item in vllm_items:
         item.add_marker(skip)

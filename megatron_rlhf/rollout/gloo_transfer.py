@@ -188,10 +188,10 @@ def build_trainer_classes():
 
         def send_weights(self) -> TransferStats:
             if not self.is_sender:
-                return TransferStats(0, sum(1 for _ in self.source), 0, 0)
+                return TransferStats.iterated(self.source)
             if self.group is None:
                 raise RuntimeError("gloo weight transfer used after shutdown; call trainer_init again")
-            total = tensors = buckets = largest = 0
+            stats = TransferStats()
             self.client.start_weight_update()
             pool = ThreadPoolExecutor(max_workers=1)
             try:
@@ -202,12 +202,11 @@ def build_trainer_classes():
                         future.result()  # a rejected request surfaces instead of a hang in broadcast
                     broadcast_buffer(self.group, buffer)
                     future.result()
-                    total, tensors = total + buffer.numel(), tensors + len(bucket)
-                    buckets, largest = buckets + 1, max(largest, int(buffer.numel()))
+                    stats.add_bucket(bucket)
             finally:
                 pool.shutdown(wait=False)  # never join a worker stuck in a broken broadcast
             self.client.finish_weight_update()
-            return TransferStats(int(total), tensors, buckets, largest)
+            return stats
 
         def shutdown(self) -> None:
             self.group = None

@@ -42,6 +42,7 @@ until the next sender on the host starts and removes segments whose pid is not r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import mmap
@@ -85,13 +86,15 @@ def bucket_layout(tensors: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
     }
 
 
-def pack_bucket_into(tensors: list[tuple[str, torch.Tensor]], segment: torch.Tensor) -> dict[str, Any]:
-    """Write ``tensors`` into ``segment`` (uint8) at :func:`bucket_layout`'s offsets; its info.
+def pack_bucket_into(tensors: list[tuple[str, torch.Tensor]], segment: torch.Tensor,
+                     info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``tensors`` into ``segment`` (uint8) at :func:`bucket_layout`'s offsets; its info
+    (``info``: that layout, when the caller computed it already).
 
     One copy per tensor, straight into shared memory (``pack_bucket`` would first concatenate
     into a private buffer: one more copy of every bucket).
     """
-    info = bucket_layout(tensors)
+    info = info if info is not None else bucket_layout(tensors)
     if info["num_bytes"] > segment.numel():
         raise ValueError(f"bucket needs {info['num_bytes']} bytes; the segment has {segment.numel()}")
     for (_, tensor), offset in zip(tensors, info["offsets"]):
@@ -127,14 +130,10 @@ def _check_free_space(num_bytes: int) -> None:
 
 
 def _unlink_quietly(segment: shared_memory.SharedMemory) -> None:
-    try:
+    with contextlib.suppress(BufferError):  # a view still exports the buffer; unlink frees the name
         segment.close()
-    except BufferError:  # a view still exports the buffer; unlinking is what frees the name
-        pass
-    try:
+    with contextlib.suppress(FileNotFoundError):
         segment.unlink()
-    except FileNotFoundError:
-        pass
 
 
 class SharedSegment:
@@ -378,11 +377,11 @@ def build_trainer_classes():
 
         def send_weights(self) -> TransferStats:
             if not self.is_sender:
-                return TransferStats(0, sum(1 for _ in self.source), 0, 0)
+                return TransferStats.iterated(self.source)
             if not self.segments:
                 raise RuntimeError("shm weight transfer used after a failed send or shutdown; "
                                    "call trainer_init (WeightSync.connect) again")
-            total = tensors = buckets = largest = 0
+            stats = TransferStats()
             in_flight: list[Future | None] = [None] * len(self.segments)
             pool = ThreadPoolExecutor(max_workers=1)  # one RPC at a time, in bucket order
             try:
@@ -394,11 +393,10 @@ def build_trainer_classes():
                     segment = self.segments[slot]
                     info = bucket_layout(bucket)
                     segment.ensure(info["num_bytes"])
-                    pack_bucket_into(bucket, segment.view)
+                    pack_bucket_into(bucket, segment.view, info)
                     info.update(segment_name=segment.name, segment_bytes=segment.num_bytes)
                     in_flight[slot] = pool.submit(self.client.update_weights, info)
-                    sent = sum(t.numel() * t.element_size() for _, t in bucket)
-                    total, tensors, buckets, largest = total + sent, tensors + len(bucket), buckets + 1, max(largest, sent)
+                    stats.add_bucket(bucket)
                 for future in in_flight:
                     if future is not None:
                         future.result()
@@ -410,7 +408,7 @@ def build_trainer_classes():
                 raise
             finally:
                 pool.shutdown(wait=False)
-            return TransferStats(total, tensors, buckets, largest)
+            return stats
 
         def shutdown(self) -> None:
             if not self.segments:

@@ -27,17 +27,32 @@ class RotaryReloadNoise(logging.Filter):
         return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
 
 
+def _register_once(factory, name: str, engine_class) -> None:
+    try:
+        factory.register_engine(name, engine_class)
+    except ValueError as error:  # registered already in this process
+        if "already registered" not in str(error):
+            raise
+
+
+def register_trainer_engines() -> None:
+    """Register the trainer-side engines with vLLM's trainer factory (in the trainer's process)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from megatron_rlhf.rollout import gloo_transfer, shm_transfer
+
+    for transport in (gloo_transfer, shm_transfer):
+        _register_once(WeightTransferTrainerFactory, transport.BACKEND_NAME, transport.build_trainer_classes()[1])
+
+
 def register() -> None:
+    """Register the worker-side engines (vLLM calls this in each of its processes)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     from megatron_rlhf.rollout import gloo_transfer, shm_transfer
 
     for transport in (gloo_transfer, shm_transfer):
-        try:
-            WeightTransferEngineFactory.register_engine(transport.BACKEND_NAME, transport.build_engine_classes())
-        except ValueError as error:  # registered already in this process
-            if "already registered" not in str(error):
-                raise
+        _register_once(WeightTransferEngineFactory, transport.BACKEND_NAME, transport.build_engine_classes())
     layerwise = logging.getLogger(LAYERWISE_LOGGER)
     if not any(isinstance(existing, RotaryReloadNoise) for existing in layerwise.filters):
         layerwise.addFilter(RotaryReloadNoise())

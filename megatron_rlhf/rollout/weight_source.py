@@ -31,18 +31,30 @@ from typing import Any
 import torch
 
 
-@dataclass(frozen=True)
+def payload_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+@dataclass
 class TransferStats:
     """What one ``send_weights`` moved (payload bytes, alignment padding not counted)."""
 
-    bytes: int
-    tensors: int
-    buckets: int
-    largest_bucket_bytes: int
+    bytes: int = 0
+    tensors: int = 0
+    buckets: int = 0
+    largest_bucket_bytes: int = 0
 
+    def add_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        size = sum(payload_bytes(tensor) for _, tensor in bucket)
+        self.bytes += size
+        self.tensors += len(bucket)
+        self.buckets += 1
+        self.largest_bucket_bytes = max(self.largest_bucket_bytes, size)
 
-def payload_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+    @classmethod
+    def iterated(cls, source: Iterable[Any]) -> TransferStats:
+        """A non-sender rank's share: it only walks the source (the export's collectives)."""
+        return cls(tensors=sum(1 for _ in source))
 
 
 def layer_key(name: str) -> str:
@@ -67,17 +79,15 @@ def iter_buckets(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
     """
     bucket: list[tuple[str, torch.Tensor]] = []
     filled = 0
-    layer: list[tuple[str, torch.Tensor]] = []
-    layer_bytes = 0
+    layer: list[tuple[str, torch.Tensor, int]] = []
     current = None
 
-    def place(group: list[tuple[str, torch.Tensor]], group_bytes: int):
+    def place(group: list[tuple[str, torch.Tensor, int]]):
         nonlocal bucket, filled
-        if bucket and filled + group_bytes > bucket_bytes:
+        if bucket and filled + sum(size for _, _, size in group) > bucket_bytes:
             yield bucket
             bucket, filled = [], 0
-        for name, tensor in group:  # a layer larger than a bucket is split by tensor
-            size = size_of(tensor)
+        for name, tensor, size in group:  # a layer larger than a bucket is split by tensor
             if bucket and filled + size > bucket_bytes:
                 yield bucket
                 bucket, filled = [], 0
@@ -87,13 +97,12 @@ def iter_buckets(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
     for name, tensor in pairs:
         key = layer_key(name)
         if key != current and layer:
-            yield from place(layer, layer_bytes)
-            layer, layer_bytes = [], 0
+            yield from place(layer)
+            layer = []
         current = key
-        layer.append((name, tensor))
-        layer_bytes += size_of(tensor)
+        layer.append((name, tensor, size_of(tensor)))
     if layer:
-        yield from place(layer, layer_bytes)
+        yield from place(layer)
     if bucket:
         yield bucket
 

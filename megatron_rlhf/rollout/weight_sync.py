@@ -72,18 +72,6 @@ class SyncReport:
     largest_bucket_bytes: int
 
 
-def register_trainer_engines() -> None:
-    """Register this package's ``gloo`` and ``shm`` trainer engines with vLLM's trainer factory."""
-    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-
-    for transport in (gloo_transfer, shm_transfer):
-        try:
-            WeightTransferTrainerFactory.register_engine(transport.BACKEND_NAME, transport.build_trainer_classes()[1])
-        except ValueError as error:  # registered already in this process
-            if "already registered" not in str(error):
-                raise
-
-
 class WeightSync:
     """Pushes the actor's weights into vLLM; construct (and connect, sync) on every trainer rank."""
 
@@ -141,6 +129,8 @@ class WeightSync:
         backend, dtype_name, workers = header
         if backend in GPU_TRANSPORTS and not torch.cuda.is_available():
             raise UnsupportedTransport(f"weight_transfer_backend={backend!r} needs CUDA on every trainer rank")
+        from megatron_rlhf.rollout.vllm_plugin import register_trainer_engines
+
         register_trainer_engines()
         # Host transports stage buckets in CPU memory; nccl / ipc send from the model's GPU.
         self.source = megatron_weight_source(getattr(torch, dtype_name),
@@ -173,7 +163,7 @@ class WeightSync:
             raise
         if stats is None:  # vLLM's engines report nothing: count what the source declared
             meta = self.source.metadata()
-            size = sum(torch.Size(m.shape).numel() * torch.empty((), dtype=m.dtype).element_size() for m in meta)
+            size = sum(torch.Size(m.shape).numel() * m.dtype.itemsize for m in meta)
             numbers = [time.perf_counter() - start, size, len(meta), 0, 0]
         else:
             numbers = [time.perf_counter() - start, stats.bytes, stats.tensors, stats.buckets,

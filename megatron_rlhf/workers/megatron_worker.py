@@ -198,17 +198,16 @@ class ActorWorker(MegatronWorker):
             raise RuntimeError("generate() called on an actor without an attached engine")
         batch = self.engine.generate(prompts, settings)
         # Colocated GPU engines with sleep mode hand their memory to training until the next
-        # sync (a no-op otherwise; a remote engine has its own devices).
-        getattr(self.engine, "release_memory", lambda: False)()
+        # sync (a no-op otherwise, and for a remote engine, which has its own devices).
+        self.engine.release_memory()
         return batch
 
     def sync_weights(self) -> dict[str, float]:
-        wake = getattr(self.engine, "wake", None)  # rank 0's colocated engine only
-        if wake is not None:
-            wake(("weights",))  # vLLM loads into its own weight memory: back before the sync
+        if self.engine is not None:  # rank 0 holds the engine
+            self.engine.wake(("weights",))  # vLLM loads into its own weight memory: back first
         report = self.weight_sync.sync(self.model, self.arch)
-        if wake is not None:
-            wake(("kv_cache",))
+        if self.engine is not None:
+            self.engine.wake(("kv_cache",))
         return {"seconds": report.seconds, "bytes": float(report.bytes), "buckets": float(report.buckets)}
 
     # --- training ----------------------------------------------------------------------------

@@ -80,3 +80,10 @@ class RemoteEngine:
         import ray
 
         return ray.get(self.handle.generate.remote(prompts, settings))
+
+    def release_memory(self) -> bool:
+        """Nothing to hand over: a disaggregated engine has devices of its own."""
+        return False
+
+    def wake(self, tags: Any = ()) -> None:
+        """Nothing was released (see :meth:`release_memory`)."""

@@ -11,7 +11,6 @@ against the HF checkpoint the model was loaded from.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -20,10 +19,6 @@ from megatron_rlhf.config.parallel import ParallelConfig
 from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vllm]
-if os.environ.get("CI"):
-    import vllm  # noqa: F401 - CI installs vLLM; a missing package must fail, not skip
-else:
-    pytest.importorskip("vllm", reason="vLLM is installed by `bash scripts/bootstrap_env.sh --with-vllm`")
 
 
 def _source_worker(parallel: ParallelConfig, hf_dir: str):

@@ -18,7 +18,7 @@ import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 TOLERANCE = 1e-3
 
 
@@ -26,7 +26,6 @@ TOLERANCE = 1e-3
 def hf_dir(tmp_path_factory):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    pytest.importorskip("vllm")
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("cuda_sync")
