@@ -304,6 +304,9 @@ EXTERNAL_COMMANDS = {
                  "verifier; table + plot vs pass@N", "megatron_rlhf.evaluation.best_of_n_cli", "eval_bon"),
     "train-rl": ("RL training (GRPO, or PPO with a critic) on Ray with vLLM rollouts; resumes by itself",
                  "megatron_rlhf.trainer.rl_cli", "train_rl"),
+    "eval": ("ability-dimension evaluation: public benchmarks (MATH, GSM8K, GPQA, MMLU, HumanEval, MBPP, "
+             "LiveCodeBench, IFEval) from local files, answered with vLLM, graded by the verifiers; per-dimension "
+             "report with deltas between two policies", "megatron_rlhf.evaluation.ability.cli", "eval"),
 }
 for _name, (_summary, _module, _function) in EXTERNAL_COMMANDS.items():
     COMMANDS[_name] = (_summary, *_external(_module, _function))

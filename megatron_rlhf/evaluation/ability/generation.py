@@ -1,0 +1,52 @@
+"""Answering evaluation items with one policy: vLLM through :class:`~megatron_rlhf.rollout.engine.RolloutEngine`.
+
+One engine per policy, started, used for every item of the suite in one request per decoding
+mode (greedy: temperature 0, one answer; sampled: ``samples`` answers at the suite's temperature
+and top-p, seeded), and shut down before the function returns, also on error. Prompts longer
+than the engine holds are dropped by the engine and counted (they have no answer).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from megatron_rlhf.evaluation.ability.grading import PolicyAnswers
+from megatron_rlhf.evaluation.ability.items import EvalItem
+from megatron_rlhf.evaluation.ability.suite import DecodingConfig, EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+def answer_items(policy_dir: str, items: Sequence[EvalItem], decoding: DecodingConfig, engine_config: EngineConfig,
+                 chat_template: bool = True) -> PolicyAnswers:
+    """The policy's greedy and/or sampled answers to ``items``."""
+    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+
+    inputs = [[{"role": "user", "content": item.prompt}] if chat_template else item.text(False) for item in items]
+    rollout = RolloutConfig(model_dir=policy_dir, tensor_parallel=engine_config.tensor_parallel,
+                            dtype=engine_config.dtype, max_model_len=engine_config.max_model_len,
+                            overlong_prompts="drop", seed=decoding.seed, weight_transfer_backend=None)
+    answers = PolicyAnswers()
+    with RolloutEngine(rollout) as engine:
+        if decoding.greedy:
+            greedy = engine.generate(inputs, SamplingSettings(n=1, temperature=0.0, max_new_tokens=decoding.max_new_tokens,
+                                                              seed=decoding.seed))
+            for index, text in _decoded(greedy, engine.tokenizer):
+                answers.greedy[index] = text
+        if decoding.samples:
+            sampled = engine.generate(inputs, SamplingSettings(n=decoding.samples, temperature=decoding.temperature,
+                                                               top_p=decoding.top_p, seed=decoding.seed,
+                                                               max_new_tokens=decoding.max_new_tokens))
+            for index, text in _decoded(sampled, engine.tokenizer):
+                answers.sampled.setdefault(index, []).append(text)
+    log.info("%s: answered %d of %d items", policy_dir, len(answers.greedy or answers.sampled), len(items))
+    return answers
+
+
+def _decoded(batch: Any, tokenizer: Any) -> list[tuple[int, str]]:
+    lengths = batch.response_lengths.tolist()
+    return [
+        (index, tokenizer.decode(batch.response_ids[row, : lengths[row]].tolist(), skip_special_tokens=True))
+        for row, index in enumerate(batch.prompt_index.tolist())
+    ]
