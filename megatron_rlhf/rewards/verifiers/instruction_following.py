@@ -23,6 +23,13 @@ placeholder_count    at least ``min`` placeholders in square brackets, ``[addres
 section_count        exactly ``count`` sections, each starting with ``marker`` (e.g. "Section")
 quoted               wrapped in double quotation marks
 highlight_count      at least ``min`` highlighted spans, ``*like this*``
+postscript           contains the postscript ``marker`` (e.g. "P.S."; case and a space after a dot ignored)
+repeat_prompt        begins with ``prompt`` (case and surrounding whitespace ignored)
+two_responses        exactly two different non-empty responses separated by ``******``
+constrained_response contains "My answer is yes.", "My answer is no." or "My answer is maybe."
+capital_word_count   ``min`` and/or ``max`` words written all in capitals
+paragraph_first_word exactly ``count`` paragraphs (split at blank lines) and paragraph ``nth``
+                     (1-based) starts with the word ``word`` (case and punctuation ignored)
 ==================== ============================================================================
 
 Reward: 1.0 when every constraint holds (else 0.0, or the satisfied fraction with
@@ -72,6 +79,29 @@ def _is_json(text: str) -> bool:
     return True
 
 
+def _postscript(text: str, marker: str) -> bool:
+    pattern = "".join(r"\.\s?" if char == "." else re.escape(char) for char in marker.strip())
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
+def _two_responses(text: str) -> bool:
+    parts = text.split("******")
+    if any(not part.strip() for part in parts[1:-1]):
+        return False
+    responses = [part.strip() for part in parts if part.strip()]
+    return len(responses) == 2 and responses[0] != responses[1]
+
+
+def _paragraph_first_word(text: str, params: dict[str, Any]) -> bool:
+    paragraphs = [part for part in re.split(r"\n\s*\n", text) if part.strip()]
+    if len(paragraphs) != params["count"] or not 1 <= params["nth"] <= len(paragraphs):
+        return False
+    words = paragraphs[params["nth"] - 1].split()
+    return bool(words) and words[0].strip(".,;:!?\"'()[]*").lower() == params["word"].lower()
+
+
+CONSTRAINED_ANSWERS = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
+
 CONSTRAINTS: dict[str, tuple[tuple[str, ...], Check]] = {
     # kind: (required parameters, check)
     "word_count": ((), lambda t, p: _bounds(_words(t), p)),
@@ -96,9 +126,15 @@ CONSTRAINTS: dict[str, tuple[tuple[str, ...], Check]] = {
     ),
     "quoted": ((), lambda t, p: len(t.strip()) >= 2 and t.strip()[0] == t.strip()[-1] == '"'),
     "highlight_count": (("min",), lambda t, p: len(re.findall(r"\*[^\n*]+\*", t)) >= p["min"]),
+    "postscript": (("marker",), lambda t, p: _postscript(t, p["marker"])),
+    "repeat_prompt": (("prompt",), lambda t, p: t.strip().lower().startswith(p["prompt"].strip().lower())),
+    "two_responses": ((), lambda t, p: _two_responses(t)),
+    "constrained_response": ((), lambda t, p: any(answer in t for answer in CONSTRAINED_ANSWERS)),
+    "capital_word_count": ((), lambda t, p: _bounds(sum(w.isupper() for w in re.findall(r"\w+", t)), p)),
+    "paragraph_first_word": (("count", "nth", "word"), _paragraph_first_word),
 }
-_INT_PARAMS = ("min", "max", "count")
-_STR_PARAMS = ("keyword", "letter", "prefix", "suffix", "marker")
+_INT_PARAMS = ("min", "max", "count", "nth")
+_STR_PARAMS = ("keyword", "letter", "prefix", "suffix", "marker", "prompt", "word")
 
 
 def parse_constraints(ground_truth: Any, where: str) -> list[dict[str, Any]]:

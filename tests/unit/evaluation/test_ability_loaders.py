@@ -178,6 +178,17 @@ def test_ifeval_instructions_become_constraints_and_unsupported_ones_are_skipped
     assert item.ground_truth == {"constraints": [{"type": "no_commas"}, {"type": "lowercase"},
                                                  {"type": "word_count", "max": 29}]}
     assert loaded.skipped == {"instruction language:response_language has no check": 1}
+    more = _jsonl(tmp_path / "more.jsonl", [
+        {"key": 7, "prompt": "Two paragraphs, the second starting with 'then', a P.S., few capitals.",
+         "instruction_id_list": ["length_constraints:nth_paragraph_first_word", "detectable_content:postscript",
+                                 "change_case:capital_word_frequency", "combination:repeat_prompt"],
+         "kwargs": [{"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "then"}, {"postscript_marker": "P.S."},
+                    {"capital_frequency": 3, "capital_relation": "less than"}, {"prompt_to_repeat": "Two paragraphs"}]},
+    ])
+    [mapped] = _load("ifeval", more).items
+    assert mapped.ground_truth["constraints"] == [
+        {"type": "paragraph_first_word", "count": 2, "nth": 2, "word": "then"}, {"type": "postscript", "marker": "P.S."},
+        {"type": "capital_word_count", "max": 2}, {"type": "repeat_prompt", "prompt": "Two paragraphs"}]
     bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "instruction_id_list": ["keywords:frequency"],
                                            "kwargs": [{"keyword": "x", "frequency": 2, "relation": "about"}]}])
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: instruction keywords:frequency: relation='about'"):
@@ -197,8 +208,8 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 def test_limit_and_an_empty_task(tmp_path):
     path = _jsonl(tmp_path / "g.jsonl", [{"question": f"q{n}", "answer": f"#### {n}"} for n in range(5)])
     assert len(load_task(TaskSpec("g", "gsm8k", path, "logic", limit=2)).items) == 2
-    only_unsupported = _jsonl(tmp_path / "if.jsonl", [{"prompt": "p", "instruction_id_list": ["combination:two_responses"],
-                                                       "kwargs": [{}]}])
+    only_unsupported = _jsonl(tmp_path / "if.jsonl", [{"prompt": "p", "instruction_id_list": ["language:response_language"],
+                                                       "kwargs": [{"language": "de"}]}])
     with pytest.raises(ValueError, match=r"task 'if': .* holds no gradable ifeval item"):
         load_task(TaskSpec("if", "ifeval", only_unsupported, "instruction_following"))
 

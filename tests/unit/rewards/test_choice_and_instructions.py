@@ -60,6 +60,13 @@ CASES = [
     ({"type": "section_count", "marker": "Section", "count": 2}, "Section 1\na\nSection 2\nb", "Section 1\na"),
     ({"type": "quoted"}, '"quoted answer"', "unquoted"),
     ({"type": "highlight_count", "min": 1}, "a *key* point", "no highlight"),
+    ({"type": "postscript", "marker": "P.P.S"}, "Hi.\n\np. p. s. bye", "Hi. PS bye"),
+    ({"type": "repeat_prompt", "prompt": "Say hi."}, "say hi. Hi!", "Hi! Say hi."),
+    ({"type": "two_responses"}, "Yes.\n******\nNo.", "Yes.\n******\nYes."),
+    ({"type": "constrained_response"}, "Well. My answer is maybe.", "My answer is perhaps."),
+    ({"type": "capital_word_count", "min": 2}, "THE BIG dog", "The BIG dog"),
+    ({"type": "paragraph_first_word", "count": 2, "nth": 2, "word": "then"}, "First.\n\n\"Then, more.",
+     "First.\n\nAfter that."),
 ]
 
 

@@ -1,11 +1,10 @@
 """IFEval loader: each instruction id + kwargs becomes a constraint of the instruction-following verifier.
 
-The project's checks approximate IFEval's own (words are whitespace tokens, sentences end at
-``.!?``, paragraphs are split at blank lines as well as ``***``, ``multiple_sections`` asks for
-exactly the number of sections). A record holding any instruction with no check here (response
-language, postscript, repeat-the-prompt, two responses, constrained response, capital-word
-frequency, nth-paragraph first word) is skipped and counted under that instruction, never graded
-on its other instructions alone. ``None`` kwargs (as in the Hugging Face copy) are ignored.
+The project's checks approximate IFEval's own (words are whitespace tokens, capital words
+are runs of word characters, sentences end at ``.!?``, paragraphs are split at blank lines as well as ``***``,
+``multiple_sections`` asks for exactly the number of sections). A record holding an instruction
+with no check here (``language:response_language``: no language detector) is skipped and counted
+under that instruction, never graded on its other instructions alone. ``None`` kwargs (as in the Hugging Face copy) are ignored.
 """
 
 from __future__ import annotations
@@ -53,6 +52,14 @@ INSTRUCTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] 
     "change_case:english_capital": ("uppercase", lambda k: {}),
     "startend:end_checker": ("ends_with", lambda k: {"suffix": k["end_phrase"]}),
     "startend:quotation": ("quoted", lambda k: {}),
+    "detectable_content:postscript": ("postscript", lambda k: {"marker": k["postscript_marker"]}),
+    "combination:repeat_prompt": ("repeat_prompt", lambda k: {"prompt": k["prompt_to_repeat"]}),
+    "combination:two_responses": ("two_responses", lambda k: {}),
+    "detectable_format:constrained_response": ("constrained_response", lambda k: {}),
+    "change_case:capital_word_frequency": (
+        "capital_word_count", _bounded("capital_frequency", "capital_relation")),
+    "length_constraints:nth_paragraph_first_word": (
+        "paragraph_first_word", lambda k: {"count": k["num_paragraphs"], "nth": k["nth_paragraph"], "word": k["first_word"]}),
 }
 
 
