@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.vllm]
 VOCAB = 300
 SUITE = """
 name: tiny
-engine: {max_model_len: 512, dtype: float32}
+engine: {max_model_len: 512, dtype: float32, prompts_per_call: 2}  # 3 requests per mode
 decoding: {greedy: true, samples: 2, temperature: 1.0, max_new_tokens: 1, seed: 0}
 graders:
   code: {sandbox: {max_concurrency: 2}}

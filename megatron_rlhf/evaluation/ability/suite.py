@@ -5,7 +5,7 @@ YAML layout (unknown keys are errors; paths are relative to the suite file)::
     name: my-suite                      # optional; default: the file's stem
     chat_template: true                 # render prompts with the policy's chat template
     decoding: {greedy: true, samples: 4, temperature: 0.7, top_p: 1.0, max_new_tokens: 512, seed: 0}
-    engine: {max_model_len: 2048, dtype: bfloat16, tensor_parallel: 1}
+    engine: {max_model_len: 2048, dtype: bfloat16, tensor_parallel: 1, prompts_per_call: 512}
     graders:                            # optional verifier settings, by grader
       code: {limits: {wall_seconds: 10}, sandbox: {max_concurrency: 4}}
     tasks:
@@ -76,12 +76,15 @@ class EngineConfig:
     """float32 | bfloat16 | float16: the engine's weight dtype."""
     tensor_parallel: int = 1
     """vLLM tensor parallel size."""
+    prompts_per_call: int = 512
+    """Items sent to the engine per request (bounds the memory held by one request's answers)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} (choose {', '.join(DTYPES)})")
-        if self.max_model_len < 2 or self.tensor_parallel < 1:
-            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2 and tensor_parallel >= 1")
+        if self.max_model_len < 2 or self.tensor_parallel < 1 or self.prompts_per_call < 1:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2, tensor_parallel={self.tensor_parallel} "
+                             f"and prompts_per_call={self.prompts_per_call} >= 1")
 
 
 @dataclass(frozen=True)
