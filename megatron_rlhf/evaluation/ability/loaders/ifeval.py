@@ -1,10 +1,12 @@
 """IFEval loader: each instruction id + kwargs becomes a constraint of the instruction-following verifier.
 
-The project's checks approximate IFEval's own (words are whitespace tokens, capital words
-are runs of word characters, sentences end at ``.!?``, paragraphs are split at blank lines as well as ``***``,
-``multiple_sections`` asks for exactly the number of sections). A record holding an instruction
-with no check here (``language:response_language``: no language detector) is skipped and counted
-under that instruction, never graded on its other instructions alone. ``None`` kwargs (as in the Hugging Face copy) are ignored.
+The project's checks approximate IFEval's own: words are whitespace tokens, capital words are
+runs of word characters, sentences end at ``.!?``, paragraphs are split at blank lines as well as
+``***``, ``multiple_sections`` asks for exactly the number of sections, and "capital letters"
+means no lower-case letter. A record holding an instruction with no check here
+(``language:response_language``: no language detector) is skipped and counted under that
+instruction, never graded on its other instructions alone. ``None`` kwargs (as in the Hugging
+Face copy) are ignored.
 """
 
 from __future__ import annotations
