@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_rlhf.trainer.metrics_log import read_metrics_jsonl
+from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
 
 
 @dataclass(frozen=True)

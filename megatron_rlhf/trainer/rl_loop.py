@@ -110,7 +110,7 @@ def build_components(config: RLConfig, tokenizer: Any):
     algorithm = config.algorithm
     sizes = [config.actor.world_size, config.reference.world_size] + ([config.critic.world_size] if algorithm.needs_critic else [])
     placement = Placement(PlacementPlan(placement=config.placement, bundles=max(sizes), cpus_per_bundle=1.0))
-    common = dict(algorithm=algorithm, update=config.update, seed=config.seed)
+    common = dict(algorithm=algorithm, update=config.update, temperature=config.temperature, seed=config.seed)
     groups: dict[str, Any] = {}
     try:
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
