@@ -6,7 +6,7 @@ read with :mod:`ast`; nothing is imported):
 
 ==================  ==============================================================================
 config              typed settings (parallel layout, optimizer, PPO update plan): no package imports
-types               batches passed between stages
+types               batches passed between stages; running moments (a value type of several layers)
 parallel            process groups, Megatron parallel state, CPU support, pipeline collectives
 algorithms          pure tensor functions (advantages, losses, KL)
 models              layer specs, heads, provider, log-probs
@@ -41,7 +41,7 @@ LAYERS = (
 )
 
 PACKAGE_LAYERS = {
-    "config": "config", "types": "types", "parallel": "parallel", "algorithms": "algorithms",
+    "config": "config", "types": "types", "running_moments": "types", "parallel": "parallel", "algorithms": "algorithms",
     "models": "models", "mapping": "mapping", "checkpoint": "checkpoint", "data": "data",
     "rollout": "rollout", "rewards": "rewards", "evaluation": "evaluation", "workers": "workers",
     "trainer": "trainer", "cli": "cli", "cli_args": "cli", "__main__": "cli", "demo": "cli",
