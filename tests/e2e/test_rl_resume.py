@@ -65,6 +65,7 @@ def _metrics(out_dir) -> dict[int, dict]:
 def setup(tmp_path_factory):
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
+    from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
     from megatron_rlhf.trainer.reward_model_cli import TrainRMConfig, train_reward_model
 
     root = tmp_path_factory.mktemp("rl_resume")
@@ -78,9 +79,10 @@ def setup(tmp_path_factory):
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": "no"}) + "\n"
                              for i in range(4)))
-    checkpoint = train_reward_model(TrainRMConfig(model=str(policy), role="reward", train_files=(str(pairs),),
-                                                  output=str(root / "rm"), steps=1,
-                                                  optimizer=OptimizerSettings(lr=1e-3)), world_size=1)["checkpoint"]
+    checkpoint = train_reward_model(TrainRMConfig(
+        model=str(policy), role="reward", train_files=(str(pairs),), output=str(root / "rm"), steps=1,
+        training=RewardTrainingConfig(pairs_per_microbatch=2, responses_per_microbatch=0),
+        optimizer=OptimizerSettings(lr=1e-3)), world_size=1)["checkpoint"]
     rewards = root / "rewards.yaml"
     rewards.write_text(json.dumps({
         "sources": {"math": {"kind": "math_verifier"}, "rm": {"kind": "reward_model", "ckpt_dir": checkpoint}},
@@ -89,12 +91,27 @@ def setup(tmp_path_factory):
     return root, policy, prompts, rewards
 
 
+def _config(root, policy, prompts, rewards, name: str):
+    out_dir = root / name
+    config = root / f"{name}.yaml"
+    config.write_text(json.dumps({
+        "policy_dir": str(policy), "out_dir": str(out_dir), "prompt_files": [str(prompts)], "preset": "ppo",
+        "algorithm": {"kl_coef": 0.05, "kl_controller": "adaptive", "kl_target": 0.01, "kl_horizon": 10},
+        "steps": STEPS, "prompts_per_step": 2, "n": 2, "max_new_tokens": 8, "reward_config": str(rewards),
+        "actor_optimizer": {"lr": 0.001}, "critic_optimizer": {"lr": 0.001}, "checkpoint_every": 1,
+        "tensorboard": False, "console": False, "seed": 7,
+    }))
+    return config, out_dir
+
+
 def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(setup):
     root, policy, prompts, rewards = setup
     reference_config, reference_dir = _config(root, policy, prompts, rewards, "uninterrupted")
     _run(reference_config, None)
     expected = _metrics(reference_dir)
     assert sorted(expected) == list(range(STEPS))
+    missing = [(step, key) for step in expected for key in COMPARED if expected[step].get(key) is None]
+    assert not missing, f"the run did not log {missing}"  # e.g. no critic, no adaptive KL
 
     config, out_dir = _config(root, policy, prompts, rewards, "interrupted")
     # a rollout (step >= 1), an actor update (step >= 1), then a checkpoint save (step >= 2); each
