@@ -83,7 +83,7 @@ def inject_wrong_solutions(sft_path: Path, labelled_path: Path, rate: float, see
 
 
 def stage_sft(config, out: Path, results: dict) -> dict[str, Any]:
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.trainer.sft import SFTConfig
     from megatron_rlhf.trainer.sft_cli import SFTRunConfig, run_sft
 
@@ -106,7 +106,7 @@ def stage_sft(config, out: Path, results: dict) -> dict[str, Any]:
 def stage_reward_model(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.config.parallel import ParallelConfig
     from megatron_rlhf.data.reward_data import RewardTokenization
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
     from megatron_rlhf.trainer.reward_model_cli import TrainRMConfig, train_reward_model
 
@@ -252,8 +252,8 @@ def stage_eval_rl(config, out: Path, results: dict) -> dict[str, Any]:
 
 
 def stage_rl(config, out: Path, results: dict) -> dict[str, Any]:
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
-    from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.config.optimizer import OptimizerSettings
+    from megatron_rlhf.config.ppo_update import PPOUpdateConfig
     from megatron_rlhf.trainer.rl_config import RLConfig, grpo_algorithm, ppo_algorithm
     from megatron_rlhf.trainer.rl_loop import run_rl
 

@@ -20,7 +20,6 @@ global batch (or all-reduce the moments) to keep ranks consistent -- not done he
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,41 +29,7 @@ from megatron_rlhf.algorithms.errors import BatchShapeError
 from megatron_rlhf.algorithms.finite import check_finite
 from megatron_rlhf.algorithms.groups import batch_moments, check_group_index
 from megatron_rlhf.algorithms.masks import compute_dtype
-
-
-@dataclass(frozen=True)
-class RunningMoments:
-    """Moments of every reward of one domain seen so far."""
-
-    count: int = 0
-    """Number of rewards seen. >= 0."""
-    mean: float = 0.0
-    """Their mean (0 when count is 0)."""
-    sum_squared_deviations: float = 0.0
-    """sum_i (r_i - mean)^2 (Welford's M2). >= 0."""
-
-    @property
-    def std(self) -> float:
-        """Unbiased std; 0 for fewer than two rewards."""
-        if self.count < 2:
-            return 0.0
-        return math.sqrt(self.sum_squared_deviations / (self.count - 1))
-
-    def merge(self, other: RunningMoments) -> RunningMoments:
-        """Moments of the union of both sets of rewards (Chan, Golub & LeVeque 1979)."""
-        if other.count == 0:
-            return self
-        if self.count == 0:
-            return other
-        total = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * other.count / total
-        squares = (
-            self.sum_squared_deviations
-            + other.sum_squared_deviations
-            + delta * delta * self.count * other.count / total
-        )
-        return RunningMoments(total, mean, squares)
+from megatron_rlhf.running_moments import RunningMoments
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ into ``out_dir``:
   :data:`PLOT_FAMILIES` that appear in the log, plus ``plots/heldout_accuracy.png`` (bars per
   domain and stage).
 
-Metric names follow the logger's convention ``family`` or ``family/part``: ``reward/math``,
-``reward/code`` (reward per domain), ``accuracy/math`` (training accuracy), ``kl/mean``,
+Metric names follow the logger's convention ``family`` or ``family/part``: ``score/math``,
+``score/general`` (raw score per domain: what a user reads), ``reward/math`` (the reward training
+used, after the router's per-domain normalisation: a z-scored domain averages 0), ``accuracy/math`` (training accuracy), ``kl/mean``,
 ``entropy/mean``, ``diversity/edit``, ``diversity/distinct_2``, ``response/length_mean``. Each
 key matching a :class:`PlotFamily` is drawn as one line of that family's plot.
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_rlhf.trainer.metrics_log import read_metrics_jsonl
+from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,10 @@ class PlotFamily:
 
 
 PLOT_FAMILIES: tuple[PlotFamily, ...] = (
-    PlotFamily("reward", "Reward per domain", "mean reward", ("reward",), ("reward/infra_errors",)),
+    PlotFamily("score", "Raw score per domain (verifier pass rate, reward-model output)", "mean raw score",
+               ("score",)),
+    PlotFamily("reward", "Training reward per domain (after the router's normalisation)", "mean reward",
+               ("reward",), ("reward/infra_errors",)),
     PlotFamily("accuracy", "Training accuracy per domain", "accuracy", ("accuracy",)),
     PlotFamily("kl", "KL(policy || reference)", "nats per token", ("kl", "kl_loss"), ("kl/coef",)),
     PlotFamily("entropy", "Response entropy", "nats per token", ("entropy",)),

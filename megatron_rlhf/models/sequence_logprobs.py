@@ -26,6 +26,7 @@ def response_logprobs(
 
     from megatron_rlhf.models.forward import forward_only
     from megatron_rlhf.models.logprobs import vocab_parallel_logprobs
+    from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
 
     input_ids, response_start = batch.full_sequences()
     count, width = input_ids.shape
@@ -45,11 +46,7 @@ def response_logprobs(
     microbatches = [{"input_ids": part.to(device)} for part in input_ids.split(micro_batch_size)]
     outputs = forward_only(model, microbatches, collect)
     token_logprobs = torch.cat(outputs)[:count] if outputs else torch.empty(count, max(width - 1, 0))
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    if pp_group.size() > 1:
-        token_logprobs = token_logprobs.contiguous()
-        last = torch.distributed.get_global_rank(pp_group, pp_group.size() - 1)
-        torch.distributed.broadcast(token_logprobs, src=last, group=pp_group)
+    token_logprobs = broadcast_from_last_stage(token_logprobs)
     result = torch.zeros_like(batch.sampling_logprobs)
     lengths = batch.response_lengths
     for row in range(count):

@@ -84,6 +84,17 @@ class InfraErrorGuard:
         self._check()
         return mask
 
+    def state_dict(self) -> dict:
+        """The window and the totals as plain data (for checkpoints)."""
+        return {"recent": [bool(error) for error in self._recent], "total_samples": self.total_samples,
+                "total_infra_errors": self.total_infra_errors}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (the window keeps this guard's ``policy.window``)."""
+        self._recent = collections.deque((bool(error) for error in state["recent"]), maxlen=self.policy.window)
+        self.total_samples = int(state["total_samples"])
+        self.total_infra_errors = int(state["total_infra_errors"])
+
     @property
     def recent_rate(self) -> float:
         return sum(self._recent) / len(self._recent) if self._recent else 0.0

@@ -1,7 +1,7 @@
 """Trained outcome (ORM) and process (PRM) reward models as reward sources for the router.
 
 :class:`LearnedRewardSource` implements :class:`~megatron_rlhf.rewards.interface.RewardSource`
-with a :class:`~megatron_rlhf.trainer.reward_model.RewardScorer`: each (prompt, response) is
+with a :class:`~megatron_rlhf.rewards.scorer.RewardScorer`: each (prompt, response) is
 tokenised exactly as in training (:func:`~megatron_rlhf.data.reward_data.tokenize_response`,
 same step separator and prompt format) and scored in one batch.
 
@@ -9,7 +9,7 @@ same step separator and prompt format) and scored in one batch.
   Bradley-Terry scale) or its sigmoid (``output="probability"``); ``step_rewards`` is None.
 - PRM (``prm`` role): ``step_rewards`` holds the probability of every step (the last one read at
   the final token) and ``reward`` their aggregate: ``last`` (the final step), ``min`` or
-  ``product`` (:func:`~megatron_rlhf.trainer.reward_model.aggregate_step_scores`).
+  ``product`` (:func:`~megatron_rlhf.rewards.scorer.aggregate_step_scores`).
 
 Guarantees: one result per sample, in order; text a model can write never raises (lone
 surrogates are replaced before tokenising; a sequence longer than ``max_length`` keeps its last
@@ -56,7 +56,7 @@ class LearnedRewardConfig:
     """ORM only: logit (unbounded, the Bradley-Terry scale) or probability (sigmoid, in [0, 1])."""
 
     def __post_init__(self) -> None:
-        from megatron_rlhf.trainer.reward_model import AGGREGATES
+        from megatron_rlhf.rewards.scorer import AGGREGATES
 
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate={self.aggregate!r} (choose from {AGGREGATES})")
@@ -131,7 +131,7 @@ class LearnedRewardSource:
         ]
 
     def _prm_results(self, scores, details: list[str], seconds: float) -> list[RewardResult]:
-        from megatron_rlhf.trainer.reward_model import aggregate_step_scores
+        from megatron_rlhf.rewards.scorer import aggregate_step_scores
 
         probabilities = scores.step_probabilities()
         rewards = aggregate_step_scores(probabilities, scores.boundary_mask, self.config.aggregate)
@@ -190,7 +190,7 @@ def load_learned_reward_source(
         build_stage_model,
         validate_layout,
     )
-    from megatron_rlhf.trainer.reward_model import TRAINABLE_ROLES, RewardScorer
+    from megatron_rlhf.rewards.scorer import TRAINABLE_ROLES, RewardScorer
 
     metadata = read_checkpoint_metadata(ckpt_dir)
     if metadata.role not in TRAINABLE_ROLES:

@@ -8,13 +8,18 @@ every source once with all the samples routed to it (sources run concurrently), 
    from the update, counted by the :class:`InfraErrorGuard`, which stops the run above the rate);
 2. otherwise each source's reward is normalised per (domain, source): ``none``, ``batch_zscore``
    (mean/std of this batch's rewards of that domain) or ``running_zscore`` (running mean/variance
-   of everything seen so far, updated with this batch first);
-3. the weighted sum is clipped to the domain's ``clip`` range;
+   of everything seen so far, updated with this batch first; population std);
+3. the weighted sum is clipped to the domain's ``clip`` range (the weighted sum of the raw,
+   unnormalised, unclipped rewards is kept as ``RewardResult.raw_score``, for metrics and plots);
 4. status: FAILED_VERIFICATION if any source failed the sample, else SCORED; verdict and detail
    come from the domain's first source (the others' details are appended); step rewards are the
    weighted sum of those of the sources that have them.
 
 The learned sources (RM, PRM, GenRM) plug in as any :class:`RewardSource` under a name.
+
+State: the running moments and the infra-error window change later rewards; :meth:`HybridRewardRouter.state_dict`
+/ :meth:`~HybridRewardRouter.load_state_dict` carry them through a checkpoint (the RL loop saves them
+with the train state). Sources keep no state that changes a reward.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from megatron_rlhf.running_moments import RunningMoments
 from megatron_rlhf.rewards.interface import (
     InfraErrorGuard,
     InfraErrorPolicy,
@@ -88,22 +94,6 @@ def route_domain(config: RouterConfig, sample: RewardSample) -> str:
     )
 
 
-class _RunningMoments:
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, values: Sequence[float]) -> None:
-        for value in values:
-            self.count += 1
-            delta = value - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (value - self.mean)
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count > 1 else 0.0
-
-
 class HybridRewardRouter:
     """Routes samples to sources by domain and combines their rewards (see the module docstring)."""
 
@@ -117,7 +107,7 @@ class HybridRewardRouter:
         self.config = config
         self.sources = dict(sources)
         self.guard = InfraErrorGuard(config.infra_errors)
-        self._moments: dict[tuple[str, str], _RunningMoments] = {}
+        self._moments: dict[tuple[str, str], RunningMoments] = {}
         self.last_update_mask: list[bool] = []
 
     def route(self, sample: RewardSample) -> str:
@@ -167,9 +157,9 @@ class HybridRewardRouter:
                     mean = sum(values) / len(values)
                     std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
                 else:
-                    moments = self._moments.setdefault((domain, name), _RunningMoments())
-                    moments.update(values)
-                    mean, std = moments.mean, moments.std
+                    moments = self._moments.get((domain, name), RunningMoments()).added(values)
+                    self._moments[(domain, name)] = moments
+                    mean, std = moments.mean, moments.population_std
                 scale = 1.0 if route.normalization == "none" else 1.0 / (std + EPSILON)
                 for i, value in rewards.items():
                     normalized[(name, i)] = (value - mean) * scale
@@ -187,12 +177,26 @@ class HybridRewardRouter:
             name, result = failed[0]
             return RewardResult.infra_error(result.verdict, f"{name}: {result.detail}", seconds)
         reward = sum(weight * normalized[(name, index)] for name, weight, _ in results)
+        raw_score = sum(weight * result.reward for _, weight, result in results)
         if route.clip is not None:
             reward = min(max(reward, route.clip[0]), route.clip[1])
         failing = [r for _, _, r in results if r.status is RewardStatus.FAILED_VERIFICATION]
         status = RewardStatus.FAILED_VERIFICATION if failing else RewardStatus.SCORED
         verdict = failing[0].verdict if failing else results[0][2].verdict
-        return RewardResult(reward, status, verdict, detail, seconds, _combined_steps(results))
+        return RewardResult(reward, status, verdict, detail, seconds, _combined_steps(results), raw_score)
+
+    def state_dict(self) -> dict:
+        """What the next batches' rewards depend on, as plain data: the ``running_zscore`` moments
+        per (domain, source) and the infra-error window. Restored exactly by :meth:`load_state_dict`."""
+        return {
+            "moments": [[domain, name, *moments.to_list()] for (domain, name), moments in sorted(self._moments.items())],
+            "infra_errors": self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (a resumed run scores as the uninterrupted one would)."""
+        self._moments = {(str(row[0]), str(row[1])): RunningMoments.from_list(row[2:]) for row in state["moments"]}
+        self.guard.load_state_dict(state["infra_errors"])
 
     def close(self) -> None:
         for source in self.sources.values():

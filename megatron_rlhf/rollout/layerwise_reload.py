@@ -14,6 +14,16 @@ weights and every MoE layer computes garbage after a reload (a tiny Qwen3-MoE's 
 re-runs that step for exactly the layers where vLLM skipped it, and only then: a vLLM that runs
 it itself is detected per call and left alone, so the fix can never prepack twice.
 
+Aborting an update (:func:`abort_weight_update_on_worker`, run in every vLLM worker as
+``collective_rpc("abort_weight_update")`` through the :class:`WeightUpdateAbort` worker extension
+when a sync fails half-way): every layer the update left open (on the meta
+device, its loaders wrapped, its weights buffered) gets its previous weights back, the worker's
+update session is closed and the patches removed, so the engine serves again and the next
+``start_weight_update`` starts clean. Not guaranteed: layers the update had already completed
+before the failure keep their new weights, so the engine holds a mix of the old and the new
+weights until the next successful sync. It relies on vLLM's layerwise-reload internals
+(``LAYERWISE_INFO``, ``_place_kernel_tensors``), checked against vLLM 0.32.
+
 Guarantees: a layer's processed weights equal what a fresh engine load of the same weights
 produces (tested by the MoE sync check at 1e-3 in fp32); the patches are per instance and
 removed in ``finish_weight_update``, also when loading raised.
@@ -117,6 +127,48 @@ def reload_engine_base():
             self.receive_weights(self.parse_update_info(update_info))
 
     return LayerwiseReloadEngine
+
+
+def abort_layerwise_reload(model: Any) -> int:
+    """Give every layer an unfinished layerwise reload left open its previous weights back and
+    close the reload; returns how many layers were put back (0 when no reload was open)."""
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    restored = 0
+    for layer in model.modules():
+        info = layerwise.get_layerwise_info(layer)
+        if not info.can_load():  # not in a reload, or already processed with its new weights
+            continue
+        if info.kernel_tensors is not None:
+            layerwise._place_kernel_tensors(layer, info)  # the tensors the engine served before
+            restored += 1
+        info.reset()  # drops the buffered weights; the wrapped loaders were on the meta tensors
+    if hasattr(model, "_original_do_torchao_reload"):
+        model._do_torchao_reload = model._original_do_torchao_reload
+    layerwise.LOADING_LAYERS.clear()
+    return restored
+
+
+def abort_weight_update_on_worker(worker: Any) -> int:
+    """Close a vLLM worker's half-done weight update (module docstring); returns the layers put back."""
+    engine = getattr(worker, "weight_transfer_engine", None)
+    model = getattr(engine, "model", None) if engine is not None else None
+    restored = abort_layerwise_reload(model if model is not None else worker.get_model())
+    if engine is not None:
+        remove_patches(getattr(engine, "_patches", []))
+        if hasattr(engine, "_patches"):
+            engine._patches = []
+        engine.reset_weight_update_target()
+    worker._weight_update_active = False
+    return restored
+
+
+class WeightUpdateAbort:
+    """vLLM worker extension (``worker_extension_cls``, set by the rollout engine): adds
+    ``abort_weight_update`` to every worker, called by name with ``collective_rpc``."""
+
+    def abort_weight_update(self) -> int:
+        return abort_weight_update_on_worker(self)
 
 
 def buffered_weights_inspectable() -> bool:

@@ -136,6 +136,11 @@ class EngineClient:
     def shutdown_weight_transfer_engine(self) -> None:
         self._call("shutdown_weight_transfer_engine")
 
+    def abort_weight_update(self) -> int:
+        """Close the workers' half-done update (see :mod:`.layerwise_reload`); returns the layers
+        put back to their previous weights, summed over the workers."""
+        return sum(self.engine.llm.collective_rpc("abort_weight_update") or [])
+
 
 @functools.cache
 def _source_class():

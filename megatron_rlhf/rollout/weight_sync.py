@@ -22,8 +22,15 @@ Transports, by the engine's ``weight_transfer_backend``:
 Guarantees: never through a file; extra memory on the sender bounded by the buckets in flight
 (``bucket_bytes`` each: ``shm`` keeps two segments so packing overlaps loading, ``gloo`` one
 buffer; vLLM's packed ``nccl``/``ipc`` use it as their packed buffer size) plus one layer's
-tensors (buckets are cut between layers where a layer fits); every rank returns the same :class:`SyncReport`; a sync that raises
-leaves the transport closed (``shm``: segment unlinked) until :meth:`WeightSync.connect`.
+tensors (buckets are cut between layers where a layer fits); every rank returns the same :class:`SyncReport`.
+
+A sync that fails half-way is aborted cleanly and reported: the sender closes the transport
+(``shm``: segments unlinked), asks every vLLM worker to close its update (layers left open get
+their previous weights back: :mod:`~megatron_rlhf.rollout.layerwise_reload`), and raises
+:class:`WeightSyncAborted` naming the cause; the engine keeps serving (with a mix of old and new
+weights until the next successful sync) and the next :meth:`WeightSync.sync` reconnects and
+syncs normally. An ``Exception`` is reported that way; a ``BaseException`` (interrupt) is
+re-raised as is after the abort.
 Verified here on CPU for ``shm`` and ``gloo``; the ``nccl`` and ``ipc`` paths need GPUs and are
 covered only by the ``gpu``-marked tests.
 """
@@ -46,6 +53,11 @@ TRANSPORTS = (gloo_transfer.BACKEND_NAME, shm_transfer.BACKEND_NAME) + GPU_TRANS
 
 class UnsupportedTransport(RuntimeError):
     """The engine's weight-transfer backend has no trainer side here."""
+
+
+class WeightSyncAborted(RuntimeError):
+    """A sync failed half-way and was aborted: the engine serves on, its weights a mix of the
+    previous and the new ones until the next successful sync (``__cause__``: the failure)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ class WeightSync:
             )
         self.transfer: Any | None = None
         self.source: Any | None = None
+        self._reconnect = False
+        """Set by an aborted sync: the next sync opens a new transport first."""
 
     @property
     def connected(self) -> bool:
@@ -148,18 +162,18 @@ class WeightSync:
     @torch.no_grad()
     def sync(self, model: torch.nn.Module, arch: Any, role: str = "lm") -> SyncReport:
         """Stream ``model``'s weights into the engine; a collective over all trainer ranks."""
+        if self.transfer is None and self._reconnect:
+            self.connect()  # the previous sync was aborted; a collective, as sync is
         if self.transfer is None:
-            raise RuntimeError("WeightSync.sync called before connect() (or after a failed sync or shutdown)")
+            raise RuntimeError("WeightSync.sync called before connect() (or after shutdown)")
         start = time.perf_counter()
         self.source.bind(model, arch, role)
         try:
             stats = self.transfer.send_weights()
-        except BaseException:
-            transfer, self.transfer = self.transfer, None
-            try:
-                transfer.shutdown()
-            except Exception as error:  # keep the sync's own error
-                log.warning("closing the weight transport after a failed sync: %s", error)
+        except BaseException as failure:
+            message = self._abort(failure)
+            if isinstance(failure, Exception):
+                raise WeightSyncAborted(message) from failure
             raise
         if stats is None:  # vLLM's engines report nothing: count what the source declared
             meta = self.source.metadata()
@@ -170,3 +184,30 @@ class WeightSync:
                        stats.largest_bucket_bytes]
         torch.distributed.broadcast_object_list(numbers, src=0)
         return SyncReport(float(numbers[0]), int(numbers[1]), int(numbers[2]), int(numbers[3]), int(numbers[4]))
+
+    def _abort(self, failure: BaseException) -> str:
+        """Close the transport and the engine's half-done update; the report of what happened.
+
+        Runs on the rank that failed; the engine side only on the sender (it holds the engine).
+        """
+        from megatron_rlhf.rollout.weight_source import EngineClient
+
+        transfer, self.transfer = self.transfer, None
+        self._reconnect = True
+        engine_state = "the engine is held by global rank 0"
+        if self.is_sender:  # first close the workers' update, then their transport
+            try:
+                restored = EngineClient(self.engine).abort_weight_update()
+                engine_state = (f"the engine's update was aborted ({restored} unfinished layer(s) put back to their "
+                                "previous weights; layers finished before the failure hold the new ones until "
+                                "the next sync)")
+            except Exception as error:
+                engine_state = f"the engine's update could not be aborted ({error}); restart the engine"
+        try:
+            transfer.shutdown()
+        except Exception as error:  # keep the sync's own error
+            log.warning("closing the weight transport after a failed sync: %s", error)
+        message = (f"weight sync failed on rank {self.rank}: {type(failure).__name__}: {failure}; {engine_state}; "
+                   "the next sync reconnects and sends every weight again")
+        log.error("%s", message)
+        return message

@@ -43,13 +43,9 @@ import torch
 from torch import Tensor
 
 from megatron_rlhf.algorithms import AlgorithmConfig, Experience, actor_loss, critic_loss
-from megatron_rlhf.trainer.megatron_step import OptimizerSettings
-from megatron_rlhf.trainer.ppo_update import (
-    OptimizerStepStats,
-    PPOTrainerBase,
-    PPOUpdateConfig,
-    gather_responses,
-)
+from megatron_rlhf.config.optimizer import OptimizerSettings
+from megatron_rlhf.config.ppo_update import PPOUpdateConfig
+from megatron_rlhf.trainer.ppo_update import OptimizerStepStats, PPOTrainerBase, gather_responses
 from megatron_rlhf.types import RolloutBatch
 
 __all__ = ["ActorTrainer", "CriticTrainer", "OptimizerStepStats", "PPOUpdateConfig"]
@@ -77,9 +73,16 @@ class ActorTrainer(PPOTrainerBase):
         algorithm: AlgorithmConfig,
         update: PPOUpdateConfig,
         valid_vocab_size: int,
+        temperature: float = 1.0,
     ):
         super().__init__(model, optimizer, algorithm, update)
+        if not temperature > 0:
+            raise ValueError(f"ActorTrainer temperature={temperature} must be > 0")
         self.valid_vocab_size = valid_vocab_size
+        self.temperature = temperature
+        """The sampling temperature of the responses it trains on: log-probs (old, new, and the
+        PPO ratio between them) are those of ``softmax(logits / temperature)``, the distribution
+        the engine sampled from."""
 
     def _token_logprobs(self, logits: Tensor, microbatch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         from megatron.core import parallel_state
@@ -90,7 +93,7 @@ class ActorTrainer(PPOTrainerBase):
             logits[:, :-1],
             microbatch["input_ids"][:, 1:],
             parallel_state.get_tensor_model_parallel_group(),
-            temperature=self.update_config.temperature,
+            temperature=self.temperature,
             valid_vocab_size=self.valid_vocab_size,
         )
         positions = microbatch["positions"]
@@ -116,8 +119,7 @@ class ActorTrainer(PPOTrainerBase):
     ) -> list[OptimizerStepStats]:
         """PPO epochs x minibatches of actor updates; ``experience`` is ``[B, R]`` like ``batch``.
 
-        ``config`` overrides the trainer's :class:`PPOUpdateConfig` for this call (its
-        ``temperature`` is ignored: the trainer's applies).
+        ``config`` overrides the trainer's :class:`PPOUpdateConfig` for this call.
         """
 
         def terms(outputs: tuple[Tensor, Tensor], part: Experience):

@@ -94,7 +94,7 @@ def train_genrm(
     """Train ``model`` (an ``lm``-role stage, in place) as a GenRM on labelled ``records``.
 
     ``config`` / ``optimizer``: :class:`~megatron_rlhf.trainer.sft.SFTConfig` /
-    :class:`~megatron_rlhf.trainer.megatron_step.OptimizerSettings`. Every rank passes the same
+    :class:`~megatron_rlhf.config.optimizer.OptimizerSettings`. Every rank passes the same
     records; returns the :class:`~megatron_rlhf.trainer.sft.SFTReport`.
     """
     from megatron_rlhf.trainer.sft import train_sft

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
+
 WANDB_MODES = ("online", "offline")
 RESERVED_KEYS = ("step", "time")
 
@@ -126,32 +128,6 @@ def _check_wandb(config: MetricsLogConfig) -> None:
             "MetricsLogConfig.wandb=True but the `wandb` package is not installed in "
             f"{sys.prefix}; install it (pip install wandb) or set wandb=False"
         )
-
-
-def read_metrics_jsonl(path: str | os.PathLike[str], *, drop_torn_tail: bool = True) -> list[dict[str, Any]]:
-    """The step records of a metrics JSONL file, in file order.
-
-    A last line without a trailing newline that does not parse (a write cut short by a crash) is
-    dropped when ``drop_torn_tail``; any other malformed line raises ValueError naming
-    ``file:line``. Every record must be an object with an integer ``step``.
-    """
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        is_torn_tail = number == len(lines) and not text.endswith("\n")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if is_torn_tail and drop_torn_tail:
-                break
-            raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}:{number}: a metrics record must be an object with an integer 'step'")
-        records.append(record)
-    return records
 
 
 def _truncate_jsonl_after(path: Path, last_kept_step: int | None) -> int:

@@ -22,33 +22,15 @@ import torch
 from torch import Tensor
 
 from megatron_rlhf.algorithms import AlgorithmConfig, Experience, reduction_parts
-from megatron_rlhf.trainer.megatron_step import MegatronUpdater, OptimizerSettings
+from megatron_rlhf.config.optimizer import OptimizerSettings
+from megatron_rlhf.config.ppo_update import PPOUpdateConfig  # re-exported: the old import path keeps working
+from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
+from megatron_rlhf.trainer.megatron_step import MegatronUpdater
 from megatron_rlhf.types import RolloutBatch
 
 # loss terms of one microbatch: (response-token outputs [b, R], experience) ->
 # (reduced loss [], {metric name: token-mean metric []})
 TermsFn = Callable[[Tensor, Experience], tuple[Tensor, dict[str, Tensor]]]
-
-
-@dataclass(frozen=True)
-class PPOUpdateConfig:
-    """How one rollout batch is turned into optimizer steps."""
-
-    ppo_epochs: int = 1
-    """Passes over the rollout batch (>= 1)."""
-    num_minibatches: int = 1
-    """Optimizer steps per epoch; must divide the batch size (>= 1)."""
-    micro_batch_size: int = 1
-    """Sequences per Megatron microbatch on one DP rank; must divide the per-rank minibatch."""
-    temperature: float = 1.0
-    """Sampling temperature the log-probs are computed at (actor only; > 0)."""
-
-    def __post_init__(self) -> None:
-        for name in ("ppo_epochs", "num_minibatches", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PPOUpdateConfig.{name}={getattr(self, name)} must be >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"PPOUpdateConfig.temperature={self.temperature} must be > 0")
 
 
 @dataclass
@@ -95,17 +77,6 @@ def _weighted(name: str, value: Tensor, share: Tensor, token_share: Tensor) -> T
     if name.endswith("fraction") or name in ("ratio_mean", "approx_kl"):
         return value * token_share
     return value * share
-
-
-def _broadcast_from_last_stage(tensor: Tensor) -> Tensor:
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_pipeline_model_parallel_group()
-    if group.size() > 1:
-        tensor = tensor.contiguous()
-        last = torch.distributed.get_global_rank(group, group.size() - 1)
-        torch.distributed.broadcast(tensor, src=last, group=group)
-    return tensor
 
 
 @dataclass(frozen=True)
@@ -177,7 +148,7 @@ class PPOTrainerBase:
         ]
         outputs = forward_only(self.model, microbatches, lambda out, mb: collect(out, mb).float().cpu())
         result = torch.cat(outputs)[:count] if outputs else torch.zeros(count, positions.shape[1])
-        result = _broadcast_from_last_stage(result)
+        result = broadcast_from_last_stage(result)
         mask = batch.response_mask.to(result.dtype)
         return result * mask.reshape(mask.shape + (1,) * (result.dim() - mask.dim()))
 
@@ -285,7 +256,7 @@ class PPOTrainerBase:
         group = parallel_state.get_data_parallel_group()
         torch.distributed.all_reduce(totals, group=group)
         torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
-        totals = _broadcast_from_last_stage(torch.cat([totals, maxima]))
+        totals = broadcast_from_last_stage(torch.cat([totals, maxima]))
         values = dict(zip(summed + maxed, totals.tolist()))
         loss = values.pop("loss_share")
         return OptimizerStepStats(

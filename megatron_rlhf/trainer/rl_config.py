@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from megatron_rlhf.algorithms import AlgorithmConfig
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.trainer.megatron_step import OptimizerSettings
-from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+from megatron_rlhf.config.optimizer import OptimizerSettings
+from megatron_rlhf.config.ppo_update import PPOUpdateConfig
 
 ALGORITHMS = ("grpo", "ppo")
 
@@ -70,6 +70,8 @@ class RLConfig:
     n: int = 4
     """Responses per prompt."""
     temperature: float = 1.0
+    """The run's one sampling temperature (> 0): the engine samples at it, and the actor's and the
+    reference's log-probs (PPO ratio, KL, the weight-sync check) are computed at it."""
     max_new_tokens: int = 32
     max_prompt_tokens: int = 128
     update: PPOUpdateConfig = field(default_factory=PPOUpdateConfig)

@@ -7,8 +7,9 @@ reference, critic for PPO) on placement groups, the hybrid reward router, the pr
 the end; and writes the final policy as a Hugging Face directory (``<out_dir>/policy``).
 
 Resume guarantee (deterministic CPU mode, same layout): the actor's weights, Adam state, LR
-schedule and RNG streams, the critic's, the prompt sampler's position, the KL controller and
-the running reward statistics come back exactly; the engine receives the restored weights before
+schedule and RNG streams, the critic's, the prompt sampler's position, the KL controller, the
+per-domain reward statistics, the reward router's state (``running_zscore`` moments and the
+infra-error window) and the sync-alarm count come back exactly; the engine receives the restored weights before
 the first resumed step and sampling seeds are derived from the step number, so the resumed steps
 compute the same rewards and losses as an uninterrupted run.
 
@@ -92,8 +93,8 @@ def _start_ray(config: RLConfig) -> bool:
     if config.ray_address:
         ray.init(address=config.ray_address, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
+                 log_to_driver=True, logging_level=logging.WARNING)  # never attach to another cluster
     return True
 
 
@@ -110,7 +111,7 @@ def build_components(config: RLConfig, tokenizer: Any):
     algorithm = config.algorithm
     sizes = [config.actor.world_size, config.reference.world_size] + ([config.critic.world_size] if algorithm.needs_critic else [])
     placement = Placement(PlacementPlan(placement=config.placement, bundles=max(sizes), cpus_per_bundle=1.0))
-    common = dict(algorithm=algorithm, update=config.update, seed=config.seed)
+    common = dict(algorithm=algorithm, update=config.update, temperature=config.temperature, seed=config.seed)
     groups: dict[str, Any] = {}
     try:
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
@@ -207,9 +208,10 @@ def run_rl(config: RLConfig) -> RLResult:
         state = RLState(kl_controller=build_kl_controller(algorithm.kl_controller, algorithm.kl_coef,
                                                           algorithm.kl_target, algorithm.kl_horizon),
                         domain_stats=DomainRewardStats())
-        resumed = _resume(config, groups, sampler, state)
+        alarms = 0
+        resumed = _resume(config, groups, sampler, state, parts.router)
         if resumed is not None:
-            state = resumed
+            state, alarms = resumed
             groups["actor"].call("sync_weights")  # the engine starts from the initial weights
         parts.on_phase = fault_hook_from_env()
         first_step = state.step
@@ -220,7 +222,6 @@ def run_rl(config: RLConfig) -> RLResult:
             resume_step=first_step - 1 if first_step else None,
             run_config=_plain(asdict(config)),
         )
-        alarms = 0
         with logger:
             while state.step < config.steps:
                 # vLLM seeds the n samples of a request seed, seed + 1, ...: strides keep steps apart
@@ -234,7 +235,7 @@ def run_rl(config: RLConfig) -> RLResult:
                 if last or (config.checkpoint_every and state.step % config.checkpoint_every == 0):
                     if parts.on_phase is not None:
                         parts.on_phase("checkpoint", state.step)
-                    _save(config, groups, sampler, state)
+                    _save(config, groups, sampler, state, parts.router, alarms)
                 if alarm and config.sync_alarm_action == "stop":
                     raise RuntimeError(alarm)
         policy_dir = groups["actor"].call("export_hf", str(out_dir / "policy"))
@@ -262,25 +263,30 @@ def sync_alarm(config: RLConfig, metrics: dict[str, float]) -> str | None:
     return message
 
 
-def _loop_state(sampler: Any, state: Any) -> dict[str, Any]:
+def _loop_state(sampler: Any, state: Any, router: Any, alarms: int) -> dict[str, Any]:
+    """Everything besides the models that changes what later steps compute or log."""
     return {
         "step": state.step,
         "sampler": sampler.state_dict(),
         "kl_coef": float(state.kl_controller.value),
         "domain_stats": state.domain_stats.to_dict() if state.domain_stats is not None else {},
         "domains": list(state.domains),
+        "router": router.state_dict(),  # running_zscore moments, infra-error window
+        "sync_alarms": alarms,
     }
 
 
-def _save(config: RLConfig, groups: dict[str, Any], sampler: Any, state: Any) -> None:
+def _save(config: RLConfig, groups: dict[str, Any], sampler: Any, state: Any, router: Any, alarms: int) -> None:
     run_dir = str(Path(config.out_dir) / "state")
     if "critic" in groups:
         groups["critic"].call("save_state", run_dir, "critic", state.step, {}, config.keep_checkpoints)
-    groups["actor"].call("save_state", run_dir, "actor", state.step, _loop_state(sampler, state),
+    groups["actor"].call("save_state", run_dir, "actor", state.step, _loop_state(sampler, state, router, alarms),
                          config.keep_checkpoints)
 
 
-def _resume(config: RLConfig, groups: dict[str, Any], sampler: Any, fresh: Any):
+def _resume(config: RLConfig, groups: dict[str, Any], sampler: Any, fresh: Any, router: Any):
+    """``(state, sync alarms so far)`` from the newest complete checkpoint (models, sampler and
+    router restored in place), or None when there is none."""
     from dataclasses import replace as dc_replace
 
     from megatron_rlhf.algorithms import DomainRewardStats
@@ -295,11 +301,13 @@ def _resume(config: RLConfig, groups: dict[str, Any], sampler: Any, fresh: Any):
         if critic_step is None or critic_step[0] != step:
             raise RuntimeError(f"the critic has no complete checkpoint at the actor's step {step} under {run_dir}")
     sampler.load_state_dict(extra["sampler"])
+    router.load_state_dict(extra["router"])
     controller = dc_replace(fresh.kl_controller, value=float(extra["kl_coef"]))
     log.info("resumed from step %d (%s)", step, run_dir)
-    return type(fresh)(step=int(extra["step"]), kl_controller=controller,
-                       domain_stats=DomainRewardStats.from_dict(extra["domain_stats"]),
-                       domains=list(extra["domains"]))
+    state = type(fresh)(step=int(extra["step"]), kl_controller=controller,
+                        domain_stats=DomainRewardStats.from_dict(extra["domain_stats"]),
+                        domains=list(extra["domains"]))
+    return state, int(extra["sync_alarms"])
 
 
 def _plain(value: Any) -> Any:

@@ -2,7 +2,10 @@
 
 Names (``/``-separated groups, as they appear in JSONL, TensorBoard and W&B):
 
-- ``reward/mean``, ``reward/<domain>``: raw rewards of valid samples; ``accuracy/<domain>``:
+- ``reward/mean``, ``reward/<domain>``: rewards of valid samples as training uses them (after the
+  router's per-domain normalisation and clipping); ``score/<domain>``: the raw score (the router's
+  weighted sum of its sources' rewards before normalisation, e.g. a reward model's output);
+  ``accuracy/<domain>``:
   fraction of samples a verifier passed (domains whose rewards are all 0 or 1, i.e. pass/fail
   verifiers; learned scores have no accuracy); ``reward/infra_errors``;
 - ``kl/mean`` (per token, rollout policy vs reference), ``kl/coef``; ``entropy/mean`` (per token);
@@ -57,19 +60,23 @@ def step_metrics(*, batch, prompts: Sequence[Any], results: Sequence[Any], exper
 
 def _reward_metrics(prompts: Sequence[Any], results: Sequence[Any]) -> dict[str, float]:
     by_domain: dict[str, list[float]] = defaultdict(list)
+    scores: dict[str, list[float]] = defaultdict(list)
     passed: dict[str, list[float]] = defaultdict(list)
     errors = 0
     for prompt, result in zip(prompts, results):
         if result.reward is None:
             errors += 1
             continue
+        score = float(result.reward if result.raw_score is None else result.raw_score)
         by_domain[prompt.domain].append(float(result.reward))
-        passed[prompt.domain].append(float(result.status.value == "scored" and result.reward > 0))
+        scores[prompt.domain].append(score)
+        passed[prompt.domain].append(float(result.status.value == "scored" and score > 0))
     every = [value for values in by_domain.values() for value in values]
     metrics = {"reward/mean": sum(every) / len(every) if every else 0.0, "reward/infra_errors": float(errors)}
     for domain, values in sorted(by_domain.items()):
         metrics[f"reward/{domain}"] = sum(values) / len(values)
-        if all(value in (0.0, 1.0) for value in values):  # a verifier's pass/fail, not a learned score
+        metrics[f"score/{domain}"] = sum(scores[domain]) / len(scores[domain])
+        if all(value in (0.0, 1.0) for value in scores[domain]):  # a verifier's pass/fail, not a learned score
             metrics[f"accuracy/{domain}"] = sum(passed[domain]) / len(passed[domain])
     return metrics
 

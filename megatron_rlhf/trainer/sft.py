@@ -53,7 +53,9 @@ from megatron_rlhf.data.chat import (
     pad_token_id_of,
     tokenize_chat,
 )
-from megatron_rlhf.trainer.megatron_step import MegatronUpdater, OptimizerSettings
+from megatron_rlhf.config.optimizer import OptimizerSettings
+from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
+from megatron_rlhf.trainer.megatron_step import MegatronUpdater
 
 log = logging.getLogger(__name__)
 
@@ -157,22 +159,12 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_examples, generator=generator).tolist()
 
 
-def _broadcast_from_last_stage(tensor: Tensor) -> Tensor:
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_pipeline_model_parallel_group()
-    if group.size() > 1:
-        last = torch.distributed.get_global_rank(group, group.size() - 1)
-        torch.distributed.broadcast(tensor, src=last, group=group)
-    return tensor
-
-
 def _sum_over_dp_and_share(values: Tensor) -> Tensor:
     """Sum float64 CPU ``values`` over DP, then give every PP stage the last stage's result."""
     from megatron.core import parallel_state
 
     torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
-    return _broadcast_from_last_stage(values)
+    return broadcast_from_last_stage(values)
 
 
 def _token_nll_sum(

@@ -24,8 +24,8 @@ import torch
 
 from megatron_rlhf.algorithms import AlgorithmConfig, Experience
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.trainer.megatron_step import OptimizerSettings
-from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+from megatron_rlhf.config.optimizer import OptimizerSettings
+from megatron_rlhf.config.ppo_update import PPOUpdateConfig
 from megatron_rlhf.types import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ class RoleWorkerSpec:
     """Optimizer of a trained role (actor, critic); None for frozen roles."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     update: PPOUpdateConfig = field(default_factory=PPOUpdateConfig)
+    temperature: float = 1.0
+    """The run's one sampling temperature (> 0): the engine samples at it (the actor refuses
+    to generate at another) and the actor's and reference's log-probs are computed at it."""
     seed: int = 1234
     threads: int = 1
     """torch intra-op threads per rank (CPU machines)."""
@@ -149,7 +152,7 @@ class ReferenceWorker(MegatronWorker):
         from megatron_rlhf.models.sequence_logprobs import response_logprobs
 
         return response_logprobs(self.model, batch, self.valid_vocab_size,
-                                 temperature=self.spec.update.temperature,
+                                 temperature=self.spec.temperature,
                                  micro_batch_size=self.spec.update.micro_batch_size)
 
 
@@ -162,7 +165,7 @@ class ActorWorker(MegatronWorker):
         if self.spec.optimizer is None:
             raise ValueError("the actor worker needs RoleWorkerSpec.optimizer")
         self.trainer = ActorTrainer(self.model, self.spec.optimizer, self.spec.algorithm, self.spec.update,
-                                    valid_vocab_size=self.valid_vocab_size)
+                                    valid_vocab_size=self.valid_vocab_size, temperature=self.spec.temperature)
         self.engine = None
         self.weight_sync = None
 
@@ -196,6 +199,9 @@ class ActorWorker(MegatronWorker):
             return None
         if self.engine is None:
             raise RuntimeError("generate() called on an actor without an attached engine")
+        if settings.temperature != self.spec.temperature:
+            raise ValueError(f"generate() at temperature {settings.temperature}, but this actor computes log-probs "
+                             f"at {self.spec.temperature}: one temperature serves both (RoleWorkerSpec.temperature)")
         batch = self.engine.generate(prompts, settings)
         # Colocated GPU engines with sleep mode hand their memory to training until the next
         # sync (a no-op otherwise, and for a remote engine, which has its own devices).

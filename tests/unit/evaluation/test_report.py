@@ -78,7 +78,7 @@ def test_families_not_logged_are_listed_and_not_drawn(tmp_path: Path) -> None:
     assert set(report.plots) == {"reward"}
     markdown = report.markdown.read_text()
     assert "No held-out evaluation was run." in markdown
-    assert "Not logged in this run: accuracy, kl, entropy, diversity, response_length." in markdown
+    assert "Not logged in this run: score, accuracy, kl, entropy, diversity, response_length." in markdown
 
 
 def test_bad_inputs_raise_naming_the_value(tmp_path: Path) -> None:
@@ -94,3 +94,40 @@ def test_plot_families_leave_out_other_scales() -> None:
     logged = {"kl/mean", "kl/coef", "kl_loss", "klx", "reward/math", "reward/infra_errors", "reward_std"}
     assert families["kl"].keys(logged) == ["kl/mean", "kl_loss"]
     assert families["reward"].keys(logged) == ["reward/math"]
+
+
+def test_reward_plot_of_a_z_scored_domain_shows_its_raw_score(tmp_path: Path) -> None:
+    """The demo's `general` domain is scored by a reward model and z-scored per batch by the router:
+    its training reward averages 0 at every step. The report plots the raw score per domain."""
+    from types import SimpleNamespace
+
+    from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
+    from megatron_rlhf.rewards.router import DomainRoute, HybridRewardRouter, RouterConfig
+    from megatron_rlhf.rewards.sample import RewardResult, RewardSample, RewardStatus, Verdict
+    from megatron_rlhf.trainer.rl_metrics import _reward_metrics
+
+    class WordCount:  # a learned-score stand-in: any real number per response
+        name = "words"
+
+        def score(self, samples):
+            return [RewardResult(float(len(s.response.split())), RewardStatus.SCORED, Verdict.OK) for s in samples]
+
+        def close(self):
+            pass
+
+    router = HybridRewardRouter(RouterConfig(domains={"general": DomainRoute({"words": 2.0}, "batch_zscore")}),
+                                {"words": WordCount()})
+    config = MetricsLogConfig(output_dir=str(tmp_path / "run"), console=False, tensorboard=False)
+    with MetricsLogger(config) as logger:
+        for step in range(3):
+            responses = ["a " * (step + 1), "a " * (step + 3)]
+            samples = [RewardSample(f"{step}:{i}", "general", "p", text) for i, text in enumerate(responses)]
+            prompts = [SimpleNamespace(domain="general")] * len(samples)
+            logger.log(step, _reward_metrics(prompts, router.score(samples)))
+    records = read_metrics_jsonl(logger.jsonl_path)
+    assert [r["reward/general"] for r in records] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    assert [r["score/general"] for r in records] == pytest.approx([2.0 * (step + 2) for step in range(3)])
+
+    report = write_report(tmp_path / "report", logger.jsonl_path, EVALUATIONS, CONFIG)
+    assert {"score", "reward"} <= set(report.plots)
+    assert report.plots["score"].read_bytes()[:8] == PNG_SIGNATURE

@@ -151,3 +151,41 @@ def test_nested_sandbox_config_is_typed(tmp_path: Path) -> None:
                     "domains: {code: {sources: {c: 1}}}")
     spec = load_reward_config(path).sources["c"]
     assert spec.config.limits.wall_seconds == 3 and spec.config.sandbox.max_concurrency == 4
+
+
+def _rewards(results) -> list:
+    return [result.reward for result in results]
+
+
+def test_router_state_resumes_running_zscore_and_the_infra_error_window(tmp_path: Path) -> None:
+    """A router rebuilt from a checkpoint of another's state scores the next batches exactly as
+    the uninterrupted router does: running moments and the infra-error window travel with it."""
+    import torch
+
+    path = tmp_path / "rewards.yaml"
+    path.write_text(CONFIG)
+    config = load_reward_config(path)
+    batches = [
+        [_s("running", "a b c d"), _s("general_chat", "CRASH"), _s("running", "a")],  # 3 seen: not judged
+        [_s("running", "a b"), _s("running", "a b c d e f"), _s("general_chat", "z")],  # 1 of 6
+        [_s("general_chat", "CRASH")],  # 2 of 7 > 0.25 stops; without batch 0 it is 1 of 4, not judged above
+    ]
+    uninterrupted = HybridRewardRouter(config.router, build_sources(config))
+    first = uninterrupted.score(batches[0])
+    saved = tmp_path / "state.pt"
+    torch.save(uninterrupted.state_dict(), saved)  # what the train-state checkpoint does with it
+    expected = _rewards(uninterrupted.score(batches[1]))
+    with pytest.raises(InfraErrorRateExceeded):
+        uninterrupted.score(batches[2])
+
+    resumed = HybridRewardRouter(config.router, build_sources(config))
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    assert _rewards(resumed.score(batches[1])) == expected
+    with pytest.raises(InfraErrorRateExceeded):
+        resumed.score(batches[2])
+    assert resumed.guard.total_samples == uninterrupted.guard.total_samples == 7
+    # a router without the state scores batch 1 differently and lets batch 2 through
+    fresh = HybridRewardRouter(config.router, build_sources(config))
+    assert _rewards(fresh.score(batches[1])) != expected
+    fresh.score(batches[2])
+    assert first[1].reward is None
