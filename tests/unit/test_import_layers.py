@@ -55,12 +55,16 @@ MODULE_LAYERS = {
     "trainer.lm_loss": "training",
     "trainer.ppo_update": "training",
     "trainer.actor_critic": "training",
+    # per-rank GPU memory / utilisation / MFU of the training phases the workers time
+    "trainer.gpu_metrics": "training",
     # Math-Shepherd step labelling: a pipeline over the engine and the verifiers (like Best-of-N)
     "data.step_labels": "evaluation",
     # the `check-weight-sync` command's body: trains a step and syncs, composing training + rollout
     "rollout.sync_check": "cli",
     # holds the `train-genrm` command (arguments and job, built on sft_cli's) beside train_genrm
     "trainer.genrm": "cli",
+    # the `eval` command's arguments and body
+    "evaluation.ability.cli": "cli",
 }
 """Modules whose layer is not their folder's, with the reason."""
 
