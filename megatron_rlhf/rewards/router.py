@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from megatron_rlhf.config.errors import UserError
 from megatron_rlhf.rewards.interface import (
     InfraErrorGuard,
     InfraErrorPolicy,
@@ -72,7 +73,7 @@ class RouterConfig:
             raise ValueError(f"fallback_domain {self.fallback_domain!r} is not one of the domains {sorted(self.domains)}")
 
 
-class UnroutableSample(ValueError):
+class UnroutableSample(UserError):
     """A sample whose domain has no route (and no fallback is configured)."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from megatron_rlhf.config.errors import UserError
 from megatron_rlhf.types import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ OVERLONG_POLICIES = ("truncate", "drop")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(UserError):
     """Trainer and engine tokenizers differ."""
 
 

@@ -135,17 +135,13 @@ def build_components(config: RLConfig, tokenizer: Any):
                                          optimizer=config.critic_optimizer, threads=config.critic.threads_per_rank,
                                          **common)
             groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement, (critic_spec,))
-        from megatron_rlhf.rewards.genrm import register_genrm_kind
         from megatron_rlhf.workers.reward_worker import (
             SOURCE_KIND,
             RemoteRewardSource,
             RewardModelWorker,
-            register_reward_model_kind,
             reward_model_spec,
         )
 
-        register_genrm_kind()
-        register_reward_model_kind()
         reward = load_reward_config(config.reward_config) if config.reward_config else default_reward_config()
         sources = {}
         for name, source in reward.sources.items():
