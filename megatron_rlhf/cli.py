@@ -5,8 +5,9 @@ imported inside the command that uses them, so `--help` and argument errors answ
 never import torch, Megatron-Core, vLLM or Ray.
 
 Exit codes: 0 success; 1 `verify` found logits further apart than the tolerance; 2 a user error
-(bad argument, missing file, invalid value), printed as `error: <message>` on stderr without a
-traceback (`--traceback` shows it). Other exceptions propagate with their traceback.
+(bad argument, missing file, invalid value: a :class:`~megatron_rlhf.config.errors.UserError`),
+printed as `error: <message>` on stderr without a traceback (`--traceback` shows it). Every other
+exception (``ValueError`` included) is a defect and propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ import warnings
 from typing import Callable, Sequence
 
 from megatron_rlhf.cli_args import positive_float, positive_int
+from megatron_rlhf.config.errors import UserError
 
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
 EXIT_USER_ERROR = 2
-
-# Errors a user can cause; library code raises ValueError subclasses (e.g. ParallelLayoutError) for
-# bad values, FileNotFoundError for missing inputs and FileExistsError for an output in the way.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError)
 
 # Notices Megatron-Core prints on every machine without Transformer Engine or Apex (every CPU
 # machine, by design). Hidden in this process and in the ranks it starts, which read PYTHONWARNINGS.
@@ -222,9 +220,10 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from megatron_rlhf.preflight.score import preflight_score
     from megatron_rlhf.rewards.score_file import run_score as run
 
-    return run(args)
+    return run(args, preflight_score(args.input, args.output, args.config))
 
 
 # --- parser and entry point ------------------------------------------------------------------
@@ -359,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hide_expected_notices()
     try:
         return args.run(args)
-    except USER_ERRORS as error:
+    except UserError as error:
         if args.traceback:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -7,8 +7,10 @@ subclass :class:`ValueError`, so callers that only care about "bad input" can ca
 
 from __future__ import annotations
 
+from megatron_rlhf.config.errors import UserError
 
-class AlgorithmConfigError(ValueError):
+
+class AlgorithmConfigError(UserError):
     """An :class:`~megatron_rlhf.algorithms.config.AlgorithmConfig` field (or a function argument
     that mirrors one) is outside its valid range, or fields contradict each other."""
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from megatron_rlhf.checkpoint.dist_ckpt import (
     CheckpointMetadata,
+    check_shard_files,
     prepare_output_dir,
     read_checkpoint_metadata,
 )
@@ -188,6 +189,7 @@ def plan_checkpoint_load(
 ) -> ExportPlan:
     """Validate a checkpoint and the layout to load it at (default: the saved one)."""
     metadata = read_checkpoint_metadata(ckpt_dir)
+    check_shard_files(ckpt_dir)
     arch = arch_spec_from_hf_config(metadata.hf_config, source=f"{ckpt_dir}/megatron_rlhf.json")
     parallel = ParallelConfig(
         tensor_parallel=tensor_parallel or metadata.tensor_parallel,

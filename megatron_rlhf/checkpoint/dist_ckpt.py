@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
+from megatron_rlhf.config.errors import MissingInput, OutputInTheWay, UserError
 from megatron_rlhf.config.parallel import ParallelConfig
 
 METADATA_FILE = "megatron_rlhf.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that is missing, incomplete or from an unknown format."""
 
 
@@ -60,7 +61,7 @@ def read_checkpoint_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
     if not directory.is_dir():
         partial = directory.with_name(directory.name + ".partial")
         hint = f" (an incomplete save was left at {partial})" if partial.exists() else ""
-        raise FileNotFoundError(f"{directory}: checkpoint directory not found{hint}")
+        raise MissingInput(f"{directory}: checkpoint directory not found{hint}")
     path = directory / METADATA_FILE
     if not path.is_file():
         raise CheckpointError(
@@ -81,26 +82,55 @@ def read_checkpoint_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
     return metadata
 
 
+def check_shard_files(ckpt_dir: str | Path) -> None:
+    """UserError naming the file if a shard (``model/*.distcp``) is missing or shorter than the
+    checkpoint's ``.metadata`` says (a truncated or partial copy); reads the metadata only."""
+    import pickle
+
+    metadata_path = Path(ckpt_dir) / "model" / ".metadata"
+    if not metadata_path.is_file():
+        raise CheckpointError(f"{metadata_path}: missing (the model/ part of the checkpoint is incomplete)")
+    try:
+        with metadata_path.open("rb") as handle:
+            metadata = pickle.load(handle)  # noqa: S301 - written by torch.distributed.checkpoint
+    except Exception as error:  # noqa: BLE001 - any failure to read it is a corrupt file
+        raise CheckpointError(f"{metadata_path}: unreadable ({type(error).__name__}: {error})") from None
+    needed: dict[str, int] = {}
+    for item in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(item, "relative_path", None)
+        if name is not None:
+            needed[name] = max(needed.get(name, 0), int(item.offset) + int(item.length))
+    for name, size in sorted(needed.items()):
+        shard = metadata_path.parent / name
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: checkpoint shard missing (named by {metadata_path})")
+        if shard.stat().st_size < size:
+            raise CheckpointError(f"{shard}: checkpoint shard is truncated ({shard.stat().st_size} bytes, "
+                                  f"{metadata_path} needs {size}); copy the checkpoint again")
+
+
 def prepare_output_dir(
-    out_dir: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()
+    out_dir: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = (), name: str = "--out",
+    remedy: str = "pass --overwrite",
 ) -> Path:
     """Check ``out_dir`` can be written; remove a stale ``.partial`` sibling. Call on one rank.
 
     ``inputs``: directories the job reads; an output that is one of them (or holds one) is
-    refused, since writing it replaces the whole directory.
+    refused, since writing it replaces the whole directory. ``name`` is how the user gave the
+    output (an option or a config key) and ``remedy`` what they can do about a non-empty one.
     """
     directory = Path(out_dir)
     for source in inputs:
         source_path = Path(source).resolve()
         if directory.resolve() == source_path or directory.resolve() in source_path.parents:
-            raise ValueError(
-                f"--out {directory} would replace the input {source}; choose another directory"
+            raise OutputInTheWay(
+                f"{name} {directory} would replace the input {source}; choose another directory"
             )
     if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory}: exists and is not a directory")
+        raise OutputInTheWay(f"{name} {directory}: exists and is not a directory")
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{directory}: already exists and is not empty (pass --overwrite)")
+            raise OutputInTheWay(f"{name} {directory}: already exists and is not empty ({remedy})")
     partial = directory.with_name(directory.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)

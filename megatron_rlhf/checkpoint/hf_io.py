@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_rlhf.config.errors import MissingInput, UserError
+
 SIDE_FILES = (
     "config.json",
     "generation_config.json",
@@ -36,7 +38,7 @@ SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 """safetensors header dtype -> the name ModelBuildConfig.params_dtype uses."""
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(UserError):
     """An HF checkpoint directory is missing files or holds unreadable ones."""
 
 
@@ -46,7 +48,7 @@ class HFWeightReader:
     def __init__(self, hf_dir: str | Path):
         self.directory = Path(hf_dir)
         if not self.directory.is_dir():
-            raise FileNotFoundError(f"{self.directory}: Hugging Face model directory not found")
+            raise MissingInput(f"{self.directory}: Hugging Face model directory not found")
         self._file_of: dict[str, Path] = {}
         index = self.directory / INDEX_FILE
         single = self.directory / SINGLE_FILE

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_rlhf.config.errors import UserError
 
-class ParallelLayoutError(ValueError):
+
+class ParallelLayoutError(UserError):
     """A parallel layout that cannot work for this world size or model."""
 
 

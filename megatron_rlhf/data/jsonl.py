@@ -21,15 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
+from megatron_rlhf.config.errors import MissingInput, UserError
+
 Record = TypeVar("Record")
 MAX_REPORTED = 10
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset file has malformed lines (the message names file:line for each)."""
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """Raised by a record parser for a JSON object that does not fit the schema."""
 
 
@@ -69,7 +71,7 @@ def read_jsonl(
     ``KeyError``, ``TypeError`` or ``ValueError`` for a bad record)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise MissingInput(f"dataset file not found: {path}")
     records: list[Record] = []
     lines: list[int] = []
     malformed: list[MalformedLine] = []
@@ -91,7 +93,7 @@ def read_jsonl(
 
 def _parse_line(raw: bytes, parse_record: Callable[[Mapping[str, Any]], Record]) -> tuple[Record] | str:
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))  # columns of the line, not of the next one
     except UnicodeDecodeError as error:
         return f"not UTF-8 ({error.reason} at byte {error.start})"
     except json.JSONDecodeError as error:

@@ -165,11 +165,7 @@ def load_prompt_dataset(
     empty: list[MalformedLine] = []
     too_long: list[MalformedLine] = []
     for partial, line in zip(parsed.records, parsed.lines):
-        record = PromptRecord(
-            id=partial.id if partial.id is not None else f"{path.stem}:{line}",
-            domain=partial.domain, prompt=partial.prompt, messages=partial.messages,
-            ground_truth=partial.ground_truth, metadata=partial.metadata, source=f"{path}:{line}",
-        )
+        record = _record(partial, path, line)
         if _is_empty(record):
             empty.append(MalformedLine(str(path), line, "empty prompt"))
             continue
@@ -191,6 +187,16 @@ def load_prompt_dataset(
         raise ValueError(f"no valid prompt in {path}; " + "; ".join(str(bad) for bad in first) if first
                          else f"no prompt in {path} (the file is empty)")
     return records, stats
+
+
+def read_prompt_lines(path: str | Path, default_domain: str | None = None) -> list[PromptRecord]:
+    """Every non-empty prompt of ``path`` in file order, parsed strictly: a malformed line raises
+    :class:`~megatron_rlhf.data.jsonl.DatasetError` naming ``file:line`` (what training checks
+    before it starts). No tokenizer: lengths are not checked here."""
+    path = Path(path)
+    parsed = read_jsonl(path, lambda raw: _parse_prompt(raw, default_domain), strict=True)
+    records = [_record(partial, path, line) for partial, line in zip(parsed.records, parsed.lines)]
+    return [record for record in records if not _is_empty(record)]
 
 
 def load_prompt_datasets(
@@ -254,6 +260,14 @@ def _parse_prompt(raw: Mapping[str, Any], default_domain: str | None) -> _Parsed
     return _ParsedPrompt(
         None if record_id is None else str(record_id), domain.strip(), prompt, messages,
         raw.get("ground_truth"), metadata,
+    )
+
+
+def _record(partial: _ParsedPrompt, path: Path, line: int) -> PromptRecord:
+    return PromptRecord(
+        id=partial.id if partial.id is not None else f"{path.stem}:{line}",
+        domain=partial.domain, prompt=partial.prompt, messages=partial.messages,
+        ground_truth=partial.ground_truth, metadata=partial.metadata, source=f"{path}:{line}",
     )
 
 

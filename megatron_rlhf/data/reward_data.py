@@ -88,18 +88,16 @@ def _domain(record: Mapping[str, Any]) -> str:
 
 
 def _binary_label(value: Any, name: str = "label") -> int:
-    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and value in (0, 1):
         return int(value)
-    raise RecordError(f"field {name!r} must be 0 or 1, got {value!r}")
+    raise RecordError(f"field {name!r} must be 0 or 1 (a number, not true/false), got {value!r}")
 
 
 def parse_preference_pair(record: Mapping[str, Any]) -> PreferencePair:
-    return PreferencePair(
-        require_str(record, "prompt"),
-        require_str(record, "chosen"),
-        require_str(record, "rejected"),
-        _domain(record),
-    )
+    chosen, rejected = require_str(record, "chosen"), require_str(record, "rejected")
+    if chosen == rejected:
+        raise RecordError("'chosen' and 'rejected' are the same text: the pair prefers nothing")
+    return PreferencePair(require_str(record, "prompt"), chosen, rejected, _domain(record))
 
 
 def parse_labelled_response(record: Mapping[str, Any]) -> LabelledResponse:

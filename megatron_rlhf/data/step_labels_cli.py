@@ -49,6 +49,7 @@ def build_verifier(config_path: str | None, domains: Iterable[str]) -> Any:
     started). ValueError naming the domains the config cannot route."""
     from dataclasses import replace
 
+    from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.rewards.reward_config import (
         RewardConfig,
         build_sources,
@@ -65,7 +66,7 @@ def build_verifier(config_path: str | None, domains: Iterable[str]) -> Any:
     fallback = None
     if unrouted:
         if router.fallback_domain is None:
-            raise ValueError(f"the reward config ({config_path or 'default'}) has no route for domain(s) {unrouted}; "
+            raise UserError(f"the reward config ({config_path or 'default'}) has no route for domain(s) {unrouted}; "
                              f"routed: {sorted(router.domains)}")
         fallback = router.fallback_domain
         routes[fallback] = router.domains[fallback]
@@ -77,18 +78,22 @@ def build_verifier(config_path: str | None, domains: Iterable[str]) -> Any:
 
 def run_label_steps(args: argparse.Namespace) -> int:
     from megatron_rlhf.data.step_labels import StepLabelConfig, label_solutions, read_solutions
+    from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
 
-    config = StepLabelConfig(
-        rollouts_per_step=args.rollouts_per_step, label_type=args.label_type, step_separator=args.step_separator,
-        prompt_format=args.prompt_format, final_step=args.final_step, prefixes_per_batch=args.prefixes_per_batch,
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-    )
+    try:
+        config = StepLabelConfig(
+            rollouts_per_step=args.rollouts_per_step, label_type=args.label_type, step_separator=args.step_separator,
+            prompt_format=args.prompt_format, final_step=args.final_step, prefixes_per_batch=args.prefixes_per_batch,
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        )
+    except ValueError as error:  # every value comes from the command line
+        raise UserError(f"arguments: {error}") from None
     dataset = read_solutions(args.input, config.step_separator, strict=not args.skip_malformed)
     if dataset.malformed:
         print(f"skipping {len(dataset.malformed)} malformed line(s):\n{dataset.report()}", file=sys.stderr)
     if not dataset.records:
-        raise ValueError(f"no valid solution in {args.input}")
+        raise UserError(f"--input {args.input}: no valid solution")
     verifier = build_verifier(args.reward_config, {solution.domain for solution in dataset.records})
     try:
         rollout = RolloutConfig(model_dir=args.policy, tensor_parallel=args.tensor_parallel, dtype=args.dtype,

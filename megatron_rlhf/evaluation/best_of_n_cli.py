@@ -12,7 +12,9 @@ prompt and the verifier grades them; then every ``--scorer`` scores the same res
   without).
 
 Writes ``best_of_n.md``, ``best_of_n.png`` and ``best_of_n.json`` under ``--out``. Exit codes: 0
-done; 2 a user error (missing file, bad scorer spec). Building the parser imports nothing heavy.
+done; 2 a user error (missing file, bad scorer spec, a scorer directory that is not what its kind
+claims, lengths beyond the model's limit), found by ``preflight.eval_bon`` before vLLM starts.
+Building the parser imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 SCORER_KINDS = ("random", "verifier", "rm", "genrm")
 AGGREGATES = ("outcome", "last", "min", "product", "mean")
@@ -101,21 +103,6 @@ def add_eval_bon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--genrm-max-new-tokens", type=int, default=256)
 
 
-def score_with_reward_model(ckpt_dir: str, tensor_parallel: int, samples: Sequence[Any]) -> list[Any]:
-    """Score ``samples`` with a ``train-rm`` checkpoint on this rank (called in spawned ranks)."""
-    from megatron_rlhf.config.parallel import ParallelConfig
-    from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rewards.learned import load_learned_reward_source
-
-    parallel = ParallelConfig(tensor_parallel=tensor_parallel)
-    initialize_parallel(parallel)
-    source = load_learned_reward_source(ckpt_dir, parallel)
-    results = []
-    for start in range(0, len(samples), 256):
-        results.extend(source.score(samples[start : start + 256]))
-    return results
-
-
 def run_eval_bon(args: argparse.Namespace) -> int:
     from megatron_rlhf.data.prompts import PromptDatasetConfig, load_prompt_dataset
     from megatron_rlhf.data.step_labels_cli import build_verifier
@@ -125,14 +112,17 @@ def run_eval_bon(args: argparse.Namespace) -> int:
         sample_and_grade,
         write_report,
     )
+    from megatron_rlhf.config.errors import UserError
+    from megatron_rlhf.preflight.eval_bon import preflight_eval_bon
     from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
 
-    for spec in args.scorer:
-        if spec.path is not None and not Path(spec.path).is_dir():
-            raise FileNotFoundError(f"--scorer {spec.kind}:{spec.path}: no such directory")
-    config = BestOfNConfig(n_max=args.n_max, temperature=args.temperature, top_p=args.top_p,
-                           max_new_tokens=args.max_new_tokens, chat_template=not args.plain_prompts,
-                           prompts_per_call=args.prompts_per_call)
+    try:
+        config = BestOfNConfig(n_max=args.n_max, temperature=args.temperature, top_p=args.top_p,
+                               max_new_tokens=args.max_new_tokens, chat_template=not args.plain_prompts,
+                               prompts_per_call=args.prompts_per_call)
+    except ValueError as error:  # every value comes from the command line
+        raise UserError(f"arguments: {error}") from None
+    preflight_eval_bon(args)
     prompts, load_stats = load_prompt_dataset(args.prompts, PromptDatasetConfig())
     print(load_stats.summary())
     verifier = build_verifier(args.reward_config, {record.domain for record in prompts})
@@ -164,8 +154,10 @@ def _build_scorers(spec: ScorerSpec, responses: Any, verifier: Any, args: argpar
     flat = [sample for group in responses.samples for sample in group]
     if spec.kind == "rm":
         from megatron_rlhf.parallel.launch import spawn
+        from megatron_rlhf.rewards.reward_model_source import RewardModelSourceConfig, score_in_this_rank
 
-        results = spawn(score_with_reward_model, args.rm_tensor_parallel, spec.path, args.rm_tensor_parallel, flat)[0]
+        rm = RewardModelSourceConfig(ckpt_dir=spec.path, tensor_parallel=args.rm_tensor_parallel)
+        results = spawn(score_in_this_rank, args.rm_tensor_parallel, rm, flat)[0]
     else:
         from megatron_rlhf.rewards.genrm import GenRMConfig, GenRMSource
         from megatron_rlhf.rollout.engine import RolloutConfig

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_rlhf.config.errors import MissingInput, UserError
+
 FAMILY_BY_MODEL_TYPE = {
     "llama": "llama",
     "qwen2": "qwen2",
@@ -59,7 +61,7 @@ so the spec does too. Fields not listed here default alike for every family: no 
 means MHA, no head_dim means hidden_size / heads, rms_norm_eps 1e-6, rope_theta 10000."""
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(UserError):
     """The HF config describes a model this package cannot reproduce exactly."""
 
 
@@ -118,13 +120,13 @@ def load_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """Read ``config.json`` from an HF model directory, with file-naming errors."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json in the Hugging Face model directory")
+        raise MissingInput(f"{path}: no config.json in the Hugging Face model directory")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
 
 
@@ -132,6 +134,16 @@ def _require(config: dict[str, Any], key: str, where: str) -> Any:
     if key not in config or config[key] is None:
         raise UnsupportedArchitecture(f"{where}: missing required field {key!r}")
     return config[key]
+
+
+def _integer(config: dict[str, Any], key: str, where: str, default: Any = None) -> int:
+    """``config[key]`` (or ``default`` when absent/None) as a positive integer; names the field."""
+    value = config.get(key)
+    if value is None:
+        value = default if default is not None else _require(config, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise UnsupportedArchitecture(f"{where}: {key}={value!r} must be a positive integer")
+    return int(value)
 
 
 def _rope(config: dict[str, Any], where: str) -> tuple[float, float, float | None]:
@@ -256,11 +268,11 @@ def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json"
         )
     _reject_unsupported_features(config, family, source)
 
-    num_layers = int(_require(config, "num_hidden_layers", source))
-    hidden_size = int(_require(config, "hidden_size", source))
-    heads = int(_require(config, "num_attention_heads", source))
-    groups = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden_size // heads)
+    num_layers = _integer(config, "num_hidden_layers", source)
+    hidden_size = _integer(config, "hidden_size", source)
+    heads = _integer(config, "num_attention_heads", source)
+    groups = _integer(config, "num_key_value_heads", source, default=heads)
+    head_dim = _integer(config, "head_dim", source, default=max(hidden_size // heads, 1))
     if heads % groups != 0:
         defaulted = (
             f" (absent from the config: transformers' default for {model_type})"
@@ -288,9 +300,9 @@ def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json"
         num_attention_heads=heads,
         num_query_groups=groups,
         head_dim=head_dim,
-        ffn_hidden_size=int(_require(config, "intermediate_size", source)),
-        vocab_size=int(_require(config, "vocab_size", source)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        ffn_hidden_size=_integer(config, "intermediate_size", source),
+        vocab_size=_integer(config, "vocab_size", source),
+        max_position_embeddings=_integer(config, "max_position_embeddings", source, default=4096),
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rotary_percent=partial,

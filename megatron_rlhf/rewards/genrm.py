@@ -32,7 +32,6 @@ from typing import Any, Mapping, Sequence
 from megatron_rlhf.rewards.sample import RewardResult, RewardSample, RewardStatus, Verdict
 from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
 
-GENRM_KIND = "genrm"
 REFERENCE_MODES = ("required", "optional", "never")
 VERDICT_FORMATS = ("binary", "score")
 
@@ -290,14 +289,6 @@ class GenRMSource:
                 return RewardResult.correct(detail)
             return RewardResult.incorrect(Verdict.WRONG_ANSWER, detail)
         return RewardResult(reward, RewardStatus.SCORED, Verdict.OK, detail)
-
-
-def register_genrm_kind() -> None:
-    """Make ``kind: genrm`` usable in reward configs (idempotent)."""
-    from megatron_rlhf.rewards.reward_config import SOURCE_KINDS, register_source_kind
-
-    if GENRM_KIND not in SOURCE_KINDS:
-        register_source_kind(GENRM_KIND, GenRMConfig, GenRMSource)
 
 
 def _clip(text: str, max_chars: int) -> str:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from megatron_rlhf.config.errors import MissingInput, UserError
 from megatron_rlhf.data.reward_data import (
     RewardTokenization,
     TokenizedSequence,
@@ -159,12 +160,12 @@ def write_reward_model_info(ckpt_dir: str | Path, role: str, tokenization: Rewar
 def read_reward_model_info(ckpt_dir: str | Path) -> RewardTokenization:
     path = Path(ckpt_dir) / REWARD_MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a reward model checkpoint (written by train-rm)")
+        raise MissingInput(f"{path}: not a reward model checkpoint (written by train-rm)")
     try:
         fields = json.loads(path.read_text())["tokenization"]
         return RewardTokenization(**fields)
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: unreadable reward model settings ({error})") from error
+        raise UserError(f"{path}: unreadable reward model settings ({error})") from error
 
 
 def load_learned_reward_source(

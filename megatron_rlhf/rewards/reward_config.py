@@ -13,45 +13,75 @@ YAML layout (every key optional except ``domains``'s sources; unknown keys are e
       code: {sources: {code: 1.0}}
     fallback_domain: null
 
-Kinds shipped: ``math_verifier``, ``code_verifier``, ``multiple_choice``, ``instruction_following``.
-The learned sources register theirs with :func:`register_source_kind` (a config dataclass and a
-factory) and are then configured the same way. Errors name the file and the key path.
+Kinds (one registry, :data:`SOURCE_KINDS`, read by every command that takes a reward YAML):
+``math_verifier``, ``code_verifier``, ``multiple_choice``, ``instruction_following``, ``genrm``
+(a judge model on its own vLLM engine) and ``reward_model`` (a ``train-rm`` checkpoint; ``train-rl``
+serves it from a worker group, ``score`` and ``label-steps`` from local processes). A kind's config
+class and factory are named as ``module:attribute`` and imported on first use (a YAML without
+``genrm`` sources never imports torch or vLLM). Errors name the file and the key path; fields are typed strictly
+(:mod:`megatron_rlhf.config.typed_load`). More kinds plug in with :func:`register_source_kind`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import importlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from megatron_rlhf.config.errors import ConfigError, MissingInput
+from megatron_rlhf.config.typed_load import at, dataclass_from_mapping
 from megatron_rlhf.rewards.interface import InfraErrorPolicy, RewardSource
 from megatron_rlhf.rewards.router import DomainRoute, RouterConfig
-from megatron_rlhf.rewards.verifiers.code_verifier import CodeVerifier, CodeVerifierConfig
-from megatron_rlhf.rewards.verifiers.instruction_following import (
-    InstructionFollowingConfig,
-    InstructionFollowingVerifier,
-)
-from megatron_rlhf.rewards.verifiers.math_verifier import MathVerifier, MathVerifierConfig
-from megatron_rlhf.rewards.verifiers.multiple_choice import MultipleChoiceConfig, MultipleChoiceVerifier
 
 SourceFactory = Callable[[Any], RewardSource]
-SOURCE_KINDS: dict[str, tuple[type, SourceFactory]] = {
-    "math_verifier": (MathVerifierConfig, MathVerifier),
-    "code_verifier": (CodeVerifierConfig, CodeVerifier),
-    "multiple_choice": (MultipleChoiceConfig, MultipleChoiceVerifier),
-    "instruction_following": (InstructionFollowingConfig, InstructionFollowingVerifier),
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    """One registered kind: its config dataclass and the factory building a source from it."""
+
+    config: type | str
+    """The config dataclass, or ``"module:Class"`` imported on first use."""
+    factory: SourceFactory | str
+    """``factory(config) -> RewardSource`` in this process, or ``"module:function"``."""
+
+    def config_class(self) -> type:
+        return _resolve(self.config)
+
+    def build(self, config: Any) -> RewardSource:
+        return _resolve(self.factory)(config)
+
+
+def _resolve(target: Any) -> Any:
+    if not isinstance(target, str):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_VERIFIERS = "megatron_rlhf.rewards.verifiers."
+SOURCE_KINDS: dict[str, SourceKind] = {
+    "math_verifier": SourceKind(_VERIFIERS + "math_verifier:MathVerifierConfig", _VERIFIERS + "math_verifier:MathVerifier"),
+    "code_verifier": SourceKind(_VERIFIERS + "code_verifier:CodeVerifierConfig", _VERIFIERS + "code_verifier:CodeVerifier"),
+    "multiple_choice": SourceKind(_VERIFIERS + "multiple_choice:MultipleChoiceConfig",
+                                  _VERIFIERS + "multiple_choice:MultipleChoiceVerifier"),
+    "instruction_following": SourceKind(_VERIFIERS + "instruction_following:InstructionFollowingConfig",
+                                        _VERIFIERS + "instruction_following:InstructionFollowingVerifier"),
+    "genrm": SourceKind("megatron_rlhf.rewards.genrm:GenRMConfig", "megatron_rlhf.rewards.genrm:GenRMSource"),
+    "reward_model": SourceKind("megatron_rlhf.rewards.reward_model_source:RewardModelSourceConfig",
+                               "megatron_rlhf.rewards.reward_model_source:SpawnedRewardModelSource"),
 }
 
 
-def register_source_kind(kind: str, config_class: type, factory: SourceFactory) -> None:
-    """Make ``kind`` usable in reward configs (how RM / PRM / GenRM sources plug in)."""
+def register_source_kind(kind: str, config_class: type | str, factory: SourceFactory | str) -> None:
+    """Make ``kind`` usable in reward configs (a config dataclass and a factory, or their
+    ``module:attribute`` names)."""
     if kind in SOURCE_KINDS:
         raise ValueError(f"reward source kind {kind!r} is already registered")
-    if not dataclasses.is_dataclass(config_class):
+    if not isinstance(config_class, str) and not dataclasses.is_dataclass(config_class):
         raise TypeError(f"config_class of {kind!r} must be a dataclass")
-    SOURCE_KINDS[kind] = (config_class, factory)
+    SOURCE_KINDS[kind] = SourceKind(config_class, factory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,49 +99,49 @@ class RewardConfig:
 
 def default_reward_config() -> RewardConfig:
     """One verifier per verifiable domain, weight 1, no normalisation (what `score` uses by default)."""
-    sources = {
-        "math": SourceSpec("math_verifier", MathVerifierConfig()),
-        "code": SourceSpec("code_verifier", CodeVerifierConfig()),
-        "multiple_choice": SourceSpec("multiple_choice", MultipleChoiceConfig()),
-        "instruction_following": SourceSpec("instruction_following", InstructionFollowingConfig()),
-    }
+    kinds = {"math": "math_verifier", "code": "code_verifier", "multiple_choice": "multiple_choice",
+             "instruction_following": "instruction_following"}
+    sources = {name: SourceSpec(kind, SOURCE_KINDS[kind].config_class()()) for name, kind in kinds.items()}
     domains = {name: DomainRoute(sources={name: 1.0}) for name in sources}
     return RewardConfig(RouterConfig(domains=domains), sources)
 
 
 def reward_config_from_mapping(data: Any, where: str) -> RewardConfig:
-    """Validate a parsed YAML document; ValueError naming ``where`` and the key path."""
+    """Validate a parsed YAML document; ConfigError naming ``where`` and the key path."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: the reward config must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: the reward config must be a mapping, got {type(data).__name__}")
     _reject_unknown(data, {"infra_errors", "sources", "domains", "fallback_domain"}, where)
     sources_data = data.get("sources", {})
     if not isinstance(sources_data, dict):
-        raise ValueError(f"{where}: 'sources' must be a mapping of name -> {{kind: ..., ...}}")
+        raise ConfigError(f"{where}: sources: must be a mapping of name -> {{kind: ..., ...}}")
     sources = {}
     for name, spec in sources_data.items():
-        at = f"{where}: sources.{name}"
-        if not isinstance(spec, dict) or spec.get("kind") not in SOURCE_KINDS:
-            kind = spec.get("kind") if isinstance(spec, dict) else spec
-            raise ValueError(f"{at}.kind: unknown reward source kind {kind!r}; known: {', '.join(SOURCE_KINDS)}")
-        config_class, _ = SOURCE_KINDS[spec["kind"]]
+        here = at(where, f"sources.{name}")
+        kind = spec.get("kind") if isinstance(spec, dict) else spec
+        if not isinstance(kind, str) or kind not in SOURCE_KINDS:
+            raise ConfigError(f"{here}.kind: unknown reward source kind {kind!r}; known: {', '.join(SOURCE_KINDS)}")
         fields = {key: value for key, value in spec.items() if key != "kind"}
-        sources[name] = SourceSpec(spec["kind"], dataclass_from_mapping(config_class, fields, at))
+        sources[name] = SourceSpec(kind, dataclass_from_mapping(SOURCE_KINDS[kind].config_class(), fields, here))
     domains_data = data.get("domains")
     if not isinstance(domains_data, dict) or not domains_data:
-        raise ValueError(f"{where}: 'domains' must map each domain tag to {{sources: {{name: weight}}, ...}}")
+        raise ConfigError(f"{where}: domains: must map each domain tag to {{sources: {{name: weight}}, ...}}")
     domains = {
-        domain: dataclass_from_mapping(DomainRoute, route, f"{where}: domains.{domain}")
+        domain: dataclass_from_mapping(DomainRoute, route, at(where, f"domains.{domain}"))
         for domain, route in domains_data.items()
     }
-    infra = dataclass_from_mapping(InfraErrorPolicy, data.get("infra_errors", {}), f"{where}: infra_errors")
+    infra = dataclass_from_mapping(InfraErrorPolicy, data.get("infra_errors", {}), at(where, "infra_errors"))
+    fallback = data.get("fallback_domain")
+    if fallback is not None and not isinstance(fallback, str):
+        raise ConfigError(f"{where}: fallback_domain: expected a domain name or null, got {fallback!r}")
     try:
-        router = RouterConfig(domains=domains, infra_errors=infra, fallback_domain=data.get("fallback_domain"))
+        router = RouterConfig(domains=domains, infra_errors=infra, fallback_domain=fallback)
     except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+        raise ConfigError(f"{where}: {error}") from None
     for domain, route in domains.items():
         missing = [name for name in route.sources if name not in sources]
         if missing:
-            raise ValueError(f"{where}: domains.{domain}.sources names undefined source(s) {missing}; defined: {sorted(sources)}")
+            raise ConfigError(f"{where}: domains.{domain}.sources names undefined source(s) {missing}; "
+                              f"defined: {sorted(sources)}")
     return RewardConfig(router, sources)
 
 
@@ -121,11 +151,11 @@ def load_reward_config(path: str | Path) -> RewardConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reward config {path} does not exist")
+        raise MissingInput(f"reward config {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
     return reward_config_from_mapping(data, str(path))
 
 
@@ -137,7 +167,7 @@ def build_sources(config: RewardConfig, only: set[str] | None = None) -> dict[st
         for name, spec in config.sources.items():
             if only is not None and name not in only:
                 continue
-            built[name] = SOURCE_KINDS[spec.kind][1](spec.config)
+            built[name] = SOURCE_KINDS[spec.kind].build(spec.config)
     except BaseException:
         for source in built.values():
             source.close()
@@ -145,33 +175,7 @@ def build_sources(config: RewardConfig, only: set[str] | None = None) -> dict[st
     return built
 
 
-def dataclass_from_mapping(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping: nested dataclasses, tuples from lists, exact keys."""
-    if dataclasses.is_dataclass(data):
-        return data
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    _reject_unknown(data, names, where)
-    values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from None
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
-    for option in options:
-        if dataclasses.is_dataclass(option) and isinstance(value, dict):
-            return dataclass_from_mapping(option, value, where)
-        if typing.get_origin(option) is tuple and isinstance(value, list):
-            return tuple(value)
-    return value
-
-
 def _reject_unknown(data: dict, known: set[str], where: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from megatron_rlhf.running_moments import RunningMoments
+from megatron_rlhf.config.errors import UserError
 from megatron_rlhf.rewards.interface import (
     InfraErrorGuard,
     InfraErrorPolicy,
@@ -78,7 +79,7 @@ class RouterConfig:
             raise ValueError(f"fallback_domain {self.fallback_domain!r} is not one of the domains {sorted(self.domains)}")
 
 
-class UnroutableSample(ValueError):
+class UnroutableSample(UserError):
     """A sample whose domain has no route (and no fallback is configured)."""
 
 

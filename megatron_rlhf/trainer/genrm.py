@@ -138,8 +138,13 @@ def add_train_genrm_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train_genrm(args: argparse.Namespace) -> int:
     """Train the judge from labelled-records JSONL; prints like train-sft."""
+    from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.trainer.sft_cli import print_sft_result, sft_run_config_from_args
 
-    data = GenRMDataConfig(with_reference=args.with_reference, verdict_format=args.verdict_format)
-    print_sft_result(run_genrm(sft_run_config_from_args(args), data), args)
+    try:  # every value comes from the command line
+        data = GenRMDataConfig(with_reference=args.with_reference, verdict_format=args.verdict_format)
+        config = sft_run_config_from_args(args)
+    except ValueError as error:
+        raise UserError(f"arguments: {error}") from None
+    print_sft_result(run_genrm(config, data), args)
     return 0

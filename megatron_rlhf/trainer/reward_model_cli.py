@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_rlhf.config.errors import UserError
+
 log = logging.getLogger(__name__)
 SECTIONS = ("parallel", "tokenization", "training", "optimizer")
 
@@ -112,75 +114,39 @@ def _section_classes() -> dict[str, type]:
     }
 
 
-def _section(cls: type, values: Any, where: str):
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: must be a mapping, got {type(values).__name__}")
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(types))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(types)}")
-    values = {name: _yaml_float(value) if types[name] in ("float", float) else value for name, value in values.items()}
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from error
-
-
-def _yaml_float(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string; accept it for float fields."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _relative_to(config_path: Path, value: Any) -> str:
+def _relative_to(config_path: Path, value: str) -> str:
     """A path from the config; relative ones are relative to the config file's directory."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{config_path}: expected a path, got {value!r}")
     return str(Path(value) if Path(value).is_absolute() else config_path.parent / value)
 
 
 def load_train_rm_config(path: str | Path) -> TrainRMConfig:
-    """Parse and validate the YAML recipe; errors name the file and key."""
+    """Parse and type the YAML recipe strictly (``config.typed_load``); errors name the file and key."""
     import yaml
+
+    from megatron_rlhf.config.errors import ConfigError, MissingInput
+    from megatron_rlhf.config.typed_load import at, convert, dataclass_from_mapping
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingInput(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from error
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    top = {f.name for f in dataclasses.fields(TrainRMConfig)}
-    unknown = sorted(set(raw) - top)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(top)}")
-    for key in ("model", "role", "train_files", "output"):
-        if key not in raw:
-            raise ValueError(f"{path}: missing required key {key!r}")
-    sections = {name: _section(cls, raw.get(name), f"{path}: {name}") for name, cls in _section_classes().items()}
-    files = {}
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    values = dict(raw)
+    for name, cls in _section_classes().items():
+        if values.get(name) is not None:
+            values[name] = dataclass_from_mapping(cls, values[name], at(str(path), name))
+    for key in ("model", "output"):
+        if key in values:
+            values[key] = _relative_to(path, convert(str, values[key], at(str(path), key)))
     for key in ("train_files", "validation_files"):
-        value = raw.get(key) or []
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise ValueError(f"{path}: {key} must be a list of file paths")
-        files[key] = tuple(_relative_to(path, item) for item in value)
-    scalars = {key: raw[key] for key in ("steps", "validate_every", "seed", "skip_malformed_lines", "data_parallel") if key in raw}
-    try:
-        return TrainRMConfig(
-            model=_relative_to(path, raw["model"]), role=raw["role"], output=_relative_to(path, raw["output"]),
-            **files, **scalars, **sections,
-        )
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        if key in values:
+            files = convert(tuple[str, ...], values[key], at(str(path), key))
+            values[key] = tuple(_relative_to(path, item) for item in files)
+    return dataclass_from_mapping(TrainRMConfig, values, str(path))
 
 
 @dataclass(frozen=True)
@@ -228,7 +194,7 @@ def plan_train_rm(config: TrainRMConfig, world_size: int, prepare_output: bool =
     arch = arch_spec_from_hf_config(hf_config, source=str(Path(config.model) / "config.json"))
     data_parallel = config.parallel.data_parallel(world_size)
     if config.training.microbatches_per_step % data_parallel:
-        raise ValueError(
+        raise UserError(
             f"training.microbatches_per_step={config.training.microbatches_per_step} is not a "
             f"multiple of the data-parallel size {data_parallel}"
         )
@@ -243,15 +209,16 @@ def plan_train_rm(config: TrainRMConfig, world_size: int, prepare_output: bool =
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
     train, notes = _read_data(config, config.train_files, tokenizer)
     if config.training.pairs_per_microbatch and not train.pairs:
-        raise ValueError(f"training.pairs_per_microbatch > 0 but {config.train_files} hold no preference pairs")
+        raise UserError(f"training.pairs_per_microbatch > 0 but {config.train_files} hold no preference pairs")
     if config.training.responses_per_microbatch and not train.labelled:
-        raise ValueError(f"training.responses_per_microbatch > 0 but {config.train_files} hold no labelled responses")
+        raise UserError(f"training.responses_per_microbatch > 0 but {config.train_files} hold no labelled responses")
     validation = None
     if config.validation_files:
         validation, more = _read_data(config, config.validation_files, tokenizer)
         notes += more
     if prepare_output:
-        prepare_output_dir(config.output, overwrite=False, inputs=(config.model,))
+        prepare_output_dir(config.output, overwrite=False, inputs=(config.model,), name="output",
+                           remedy="choose another output directory, or remove this one")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return TrainRMPlan(config, world_size, padded_vocab, hf_config, params_dtype, pad, train, validation, notes)
 
@@ -362,7 +329,7 @@ def train_reward_model(config: TrainRMConfig, world_size: int | None = None) -> 
     else:
         world_size, is_first = world_size or config.parallel.world_size(config.data_parallel), True
     if world_size < 1:
-        raise ValueError(f"world size must be >= 1, got {world_size}")
+        raise UserError(f"world size must be >= 1, got {world_size}")
     plan = plan_train_rm(config, world_size, prepare_output=is_first)
     for note in plan.notes:
         log.warning("%s", note)

@@ -28,36 +28,43 @@ from typing import Any
 
 
 def rl_config_from_mapping(data: Any, where: str, algo: str | None = None):
-    from megatron_rlhf.rewards.reward_config import dataclass_from_mapping
+    """:class:`RLConfig` from a parsed YAML document, typed strictly (``config.typed_load``);
+    ConfigError naming ``where`` and the key path."""
+    import dataclasses
+
+    from megatron_rlhf.algorithms import AlgorithmConfig
+    from megatron_rlhf.config.errors import ConfigError
+    from megatron_rlhf.config.typed_load import at, dataclass_from_mapping
     from megatron_rlhf.trainer.rl_config import ALGORITHMS, RLConfig, grpo_algorithm, ppo_algorithm
 
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
     data = dict(data)
     preset = algo or data.pop("preset", "grpo")
     data.pop("preset", None)
     if preset not in ALGORITHMS:
-        raise ValueError(f"{where}: preset/--algo {preset!r} (choose {ALGORITHMS})")
-    overrides = data.pop("algorithm", {}) or {}
+        raise ConfigError(f"{where}: preset: {preset!r} is not an algorithm preset (choose {ALGORITHMS})")
+    overrides = data.pop("algorithm", None) or {}
     if not isinstance(overrides, dict):
-        raise ValueError(f"{where}.algorithm: expected a mapping of AlgorithmConfig fields")
-    try:
-        algorithm = (grpo_algorithm if preset == "grpo" else ppo_algorithm)(**overrides)
-    except TypeError as error:
-        raise ValueError(f"{where}.algorithm: {error}") from None
+        raise ConfigError(f"{at(where, 'algorithm')}: expected a mapping of AlgorithmConfig fields, got {overrides!r}")
+    defaults = (grpo_algorithm if preset == "grpo" else ppo_algorithm)()
+    settings = {field.name: getattr(defaults, field.name) for field in dataclasses.fields(defaults) if field.init}
+    algorithm = dataclass_from_mapping(AlgorithmConfig, {**settings, **overrides}, at(where, "algorithm"))
     return dataclass_from_mapping(RLConfig, {**data, "algorithm": algorithm}, where)
 
 
 def load_rl_config(path: str | Path, algo: str | None = None):
     import yaml
 
+    from megatron_rlhf.config.errors import ConfigError, MissingInput
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"RL config file not found: {path}")
+        raise MissingInput(f"RL config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
     return rl_config_from_mapping(data, str(path), algo)
 
 
@@ -67,9 +74,23 @@ def add_train_rl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_rl(args: argparse.Namespace) -> int:
+    """Load and type the config, run the pre-flight checks (every file, route, checkpoint and
+    length, before any process starts), then the job. A run that fails leaves no empty
+    ``out_dir`` behind."""
+    from megatron_rlhf.preflight.rl import preflight_rl
+
+    config = load_rl_config(args.config, args.algo)
+    preflight_rl(config, args.config)
     from megatron_rlhf.trainer.rl_loop import run_rl
 
-    result = run_rl(load_rl_config(args.config, args.algo))
+    out_dir = Path(config.out_dir)
+    existed = out_dir.exists()
+    try:
+        result = run_rl(config)
+    except BaseException:
+        if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from is not None else ""
     print(f"policy={result.policy_dir} metrics={result.metrics_file} steps_run={result.steps_run}{resumed}")
     return 0

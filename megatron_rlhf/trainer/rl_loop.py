@@ -105,7 +105,6 @@ def build_components(config: RLConfig, tokenizer: Any):
     from megatron_rlhf.rollout.engine import RolloutConfig, SamplingSettings
     from megatron_rlhf.trainer.rl_step import RLComponents
     from megatron_rlhf.config.precision import engine_dtype
-    from megatron_rlhf.rewards.genrm import register_genrm_kind
     from megatron_rlhf.workers.group import WorkerGroup
     from megatron_rlhf.workers.megatron_worker import ActorWorker, CriticWorker, ReferenceWorker, RoleWorkerSpec
     from megatron_rlhf.workers.placement import plan_run_placement
@@ -113,14 +112,11 @@ def build_components(config: RLConfig, tokenizer: Any):
         SOURCE_KIND,
         RemoteRewardSource,
         RewardModelWorker,
-        register_reward_model_kind,
         reward_model_spec,
     )
     from megatron_rlhf.workers.rollout_worker import RolloutWorker
 
     algorithm = config.algorithm
-    register_genrm_kind()
-    register_reward_model_kind()
     reward = load_reward_config(config.reward_config) if config.reward_config else default_reward_config()
     sizes = {"actor": config.actor.world_size}
     if algorithm.kl_mode != "none":

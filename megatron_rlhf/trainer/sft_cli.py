@@ -115,6 +115,7 @@ def plan_sft_run(
     trainer) replace reading ``config.train_path`` / ``config.validation_path``.
     """
     from megatron_rlhf.checkpoint.convert import hf_weights_dtype_name
+    from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.checkpoint.dist_ckpt import prepare_output_dir
     from megatron_rlhf.checkpoint.hf_io import HFWeightReader
     from megatron_rlhf.config.parallel import ParallelConfig
@@ -129,7 +130,7 @@ def plan_sft_run(
     world_size = config.num_processes or parallel.model_parallel
     data_parallel = parallel.data_parallel(world_size)
     if sft.global_batch_size % (data_parallel * sft.micro_batch_size):
-        raise ValueError(
+        raise UserError(
             f"global_batch_size={sft.global_batch_size} must be a multiple of data_parallel="
             f"{data_parallel} x micro_batch_size={sft.micro_batch_size}"
         )
@@ -146,12 +147,12 @@ def plan_sft_run(
     else:
         train, validation = split_validation(train, config.validation_fraction, sft.seed)
     if len(train) < sft.global_batch_size:
-        raise ValueError(
+        raise UserError(
             f"{config.train_path}: {len(train)} training conversations do not fill one global batch "
             f"of global_batch_size={sft.global_batch_size}"
         )
     if sft.max_length is not None and sft.max_length > arch.max_position_embeddings:
-        raise ValueError(
+        raise UserError(
             f"max_length={sft.max_length} exceeds max_position_embeddings="
             f"{arch.max_position_embeddings} of {config.hf_dir}"
         )
@@ -185,11 +186,12 @@ def _check_tokenizer(hf_dir: str, example: Any, max_length: int) -> None:
     template, not a fast tokenizer, a template that rewrites earlier turns)."""
     from transformers import AutoTokenizer
 
+    from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.data.chat import tokenize_chat
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{hf_dir}: the tokenizer has no chat template; SFT needs one")
+        raise UserError(f"{hf_dir}: the tokenizer has no chat template; SFT needs one")
     tokenize_chat(tokenizer, example, max_length)
 
 
@@ -363,7 +365,13 @@ def _precision_from_args(mode: str | None) -> Any:
 
 def run_train_sft(args: argparse.Namespace) -> int:
     """`megatron-rlhf train-sft`: prints the output paths and the validation losses last."""
-    print_sft_result(run_sft(sft_run_config_from_args(args)), args)
+    from megatron_rlhf.config.errors import UserError
+
+    try:
+        config = sft_run_config_from_args(args)
+    except ValueError as error:  # every value comes from the command line
+        raise UserError(f"arguments: {error}") from None
+    print_sft_result(run_sft(config), args)
     return 0
 
 

@@ -16,40 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.rewards.reward_model_source import SOURCE_KIND, RewardModelSourceConfig
 from megatron_rlhf.workers.megatron_worker import MegatronWorker
 
 
-SOURCE_KIND = "reward_model"
-
-
-@dataclass(frozen=True)
-class RewardModelSourceConfig:
-    """``kind: reward_model`` in a reward YAML: a trained ORM/PRM served by a worker group."""
-
-    ckpt_dir: str
-    """A ``train-rm`` output checkpoint directory (reward or prm role)."""
-    aggregate: str = "last"
-    """PRM: last | min | product."""
-    output: str = "logit"
-    """ORM: logit | probability."""
-    micro_batch_size: int = 8
-    tensor_parallel: int = 1
-    """The group's TP size (its world size)."""
-
-
-def _outside_the_rl_loop(config: RewardModelSourceConfig) -> Any:
-    raise ValueError(
-        f"reward source kind {SOURCE_KIND!r} ({config.ckpt_dir}) is served by a worker group of the RL loop "
-        "(train-rl); to score files with a reward model use eval-bon's rm: scorer"
-    )
-
-
-def register_reward_model_kind() -> None:
-    """Make ``kind: reward_model`` valid in reward YAML files (idempotent)."""
-    from megatron_rlhf.rewards.reward_config import SOURCE_KINDS, register_source_kind
-
-    if SOURCE_KIND not in SOURCE_KINDS:
-        register_source_kind(SOURCE_KIND, RewardModelSourceConfig, _outside_the_rl_loop)
+# The YAML side of ``kind: reward_model`` lives with the other reward kinds (rewards/).
+__all__ = ["SOURCE_KIND", "RewardModelSourceConfig", "RewardModelWorker", "RemoteRewardSource", "reward_model_spec"]
 
 
 def reward_model_spec(config: RewardModelSourceConfig, seed: int) -> "RewardModelSpec":

@@ -236,6 +236,7 @@ def test_prm_aggregates_are_last_min_and_product_of_the_step_scores(held_out_sco
         ({"tokenization": {"prompt_format": "xml"}}, "tokenization: prompt_format='xml'"),
         ({"train_files": []}, "train_files is empty"),
         ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"train_files": "t.jsonl"}, "train_files: expected a list, got 't.jsonl'"),
     ],
 )
 def test_recipe_errors_name_the_file_and_the_key(tmp_path, change, message):
@@ -256,10 +257,38 @@ def test_recipe_paths_are_relative_to_the_recipe_and_floats_may_omit_the_dot(tmp
 
     path = tmp_path / "recipe.yaml"
     path.write_text(
-        "model: m\nrole: prm\ntrain_files: t.jsonl\noutput: /abs/out\n"
+        "model: m\nrole: prm\ntrain_files: [t.jsonl]\noutput: /abs/out\n"
         "optimizer: {lr: 1e-5}\ntokenization: {step_separator: ' ;; '}\n"
     )
     config = load_train_rm_config(path)
     assert config.model == str(tmp_path / "m") and config.train_files == (str(tmp_path / "t.jsonl"),)
     assert config.output == "/abs/out" and config.optimizer.lr == 1e-5
     assert config.tokenization.step_separator == " ;; "
+
+
+def test_score_takes_a_reward_model_source_from_the_reward_yaml(tmp_path, workdir, held_out_scores):
+    """Issue 17 defect 7: the ``kind: reward_model`` YAML of ``train-rl`` is accepted by ``score``,
+    which scores with the same model to the same rewards as the learned source in-process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scores, _, _ = held_out_scores
+    rng = random.Random(2)
+    pairs = [_pair(rng) for _ in range(50)]
+    rows = [{"id": f"c{i}", "domain": "chat", "prompt": p["prompt"], "response": p["chosen"], "ground_truth": None}
+            for i, p in enumerate(pairs[:8])]
+    _write(tmp_path / "in.jsonl", rows)
+    (tmp_path / "rewards.yaml").write_text(
+        f"sources: {{rm: {{kind: reward_model, ckpt_dir: {workdir}/out_reward/checkpoint}}}}\n"
+        "domains: {chat: {sources: {rm: 1.0}}}\n")
+    child = subprocess.run(
+        [sys.executable, "-m", "megatron_rlhf", "score", "--input", str(tmp_path / "in.jsonl"),
+         "--output", str(tmp_path / "out.jsonl"), "--config", str(tmp_path / "rewards.yaml")],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.splitlines()[-1] == "scored=8 passed=8 failed=0 errors=0"
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    expected = [result.reward for result in scores["orm"]["chosen"][:8]]
+    assert [record["reward"] for record in records] == pytest.approx(expected, abs=1e-5)

@@ -442,6 +442,23 @@ def test_corrupt_checkpoint_metadata(tmp_path, saved_checkpoint, no_workers):
     _fails_fast(lambda: plan_checkpoint_load(str(ckpt)), CheckpointError, str(ckpt / METADATA_FILE))
 
 
+@pytest.mark.parametrize("shard", ["__0_0.distcp", "__0_1.distcp"])
+def test_truncated_checkpoint_shard_is_named(tmp_path, saved_checkpoint, no_workers, shard):
+    """export-hf of a checkpoint with a truncated shard: the file is named, nothing is written."""
+    ckpt = _copy_of(saved_checkpoint, tmp_path / "truncated")
+    path = ckpt / "model" / shard
+    os.truncate(path, path.stat().st_size // 2)
+    _fails_fast(lambda: megatron_to_hf(str(ckpt), str(tmp_path / "out")), CheckpointError, str(path), "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_config_field_of_the_wrong_type_is_named(tmp_path, llama_dir, no_workers):
+    hf_dir = _copy_of(llama_dir, tmp_path / "mistyped")
+    _edit_config(hf_dir, num_hidden_layers="four")
+    _fails_fast(lambda: hf_to_megatron(str(hf_dir), str(tmp_path / "out"), 1, 1),
+                UnsupportedArchitecture, str(hf_dir / "config.json"), "num_hidden_layers='four'")
+
+
 def test_verify_with_missing_hf_dir(tmp_path, saved_checkpoint, no_workers):
     _fails_fast(lambda: verify_checkpoint(str(tmp_path / "nowhere"), str(saved_checkpoint)),
                 FileNotFoundError, str(tmp_path / "nowhere"))

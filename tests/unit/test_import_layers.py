@@ -16,6 +16,7 @@ data                datasets, chat templates, curricula, reward-model data
 rollout             the vLLM engine and the weight sync into it
 rewards             reward sources (verifiers, RM / PRM scoring, GenRM) and the router
 evaluation          Best-of-N, held-out evaluation, reports; pipelines over engine + rewards
+preflight           checks every process-starting command runs first (files, routes, scorers, limits)
 training            the Megatron training library the workers run (updater, PPO update, actor /
                     critic trainers, LM loss); it lives in ``trainer/`` but sits below ``workers``
 workers             Ray workers holding model shards
@@ -37,14 +38,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "megatron_rlhf"
 
 LAYERS = (
     "config", "types", "parallel", "algorithms", "models", "mapping", "checkpoint", "data", "rollout",
-    "rewards", "evaluation", "training", "workers", "trainer", "cli",
+    "rewards", "evaluation", "preflight", "training", "workers", "trainer", "cli",
 )
 
 PACKAGE_LAYERS = {
     "config": "config", "types": "types", "running_moments": "types", "parallel": "parallel", "algorithms": "algorithms",
     "models": "models", "mapping": "mapping", "checkpoint": "checkpoint", "data": "data",
     "rollout": "rollout", "rewards": "rewards", "evaluation": "evaluation", "workers": "workers",
-    "trainer": "trainer", "cli": "cli", "cli_args": "cli", "__main__": "cli", "demo": "cli",
+    "preflight": "preflight", "trainer": "trainer", "cli": "cli", "cli_args": "cli", "__main__": "cli", "demo": "cli",
     "demo_stages": "cli", "conversion_demo": "cli",
 }
 """Layer of each top-level package or module of ``megatron_rlhf``."""
@@ -63,6 +64,8 @@ MODULE_LAYERS = {
     "rollout.sync_check": "cli",
     # holds the `train-genrm` command (arguments and job, built on sft_cli's) beside train_genrm
     "trainer.genrm": "cli",
+    # the `score` command's arguments
+    "rewards.score_arguments": "cli",
     # the `eval` command's arguments and body
     "evaluation.ability.cli": "cli",
 }

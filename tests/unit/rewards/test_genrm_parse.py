@@ -13,7 +13,6 @@ from megatron_rlhf.rewards.genrm import (
     judge_messages,
     judgement_text,
     parse_judgement,
-    register_genrm_kind,
 )
 
 
@@ -129,8 +128,6 @@ def test_votes_need_sampling():
 def test_genrm_kind_in_reward_configs():
     from megatron_rlhf.rewards.reward_config import reward_config_from_mapping
 
-    register_genrm_kind()
-    register_genrm_kind()  # idempotent
     config = reward_config_from_mapping({
         "sources": {"judge": {"kind": "genrm", "rollout": {"model_dir": "/judge"}, "reference": "required"}},
         "domains": {"math": {"sources": {"judge": 1.0}}},
