@@ -1,0 +1,259 @@
+"""The Slurm launchers against a real Slurm: scripts/slurm/local_cluster.sh brings up slurmctld and
+two slurmd on this machine (Debian's slurm-wlm + munge, as root), jobs are submitted with sbatch.
+
+* RL (``ray_job.sbatch megatron-rlhf train-rl``, 2 nodes: Ray head + one worker through srun): a
+  run is ``scancel``-ed after its first checkpoint; nothing of it keeps running; the same sbatch
+  submitted again resumes from that checkpoint, completes, writes metrics for every step, its Ray
+  cluster had both nodes, and again nothing (Ray, vLLM, job steps) is left running.
+* torchrun (``torchrun_job.sbatch train-rm``, 2 nodes x 1 rank over srun): completes, writes its
+  checkpoint and metrics for every step, leaves nothing running.
+
+Skipped where Slurm/munge are missing or not root, except under CI (``CI`` set), where that fails.
+The tiny RL recipe is built here from the tiny model and prompts of tests/e2e/test_rl_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.vllm, pytest.mark.distributed]
+
+ROOT = Path(__file__).resolve().parents[2]
+SLURM_SCRIPTS = ROOT / "scripts" / "slurm"
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED")
+RL_STEPS = 3
+RM_STEPS = 2
+
+
+def _require_slurm() -> None:
+    missing = [name for name in ("slurmctld", "slurmd", "sbatch", "munged")
+               if not (shutil.which(name) or os.path.exists(f"/usr/sbin/{name}"))]
+    problem = (f"missing {', '.join(missing)} (Debian slurm-wlm/munge; scripts/bootstrap_env.sh installs them)"
+               if missing else "the local Slurm cluster runs slurmd as root" if os.geteuid() != 0 else "")
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+
+
+def _free_port_block(size: int, start: int = 21000, stop: int = 32000) -> int:
+    """First port of ``size`` consecutive ports free now (below the ephemeral range)."""
+    for base in range(start, stop, size):
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as probe:
+                    probe.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port block")
+
+
+class Cluster:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.env = dict(os.environ, SLURM_CONF=str(directory / "slurm.conf"), PYTHONPATH=str(ROOT),
+                        MRLHF_VENV=str(Path(sys.executable).parent.parent),
+                        MRLHF_LOG_DIR=str(directory / "logs"), MRLHF_RAY_TMP=str(directory),
+                        MRLHF_RAY_OBJECT_STORE_BYTES=str(300 * 1024**2))
+        # pinned ports of these jobs: GCS, client server, per-node ports; workers take 20000-22999
+        self.env["MRLHF_RAY_NODE_PORT_BASE"] = str(_free_port_block(20))
+        self.env["MRLHF_RAY_PORT"] = str(_free_port_block(2, start=int(self.env["MRLHF_RAY_NODE_PORT_BASE"]) + 20))
+        self.env["MRLHF_RAY_CLIENT_PORT"] = str(int(self.env["MRLHF_RAY_PORT"]) + 1)
+        self.env["MASTER_PORT"] = str(_free_port_block(1, start=int(self.env["MRLHF_RAY_PORT"]) + 2))
+
+    def run(self, *command: str, check: bool = True) -> str:
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{command} failed: {result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def submit(self, script: str, *args: str, workdir: Path) -> str:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return self.run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", f"--chdir={workdir}",
+                        str(SLURM_SCRIPTS / script), *args).strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        text = self.run("scontrol", "show", "job", "-o", job_id)
+        return dict(token.split("=", 1) for token in text.split() if "=" in token)
+
+    def wait(self, job_id: str, timeout: float = 1500.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info["JobState"] in TERMINAL:
+                self.wait_steps_gone(job_id)
+                return info
+            time.sleep(3)
+        raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout} s")
+
+    def wait_steps_gone(self, job_id: str) -> None:
+        for _ in range(60):  # slurmstepd of the job ends shortly after the job's state is final
+            if not _job_processes(self, job_id):
+                return
+            time.sleep(1)
+
+    def log_dir(self, job_id: str, name: str, restart: int = 0) -> Path:
+        return self.directory / "logs" / f"{name}-{job_id}" / f"restart-{restart}"
+
+
+def _job_processes(cluster: Cluster, job_id: str) -> list[str]:
+    """Processes of a job still running: its step daemons, anything carrying its SLURM_JOB_ID in
+    this cluster, or its Ray cluster's tag (Ray, vLLM engines)."""
+    ray_tag = f"MRLHF_RAY_CLUSTER={cluster.directory}/mrlhf-ray-{job_id}-".encode()
+    conf = f"SLURM_CONF={cluster.env['SLURM_CONF']}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            if open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        in_job = f"SLURM_JOB_ID={job_id}".encode() in environ and conf in environ
+        if argv.startswith(f"slurmstepd: [{job_id}.") or in_job or any(item.startswith(ray_tag) for item in environ):
+            found.append(f"{entry}: {argv[:160]}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    _require_slurm()
+    directory = Path(tempfile.mkdtemp(prefix="mrlhf-", dir="/tmp"))  # short: socket paths live under it
+    cluster = Cluster(directory)
+    up = subprocess.run(["bash", str(SLURM_SCRIPTS / "local_cluster.sh"), "up", "--dir", str(directory), "--nodes", "2"],
+                        env=cluster.env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        nodes = cluster.run("sinfo", "-h", "-N", "-o", "%N").split()
+        assert sorted(set(nodes)) == ["node1", "node2"], nodes
+        yield cluster
+    finally:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "local_cluster.sh"), "down", "--dir", str(directory)],
+                       env=cluster.env, capture_output=True, timeout=300)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("slurm_inputs")
+    policy = make_tiny_hf_model("llama", root / "policy", seed=5, vocab_size=500,
+                                tokenizer=train_tiny_tokenizer(500, seed=0))
+    prompts = root / "prompts.jsonl"
+    with open(prompts, "w") as handle:
+        for index in range(8):
+            handle.write(json.dumps({"prompt": f"What is {index} + 1?", "domain": "math",
+                                     "ground_truth": str(index + 1)}) + "\n")
+    return root, policy, prompts
+
+
+def _metric_steps(out_dir: Path) -> list[int]:
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return sorted(json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip())
+
+
+@pytest.fixture(scope="module")
+def rl_runs(slurm_cluster, tiny_inputs):
+    """A 2-node RL job cancelled after its first checkpoint, then the same sbatch again."""
+    root, policy, prompts = tiny_inputs
+    out_dir = root / "rl"
+    recipe = root / "rl.yaml"
+    recipe.write_text(json.dumps({
+        "policy_dir": str(policy), "out_dir": str(out_dir), "prompt_files": [str(prompts)], "preset": "grpo",
+        "algorithm": {"kl_coef": 0.05}, "steps": RL_STEPS, "prompts_per_step": 2, "n": 4, "max_new_tokens": 8,
+        "actor_optimizer": {"lr": 0.001}, "checkpoint_every": 1, "tensorboard": False, "console": False, "seed": 7,
+    }))
+    command = ("megatron-rlhf", "train-rl", "--config", str(recipe))
+    first = slurm_cluster.submit("ray_job.sbatch", *command, workdir=root / "work")
+    deadline = time.monotonic() + 1200
+    while not (out_dir / "checkpoints" / "latest").exists():  # cancel during the step after a checkpoint
+        state = slurm_cluster.job(first)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {first} ended ({state}) before a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 1200 s"
+        time.sleep(2)
+    slurm_cluster.run("scancel", first)
+    cancelled = slurm_cluster.wait(first)
+    left_after_cancel = _job_processes(slurm_cluster, first)
+    steps_before = _metric_steps(out_dir)
+    second = slurm_cluster.submit("ray_job.sbatch", *command, workdir=root / "work")
+    finished = slurm_cluster.wait(second)
+    left_after_finish = _job_processes(slurm_cluster, second)
+    return dict(first=first, second=second, cancelled=cancelled, finished=finished, out_dir=out_dir,
+                left_after_cancel=left_after_cancel, left_after_finish=left_after_finish,
+                steps_before=steps_before, head_port=slurm_cluster.env["MRLHF_RAY_PORT"])
+
+
+def test_cancelled_rl_job_leaves_nothing_running(rl_runs):
+    assert rl_runs["cancelled"]["JobState"] == "CANCELLED", rl_runs["cancelled"]
+    assert rl_runs["left_after_cancel"] == []
+
+
+def test_resubmitted_rl_job_resumes_from_its_checkpoint(slurm_cluster, rl_runs):
+    driver_log = (slurm_cluster.log_dir(rl_runs["second"], "mrlhf-ray") / "driver.log").read_text()
+    summary = [line for line in driver_log.splitlines() if line.startswith("policy=")]
+    assert summary and "resumed at step" in summary[-1], driver_log[-3000:]
+    resumed_at = int(summary[-1].rsplit("resumed at step", 1)[1].strip())
+    assert resumed_at >= 1 and rl_runs["steps_before"], (resumed_at, rl_runs["steps_before"])
+
+
+def test_rl_job_completes_with_metrics_for_every_step(slurm_cluster, rl_runs):
+    finished = rl_runs["finished"]
+    log_dir = slurm_cluster.log_dir(rl_runs["second"], "mrlhf-ray")
+    assert (finished["JobState"], finished["ExitCode"]) == ("COMPLETED", "0:0"), (log_dir / "driver.log").read_text()[-3000:]
+    assert _metric_steps(rl_runs["out_dir"]) == list(range(RL_STEPS))
+
+
+def test_rl_job_ray_cluster_had_both_nodes(slurm_cluster, rl_runs):
+    log_dir = slurm_cluster.log_dir(rl_runs["second"], "mrlhf-ray")
+    nodes = [line for line in (log_dir / "ray_nodes.txt").read_text().splitlines() if line.startswith("node ")]
+    assert len(nodes) == 2, nodes
+    assert (log_dir / "ray-head-node1.log").exists() and (log_dir / "ray-worker-node2.log").exists()
+
+
+def test_finished_rl_job_leaves_nothing_running(rl_runs):
+    assert rl_runs["left_after_finish"] == []
+    marker = Path("/tmp/ray/ray_current_cluster")  # the machine's default Ray address file
+    if marker.exists():
+        assert not marker.read_text().strip().endswith(f":{rl_runs['head_port']}")
+
+
+def test_torchrun_training_over_srun(slurm_cluster, tiny_inputs):
+    root, policy, _ = tiny_inputs
+    pairs = root / "pairs.jsonl"
+    with open(pairs, "w") as handle:
+        for index in range(8):
+            handle.write(json.dumps({"prompt": f"What is {index} + 1?", "chosen": f"It is {index + 1}.",
+                                     "rejected": f"It is {index + 7}.", "domain": "math"}) + "\n")
+    config = root / "rm.yaml"
+    out_dir = root / "rm"
+    config.write_text(json.dumps({"model": str(policy), "role": "reward", "train_files": [str(pairs)],
+                                  "output": str(out_dir), "steps": RM_STEPS}))
+    slurm_cluster.env["NPROC_PER_NODE"] = "1"
+    job_id = slurm_cluster.submit("torchrun_job.sbatch", "train-rm", "--config", str(config), workdir=root / "work")
+    info = slurm_cluster.wait(job_id)
+    logs = slurm_cluster.log_dir(job_id, "mrlhf-torchrun")
+    text = "\n".join(path.read_text()[-2000:] for path in sorted(logs.glob("torchrun-*.log")))
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
+    assert sorted(path.name for path in logs.glob("torchrun-*.log")) == ["torchrun-0.log", "torchrun-1.log"]
+    assert _job_processes(slurm_cluster, job_id) == []
+    assert (out_dir / "checkpoint").is_dir(), sorted(os.listdir(out_dir))
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == RM_STEPS, rows
