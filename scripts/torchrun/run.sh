@@ -16,6 +16,8 @@
 #                   ephemeral range)
 #   RDZV_ID         rendezvous id shared by the nodes of one run (default: SLURM_JOB_ID, else
 #                   "mrlhf"); every node runs this script with the same values
+#   RDZV_IS_HOST    1 on the node whose agent hosts the rendezvous store, 0 on the others
+#                   (default: torch decides from MASTER_ADDR and the hostname)
 #   MRLHF_VENV      virtualenv to run from (default: <checkout>/.venv when present)
 #   TORCHRUN_ARGS   extra torchrun options (e.g. "--max-restarts 1")
 #
@@ -56,6 +58,10 @@ else
   [ -n "$addr" ] || die "NNODES=$nnodes needs MASTER_ADDR (the rendezvous host, reachable from every node)"
   launch+=(--nnodes="$nnodes" --rdzv-backend=c10d --rdzv-endpoint="$addr:${MASTER_PORT:-29500}"
     --rdzv-id="${RDZV_ID:-${SLURM_JOB_ID:-mrlhf}}")
+  # Which agent hosts the rendezvous store: RDZV_IS_HOST=1 on exactly one node (the sbatch sets it
+  # on the first); unset, torch guesses from the hostname, which fails when MASTER_ADDR is an
+  # address the host's name does not resolve to.
+  [ -z "${RDZV_IS_HOST:-}" ] || launch+=(--rdzv-conf="is_host=$RDZV_IS_HOST")
 fi
 # shellcheck disable=SC2086
 exec torchrun "${launch[@]}" ${TORCHRUN_ARGS:-} -m megatron_rlhf "$@"

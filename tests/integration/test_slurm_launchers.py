@@ -184,7 +184,7 @@ def rl_runs(slurm_cluster, tiny_inputs):
     command = ("megatron-rlhf", "train-rl", "--config", str(recipe))
     first = slurm_cluster.submit("ray_job.sbatch", *command, workdir=root / "work")
     deadline = time.monotonic() + 1200
-    while not (out_dir / "checkpoints" / "latest").exists():  # cancel during the step after a checkpoint
+    while not (out_dir / "state" / "actor" / "checkpoints" / "latest").exists():  # cancel after a checkpoint
         state = slurm_cluster.job(first)["JobState"]
         assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {first} ended ({state}) before a checkpoint"
         assert time.monotonic() < deadline, "no checkpoint after 1200 s"
@@ -245,7 +245,7 @@ def test_torchrun_training_over_srun(slurm_cluster, tiny_inputs):
     config = root / "rm.yaml"
     out_dir = root / "rm"
     config.write_text(json.dumps({"model": str(policy), "role": "reward", "train_files": [str(pairs)],
-                                  "output": str(out_dir), "steps": RM_STEPS}))
+                                  "output": str(out_dir), "steps": RM_STEPS, "training": {"microbatches_per_step": 2, "responses_per_microbatch": 0}}))
     slurm_cluster.env["NPROC_PER_NODE"] = "1"
     job_id = slurm_cluster.submit("torchrun_job.sbatch", "train-rm", "--config", str(config), workdir=root / "work")
     info = slurm_cluster.wait(job_id)
