@@ -47,8 +47,8 @@ def _require_slurm() -> None:
         pytest.skip(problem)
 
 
-def _free_port_block(size: int, start: int = 21000, stop: int = 32000) -> int:
-    """First port of ``size`` consecutive ports free now (below the ephemeral range)."""
+def _free_port_block(size: int, start: int = 12000, stop: int = 19990) -> int:
+    """First port of ``size`` consecutive ports free now, below the Ray worker ports (20000-22999)."""
     for base in range(start, stop, size):
         try:
             for port in range(base, base + size):
@@ -104,6 +104,15 @@ class Cluster:
                 return
             time.sleep(1)
 
+    def output(self, job_id: str) -> str:
+        """The end of the job's sbatch output and of its logs, for failure messages."""
+        info = self.job(job_id)
+        texts = [Path(info["StdOut"]).read_text()[-3000:] if Path(info.get("StdOut", "")).is_file() else ""]
+        log_root = self.directory / "logs"
+        for path in sorted(log_root.glob(f"*-{job_id}/restart-*/*.log")):
+            texts.append(f"== {path.name}\n" + path.read_text(errors="replace")[-1500:])
+        return "\n".join(texts)
+
     def log_dir(self, job_id: str, name: str, restart: int = 0) -> Path:
         return self.directory / "logs" / f"{name}-{job_id}" / f"restart-{restart}"
 
@@ -143,9 +152,24 @@ def slurm_cluster():
         assert sorted(set(nodes)) == ["node1", "node2"], nodes
         yield cluster
     finally:
-        subprocess.run(["bash", str(SLURM_SCRIPTS / "local_cluster.sh"), "down", "--dir", str(directory)],
-                       env=cluster.env, capture_output=True, timeout=300)
+        down = subprocess.run(["bash", str(SLURM_SCRIPTS / "local_cluster.sh"), "down", "--dir", str(directory)],
+                              env=cluster.env, capture_output=True, text=True, timeout=300)
+        left = _processes_under(directory)
         shutil.rmtree(directory, ignore_errors=True)
+    assert down.returncode == 0 and not left, (down.stderr, left)  # `down` leaves nothing running
+
+
+def _processes_under(directory: Path) -> list[str]:
+    """Processes whose command line names a path under ``directory`` (munged, slurmctld, slurmd)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, NotADirectoryError):
+            continue
+        if str(directory) in argv and entry.isdigit() and int(entry) != os.getpid():
+            found.append(f"{entry}: {argv[:160]}")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +210,8 @@ def rl_runs(slurm_cluster, tiny_inputs):
     deadline = time.monotonic() + 1200
     while not (out_dir / "state" / "actor" / "checkpoints" / "latest").exists():  # cancel after a checkpoint
         state = slurm_cluster.job(first)["JobState"]
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {first} ended ({state}) before a checkpoint"
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (
+            f"job {first} ended ({state}) before a checkpoint:\n{slurm_cluster.output(first)}")
         assert time.monotonic() < deadline, "no checkpoint after 1200 s"
         time.sleep(2)
     slurm_cluster.run("scancel", first)
@@ -216,8 +241,7 @@ def test_resubmitted_rl_job_resumes_from_its_checkpoint(slurm_cluster, rl_runs):
 
 def test_rl_job_completes_with_metrics_for_every_step(slurm_cluster, rl_runs):
     finished = rl_runs["finished"]
-    log_dir = slurm_cluster.log_dir(rl_runs["second"], "mrlhf-ray")
-    assert (finished["JobState"], finished["ExitCode"]) == ("COMPLETED", "0:0"), (log_dir / "driver.log").read_text()[-3000:]
+    assert (finished["JobState"], finished["ExitCode"]) == ("COMPLETED", "0:0"), slurm_cluster.output(rl_runs["second"])
     assert _metric_steps(rl_runs["out_dir"]) == list(range(RL_STEPS))
 
 
@@ -250,8 +274,7 @@ def test_torchrun_training_over_srun(slurm_cluster, tiny_inputs):
     job_id = slurm_cluster.submit("torchrun_job.sbatch", "train-rm", "--config", str(config), workdir=root / "work")
     info = slurm_cluster.wait(job_id)
     logs = slurm_cluster.log_dir(job_id, "mrlhf-torchrun")
-    text = "\n".join(path.read_text()[-2000:] for path in sorted(logs.glob("torchrun-*.log")))
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), slurm_cluster.output(job_id)
     assert sorted(path.name for path in logs.glob("torchrun-*.log")) == ["torchrun-0.log", "torchrun-1.log"]
     assert _job_processes(slurm_cluster, job_id) == []
     assert (out_dir / "checkpoint").is_dir(), sorted(os.listdir(out_dir))
