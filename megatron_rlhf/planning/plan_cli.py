@@ -37,7 +37,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add("--last-stage-layers", type=positive_int, default=None, metavar="N", help="uneven PP: layers on the last stage")
     add("--gpu", choices=("h100", "h200"), default=None, help="GPU model (default h100)")
     add("--gpu-memory-gib", type=positive_float, default=None, metavar="G", help="GPU memory instead of --gpu")
-    add("--reserve-gib", type=non_negative_float, default=5.0, metavar="G",
+    add("--reserve-gib", type=non_negative_float, default=None, metavar="G",
         help="held back for CUDA context, NCCL, fragmentation (default 5)")
     add("--seq-len", type=positive_int, default=None, metavar="N", help="tokens per sequence (default 4096)")
     add("--micro-batch", type=positive_int, default=None, metavar="N", help="sequences per microbatch (default 1)")
@@ -123,12 +123,28 @@ def plan_inputs_from_flags(args: argparse.Namespace, base: dict | None = None):
         recompute=pick("recompute", "none"), precision=precision,
         activation_bytes=activation_dtype_bytes(params_dtype), role=pick("role", "lm"),
         trained_models=2 if critic else 1, frozen_models=1 if pick("reference", False) else 0,
-        rollout=rollout, sync_bucket_bytes=pick("sync_bucket_mib", 64) * 1024**2,
+        rollout=rollout, sync_bucket_bytes=_bucket_bytes(args, settings),
         offload=pick("offload", "none"), gpus_per_node=pick("gpus_per_node", 8),
     )
-    gpu = gpu_spec(pick("gpu", "h100") if args.gpu_memory_gib is None else args.gpu,
-                   args.gpu_memory_gib, args.reserve_gib)
+    memory = getattr(args, "gpu_memory_gib", None) or settings.get("gpu_memory_gib")
+    reserve = getattr(args, "reserve_gib", None)
+    gpu = gpu_spec(pick("gpu", "h100") if memory is None else getattr(args, "gpu", None), memory,
+                   settings.get("reserve_gib", 5.0) if reserve is None else reserve)
     return layout, request, gpu
+
+
+def recipe_plan_settings(path: str) -> tuple[dict, str, dict]:
+    """Load a ``train-rl`` recipe (bases merged), type it strictly, return its planner settings."""
+    from megatron_rlhf.config.recipe import load_recipe
+    from megatron_rlhf.planning.fit_check import rl_plan_settings
+    from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
+
+    return rl_plan_settings(rl_config_from_mapping(load_recipe(path), path))
+
+
+def _bucket_bytes(args: argparse.Namespace, settings: dict) -> int:
+    mib = getattr(args, "sync_bucket_mib", None)
+    return mib * 1024**2 if mib is not None else settings.get("sync_bucket_bytes", 64 * 1024**2)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -137,8 +153,6 @@ def run_plan(args: argparse.Namespace) -> int:
     from megatron_rlhf.planning.report import render
 
     if args.recipe:
-        from megatron_rlhf.planning.fit_check import recipe_plan_settings
-
         config, source, base = recipe_plan_settings(args.recipe)
     else:
         config, source = _hf_config(args.hf_config)

@@ -141,11 +141,13 @@ def load_train_rm_config(path: str | Path) -> TrainRMConfig:
     """Parse and validate the YAML recipe; errors name the file and key."""
     import yaml
 
+    from megatron_rlhf.config.recipe import load_recipe
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_recipe(path)  # a recipe's `base:` files merged in, key by key
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(raw, dict):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from megatron_rlhf.algorithms import AlgorithmConfig
 from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.planning.fit_check import FitCheckConfig
 from megatron_rlhf.trainer.megatron_step import OptimizerSettings
 from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
 
@@ -103,6 +104,8 @@ class RLConfig:
     tensorboard: bool = True
     wandb: bool = False
     console: bool = True
+    fit_check: FitCheckConfig = field(default_factory=FitCheckConfig)
+    """The planner's pre-start check (GPU to fit, explicit override); see megatron_rlhf.planning."""
 
     def __post_init__(self) -> None:
         if not self.prompt_files:

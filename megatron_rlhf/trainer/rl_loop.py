@@ -193,9 +193,11 @@ def run_rl(config: RLConfig) -> RLResult:
     from transformers import AutoTokenizer
 
     from megatron_rlhf.algorithms import DomainRewardStats, build_kl_controller
+    from megatron_rlhf.planning.fit_check import check_rl_config_fits
     from megatron_rlhf.trainer.metrics_log import MetricsLogConfig, MetricsLogger
     from megatron_rlhf.trainer.rl_step import RLState, rl_step
 
+    check_rl_config_fits(config)  # layout and GPU memory, before any process starts
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(config.policy_dir)
