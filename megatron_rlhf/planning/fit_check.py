@@ -9,8 +9,9 @@ validated, but have no GPU memory to fit unless ``fit_check.gpu`` or ``gpu_memor
 :func:`rl_plan_settings` turns an RL run's typed config into the planner's settings (the same
 keys as the ``plan`` command's flags).
 Planning assumptions for an RL run: the critic (PPO) and the reference share the actor's GPUs
-and layout; one colocated engine holds the whole rollout batch (``prompts_per_step x n``
-sequences of ``max_prompt_tokens + max_new_tokens``).
+and layout; the rollout batch (``prompts_per_step x n`` sequences of ``max_prompt_tokens +
+max_new_tokens``) is split evenly over the engines (``rollout_engines`` when disaggregated), each
+caching at most vLLM's default ``max_num_seqs`` (256) sequences at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+VLLM_MAX_NUM_SEQS = 256
+"""vLLM's default ``max_num_seqs``: sequences an engine runs (and caches) at once; the rest of
+a larger rollout batch waits in its queue."""
 
 
 class DoesNotFit(ValueError):
@@ -122,12 +127,20 @@ def rl_plan_settings(config: Any) -> tuple[dict, str, dict[str, Any]]:
     seq_len = config.max_prompt_tokens + config.max_new_tokens
     update = config.update
     per_rank = config.prompts_per_step * config.n // update.num_minibatches // settings["dp"]
+    disaggregated = config.placement == "disaggregated"
+    engines = tuple(getattr(config, "rollout_engines", ()) or (config.engine_tensor_parallel,))
+    if not disaggregated and settings["on_gpus"]:
+        engines = (1,) * max(1, config.actor.world_size // config.engine_tensor_parallel)
+    sequences = math.ceil(config.prompts_per_step * config.n / len(engines))
+    resources = getattr(config, "resources", None)
     settings.update(
         seq_len=seq_len, micro_batch=update.micro_batch_size,
         microbatches=max(1, math.ceil(per_rank / update.micro_batch_size)),
         critic=config.algorithm.needs_critic, reference=True,
-        engine_tp=config.engine_tensor_parallel,
-        rollout_sequences=config.prompts_per_step * config.n, rollout_tokens=seq_len,
+        engine_tp=min(engines), disaggregated=disaggregated,
+        rollout_sequences=min(sequences, VLLM_MAX_NUM_SEQS), rollout_tokens=seq_len,
+        engine_weight_bytes=4 if settings["params_dtype"] == "fp32" else 2,
+        engine_memory_fraction=getattr(resources, "gpu_memory_utilization", 0.9),
         sync_bucket_bytes=config.weight_sync_bucket_bytes,
     )
     settings.update(fit_settings(fit, settings["on_gpus"]))

@@ -64,7 +64,11 @@ class RolloutSettings:
     kv_bytes: int = 2
     """Bytes per KV-cache element: 2 (bf16), 1 (fp8 cache)."""
     colocated: bool = True
-    """The engine shares the trainer's GPUs (False: it has its own; its GPUs are not planned)."""
+    """The engine shares the trainer's GPUs (False: it has its own GPUs, planned as the
+    ``engine`` row: its weights, the KV cache and one receiving sync bucket)."""
+    memory_fraction: float = 1.0
+    """Share of an engine GPU's memory vLLM may take (``gpu_memory_utilization``); an engine on
+    its own GPUs must fit in it."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,10 @@ class Plan:
     stages: list[StagePlan]
     kv_bytes_per_token: int
     host_bytes_per_node: int
+    engine: StagePlan | None = None
+    """GPUs of a disaggregated engine (stage -1), or None."""
+    engine_budget_bytes: int | None = None
+    """What vLLM may take on an engine GPU (its memory fraction of the total, at most usable)."""
 
     @property
     def params_per_gpu(self) -> int:
@@ -145,24 +153,39 @@ class Plan:
     def state_bytes_per_gpu(self) -> int:
         return max(stage.state.total for stage in self.stages)
 
+    def _rows(self) -> list[StagePlan]:
+        return self.stages + ([self.engine] if self.engine is not None else [])
+
     @property
     def peak(self) -> tuple[int, str, int]:
-        """(stage, phase, bytes) of the most loaded GPU."""
-        best = max(self.stages, key=lambda stage: stage.peak[1])
+        """(stage, phase, bytes) of the most loaded GPU (stage -1: an engine GPU)."""
+        best = max(self._rows(), key=lambda stage: stage.peak[1])
         return best.stage, *best.peak
+
+    def _over(self) -> list[tuple[StagePlan, int]]:
+        over = [(stage, self.gpu.usable_bytes) for stage in self.stages
+                if stage.peak[1] > self.gpu.usable_bytes]
+        if self.engine is not None:
+            budget = self.engine_budget_bytes or self.gpu.usable_bytes
+            if self.engine.peak[1] > budget:
+                over.append((self.engine, budget))
+        return over
 
     @property
     def fits(self) -> bool:
-        return self.peak[2] <= self.gpu.usable_bytes
+        return not self._over()
 
     def overflow(self) -> str:
-        """What overflows: the peak phase and its largest component."""
-        stage, phase, total = self.peak
-        components = self.stages[stage].phases[phase]
+        """What overflows: the first GPU row over its budget, its peak phase and largest component."""
+        over = self._over()
+        stage, budget = over[0] if over else (max(self._rows(), key=lambda row: row.peak[1]), self.gpu.usable_bytes)
+        phase, total = stage.peak
+        components = stage.phases[phase]
         largest = max(components, key=components.get)
         gib = 1024**3
-        return (f"phase {phase} on pipeline stage {stage} needs {total / gib:.2f} GiB > usable "
-                f"{self.gpu.usable_bytes / gib:.2f} GiB of {self.gpu.name}; largest component: "
+        where = "an engine GPU" if stage.stage < 0 else f"pipeline stage {stage.stage}"
+        return (f"phase {phase} on {where} needs {total / gib:.2f} GiB > usable "
+                f"{budget / gib:.2f} GiB of {self.gpu.name}; largest component: "
                 f"{largest} {components[largest] / gib:.2f} GiB")
 
 
@@ -240,7 +263,26 @@ def compute_plan(arch: ArchSpec, layout: PlanLayout, request: PlanRequest,
         start += count
     staging = request.sync_bucket_bytes * 2 if request.rollout is not None else 0
     host = request.gpus_per_node * max(stage.host_bytes for stage in stages) + staging
-    return Plan(layout, gpu or gpu_spec("h100"), stages, kv_per_token, host)
+    gpu = gpu or gpu_spec("h100")
+    engine = budget = None
+    rollout = request.rollout
+    if rollout is not None and not rollout.colocated:
+        engine = _engine_plan(arch, rollout, request.sync_bucket_bytes)
+        budget = min(gpu.usable_bytes, int(rollout.memory_fraction * gpu.total_bytes))
+    return Plan(layout, gpu, stages, kv_per_token, host, engine, budget)
+
+
+def _engine_plan(arch: ArchSpec, rollout: RolloutSettings, bucket_bytes: int) -> StagePlan:
+    """An engine GPU of its own: weights and KV cache; during a sync, weights and one bucket."""
+    weights = engine_weight_elements(arch, rollout.engine_tensor_parallel) * rollout.weight_bytes
+    kv = (kv_cache_bytes_per_token(arch, rollout.engine_tensor_parallel, rollout.kv_bytes)
+          * rollout.sequences_per_engine * rollout.max_sequence_tokens)
+    phases = {"rollout": {"engine_weights": weights, "kv_cache": kv},
+              "weight_sync": {"engine_weights": weights, "sync_buckets": bucket_bytes}}
+    for components in phases.values():
+        for name in COMPONENTS:
+            components.setdefault(name, 0)
+    return StagePlan(-1, 0, StateBytes(0, 0, 0, 0), phases, 0)
 
 
 def activation_dtype_bytes(params_dtype: str) -> int:

@@ -55,7 +55,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add("--critic", action="store_true", default=None, help="a PPO critic is colocated (same layout)")
     add("--reference", action="store_true", default=None, help="a frozen reference model is colocated")
     add("--engine-tp", type=positive_int, default=None, metavar="N",
-        help="colocated vLLM engine with this TP (default: no engine)")
+        help="vLLM engine with this TP (default: no engine)")
+    add("--disaggregated", action="store_true", default=None,
+        help="the engine has GPUs of its own (planned as the engine row) instead of sharing the trainer's")
+    add("--engine-memory-fraction", type=positive_float, default=None, metavar="F",
+        help="share of an engine GPU vLLM may take (gpu_memory_utilization; default 0.9 disaggregated)")
     add("--rollout-sequences", type=positive_int, default=64, metavar="N", help="sequences per engine at once")
     add("--rollout-tokens", type=positive_int, default=None, metavar="N", help="prompt + response tokens (default: --seq-len)")
     add("--fp8-rollout", action="store_true", help="engine weights in fp8")
@@ -114,8 +118,10 @@ def plan_inputs_from_flags(args: argparse.Namespace, base: dict | None = None):
             engine_tensor_parallel=engine_tp,
             sequences_per_engine=pick("rollout_sequences", 64),
             max_sequence_tokens=pick("rollout_tokens", None) or seq_len,
-            weight_bytes=1 if pick("fp8_rollout", False) else 2,
+            weight_bytes=pick("engine_weight_bytes", 1 if pick("fp8_rollout", False) else 2),
             kv_bytes=1 if pick("kv_fp8", False) else 2,
+            colocated=not pick("disaggregated", False),
+            memory_fraction=pick("engine_memory_fraction", 0.9),
         )
     critic = bool(pick("critic", False))
     request = PlanRequest(

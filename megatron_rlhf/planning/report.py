@@ -17,13 +17,15 @@ def _gib(value: int) -> str:
 
 def memory_table(plan: Plan) -> str:
     """Per stage and phase: GiB of each component, and the total."""
+    rows_of = plan.stages + ([plan.engine] if plan.engine is not None else [])
     shown = [name for name in COMPONENTS
-             if any(stage.phases[phase][name] for stage in plan.stages for phase in stage.phases)]
+             if any(stage.phases[phase][name] for stage in rows_of for phase in stage.phases)]
     header = ["stage", "phase", *shown, "total"]
     rows = [header]
-    for stage in plan.stages:
+    engine = [plan.engine] if plan.engine is not None else []
+    for stage in plan.stages + engine:
         for phase, components in stage.phases.items():
-            rows.append([str(stage.stage), phase, *(_gib(components[name]) for name in shown),
+            rows.append(["engine" if stage.stage < 0 else str(stage.stage), phase, *(_gib(components[name]) for name in shown),
                          _gib(stage.phase_total(phase))])
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.rjust(width) if column > 1 else cell.ljust(width)
@@ -50,7 +52,8 @@ def render(plan: Plan, title: str = "") -> str:
         f"KV cache per token per engine GPU: {plan.kv_bytes_per_token} bytes",
         "GiB per GPU:",
         memory_table(plan),
-        f"peak: {_gib(peak)} GiB in phase {phase} on pipeline stage {stage}",
+        f"peak: {_gib(peak)} GiB in phase {phase} on "
+        + ("an engine GPU" if stage < 0 else f"pipeline stage {stage}"),
         f"host memory per node: {_gib(plan.host_bytes_per_node)} GiB",
     ]
     if not plan.fits:
