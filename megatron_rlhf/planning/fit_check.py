@@ -184,10 +184,30 @@ def check_fits(hf_config: dict, source: str, settings: dict[str, Any], what: str
     return plan
 
 
-def check_rl_config_fits(config: Any):
-    """The RL trainer's pre-start check (skipped when ``fit_check.enabled`` is false)."""
+def rl_group_settings(config: Any) -> list[tuple[str, dict, str, dict[str, Any]]]:
+    """(group name, HF config, source, settings) of every GPU group of an RL run: the actor (with
+    the reference and critic when colocated), and under disaggregated placement the reference
+    and the critic on GPUs of their own."""
+    hf_config, source, actor = rl_plan_settings(config)
+    groups = [("actor", hf_config, source, actor)]
+    if config.placement != "disaggregated":
+        return groups
+    actor.update(reference=False, critic=False)
+    reference = {**actor, **layout_settings(config.reference.parallel, config.reference.world_size),
+                 "engine_tp": None, "trained_models": 0, "reference": True}
+    groups.append(("reference", hf_config, source, reference))
+    if config.algorithm.needs_critic:
+        critic = {**actor, **layout_settings(config.critic.parallel, config.critic.world_size),
+                  "engine_tp": None, "role": "value"}
+        groups.append(("critic", hf_config, source, critic))
+    return groups
+
+
+def check_rl_config_fits(config: Any) -> list:
+    """The RL trainer's pre-start check of every GPU group (skipped when ``fit_check.enabled`` is
+    false); returns the plans."""
     fit = getattr(config, "fit_check", None) or FitCheckConfig()
     if not fit.enabled:
-        return None
-    hf_config, source, settings = rl_plan_settings(config)
-    return check_fits(hf_config, source, settings, "train-rl actor group", fit.allow_unfit)
+        return []
+    return [check_fits(hf_config, source, settings, f"train-rl {name} group", fit.allow_unfit)
+            for name, hf_config, source, settings in rl_group_settings(config)]

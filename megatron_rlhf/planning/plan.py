@@ -91,7 +91,8 @@ class PlanRequest:
     entropy: bool = True
     """The loss also computes the token entropy (one more fp32 vocabulary copy)."""
     trained_models: int = 1
-    """Trained models colocated on each GPU with this layout (2: actor and PPO critic)."""
+    """Trained models colocated on each GPU with this layout (2: actor and PPO critic; 0: a
+    group of frozen models only, e.g. a reference group on GPUs of its own)."""
     frozen_models: int = 0
     """Frozen copies colocated on each GPU (1: the reference model)."""
     rollout: RolloutSettings | None = None
@@ -107,9 +108,11 @@ class PlanRequest:
             raise ValueError(f"recompute={self.recompute!r} (choose from {RECOMPUTE})")
         if self.offload not in OFFLOAD:
             raise ValueError(f"offload={self.offload!r} (choose from {OFFLOAD})")
-        for name in ("seq_len", "micro_batch", "trained_models", "gpus_per_node"):
+        for name in ("seq_len", "micro_batch", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.trained_models < 0 or self.frozen_models < 0 or self.trained_models + self.frozen_models < 1:
+            raise ValueError("a plan needs at least one trained or frozen model")
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class StagePlan:
     """phase -> component -> bytes."""
     host_bytes: int
     """Host memory this GPU's process needs for offloaded state and the sleeping engine."""
+    engine_sequences: int = 0
+    """Engine rows: full-length sequences whose KV cache the GPU holds at once."""
 
     def phase_total(self, phase: str) -> int:
         return sum(self.phases[phase].values())
@@ -237,6 +242,8 @@ def _stage_plan(arch: ArchSpec, layout: PlanLayout, request: PlanRequest, stage:
     if rollout is None:
         for phase in ("rollout", "weight_sync"):
             phases.pop(phase)
+    if models == 0:  # frozen models only: they run forward passes and nothing else
+        phases = {"logprob_forward": phases["logprob_forward"]}
     for components in phases.values():
         for name in COMPONENTS:
             components.setdefault(name, 0)
@@ -267,22 +274,33 @@ def compute_plan(arch: ArchSpec, layout: PlanLayout, request: PlanRequest,
     engine = budget = None
     rollout = request.rollout
     if rollout is not None and not rollout.colocated:
-        engine = _engine_plan(arch, rollout, request.sync_bucket_bytes)
         budget = min(gpu.usable_bytes, int(rollout.memory_fraction * gpu.total_bytes))
+        engine = _engine_plan(arch, rollout, request.sync_bucket_bytes, budget)
     return Plan(layout, gpu, stages, kv_per_token, host, engine, budget)
 
 
-def _engine_plan(arch: ArchSpec, rollout: RolloutSettings, bucket_bytes: int) -> StagePlan:
-    """An engine GPU of its own: weights and KV cache; during a sync, weights and one bucket."""
+def engine_concurrency(arch: ArchSpec, rollout: RolloutSettings, budget: int) -> int:
+    """Full-length sequences whose KV cache fits on an engine GPU next to its weights."""
     weights = engine_weight_elements(arch, rollout.engine_tensor_parallel) * rollout.weight_bytes
-    kv = (kv_cache_bytes_per_token(arch, rollout.engine_tensor_parallel, rollout.kv_bytes)
-          * rollout.sequences_per_engine * rollout.max_sequence_tokens)
-    phases = {"rollout": {"engine_weights": weights, "kv_cache": kv},
+    per_sequence = (kv_cache_bytes_per_token(arch, rollout.engine_tensor_parallel, rollout.kv_bytes)
+                    * rollout.max_sequence_tokens)
+    return max(0, (budget - weights) // per_sequence)
+
+
+def _engine_plan(arch: ArchSpec, rollout: RolloutSettings, bucket_bytes: int, budget: int) -> StagePlan:
+    """An engine GPU of its own: weights and the KV cache of its share of the batch, or of as
+    many full-length sequences as its memory share holds (at least one: vLLM queues the rest,
+    which costs time, not memory); during a sync, weights and one bucket."""
+    weights = engine_weight_elements(arch, rollout.engine_tensor_parallel) * rollout.weight_bytes
+    per_sequence = (kv_cache_bytes_per_token(arch, rollout.engine_tensor_parallel, rollout.kv_bytes)
+                    * rollout.max_sequence_tokens)
+    held = min(rollout.sequences_per_engine, max(1, engine_concurrency(arch, rollout, budget)))
+    phases = {"rollout": {"engine_weights": weights, "kv_cache": held * per_sequence},
               "weight_sync": {"engine_weights": weights, "sync_buckets": bucket_bytes}}
     for components in phases.values():
         for name in COMPONENTS:
             components.setdefault(name, 0)
-    return StagePlan(-1, 0, StateBytes(0, 0, 0, 0), phases, 0)
+    return StagePlan(-1, 0, StateBytes(0, 0, 0, 0), phases, 0, held)
 
 
 def activation_dtype_bytes(params_dtype: str) -> int:

@@ -124,11 +124,12 @@ def plan_inputs_from_flags(args: argparse.Namespace, base: dict | None = None):
             memory_fraction=pick("engine_memory_fraction", 0.9),
         )
     critic = bool(pick("critic", False))
+    trained = pick("trained_models", 2 if critic else 1)
     request = PlanRequest(
         seq_len=seq_len, micro_batch=pick("micro_batch", 1), microbatches=pick("microbatches", None),
         recompute=pick("recompute", "none"), precision=precision,
         activation_bytes=activation_dtype_bytes(params_dtype), role=pick("role", "lm"),
-        trained_models=2 if critic else 1, frozen_models=1 if pick("reference", False) else 0,
+        trained_models=trained, frozen_models=1 if pick("reference", False) else 0,
         rollout=rollout, sync_bucket_bytes=_bucket_bytes(args, settings),
         offload=pick("offload", "none"), gpus_per_node=pick("gpus_per_node", 8),
     )
@@ -139,13 +140,14 @@ def plan_inputs_from_flags(args: argparse.Namespace, base: dict | None = None):
     return layout, request, gpu
 
 
-def recipe_plan_settings(path: str) -> tuple[dict, str, dict]:
-    """Load a ``train-rl`` recipe (bases merged), type it strictly, return its planner settings."""
+def recipe_group_settings(path: str) -> list[tuple[str, dict, str, dict]]:
+    """Load a ``train-rl`` recipe (bases merged), type it strictly, return each GPU group's
+    (name, HF config, source, planner settings)."""
     from megatron_rlhf.config.recipe import load_recipe
-    from megatron_rlhf.planning.fit_check import rl_plan_settings
+    from megatron_rlhf.planning.fit_check import rl_group_settings
     from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
 
-    return rl_plan_settings(rl_config_from_mapping(load_recipe(path), path))
+    return rl_group_settings(rl_config_from_mapping(load_recipe(path), path))
 
 
 def _bucket_bytes(args: argparse.Namespace, settings: dict) -> int:
@@ -156,15 +158,20 @@ def _bucket_bytes(args: argparse.Namespace, settings: dict) -> int:
 def run_plan(args: argparse.Namespace) -> int:
     from megatron_rlhf.models.arch import arch_spec_from_hf_config
     from megatron_rlhf.planning.plan import compute_plan
-    from megatron_rlhf.planning.report import render
+    from megatron_rlhf.planning.report import render, summary_of
 
     if args.recipe:
-        config, source, base = recipe_plan_settings(args.recipe)
+        groups = recipe_group_settings(args.recipe)
     else:
         config, source = _hf_config(args.hf_config)
-        base = None
-    arch = arch_spec_from_hf_config(config, source)
-    layout, request, gpu = plan_inputs_from_flags(args, base)
-    plan = compute_plan(arch, layout, request, gpu)
-    print(render(plan, title=source), flush=True)
-    return EXIT_FITS if plan.fits else EXIT_DOES_NOT_FIT
+        groups = [("", config, source, None)]
+    plans = []
+    for name, config, source, base in groups:
+        arch = arch_spec_from_hf_config(config, source)
+        layout, request, gpu = plan_inputs_from_flags(args, base)
+        plans.append(compute_plan(arch, layout, request, gpu))
+        title = f"{source}" + (f" ({name} group)" if name else "")
+        print(render(plans[-1], title=title, summary=len(groups) == 1), flush=True)
+    if len(plans) > 1:
+        print(summary_of(plans), flush=True)
+    return EXIT_FITS if all(plan.fits for plan in plans) else EXIT_DOES_NOT_FIT

@@ -41,7 +41,15 @@ def summary_line(plan: Plan) -> str:
             f"peak_gib={plan.peak[2] / GIB:.3f} fits={'yes' if plan.fits else 'no'}")
 
 
-def render(plan: Plan, title: str = "") -> str:
+def summary_of(plans: list[Plan]) -> str:
+    """The contract's last line over several GPU groups of one job (each figure the maximum)."""
+    return (f"params_per_gpu={max(plan.params_per_gpu for plan in plans)} "
+            f"weights_grads_optimizer_gib={max(plan.state_bytes_per_gpu for plan in plans) / GIB:.3f} "
+            f"peak_gib={max(plan.peak[2] for plan in plans) / GIB:.3f} "
+            f"fits={'yes' if all(plan.fits for plan in plans) else 'no'}")
+
+
+def render(plan: Plan, title: str = "", summary: bool = True) -> str:
     """The whole report: header, table, verdict, host memory and the summary line."""
     layout = plan.layout
     stage, phase, peak = plan.peak
@@ -56,7 +64,11 @@ def render(plan: Plan, title: str = "") -> str:
         + ("an engine GPU" if stage < 0 else f"pipeline stage {stage}"),
         f"host memory per node: {_gib(plan.host_bytes_per_node)} GiB",
     ]
+    if plan.engine is not None:
+        lines.append(f"engine GPU: KV cache for {plan.engine.engine_sequences} full-length sequences at once "
+                     f"(vLLM queues the rest of its share)")
     if not plan.fits:
         lines.append(f"does not fit: {plan.overflow()}")
-    lines.append(summary_line(plan))
+    if summary:
+        lines.append(summary_line(plan))
     return "\n".join(lines)
