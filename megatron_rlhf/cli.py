@@ -304,6 +304,8 @@ EXTERNAL_COMMANDS = {
                  "verifier; table + plot vs pass@N", "megatron_rlhf.evaluation.best_of_n_cli", "eval_bon"),
     "train-rl": ("RL training (GRPO, or PPO with a critic) on Ray with vLLM rollouts; resumes by itself",
                  "megatron_rlhf.trainer.rl_cli", "train_rl"),
+    "plan": ("fit planner: validate a layout and print GiB per GPU per phase; exit 0 fits, 1 does not, 2 invalid",
+             "megatron_rlhf.planning.plan_cli", "plan"),
 }
 for _name, (_summary, _module, _function) in EXTERNAL_COMMANDS.items():
     COMMANDS[_name] = (_summary, *_external(_module, _function))

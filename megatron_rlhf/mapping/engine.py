@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -49,12 +49,34 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
-def local_parameters(model: torch.nn.Module, impl: str = "local") -> dict[str, LocalParameter]:
+def model_transformer_impl(model: torch.nn.Module, impl: str | None = None) -> str:
+    """The layer spec ``model`` was built with (carried by its RoleModel, inside any wrappers).
+
+    ``impl``, when given, must agree with it: names read through another spec would not match.
+    A module that carries no choice (not a RoleModel) is read with the local spec.
+    """
+    carried = None
+    wrapped: Any = model
+    while wrapped is not None and carried is None:
+        carried = getattr(wrapped, "transformer_impl", None)
+        wrapped = getattr(wrapped, "module", None)
+    if impl is not None and carried is not None and impl != carried:
+        raise WeightMappingError(
+            f"impl={impl!r} asked for a model built with the {carried!r} layer spec; its parameter "
+            "names follow the spec it was built with"
+        )
+    return carried or impl or "local"
+
+
+def local_parameters(model: torch.nn.Module, impl: str | None = None) -> dict[str, LocalParameter]:
     """This stage's parameters by canonical global name.
 
-    ``model`` is a :class:`~megatron_rlhf.models.heads.RoleModel` (optionally inside DDP).
+    ``model`` is a :class:`~megatron_rlhf.models.heads.RoleModel` (optionally inside DDP); names
+    are read through the layer spec it carries (:func:`model_transformer_impl`).
     """
     from megatron.core import parallel_state
+
+    impl = model_transformer_impl(model, impl)
 
     trunk = model
     while not hasattr(trunk, "decoder") and hasattr(trunk, "module"):
@@ -102,7 +124,7 @@ def _read_full(placed: PlacedRule, reader, arch: ArchSpec, padded_vocab: int) ->
 
 @torch.no_grad()
 def load_hf_weights(
-    model: torch.nn.Module, reader, arch: ArchSpec, role: str, padded_vocab: int, impl: str = "local"
+    model: torch.nn.Module, reader, arch: ArchSpec, role: str, padded_vocab: int, impl: str | None = None
 ) -> list[str]:
     """Fill this rank's shards of ``model`` from ``reader`` (an HFWeightReader).
 
@@ -162,7 +184,7 @@ def _broadcast_from(tensor: torch.Tensor | None, owner_rank_in_group: int, group
 
 @torch.no_grad()
 def export_hf_weights(
-    model: torch.nn.Module, arch: ArchSpec, role: str, impl: str = "local"
+    model: torch.nn.Module, arch: ArchSpec, role: str, impl: str | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` for the full model on every rank (see module docstring)."""
     from megatron.core import parallel_state

@@ -83,8 +83,11 @@ class RoleModel(torch.nn.Module):
     through DDP), the scalar head at ``.head`` (last pipeline stage only).
     """
 
-    def __init__(self, role: str, trunk: Any, head: ScalarHead | None, post_process: bool):
+    def __init__(self, role: str, trunk: Any, head: ScalarHead | None, post_process: bool,
+                 transformer_impl: str = "local"):
         super().__init__()
+        if transformer_impl not in ("local", "transformer_engine"):
+            raise ValueError(f"transformer_impl={transformer_impl!r} must be resolved (local or transformer_engine)")
         if role not in ROLES:
             raise ValueError(f"role={role!r} (choose from {ROLES})")
         if (head is not None) != (role in SCALAR_ROLES and post_process):
@@ -96,6 +99,9 @@ class RoleModel(torch.nn.Module):
         # to find the GPTModel itself (e.g. for tied-embedding gradients), which is .module.
         self.is_last_stage = post_process
         self.config = trunk.config
+        self.transformer_impl = transformer_impl
+        """The layer spec the trunk was built with (resolved once by the provider): load, export,
+        conversion and weight sync read parameter names through it."""
 
     def set_input_tensor(self, input_tensor: Any) -> None:
         """Receive the previous pipeline stage's activations (called by Megatron's schedules)."""

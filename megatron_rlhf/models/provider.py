@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig, ParallelLayoutError
+from megatron_rlhf.config.precision import PrecisionConfig, torch_dtype_fields, transformer_config_fields
 from megatron_rlhf.models.arch import ArchSpec
 from megatron_rlhf.models.heads import ROLES, SCALAR_ROLES, RoleModel, ScalarHead
 from megatron_rlhf.models.layer_spec import (
@@ -51,6 +52,11 @@ class ModelBuildConfig:
     """alltoall | allgather: how tokens reach experts under expert parallelism."""
     moe_aux_loss_coeff: float = 0.0
     """Load-balancing auxiliary loss weight; 0 disables it (the forward pass is unaffected)."""
+    precision: PrecisionConfig | None = None
+    """fp32 | bf16 | fp8 training precision (megatron_rlhf.config.precision); when given it sets
+    the weight dtype (``params_dtype`` must then be left at float32 or agree) and the fp8
+    fields, and fp8 requires the Transformer Engine spec. None: ``params_dtype`` alone decides
+    (bfloat16 weights train with Megatron's bf16 mixed precision)."""
     local_attention: str = "sdpa"
     """sdpa | megatron: core attention of the local spec. sdpa: fused
     torch scaled_dot_product_attention (megatron_rlhf.models.sdpa_attention); megatron:
@@ -63,6 +69,17 @@ class ModelBuildConfig:
         if self.params_dtype not in DTYPES:
             raise ValueError(f"params_dtype={self.params_dtype!r} (choose from {tuple(DTYPES)})")
         validate_local_attention(self.local_attention)
+        if self.precision is not None:
+            if self.params_dtype not in ("float32", self.precision.params_dtype):
+                raise ValueError(
+                    f"params_dtype={self.params_dtype!r} disagrees with precision.mode="
+                    f"{self.precision.mode!r} ({self.precision.params_dtype} weights)"
+                )
+            if self.precision.uses_transformer_engine and self.transformer_impl == "local":
+                raise ValueError(
+                    "precision.mode='fp8' runs through Transformer Engine: transformer_impl='local' "
+                    "cannot; use auto or transformer_engine"
+                )
         if self.make_vocab_size_divisible_by < 1:
             raise ValueError(
                 f"make_vocab_size_divisible_by={self.make_vocab_size_divisible_by} must be >= 1"
@@ -74,6 +91,21 @@ class ModelBuildConfig:
             raise ValueError(
                 f"moe_token_dispatcher={self.moe_token_dispatcher!r} (choose alltoall or allgather)"
             )
+
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype name the weights are built in (the precision's when one is given)."""
+        return self.precision.params_dtype if self.precision is not None else self.params_dtype
+
+
+def precision_fields(build: ModelBuildConfig) -> dict:
+    """TransformerConfig precision kwargs (torch dtypes) for ``build``."""
+    if build.precision is not None:
+        return torch_dtype_fields(transformer_config_fields(build.precision))
+    dtype = DTYPES[build.params_dtype]
+    return dict(params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype is torch.bfloat16,
+                fp16=dtype is torch.float16)
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int) -> int:
@@ -149,7 +181,6 @@ def transformer_config(arch: ArchSpec, parallel: ParallelConfig, build: ModelBui
     """The Megatron ``TransformerConfig`` for ``arch`` under ``parallel``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    dtype = DTYPES[build.params_dtype]
     on_gpu = torch.cuda.is_available()
     fused = on_gpu  # fused kernels exist only on CUDA; on CPU Megatron's torch paths run
     moe_fields = {}
@@ -183,10 +214,7 @@ def transformer_config(arch: ArchSpec, parallel: ParallelConfig, build: ModelBui
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not on_gpu,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype is torch.bfloat16,
-        fp16=dtype is torch.float16,
+        **precision_fields(build),
         normalization="RMSNorm",
         layernorm_epsilon=arch.norm_epsilon,
         gated_linear_unit=True,
@@ -227,6 +255,8 @@ def build_model(
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     impl = resolve_transformer_impl(build.transformer_impl)
+    if build.precision is not None and build.precision.uses_transformer_engine and impl != "transformer_engine":
+        raise ValueError("precision.mode='fp8' needs the Transformer Engine layer spec; it resolved to local here")
     vocab = validate_layout(arch, parallel, build)
     config = transformer_config(arch, parallel, build, impl)
     is_lm = build.role not in SCALAR_ROLES
@@ -249,11 +279,22 @@ def build_model(
     if not is_lm and post_process:
         head = ScalarHead(
             arch.hidden_size, arch.norm_epsilon, build.init_method_std, parallel.sequence_parallel
-        ).to(DTYPES[build.params_dtype])
-    model = RoleModel(build.role, trunk, head, post_process)
+        ).to(DTYPES[build.weights_dtype])
+    model = RoleModel(build.role, trunk, head, post_process, transformer_impl=impl)
+    _cast_parameters(model, DTYPES[build.weights_dtype])
     if device is not None:
         model.to(device)
     return model
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter in ``dtype``, as Megatron's Float16Module does for bf16/fp16
+    training: the local spec creates its norms in float32 whatever ``params_dtype`` says."""
+    if dtype is torch.float32:
+        return
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def build_stage_model(

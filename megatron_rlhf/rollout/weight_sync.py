@@ -170,3 +170,32 @@ class WeightSync:
                        stats.largest_bucket_bytes]
         torch.distributed.broadcast_object_list(numbers, src=0)
         return SyncReport(float(numbers[0]), int(numbers[1]), int(numbers[2]), int(numbers[3]), int(numbers[4]))
+
+
+class WeightSyncFanout:
+    """Every weight sync goes to every rollout engine: one :class:`WeightSync` per engine, synced
+    in turn (each a full pass over the model; construct, connect and sync on every trainer rank).
+
+    ``engines``: the engines on global rank 0, None elsewhere; ``count``: how many there are
+    (every rank must know it, since each sync is a collective).
+    """
+
+    def __init__(self, engines: list[Any] | None, count: int, config: WeightSyncConfig = WeightSyncConfig()):
+        if count < 1 or (engines is not None and len(engines) != count):
+            raise ValueError(f"WeightSyncFanout: {count} engines expected, got {engines!r}")
+        self.syncs = [WeightSync(engines[i] if engines is not None else None, config) for i in range(count)]
+
+    def connect(self) -> None:
+        for sync in self.syncs:
+            sync.connect()
+
+    def shutdown(self) -> None:
+        for sync in self.syncs:
+            sync.shutdown()
+
+    def sync(self, model: torch.nn.Module, arch: Any, role: str = "lm") -> SyncReport:
+        """Sync every engine; the report sums seconds, bytes, tensors and buckets over them."""
+        reports = [sync.sync(model, arch, role) for sync in self.syncs]
+        return SyncReport(sum(r.seconds for r in reports), sum(r.bytes for r in reports),
+                          sum(r.tensors for r in reports), sum(r.buckets for r in reports),
+                          max(r.largest_bucket_bytes for r in reports))

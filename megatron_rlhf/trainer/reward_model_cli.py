@@ -66,6 +66,11 @@ class TrainRMConfig:
     """RewardTrainingConfig."""
     optimizer: Any = None
     """OptimizerSettings."""
+    precision: Any = None
+    """PrecisionConfig (megatron_rlhf.config.precision): fp32 keeps the HF weights' dtype; bf16
+    and fp8 train with bfloat16 weights (fp8 through the Transformer Engine spec)."""
+    resources: Any = None
+    """ResourcesConfig (megatron_rlhf.config.resources): nodes, GPUs per node, CPUs per worker."""
 
     def __post_init__(self) -> None:
         for name in ("model", "output"):  # accept Path objects; keep the config picklable and plain
@@ -94,6 +99,8 @@ class TrainRMConfig:
 
 def _section_classes() -> dict[str, type]:
     from megatron_rlhf.config.parallel import ParallelConfig
+    from megatron_rlhf.config.precision import PrecisionConfig
+    from megatron_rlhf.config.resources import ResourcesConfig
     from megatron_rlhf.data.reward_data import RewardTokenization
     from megatron_rlhf.trainer.megatron_step import OptimizerSettings
     from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
@@ -101,6 +108,7 @@ def _section_classes() -> dict[str, type]:
     return {
         "parallel": ParallelConfig, "tokenization": RewardTokenization,
         "training": RewardTrainingConfig, "optimizer": OptimizerSettings,
+        "precision": PrecisionConfig, "resources": ResourcesConfig,
     }
 
 
@@ -141,11 +149,13 @@ def load_train_rm_config(path: str | Path) -> TrainRMConfig:
     """Parse and validate the YAML recipe; errors name the file and key."""
     import yaml
 
+    from megatron_rlhf.config.recipe import load_recipe
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_recipe(path)  # a recipe's `base:` files merged in, key by key
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(raw, dict):
@@ -226,6 +236,12 @@ def plan_train_rm(config: TrainRMConfig, world_size: int, prepare_output: bool =
         )
     padded_vocab = validate_layout(arch, config.parallel, ModelBuildConfig(role=config.role, transformer_impl="local"))
     params_dtype = hf_weights_dtype_name(HFWeightReader(config.model), hf_config)
+    config.resources.check_fits(world_size, f"train-rm with {world_size} processes")
+    if config.precision.mode != "fp32":
+        from megatron_rlhf.config.precision import validate_precision_environment
+
+        validate_precision_environment(config.precision)
+        params_dtype = config.precision.params_dtype
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model)
     train, notes = _read_data(config, config.train_files, tokenizer)
     if config.training.pairs_per_microbatch and not train.pairs:
@@ -275,8 +291,10 @@ def _train_rm_worker(plan: TrainRMPlan) -> dict[str, Any]:
     if state.rank == 0 and not logging.getLogger().handlers:  # a spawned rank: report progress
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     arch = arch_spec_from_hf_config(plan.hf_config)
-    build = ModelBuildConfig(role=config.role, transformer_impl="local", params_dtype=plan.params_dtype)
-    model = build_stage_model(arch, config.parallel, build)
+    impl = "transformer_engine" if config.precision.uses_transformer_engine else "local"
+    build = ModelBuildConfig(role=config.role, transformer_impl=impl, params_dtype=plan.params_dtype,
+                             precision=config.precision if config.precision.mode != "fp32" else None)
+    model = build_stage_model(arch, config.parallel, build, device=state.device)
     load_hf_weights(model, HFWeightReader(config.model), arch, config.role, plan.padded_vocab)
     trainer = RewardModelTrainer(model, config.optimizer, config.training)
     training = config.training
@@ -313,7 +331,7 @@ def _train_rm_worker(plan: TrainRMPlan) -> dict[str, Any]:
         role=config.role, hf_config=plan.hf_config,
         tensor_parallel=config.parallel.tensor_parallel, pipeline_parallel=config.parallel.pipeline_parallel,
         expert_parallel=config.parallel.expert_parallel, padded_vocab_size=plan.padded_vocab,
-        params_dtype=plan.params_dtype, transformer_impl="local",
+        params_dtype=plan.params_dtype, transformer_impl=model.transformer_impl,
     )
     checkpoint = output / "checkpoint"
     trainer.save_checkpoint(checkpoint, metadata, hf_side_dir=config.model)

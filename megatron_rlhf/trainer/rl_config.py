@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 from megatron_rlhf.algorithms import AlgorithmConfig
 from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.config.precision import PrecisionConfig
+from megatron_rlhf.config.resources import ResourcesConfig
+from megatron_rlhf.planning.fit_check import FitCheckConfig
 from megatron_rlhf.trainer.megatron_step import OptimizerSettings
 from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
 
@@ -80,6 +83,16 @@ class RLConfig:
     reference: WorkerGroupConfig = field(default_factory=WorkerGroupConfig)
     engine_tensor_parallel: int = 1
     """vLLM's own TP size."""
+    rollout_engines: tuple[int, ...] = ()
+    """Disaggregated placement: the vLLM TP size of each rollout engine (rollout data
+    parallelism: prompts are split over them and every engine receives every weight sync), e.g.
+    [2, 2]. Empty: one engine of ``engine_tensor_parallel``."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """fp32 | bf16 | fp8 for the actor, reference and critic (megatron_rlhf.config.precision);
+    the engine generates in fp32 for fp32 training and in bf16 otherwise."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Nodes, GPUs per node, CPUs per worker, the engine's GPU memory share
+    (megatron_rlhf.config.resources); the default is a CPU run."""
     placement: str = "colocated"
     """colocated (engine inside the actor's rank 0; groups share bundles) | disaggregated."""
     weight_sync_bucket_bytes: int = 64 * 1024**2
@@ -103,6 +116,8 @@ class RLConfig:
     tensorboard: bool = True
     wandb: bool = False
     console: bool = True
+    fit_check: FitCheckConfig = field(default_factory=FitCheckConfig)
+    """The planner's pre-start check (GPU to fit, explicit override); see megatron_rlhf.planning."""
 
     def __post_init__(self) -> None:
         if not self.prompt_files:
@@ -112,6 +127,14 @@ class RLConfig:
                 raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
         if self.placement not in ("colocated", "disaggregated"):
             raise ValueError(f"RLConfig.placement={self.placement!r} (colocated or disaggregated)")
+        if self.rollout_engines and (self.placement != "disaggregated"
+                                     or any(not isinstance(tp, int) or tp < 1 for tp in self.rollout_engines)):
+            raise ValueError(f"RLConfig.rollout_engines={list(self.rollout_engines)} needs placement: "
+                             "disaggregated and TP sizes >= 1")
+        if (self.resources.uses_gpus and self.placement == "colocated"
+                and self.engine_tensor_parallel * self.resources.gpus_per_rank > 1):
+            raise ValueError(f"RLConfig.engine_tensor_parallel={self.engine_tensor_parallel}: a colocated engine "
+                             "shares the actor rank-0 GPU (TP 1); use placement: disaggregated for larger engines")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if self.sync_alarm_action not in ("warn", "stop"):
@@ -124,6 +147,11 @@ class RLConfig:
                 f"prompts_per_step x n = {samples} samples do not split into "
                 f"num_minibatches={self.update.num_minibatches}"
             )
+
+    @property
+    def engine_tensor_parallels(self) -> tuple[int, ...]:
+        """vLLM TP size of each rollout engine of the run."""
+        return tuple(self.rollout_engines) or (self.engine_tensor_parallel,)
 
     @property
     def algorithm_name(self) -> str:

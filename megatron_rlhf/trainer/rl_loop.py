@@ -106,14 +106,36 @@ def build_components(config: RLConfig, tokenizer: Any):
     from megatron_rlhf.rewards.router import HybridRewardRouter
     from megatron_rlhf.rollout.engine import RolloutConfig, SamplingSettings
     from megatron_rlhf.trainer.rl_step import RLComponents
-    from megatron_rlhf.workers.group import Placement, PlacementPlan, WorkerGroup
+    from megatron_rlhf.config.precision import engine_dtype
+    from megatron_rlhf.rewards.genrm import register_genrm_kind
+    from megatron_rlhf.workers.group import WorkerGroup
     from megatron_rlhf.workers.megatron_worker import ActorWorker, CriticWorker, ReferenceWorker, RoleWorkerSpec
+    from megatron_rlhf.workers.placement import plan_run_placement
+    from megatron_rlhf.workers.reward_worker import (
+        SOURCE_KIND,
+        RemoteRewardSource,
+        RewardModelWorker,
+        register_reward_model_kind,
+        reward_model_spec,
+    )
     from megatron_rlhf.workers.rollout_worker import RolloutWorker
 
     algorithm = config.algorithm
-    sizes = [config.actor.world_size, config.reference.world_size] + ([config.critic.world_size] if algorithm.needs_critic else [])
-    placement = Placement(PlacementPlan(placement=config.placement, bundles=max(sizes), cpus_per_bundle=1.0))
-    common = dict(algorithm=algorithm, update=config.update, seed=config.seed)
+    register_genrm_kind()
+    register_reward_model_kind()
+    reward = load_reward_config(config.reward_config) if config.reward_config else default_reward_config()
+    sizes = {"actor": config.actor.world_size}
+    if algorithm.kl_mode != "none":
+        sizes["reference"] = config.reference.world_size
+    if algorithm.needs_critic:
+        sizes["critic"] = config.critic.world_size
+    sizes.update({f"reward:{name}": source.config.tensor_parallel for name, source in reward.sources.items()
+                  if source.kind == SOURCE_KIND})
+    disaggregated = config.placement == "disaggregated"
+    run_placement = plan_run_placement(config.resources, config.placement, sizes,
+                                       config.engine_tensor_parallels if disaggregated else ())
+    placement = run_placement.trainers
+    common = dict(algorithm=algorithm, update=config.update, seed=config.seed, precision=config.precision)
     groups: dict[str, Any] = {}
     try:
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
@@ -122,10 +144,16 @@ def build_components(config: RLConfig, tokenizer: Any):
         rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
                                 max_model_len=config.max_prompt_tokens + config.max_new_tokens,
                                 max_prompt_tokens=config.max_prompt_tokens, overlong_prompts="drop",
-                                seed=config.seed)
-        if config.placement == "disaggregated":
-            groups["rollout"] = WorkerGroup("rollout", RolloutWorker, 1, placement, (rollout,))
-            groups["actor"].all("attach_engine", None, groups["rollout"].workers[0], config.weight_sync_bucket_bytes)
+                                seed=config.seed, dtype=engine_dtype(config.precision),
+                                gpu_memory_utilization=config.resources.gpu_memory_utilization,
+                                enable_sleep_mode=not disaggregated and config.resources.uses_gpus)
+        if disaggregated:  # one Ray actor per engine, each on GPUs of its own (its vLLM TP size)
+            names = [f"rollout{i}" if i else "rollout" for i in range(len(run_placement.engines))]
+            for i, (name, tp) in enumerate(zip(names, config.engine_tensor_parallels)):
+                engine_config = replace(rollout, tensor_parallel=tp, seed=config.seed + i)
+                groups[name] = WorkerGroup(name, RolloutWorker, 1, run_placement.engines[i], (engine_config,))
+            groups["actor"].all("attach_engine", None, [groups[name].workers[0] for name in names],
+                                config.weight_sync_bucket_bytes)
         else:
             groups["actor"].all("attach_engine", rollout, None, config.weight_sync_bucket_bytes)
         if algorithm.kl_mode != "none":
@@ -138,18 +166,6 @@ def build_components(config: RLConfig, tokenizer: Any):
                                          optimizer=config.critic_optimizer, threads=config.critic.threads_per_rank,
                                          **common)
             groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement, (critic_spec,))
-        from megatron_rlhf.rewards.genrm import register_genrm_kind
-        from megatron_rlhf.workers.reward_worker import (
-            SOURCE_KIND,
-            RemoteRewardSource,
-            RewardModelWorker,
-            register_reward_model_kind,
-            reward_model_spec,
-        )
-
-        register_genrm_kind()
-        register_reward_model_kind()
-        reward = load_reward_config(config.reward_config) if config.reward_config else default_reward_config()
         sources = {}
         for name, source in reward.sources.items():
             if source.kind == SOURCE_KIND:
@@ -160,13 +176,23 @@ def build_components(config: RLConfig, tokenizer: Any):
         sources.update(build_sources(reward, only={n for n, s in reward.sources.items() if s.kind != SOURCE_KIND}))
         router = HybridRewardRouter(reward.router, sources)
     except BaseException:
-        shutdown_groups(groups, placement)
+        shutdown_groups(groups, run_placement)
         raise
     sampling = SamplingSettings(n=config.n, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                                 seed=config.seed)
     parts = RLComponents(actor=groups["actor"], reference=groups.get("reference"), critic=groups.get("critic"),
                          router=router, tokenizer=tokenizer, algorithm=algorithm, sampling=sampling)
-    return parts, groups, placement
+    return parts, groups, run_placement
+
+
+def gpu_metrics(groups: dict[str, Any]) -> dict[str, float]:
+    """Per-rank GPU metrics of the Megatron groups since the last call (empty on CPU runs)."""
+    merged: dict[str, float] = {}
+    for name in ("actor", "reference", "critic"):
+        if name in groups:
+            for rank_metrics in groups[name].all("gpu_metrics"):
+                merged.update(rank_metrics)
+    return merged
 
 
 def shutdown_groups(groups: dict[str, Any], placement: Any) -> None:
@@ -196,13 +222,18 @@ def run_rl(config: RLConfig) -> RLResult:
     from transformers import AutoTokenizer
 
     from megatron_rlhf.algorithms import DomainRewardStats, build_kl_controller
+    from megatron_rlhf.planning.fit_check import check_rl_config_fits
     from megatron_rlhf.trainer.metrics_log import MetricsLogConfig, MetricsLogger
     from megatron_rlhf.trainer.rl_step import RLState, rl_step
 
+    check_rl_config_fits(config)  # layout and GPU memory, before any process starts
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(config.policy_dir)
     sampler = make_sampler(config, tokenizer)
+    from megatron_rlhf.config.precision import validate_precision_environment
+
+    validate_precision_environment(config.precision)  # before any process starts
     started_ray = _start_ray(config)
     parts, groups, placement = build_components(config, tokenizer)
     try:
@@ -230,6 +261,7 @@ def run_rl(config: RLConfig) -> RLResult:
                 parts.sampling = replace(parts.sampling, seed=config.seed + SEED_STRIDE * state.step)
                 prompts = sampler.next_batch()
                 metrics, state = rl_step(parts, state, prompts)
+                metrics.update(gpu_metrics(groups))
                 alarm = sync_alarm(config, metrics)
                 metrics["ratio/sync_alarms"] = alarms = alarms + bool(alarm)
                 logger.log(state.step - 1, metrics)

@@ -56,6 +56,11 @@ class SFTRunConfig:
     """:class:`~megatron_rlhf.trainer.megatron_step.OptimizerSettings`; None: its defaults."""
     params_dtype: str | None = None
     """float32 | bfloat16 | float16 weights; None: the dtype the HF weights are stored in."""
+    precision: Any = None
+    """:class:`~megatron_rlhf.config.precision.PrecisionConfig`; None: ``params_dtype`` decides.
+    bf16/fp8 set bfloat16 weights (fp8 builds the Transformer Engine spec)."""
+    resources: Any = None
+    """:class:`~megatron_rlhf.config.resources.ResourcesConfig`; None: a CPU run."""
     export_hf: bool = True
     """Write ``out_dir/hf``."""
     save_checkpoint: bool = True
@@ -131,8 +136,7 @@ def plan_sft_run(
     arch = arch_spec_from_hf_dir(config.hf_dir)
     reader = HFWeightReader(config.hf_dir)
     dtype = config.params_dtype or hf_weights_dtype_name(reader, load_hf_config(config.hf_dir))
-    # The local layer spec, as every checkpoint tool of the package loads it.
-    build = ModelBuildConfig(role="lm", transformer_impl="local", params_dtype=dtype)
+    build = _precision_build(config, dtype, world_size, ModelBuildConfig)
     validate_layout(arch, parallel, build)
     train = train_examples if train_examples is not None else read_chat_jsonl(config.train_path).records
     if validation_examples is not None:
@@ -159,6 +163,21 @@ def plan_sft_run(
     return SFTRunPlan(
         config, parallel, world_size, arch, build, sft, optimizer, train, validation, level
     )
+
+
+def _precision_build(config: SFTRunConfig, dtype: str, world_size: int, build_class: type) -> Any:
+    """The model build for the run's precision (the local spec unless fp8 needs TE), checked
+    against this machine and the resources before any rank starts."""
+    from megatron_rlhf.config.precision import validate_precision_environment
+
+    if config.resources is not None:
+        config.resources.check_fits(world_size, f"train-sft with {world_size} processes")
+    if config.precision is None or config.precision.mode == "fp32":
+        return build_class(role="lm", transformer_impl="local", params_dtype=dtype, precision=config.precision)
+    validate_precision_environment(config.precision)
+    impl = "transformer_engine" if config.precision.uses_transformer_engine else "local"
+    return build_class(role="lm", transformer_impl=impl, params_dtype=config.precision.params_dtype,
+                       precision=config.precision)
 
 
 def _check_tokenizer(hf_dir: str, example: Any, max_length: int) -> None:
@@ -212,7 +231,7 @@ def _sft_worker(plan: SFTRunPlan):
             expert_parallel=plan.parallel.expert_parallel,
             padded_vocab_size=padded,
             params_dtype=plan.build.params_dtype,
-            transformer_impl="local",
+            transformer_impl=plan.build.transformer_impl,
         )
         save_model_checkpoint(model, out / "checkpoint", metadata, hf_side_dir=config.hf_dir)
     if config.export_hf:
@@ -287,6 +306,9 @@ def add_train_sft_arguments(parser: argparse.ArgumentParser) -> None:
         help="log every N steps (default: 10)")
     add("--params-dtype", choices=("float32", "bfloat16", "float16"), default=None,
         help="training weight dtype (default: the dtype of the HF weights)")
+    add("--precision", choices=("fp32", "bf16", "fp8"), default=None,
+        help="training precision: fp32, bf16 (Megatron mixed precision) or fp8 (Transformer Engine, "
+             "delayed recipe); overrides --params-dtype (default: --params-dtype decides)")
     add("--no-progress", action="store_true", help="no progress bar (log lines only)")
     add("--no-checkpoint", action="store_true", help="do not write the Megatron checkpoint")
     add("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
@@ -327,9 +349,16 @@ def sft_run_config_from_args(args: argparse.Namespace) -> SFTRunConfig:
             lr_decay_style=args.lr_decay_style,
         ),
         params_dtype=args.params_dtype,
+        precision=_precision_from_args(getattr(args, "precision", None)),
         save_checkpoint=not args.no_checkpoint,
         overwrite=args.overwrite,
     )
+
+
+def _precision_from_args(mode: str | None) -> Any:
+    from megatron_rlhf.config.precision import PrecisionConfig
+
+    return None if mode is None else PrecisionConfig(mode=mode)
 
 
 def run_train_sft(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from megatron_rlhf.algorithms import AlgorithmConfig, Experience
 from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.config.precision import PrecisionConfig
 from megatron_rlhf.trainer.megatron_step import OptimizerSettings
 from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
 from megatron_rlhf.types import RolloutBatch
@@ -47,6 +48,8 @@ class RoleWorkerSpec:
     threads: int = 1
     """torch intra-op threads per rank (CPU machines)."""
     params_dtype: str = "float32"
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """fp32 | bf16 | fp8 training precision of the group (sets the weight dtype when not fp32)."""
 
 
 def defined_vocab_size(hf_dir: str, vocab_size: int) -> int:
@@ -90,12 +93,19 @@ class MegatronWorker:
         from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
         from megatron_rlhf.parallel.init import initialize_parallel
 
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.rank),
+        from megatron_rlhf.trainer.gpu_metrics import GpuPhaseMonitor
+        from megatron_rlhf.workers.placement import assigned_local_device
+
+        device = assigned_local_device()  # the GPU Ray gave this rank (None: CPU rank / no Ray GPU)
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK=str(self.rank if device is None else device),
                           MASTER_ADDR=address, MASTER_PORT=str(port))
         torch.set_num_threads(self.spec.threads)
         self.state = initialize_parallel(self.spec.parallel, seed=self.spec.seed)
         self.arch = arch_spec_from_hf_dir(self.spec.hf_dir)
-        build = ModelBuildConfig(role=self.role, params_dtype=self.spec.params_dtype)
+        build = ModelBuildConfig(role=self.role, params_dtype=self.spec.params_dtype, precision=self.spec.precision)
+        self.gpu = GpuPhaseMonitor(self.rank)
+        self.weights_dtype = build.weights_dtype
         self.padded_vocab = validate_layout(self.arch, self.spec.parallel, build)
         self.model = build_stage_model(self.arch, self.spec.parallel, build, device=self.state.device)
         load_hf_weights(self.model, HFWeightReader(self.spec.hf_dir), self.arch, self.role, self.padded_vocab)
@@ -132,6 +142,19 @@ class MegatronWorker:
             info = load_train_state(found[step], self._checkpointed(name)) if step in found else None
         return None if info is None else (info.step, info.extra_state)
 
+    def gpu_metrics(self) -> dict[str, float]:
+        """This rank's GPU metrics since the last call (empty without a GPU)."""
+        monitor = getattr(self, "gpu", None)
+        return monitor.pop() if monitor is not None else {}
+
+    def _update_flops_per_gpu(self, batch: RolloutBatch) -> float:
+        """Model FLOPs of an update over ``batch`` per GPU of the group (the whole batch's
+        work is shared by all ``world_size`` ranks)."""
+        from megatron_rlhf.trainer.gpu_metrics import training_flops
+
+        lengths = (batch.prompt_lengths + batch.response_lengths).tolist()
+        return training_flops(self.arch, lengths, self.role, self.spec.update.ppo_epochs) / self.world_size
+
     def shutdown(self) -> None:
         from megatron_rlhf.parallel.init import destroy_parallel
 
@@ -148,9 +171,10 @@ class ReferenceWorker(MegatronWorker):
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         from megatron_rlhf.models.sequence_logprobs import response_logprobs
 
-        return response_logprobs(self.model, batch, self.valid_vocab_size,
-                                 temperature=self.spec.update.temperature,
-                                 micro_batch_size=self.spec.update.micro_batch_size)
+        with self.gpu.phase("reference_logprobs"):
+            return response_logprobs(self.model, batch, self.valid_vocab_size,
+                                     temperature=self.spec.update.temperature,
+                                     micro_batch_size=self.spec.update.micro_batch_size)
 
 
 class ActorWorker(MegatronWorker):
@@ -169,25 +193,38 @@ class ActorWorker(MegatronWorker):
     # --- rollout engine (colocated on rank 0, or a remote engine) ---------------------------
     def attach_engine(self, rollout_config: Any | None, remote: Any | None = None,
                       bucket_bytes: int = 64 * 1024**2) -> None:
-        """Start the colocated engine on rank 0 (``rollout_config``) or use a remote one, and
-        open the weight-transfer group (a collective over the actor group)."""
-        from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
+        """Start the colocated engine on rank 0 (``rollout_config``) or use remote ones (a handle
+        or a list of handles: rollout data parallelism, every engine synced), and open the
+        weight-transfer group(s) (a collective over the actor group)."""
+        from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig, WeightSyncFanout
 
+        remotes = list(remote) if isinstance(remote, (list, tuple)) else [remote] if remote is not None else []
+        engines = None
         if self.rank == 0:
-            if remote is not None:
+            if remotes:
                 from megatron_rlhf.workers.rollout_worker import RemoteEngine
 
-                self.engine = RemoteEngine(remote)
+                engines = [RemoteEngine(handle) for handle in remotes]
             else:
                 from megatron_rlhf.rollout.engine import RolloutEngine
 
-                self.engine = RolloutEngine(rollout_config)
+                engines = [RolloutEngine(rollout_config)]
+            if len(engines) == 1:
+                self.engine = engines[0]
+            else:
+                from megatron_rlhf.rollout.engine_pool import EnginePool
+
+                self.engine = EnginePool(engines)
         host = "127.0.0.1"
         if remote is not None:  # the engine's workers may run on another node: listen where they reach us
             import ray
 
             host = ray.util.get_node_ip_address()
-        self.weight_sync = WeightSync(self.engine, WeightSyncConfig(bucket_bytes=bucket_bytes, host=host))
+        sync_config = WeightSyncConfig(bucket_bytes=bucket_bytes, host=host)
+        if len(remotes) > 1:
+            self.weight_sync = WeightSyncFanout(engines, len(remotes), sync_config)
+        else:
+            self.weight_sync = WeightSync(self.engine, sync_config)
         self.weight_sync.connect()
 
     def generate(self, prompts: list, settings: Any) -> RolloutBatch:
@@ -196,7 +233,8 @@ class ActorWorker(MegatronWorker):
             return None
         if self.engine is None:
             raise RuntimeError("generate() called on an actor without an attached engine")
-        batch = self.engine.generate(prompts, settings)
+        with self.gpu.phase("rollout"):
+            batch = self.engine.generate(prompts, settings)
         # Colocated GPU engines with sleep mode hand their memory to training until the next
         # sync (a no-op otherwise, and for a remote engine, which has its own devices).
         self.engine.release_memory()
@@ -205,21 +243,24 @@ class ActorWorker(MegatronWorker):
     def sync_weights(self) -> dict[str, float]:
         if self.engine is not None:  # rank 0 holds the engine
             self.engine.wake(("weights",))  # vLLM loads into its own weight memory: back first
-        report = self.weight_sync.sync(self.model, self.arch)
+        with self.gpu.phase("weight_sync"):
+            report = self.weight_sync.sync(self.model, self.arch)
         if self.engine is not None:
             self.engine.wake(("kv_cache",))
         return {"seconds": report.seconds, "bytes": float(report.bytes), "buckets": float(report.buckets)}
 
     # --- training ----------------------------------------------------------------------------
     def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.trainer.logprobs_and_entropy(batch)
+        with self.gpu.phase("actor_logprobs"):
+            return self.trainer.logprobs_and_entropy(batch)
 
     def update(self, batch: RolloutBatch, experience: Experience, kl_coef: float,
                algorithm: AlgorithmConfig | None = None) -> list[Any]:
         """PPO epochs over the batch; ``algorithm`` (the driver's) replaces the spec's when given."""
         if algorithm is not None:
             self.trainer.algorithm = algorithm
-        return self.trainer.update(batch, experience, kl_coef=kl_coef)
+        with self.gpu.update("actor_update", self._update_flops_per_gpu(batch), self.weights_dtype):
+            return self.trainer.update(batch, experience, kl_coef=kl_coef)
 
     def export_hf(self, out_dir: str) -> str | None:
         """Write the current policy as a Hugging Face directory (rank 0 writes; a collective)."""
@@ -249,9 +290,11 @@ class CriticWorker(MegatronWorker):
         self.trainer = CriticTrainer(self.model, self.spec.optimizer, self.spec.algorithm, self.spec.update)
 
     def values(self, batch: RolloutBatch) -> torch.Tensor:
-        return self.trainer.values(batch)
+        with self.gpu.phase("critic_values"):
+            return self.trainer.values(batch)
 
     def update(self, batch: RolloutBatch, experience: Experience, algorithm: AlgorithmConfig | None = None) -> list[Any]:
         if algorithm is not None:
             self.trainer.algorithm = algorithm
-        return self.trainer.update(batch, experience)
+        with self.gpu.update("critic_update", self._update_flops_per_gpu(batch), self.weights_dtype):
+            return self.trainer.update(batch, experience)

@@ -1,0 +1,63 @@
+"""Rollout data parallelism: prompts split over engines and merged back as one engine's batch."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_rlhf.rollout.engine_pool import EnginePool, merge_rollout_batches, split_prompts
+from megatron_rlhf.types import RolloutBatch
+
+
+def test_split_prompts_is_contiguous_and_balanced():
+    assert [list(r) for r in split_prompts(5, 2)] == [[0, 1, 2], [3, 4]]
+    assert [len(r) for r in split_prompts(7, 3)] == [3, 2, 2]
+    assert [len(r) for r in split_prompts(1, 3)] == [1, 0, 0]
+
+
+def _batch(prompts: list[list[int]], responses_per_prompt: int, tag: int) -> RolloutBatch:
+    """What one engine returns: every prompt answered ``responses_per_prompt`` times."""
+    rows = [(g, p, r) for g, p in enumerate(prompts) for r in range(responses_per_prompt)]
+    pw = max(len(p) for p in prompts)
+    prompt_ids = torch.zeros(len(rows), pw, dtype=torch.long)
+    for i, (_, p, _) in enumerate(rows):
+        prompt_ids[i, : len(p)] = torch.tensor(p)
+    width = 2 + tag  # engines return different response widths
+    return RolloutBatch(
+        prompt_ids=prompt_ids, prompt_lengths=torch.tensor([len(p) for _, p, _ in rows]),
+        response_ids=torch.full((len(rows), width), 7 + tag), response_mask=torch.ones(len(rows), width),
+        sampling_logprobs=torch.full((len(rows), width), -0.5), finish_reasons=["length"] * len(rows),
+        group_index=torch.tensor([g for g, _, _ in rows]), prompt_index=torch.tensor([g for g, _, _ in rows]),
+        pad_token_id=0, stats={"prompts_in": len(prompts), "responses": len(rows)},
+    )
+
+
+class _Engine:
+    """A stand-in for a remote engine that records what it was asked (the pool's own logic is
+    what is tested here; real engines are exercised by the vLLM tests)."""
+
+    def __init__(self, tag: int):
+        self.tag, self.seen = tag, []
+
+    def generate(self, prompts, settings):
+        self.seen.append(list(prompts))
+        return _batch(prompts, settings, self.tag)
+
+
+def test_pool_sends_each_prompt_to_one_engine_and_merges_in_order():
+    engines = [_Engine(0), _Engine(1)]
+    prompts = [[1], [2, 2], [3, 3, 3]]
+    batch = EnginePool(engines).generate(prompts, 2)
+    assert engines[0].seen == [[[1], [2, 2]]] and engines[1].seen == [[[3, 3, 3]]]
+    assert batch.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert batch.group_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert batch.prompt_ids.shape == (6, 3) and batch.prompt_ids[5].tolist() == [3, 3, 3]
+    assert batch.response_ids.shape == (6, 3)  # padded to the widest engine's responses
+    assert batch.response_mask[:4, 2].tolist() == [0.0] * 4 and batch.response_ids[0, 2].item() == 0
+    assert batch.stats == {"prompts_in": 3, "responses": 6}
+
+
+def test_merge_offsets_group_index_past_dropped_prompts():
+    first = _batch([[1], [2]], 1, 0)
+    first = RolloutBatch(**{**first.__dict__, "prompt_index": torch.tensor([0, 2])})  # prompt 1 dropped
+    merged = merge_rollout_batches([first, _batch([[4]], 1, 0)], [0, 3])
+    assert merged.prompt_index.tolist() == [0, 2, 3] and merged.group_index.tolist() == [0, 1, 2]
