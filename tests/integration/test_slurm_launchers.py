@@ -1,21 +1,24 @@
 """The Slurm launchers against a real Slurm: scripts/slurm/local_cluster.sh brings up slurmctld and
 two slurmd on this machine (Debian's slurm-wlm + munge, as root), jobs are submitted with sbatch.
 
-* RL (``ray_job.sbatch megatron-rlhf train-rl``, 2 nodes: Ray head + one worker through srun): a
-  run is ``scancel``-ed after its first checkpoint; nothing of it keeps running; the same sbatch
+* RL (``ray_job.sbatch megatron-rlhf train-rl`` with examples/tiny-cpu/grpo.yaml, 2 nodes: Ray head
+  + one worker through srun): a run is ``scancel``-ed after its first checkpoint; nothing of it keeps running; the same sbatch
   submitted again resumes from that checkpoint, completes, writes metrics for every step, its Ray
   cluster had both nodes, and again nothing (Ray, vLLM, job steps) is left running.
-* torchrun (``torchrun_job.sbatch train-rm``, 2 nodes x 1 rank over srun): completes, writes its
-  checkpoint and metrics for every step, leaves nothing running.
+* torchrun (``torchrun_job.sbatch train-rm`` with examples/tiny-cpu/orm.yaml, TP2 over 2 nodes x 1
+  rank through srun): completes, writes its checkpoint and metrics for every step, leaves nothing
+  running.
 
 Skipped where Slurm/munge are missing or not root, except under CI (``CI`` set), where that fails.
-The tiny RL recipe is built here from the tiny model and prompts of tests/e2e/test_rl_resume.py.
+The recipes are examples/tiny-cpu's, inherited (``base:``) with their paths moved to a temporary
+folder and fewer steps; the policy and data come from its prepare.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -30,6 +33,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.vllm, pytest.mark
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_SCRIPTS = ROOT / "scripts" / "slurm"
+TINY_CPU = ROOT / "examples" / "tiny-cpu"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED")
 RL_STEPS = 3
@@ -174,17 +178,17 @@ def _processes_under(directory: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory):
-    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
-
+    """examples/tiny-cpu's policy and data (its prepare.py), written under a temporary folder."""
+    prepare = runpy.run_path(str(TINY_CPU / "prepare.py"))["prepare"]
     root = tmp_path_factory.mktemp("slurm_inputs")
-    policy = make_tiny_hf_model("llama", root / "policy", seed=5, vocab_size=500,
-                                tokenizer=train_tiny_tokenizer(500, seed=0))
-    prompts = root / "prompts.jsonl"
-    with open(prompts, "w") as handle:
-        for index in range(8):
-            handle.write(json.dumps({"prompt": f"What is {index} + 1?", "domain": "math",
-                                     "ground_truth": str(index + 1)}) + "\n")
-    return root, policy, prompts
+    prepare(root / "tiny")
+    return root, root / "tiny"
+
+
+def _tiny_recipe(path: Path, base: str, **overrides) -> Path:
+    """examples/tiny-cpu/<base> with its output/input paths moved to the test's folder."""
+    path.write_text(json.dumps({"base": [str(TINY_CPU / base)], **overrides}))
+    return path
 
 
 def _metric_steps(out_dir: Path) -> list[int]:
@@ -197,14 +201,11 @@ def _metric_steps(out_dir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def rl_runs(slurm_cluster, tiny_inputs):
     """A 2-node RL job cancelled after its first checkpoint, then the same sbatch again."""
-    root, policy, prompts = tiny_inputs
+    root, tiny = tiny_inputs
     out_dir = root / "rl"
-    recipe = root / "rl.yaml"
-    recipe.write_text(json.dumps({
-        "policy_dir": str(policy), "out_dir": str(out_dir), "prompt_files": [str(prompts)], "preset": "grpo",
-        "algorithm": {"kl_coef": 0.05}, "steps": RL_STEPS, "prompts_per_step": 2, "n": 4, "max_new_tokens": 8,
-        "actor_optimizer": {"lr": 0.001}, "checkpoint_every": 1, "tensorboard": False, "console": False, "seed": 7,
-    }))
+    recipe = _tiny_recipe(root / "grpo.yaml", "grpo.yaml", policy_dir=str(tiny / "policy"),
+                          prompt_files=[str(tiny / "prompts.jsonl")], out_dir=str(out_dir), steps=RL_STEPS,
+                          checkpoint_every=1, fit_check={"hf_config": str(TINY_CPU / "config.json")})
     command = ("megatron-rlhf", "train-rl", "--config", str(recipe))
     first = slurm_cluster.submit("ray_job.sbatch", *command, workdir=root / "work")
     deadline = time.monotonic() + 1200
@@ -260,16 +261,10 @@ def test_finished_rl_job_leaves_nothing_running(rl_runs):
 
 
 def test_torchrun_training_over_srun(slurm_cluster, tiny_inputs):
-    root, policy, _ = tiny_inputs
-    pairs = root / "pairs.jsonl"
-    with open(pairs, "w") as handle:
-        for index in range(8):
-            handle.write(json.dumps({"prompt": f"What is {index} + 1?", "chosen": f"It is {index + 1}.",
-                                     "rejected": f"It is {index + 7}.", "domain": "math"}) + "\n")
-    config = root / "rm.yaml"
-    out_dir = root / "rm"
-    config.write_text(json.dumps({"model": str(policy), "role": "reward", "train_files": [str(pairs)],
-                                  "output": str(out_dir), "steps": RM_STEPS, "training": {"microbatches_per_step": 2, "responses_per_microbatch": 0}}))
+    root, tiny = tiny_inputs
+    out_dir = root / "orm"
+    config = _tiny_recipe(root / "orm.yaml", "orm.yaml", model=str(tiny / "policy"), output=str(out_dir),
+                          train_files=[str(tiny / "rm_pairs.jsonl"), str(tiny / "rm_labelled.jsonl")], steps=RM_STEPS)
     slurm_cluster.env["NPROC_PER_NODE"] = "1"
     job_id = slurm_cluster.submit("torchrun_job.sbatch", "train-rm", "--config", str(config), workdir=root / "work")
     info = slurm_cluster.wait(job_id)
