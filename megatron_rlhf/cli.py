@@ -306,6 +306,8 @@ EXTERNAL_COMMANDS = {
     "eval": ("ability-dimension evaluation: public benchmarks (MATH, GSM8K, GPQA, MMLU, HumanEval, MBPP, "
              "LiveCodeBench, IFEval) from local files, answered with vLLM, graded by the verifiers; per-dimension "
              "report with deltas between two policies", "megatron_rlhf.evaluation.ability.cli", "eval"),
+    "plan": ("fit planner: validate a layout and print GiB per GPU per phase; exit 0 fits, 1 does not, 2 invalid",
+             "megatron_rlhf.planning.plan_cli", "plan"),
 }
 for _name, (_summary, _module, _function) in EXTERNAL_COMMANDS.items():
     COMMANDS[_name] = (_summary, *_external(_module, _function))

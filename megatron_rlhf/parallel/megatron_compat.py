@@ -116,3 +116,45 @@ def apply_release_fixes() -> list[str]:
         moe_utils.te_general_gemm = None
         fixed.append("moe_utils.te_general_gemm")
     return fixed
+
+
+def fake_rank_model_parallel(config: Any, world_size: int, rank: int):
+    """Context manager: this process plays ``rank`` of a ``world_size`` job, without peers.
+
+    torch's ``fake`` process-group backend (``torch.testing._internal.distributed.fake_pg``)
+    answers every collective locally, so Megatron's ``initialize_model_parallel`` builds the real
+    TP/PP/CP/EP groups of that rank; only NCCL/gloo twins are skipped (megatron-core 0.16 accepts
+    ``create_gloo_process_groups=False``). Used to build a rank's model on the meta device at full
+    size. Leaves no process group behind.
+    """
+    import contextlib
+
+    import torch
+    from megatron.core import parallel_state, tensor_parallel
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    @contextlib.contextmanager
+    def scope():
+        from megatron_rlhf.parallel import cpu_support
+
+        torch.distributed.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+        try:
+            if not torch.cuda.is_available():
+                cpu_support.enable()
+            call_with_supported_kwargs(
+                parallel_state.initialize_model_parallel,
+                off_values={"create_gloo_process_groups": False},
+                tensor_model_parallel_size=config.tensor_parallel,
+                pipeline_model_parallel_size=config.pipeline_parallel,
+                context_parallel_size=config.context_parallel,
+                expert_model_parallel_size=config.expert_parallel,
+                expert_tensor_parallel_size=config.expert_tensor_parallel,
+                create_gloo_process_groups=False,
+            )
+            tensor_parallel.model_parallel_cuda_manual_seed(1)
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            torch.distributed.destroy_process_group()
+
+    return scope()

@@ -124,13 +124,14 @@ def load_train_rm_config(path: str | Path) -> TrainRMConfig:
     import yaml
 
     from megatron_rlhf.config.errors import ConfigError, MissingInput
+    from megatron_rlhf.config.recipe import load_recipe
     from megatron_rlhf.config.typed_load import at, convert, dataclass_from_mapping
 
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_recipe(path)  # a recipe's `base:` files merged in, key by key
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(raw, dict):

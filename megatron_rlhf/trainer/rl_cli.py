@@ -54,17 +54,13 @@ def rl_config_from_mapping(data: Any, where: str, algo: str | None = None):
 
 
 def load_rl_config(path: str | Path, algo: str | None = None):
-    import yaml
-
-    from megatron_rlhf.config.errors import ConfigError, MissingInput
+    from megatron_rlhf.config.errors import MissingInput
+    from megatron_rlhf.config.recipe import load_recipe
 
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"RL config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    data = load_recipe(path)  # a recipe's `base:` files merged in, key by key
     return rl_config_from_mapping(data, str(path), algo)
 
 

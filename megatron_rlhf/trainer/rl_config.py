@@ -18,6 +18,7 @@ from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.config.ppo_update import PPOUpdateConfig
 from megatron_rlhf.config.precision import PrecisionConfig
 from megatron_rlhf.config.resources import ResourcesConfig
+from megatron_rlhf.planning.fit_check import FitCheckConfig
 
 ALGORITHMS = ("grpo", "ppo")
 
@@ -117,6 +118,8 @@ class RLConfig:
     tensorboard: bool = True
     wandb: bool = False
     console: bool = True
+    fit_check: FitCheckConfig = field(default_factory=FitCheckConfig)
+    """The planner's pre-start check (GPU to fit, explicit override); see megatron_rlhf.planning."""
 
     def __post_init__(self) -> None:
         if not self.prompt_files:

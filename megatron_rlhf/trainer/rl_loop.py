@@ -84,14 +84,17 @@ def fault_hook_from_env() -> Any:
 
 
 def _start_ray(config: RLConfig) -> bool:
-    """Start a local Ray instance unless one is running; returns whether this call started it."""
+    """Join ``config.ray_address`` (else the cluster named by RAY_ADDRESS, as set by
+    scripts/slurm/ray_job.sbatch), or start a private local Ray instance (``address="local"``:
+    never another cluster of this machine); returns whether this call connected."""
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if config.ray_address:
-        ray.init(address=config.ray_address, log_to_driver=True)
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False,
                  log_to_driver=True, logging_level=logging.WARNING)  # never attach to another cluster
@@ -217,9 +220,11 @@ def run_rl(config: RLConfig) -> RLResult:
     from transformers import AutoTokenizer
 
     from megatron_rlhf.algorithms import DomainRewardStats, build_kl_controller
+    from megatron_rlhf.planning.fit_check import check_rl_config_fits
     from megatron_rlhf.trainer.metrics_log import MetricsLogConfig, MetricsLogger
     from megatron_rlhf.trainer.rl_step import RLState, rl_step
 
+    check_rl_config_fits(config)  # layout and GPU memory, before any process starts
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(config.policy_dir)

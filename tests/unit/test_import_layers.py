@@ -10,6 +10,7 @@ types               batches passed between stages; running moments (a value type
 parallel            process groups, Megatron parallel state, CPU support, pipeline collectives
 algorithms          pure tensor functions (advantages, losses, KL)
 models              layer specs, heads, provider, log-probs
+planning            the fit planner: layout validation and bytes per GPU (reads the model families)
 mapping             HF <-> Megatron names and slicing (reads the model families of ``models``)
 checkpoint          Megatron dist checkpoints, HF import / export
 data                datasets, chat templates, curricula, reward-model data
@@ -37,7 +38,7 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "megatron_rlhf"
 
 LAYERS = (
-    "config", "types", "parallel", "algorithms", "models", "mapping", "checkpoint", "data", "rollout",
+    "config", "types", "parallel", "algorithms", "models", "planning", "mapping", "checkpoint", "data", "rollout",
     "rewards", "evaluation", "preflight", "training", "workers", "trainer", "cli",
 )
 
@@ -45,7 +46,7 @@ PACKAGE_LAYERS = {
     "config": "config", "types": "types", "running_moments": "types", "parallel": "parallel", "algorithms": "algorithms",
     "models": "models", "mapping": "mapping", "checkpoint": "checkpoint", "data": "data",
     "rollout": "rollout", "rewards": "rewards", "evaluation": "evaluation", "workers": "workers",
-    "preflight": "preflight", "trainer": "trainer", "cli": "cli", "cli_args": "cli", "__main__": "cli", "demo": "cli",
+    "planning": "planning", "preflight": "preflight", "trainer": "trainer", "cli": "cli", "cli_args": "cli", "__main__": "cli", "demo": "cli",
     "demo_stages": "cli", "conversion_demo": "cli",
 }
 """Layer of each top-level package or module of ``megatron_rlhf``."""

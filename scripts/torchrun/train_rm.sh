@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# `megatron-rlhf train-rm` under torchrun: scripts/torchrun/train_rm.sh [train-rm options]
+# Environment (NPROC_PER_NODE, NNODES, MASTER_ADDR, MASTER_PORT, RDZV_ID): see run.sh beside it.
+exec "$(dirname "${BASH_SOURCE[0]}")/run.sh" train-rm "$@"
