@@ -105,6 +105,7 @@ def build_components(config: RLConfig, tokenizer: Any):
     from megatron_rlhf.trainer.rl_step import RLComponents
     from megatron_rlhf.workers.group import Placement, PlacementPlan, WorkerGroup
     from megatron_rlhf.workers.megatron_worker import ActorWorker, CriticWorker, ReferenceWorker, RoleWorkerSpec
+    from megatron_rlhf.workers.role_proxies import ActorGroup, CriticGroup, ReferenceGroup
     from megatron_rlhf.workers.rollout_worker import RolloutWorker
 
     algorithm = config.algorithm
@@ -115,26 +116,28 @@ def build_components(config: RLConfig, tokenizer: Any):
     try:
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
                                     optimizer=config.actor_optimizer, threads=config.actor.threads_per_rank, **common)
-        groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,))
+        groups["actor"] = ActorGroup(WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,)),
+                                     config.update.num_minibatches)
         rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
                                 max_model_len=config.max_prompt_tokens + config.max_new_tokens,
                                 max_prompt_tokens=config.max_prompt_tokens, overlong_prompts="drop",
                                 seed=config.seed)
         if config.placement == "disaggregated":
             groups["rollout"] = WorkerGroup("rollout", RolloutWorker, 1, placement, (rollout,))
-            groups["actor"].all("attach_engine", None, groups["rollout"].workers[0], config.weight_sync_bucket_bytes)
+            groups["actor"].attach_engine(None, groups["rollout"].workers[0], config.weight_sync_bucket_bytes)
         else:
-            groups["actor"].all("attach_engine", rollout, None, config.weight_sync_bucket_bytes)
+            groups["actor"].attach_engine(rollout, None, config.weight_sync_bucket_bytes)
         if algorithm.kl_mode != "none":
             reference_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.reference.parallel,
                                             threads=config.reference.threads_per_rank, **common)
-            groups["reference"] = WorkerGroup("reference", ReferenceWorker, config.reference.world_size, placement,
-                                              (reference_spec,))
+            groups["reference"] = ReferenceGroup(WorkerGroup("reference", ReferenceWorker, config.reference.world_size,
+                                                             placement, (reference_spec,)))
         if algorithm.needs_critic:
             critic_spec = RoleWorkerSpec(hf_dir=config.critic_dir or config.policy_dir, parallel=config.critic.parallel,
                                          optimizer=config.critic_optimizer, threads=config.critic.threads_per_rank,
                                          **common)
-            groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement, (critic_spec,))
+            groups["critic"] = CriticGroup(WorkerGroup("critic", CriticWorker, config.critic.world_size, placement,
+                                                       (critic_spec,)), config.update.num_minibatches)
         from megatron_rlhf.rewards.genrm import register_genrm_kind
         from megatron_rlhf.workers.reward_worker import (
             SOURCE_KIND,
@@ -210,7 +213,7 @@ def run_rl(config: RLConfig) -> RLResult:
         resumed = _resume(config, groups, sampler, state)
         if resumed is not None:
             state = resumed
-            groups["actor"].call("sync_weights")  # the engine starts from the initial weights
+            groups["actor"].sync_weights()  # the engine starts from the initial weights
         parts.on_phase = fault_hook_from_env()
         first_step = state.step
         logger = MetricsLogger(
@@ -237,7 +240,7 @@ def run_rl(config: RLConfig) -> RLResult:
                     _save(config, groups, sampler, state)
                 if alarm and config.sync_alarm_action == "stop":
                     raise RuntimeError(alarm)
-        policy_dir = groups["actor"].call("export_hf", str(out_dir / "policy"))
+        policy_dir = groups["actor"].export_hf(str(out_dir / "policy"))
         return RLResult(policy_dir=policy_dir, metrics_file=str(logger.jsonl_path),
                         steps_run=state.step - first_step, resumed_from=first_step if resumed is not None else None)
     finally:
@@ -275,8 +278,8 @@ def _loop_state(sampler: Any, state: Any) -> dict[str, Any]:
 def _save(config: RLConfig, groups: dict[str, Any], sampler: Any, state: Any) -> None:
     run_dir = str(Path(config.out_dir) / "state")
     if "critic" in groups:
-        groups["critic"].call("save_state", run_dir, "critic", state.step, {}, config.keep_checkpoints)
-    groups["actor"].call("save_state", run_dir, "actor", state.step, _loop_state(sampler, state),
+        groups["critic"].save_state(run_dir, "critic", state.step, {}, config.keep_checkpoints)
+    groups["actor"].save_state(run_dir, "actor", state.step, _loop_state(sampler, state),
                          config.keep_checkpoints)
 
 
@@ -286,12 +289,12 @@ def _resume(config: RLConfig, groups: dict[str, Any], sampler: Any, fresh: Any):
     from megatron_rlhf.algorithms import DomainRewardStats
 
     run_dir = str(Path(config.out_dir) / "state")
-    loaded = groups["actor"].call("load_state", run_dir, "actor", None)
+    loaded = groups["actor"].load_state(run_dir, "actor", None)
     if loaded is None:
         return None
     step, extra = loaded
     if "critic" in groups:
-        critic_step = groups["critic"].call("load_state", run_dir, "critic", step)
+        critic_step = groups["critic"].load_state(run_dir, "critic", step)
         if critic_step is None or critic_step[0] != step:
             raise RuntimeError(f"the critic has no complete checkpoint at the actor's step {step} under {run_dir}")
     sampler.load_state_dict(extra["sampler"])

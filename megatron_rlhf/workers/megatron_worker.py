@@ -105,6 +105,22 @@ class MegatronWorker:
     def _after_load(self) -> None:
         """Role set-up once the weights are in (trainer, optimizer)."""
 
+    def rank_layout(self) -> Any:
+        """This rank's DP rank and whether it holds its replica's results (the dispatch's view)."""
+        from megatron.core import parallel_state
+
+        from megatron_rlhf.parallel.data_dispatch import RankLayout
+
+        holds = (parallel_state.get_tensor_model_parallel_rank() == 0
+                 and parallel_state.get_context_parallel_rank() == 0
+                 and parallel_state.is_pipeline_last_stage())
+        return RankLayout(self.rank, parallel_state.get_data_parallel_rank(),
+                          parallel_state.get_data_parallel_world_size(), holds)
+
+    def _held(self, result: Any) -> Any:
+        """``result`` on the rank that holds its replica's results, None elsewhere (not sent back)."""
+        return result if self.rank_layout().holds_output else None
+
     def _checkpointed(self, name: str) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
         return {name: trainer.updater if trainer is not None else self.model}
@@ -148,9 +164,9 @@ class ReferenceWorker(MegatronWorker):
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         from megatron_rlhf.models.sequence_logprobs import response_logprobs
 
-        return response_logprobs(self.model, batch, self.valid_vocab_size,
-                                 temperature=self.spec.update.temperature,
-                                 micro_batch_size=self.spec.update.micro_batch_size)
+        return self._held(response_logprobs(self.model, batch, self.valid_vocab_size,
+                                            temperature=self.spec.update.temperature,
+                                            micro_batch_size=self.spec.update.micro_batch_size))
 
 
 class ActorWorker(MegatronWorker):
@@ -211,8 +227,9 @@ class ActorWorker(MegatronWorker):
         return {"seconds": report.seconds, "bytes": float(report.bytes), "buckets": float(report.buckets)}
 
     # --- training ----------------------------------------------------------------------------
-    def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.trainer.logprobs_and_entropy(batch)
+    def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's share's ``([b, R], [b, R])``; None off the replica's output rank."""
+        return self._held(self.trainer.logprobs_and_entropy(batch))
 
     def update(self, batch: RolloutBatch, experience: Experience, kl_coef: float,
                algorithm: AlgorithmConfig | None = None) -> list[Any]:
@@ -248,8 +265,9 @@ class CriticWorker(MegatronWorker):
             raise ValueError("the critic worker needs RoleWorkerSpec.optimizer")
         self.trainer = CriticTrainer(self.model, self.spec.optimizer, self.spec.algorithm, self.spec.update)
 
-    def values(self, batch: RolloutBatch) -> torch.Tensor:
-        return self.trainer.values(batch)
+    def values(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """This rank's share's ``[b, R]`` values; None off the replica's output rank."""
+        return self._held(self.trainer.values(batch))
 
     def update(self, batch: RolloutBatch, experience: Experience, algorithm: AlgorithmConfig | None = None) -> list[Any]:
         if algorithm is not None:
