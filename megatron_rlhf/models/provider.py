@@ -239,6 +239,11 @@ def build_model(
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     impl = resolve_transformer_impl(build.transformer_impl)
+    if parallel.sequence_parallel and impl != "transformer_engine":
+        raise ParallelLayoutError(
+            f"sequence_parallel=True needs transformer_impl='transformer_engine' (got {impl!r}): "
+            "Megatron-Core's torch RMSNorm refuses sequence parallelism; use sequence_parallel=False"
+        )
     vocab = validate_layout(arch, parallel, build)
     config = transformer_config(arch, parallel, build, impl)
     is_lm = build.role not in SCALAR_ROLES
