@@ -168,12 +168,14 @@ def _rank(layout: str, hf_dir: str, data: dict[str, torch.Tensor]) -> dict:
         "logprobs": worker.logprobs_and_entropy(share),
         "steps": worker.update(share, share_experience, 0.05),
     }
-    report["weights"] = _weights(worker.model, worker.arch) if me.rank == 0 else None
+    weights = _weights(worker.model, worker.arch)  # a collective: every rank exports
+    report["weights"] = weights if me.rank == 0 else None
     if layout == "DP2":  # the same update with the DP gradient reduce overlapped with backward
         model, trainer = _side_trainer(worker, replace(parallel, overlap_grad_reduce=True))
         assert all(torch.equal(before[k], v) for k, v in _weights(model, worker.arch).items())
         trainer.update(share, share_experience, kl_coef=0.05)
-        report["overlap_weights"] = _weights(model, worker.arch) if me.rank == 0 else None
+        overlap_weights = _weights(model, worker.arch)
+        report["overlap_weights"] = overlap_weights if me.rank == 0 else None
     if layout != "DP1":  # the weight sync's export: full tensors on the sending rank 0 only
         report["rank0_export"] = _rank0_export(worker)
     if layout == "DP1":

@@ -1,6 +1,7 @@
 """On 2 GPUs with Transformer Engine: context parallelism (CP2, the sequence split in 2*CP
 load-balanced chunks, log-probs gathered back) and sequence parallelism (TP2 + SP) give the
-same actor log-probs and first PPO step loss as one GPU.
+same actor log-probs and first PPO step loss as one GPU; and the MoE training step at TP2xEP2
+(with SP, 4 GPUs) matches one GPU.
 
 CP needs TE's ring attention and SP TE's norms, so neither runs on CPU (both are refused there
 with a clear error, see tests/unit/test_context_parallel_split.py); the pure split and its
@@ -85,3 +86,18 @@ def test_cp_and_sp_match_one_gpu(layout, tmp_path):
     for logprobs, loss in spawn(_worker, 2, layout, hf_dir):
         assert (logprobs - expected_logprobs).abs().max().item() <= TOLERANCE
         assert loss == pytest.approx(expected_loss, abs=TOLERANCE)
+
+
+def test_moe_step_at_tp2xep2_with_sequence_parallel_matches_one_gpu(tmp_path):
+    """The MoE training step at TP2xEP2 (Megatron-Core needs SP for MoE with TP > 1, and SP
+    needs TE norms, so this half of the EP check runs here; EP2 runs on CPU)."""
+    if torch.cuda.device_count() < 4 or importlib.util.find_spec("transformer_engine") is None:
+        pytest.skip("needs 4 CUDA devices and Transformer Engine")
+    from tests.distributed.test_moe_expert_parallel_step import _worker, moe_checkpoint, step_losses
+
+    hf_dir, tokens = moe_checkpoint(tmp_path)
+    expected = spawn(_worker, 1, "EP1", hf_dir, tokens, "transformer_engine")
+    ranks = spawn(_worker, 4, "TP2xEP2-SP", hf_dir, tokens, "transformer_engine")
+    assert step_losses(ranks) == pytest.approx(step_losses(expected), abs=1e-5)
+    actual, reference = ranks[0]["weights"], expected[0]["weights"]
+    assert max((actual[name] - reference[name]).abs().max().item() for name in reference) <= 1e-5
