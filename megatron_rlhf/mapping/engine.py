@@ -10,6 +10,12 @@
   parameter is materialised at a time (plus its shards). All ranks must iterate to the end.
   A yielded tensor may share storage with a live parameter (replicated parameters, TP1):
   clone it to keep it across an optimizer step.
+  With ``only_rank0=True`` (the weight sync, where only global rank 0 sends) each tensor is
+  gathered onto global rank 0 alone: the TP (or expert-TP) group of the one owning replica in
+  rank 0's data-parallel column gathers onto its TP rank 0, which sends it to rank 0 (point to
+  point); every other rank yields a ``meta`` tensor of the same name, shape and dtype (no
+  memory, no copy), so all ranks still iterate the same stream. Only a small header (shape,
+  dtype) is broadcast per tensor.
 
 Used by the checkpoint converters and, later, by weight sync into vLLM.
 """
@@ -182,11 +188,51 @@ def _broadcast_from(tensor: torch.Tensor | None, owner_rank_in_group: int, group
     return tensor
 
 
+def _gather_to_first(shard_tensor: torch.Tensor, placed: PlacedRule) -> torch.Tensor | None:
+    """The full tensor on this TP group's rank 0 (None on the other members)."""
+    group = _tp_group_for(placed.rule.expert)
+    if placed.rule.split == "replicated" or group.size() == 1:
+        return shard_tensor if group.rank() == 0 else None
+    first = torch.distributed.get_global_rank(group, 0)
+    parts = [torch.empty_like(shard_tensor) for _ in range(group.size())] if group.rank() == 0 else None
+    torch.distributed.gather(shard_tensor.contiguous(), parts, dst=first, group=group)
+    return unshard(placed.rule, parts) if parts is not None else None
+
+
+def _in_first_column(expert: bool) -> bool:
+    """Whether this rank is in global rank 0's data-parallel column (the replica that exports)."""
+    from megatron.core import parallel_state
+
+    if expert:
+        return parallel_state.get_expert_data_parallel_rank() == 0
+    return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0
+
+
+def _to_rank0(full: torch.Tensor | None, sender: bool) -> torch.Tensor:
+    """Move the one exporting rank's tensor to global rank 0; a ``meta`` stand-in elsewhere."""
+    rank = torch.distributed.get_rank()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors only
+    flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int64, device=device)
+    header = [(tuple(full.shape), full.dtype) if sender else None]
+    flags[rank] = int(sender)
+    torch.distributed.all_reduce(flags)
+    source = int(flags.nonzero()[0])
+    torch.distributed.broadcast_object_list(header, src=source)
+    shape, dtype = header[0]
+    if rank == 0 and source != 0:
+        full = torch.empty(shape, dtype=dtype, device=device)
+        torch.distributed.recv(full, src=source)
+    elif rank == source and source != 0:
+        torch.distributed.send(full.contiguous(), dst=0)
+    return full if rank == 0 else torch.empty(shape, dtype=dtype, device="meta")
+
+
 @torch.no_grad()
 def export_hf_weights(
-    model: torch.nn.Module, arch: ArchSpec, role: str, impl: str | None = None
+    model: torch.nn.Module, arch: ArchSpec, role: str, impl: str | None = None, only_rank0: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` for the full model on every rank (see module docstring)."""
+    """Yield ``(hf_name, tensor)`` for the full model on every rank, or materialised on global
+    rank 0 only with ``only_rank0`` (``meta`` tensors elsewhere; see module docstring)."""
     from megatron.core import parallel_state
 
     local = local_parameters(model, impl)
@@ -212,9 +258,17 @@ def export_hf_weights(
             owner_expert_rank is None or ep_group.rank() == owner_expert_rank
         )
         full = None
+        if holds and rule.megatron not in local:
+            raise WeightMappingError(f"{rule.megatron} not found on pipeline stage {owner_stage}")
+        if only_rank0:
+            if holds and _in_first_column(rule.expert):
+                full = _gather_to_first(local[rule.megatron].parameter.detach(), placed)
+            full = _to_rank0(full, full is not None)
+            if rule.vocab_padded:
+                full = full[: arch.vocab_size]
+            yield from zip(rule.hf, to_hf(rule, full, arch))
+            continue
         if holds:
-            if rule.megatron not in local:
-                raise WeightMappingError(f"{rule.megatron} not found on pipeline stage {owner_stage}")
             full = _gather(local[rule.megatron].parameter.detach(), placed)
         if owner_expert_rank is not None and pp_group.rank() == owner_stage:
             full = _broadcast_from(full, owner_expert_rank, ep_group)

@@ -15,12 +15,37 @@ import torch
 
 def run_microbatch(stage_model: torch.nn.Module, microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
     """This stage's output for a microbatch (``input_ids`` and optional ``position_ids`` /
-    ``sequence_lengths``), as Megatron's schedules call it."""
+    ``sequence_lengths``), as Megatron's schedules call it.
+
+    Under context parallelism each CP rank runs its load-balanced part of the sequence
+    (:mod:`megatron_rlhf.models.context_parallel`) and the last stage's per-token output is
+    gathered back to the whole sequence, so callers see the same shapes as without CP."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_context_parallel_world_size() > 1:
+        return _run_context_parallel(stage_model, microbatch)
     return stage_model(
         microbatch["input_ids"],
         microbatch.get("position_ids"),
         sequence_lengths=microbatch.get("sequence_lengths"),
     )
+
+
+def _run_context_parallel(stage_model: torch.nn.Module, microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    from megatron_rlhf.models.context_parallel import gather_output, split_microbatch
+
+    if getattr(stage_model, "role", None) == "reward" or microbatch.get("sequence_lengths") is not None:
+        raise ValueError("context parallelism covers per-token roles (lm, value); use context_parallel=1 "
+                         "for reward models")
+    input_ids, position_ids, length = split_microbatch(
+        microbatch, parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    )
+    output = stage_model(input_ids, position_ids)
+    if not parallel_state.is_pipeline_last_stage():
+        return output  # activations travel to the next stage in CP layout
+    return gather_output(output, length, parallel_state.get_context_parallel_group())
 
 
 @torch.no_grad()

@@ -150,11 +150,14 @@ def validate_layout(arch: ArchSpec, parallel: ParallelConfig, build: ModelBuildC
             f"pipeline_parallel={parallel.pipeline_parallel} is larger than the number of "
             f"layers ({arch.num_layers})"
         )
-    if arch.num_layers % parallel.pipeline_parallel != 0:
+    uneven = (parallel.num_layers_in_first_pipeline_stage, parallel.num_layers_in_last_pipeline_stage)
+    if uneven == (None, None) and arch.num_layers % parallel.pipeline_parallel != 0:
         raise ParallelLayoutError(
             f"pipeline_parallel={parallel.pipeline_parallel} does not divide the number of layers "
-            f"({arch.num_layers}); Megatron-Core gives every stage the same number of layers"
+            f"({arch.num_layers}); set num_layers_in_first/last_pipeline_stage for uneven stages"
         )
+    if min(parallel.stage_layers(arch.num_layers)) < 1:
+        raise ParallelLayoutError(f"a pipeline stage would get no layer: {parallel.stage_layers(arch.num_layers)}")
     if arch.is_moe:
         assert arch.num_experts is not None and arch.moe_ffn_hidden_size is not None
         if arch.num_experts % parallel.expert_parallel != 0:
@@ -173,7 +176,10 @@ def validate_layout(arch: ArchSpec, parallel: ParallelConfig, build: ModelBuildC
             f"expert_parallel={parallel.expert_parallel} but {arch.hf_architecture} has no experts"
         )
     if parallel.context_parallel > 1 and not torch.cuda.is_available():
-        raise ParallelLayoutError("context_parallel > 1 needs CUDA (Megatron's CP attention)")
+        raise ParallelLayoutError(
+            f"context_parallel={parallel.context_parallel} needs CUDA and Transformer Engine attention "
+            "(Megatron's ring attention); on CPU use context_parallel=1"
+        )
     return resolve_padded_vocab(arch, parallel, build)
 
 
@@ -213,6 +219,12 @@ def transformer_config(arch: ArchSpec, parallel: ParallelConfig, build: ModelBui
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=parallel.num_layers_in_last_pipeline_stage,
+        recompute_granularity=parallel.recompute_granularity,
+        recompute_method=parallel.recompute_method,
+        recompute_num_layers=parallel.recompute_num_layers,
+        recompute_modules=list(parallel.recompute_modules),
         use_cpu_initialization=not on_gpu,
         **precision_fields(build),
         normalization="RMSNorm",
@@ -257,6 +269,11 @@ def build_model(
     impl = resolve_transformer_impl(build.transformer_impl)
     if build.precision is not None and build.precision.uses_transformer_engine and impl != "transformer_engine":
         raise ValueError("precision.mode='fp8' needs the Transformer Engine layer spec; it resolved to local here")
+    if parallel.sequence_parallel and impl != "transformer_engine":
+        raise ParallelLayoutError(
+            f"sequence_parallel=True needs transformer_impl='transformer_engine' (got {impl!r}): "
+            "Megatron-Core's torch RMSNorm refuses sequence parallelism; use sequence_parallel=False"
+        )
     vocab = validate_layout(arch, parallel, build)
     config = transformer_config(arch, parallel, build, impl)
     is_lm = build.role not in SCALAR_ROLES
@@ -282,6 +299,7 @@ def build_model(
         ).to(DTYPES[build.weights_dtype])
     model = RoleModel(build.role, trunk, head, post_process, transformer_impl=impl)
     _cast_parameters(model, DTYPES[build.weights_dtype])
+    model.parallel = parallel  # the layout it was built for (the updater reads overlap_grad_reduce)
     if device is not None:
         model.to(device)
     return model

@@ -22,7 +22,8 @@ The CUDA RNG tracker is replaced by :class:`~megatron_rlhf.parallel.cpu_rng.CpuR
 as on GPU.
 
 Guarantees: after :func:`enable`, GPT models with the local layer spec (dense and MoE with the
-alltoall/allgather dispatcher), the no-pipelining and 1F1B pipeline schedules, Megatron DDP, the
+alltoall/allgather dispatcher, with or without activation recomputation), the no-pipelining and
+1F1B pipeline schedules, Megatron DDP, the
 (distributed) optimizer with gradient clipping, and distributed checkpointing (torch_dist) run on
 CPU over gloo with several processes.
 
@@ -319,6 +320,16 @@ def _maybe_move_tensor_to_cpu_on_cpu(
     return tensor
 
 
+def _cuda_rng_state_on_cpu(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Megatron's ``_get_cuda_rng_state`` on CPU: there is no CUDA generator (activation
+    recomputation saves and restores the CPU generator and the tracker's streams separately)."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_cuda_rng_state_on_cpu(*args: Any, **kwargs: Any) -> None:
+    """Megatron's ``_set_cuda_rng_state`` on CPU: nothing to restore (see above)."""
+
+
 def _replace_function(module_name: str, attribute: str, replacement: Callable[..., Any]) -> None:
     """Replace a Megatron module-level function here and wherever it was imported by name."""
     try:
@@ -371,6 +382,9 @@ def enable() -> bool:
         "maybe_move_tensor_to_cpu",
         _maybe_move_tensor_to_cpu_on_cpu,
     )
+    # activation recomputation (tensor_parallel.checkpoint) saves/restores the CUDA generator
+    _replace_function("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cuda_rng_state_on_cpu)
+    _replace_function("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cuda_rng_state_on_cpu)
     install_cpu_rng_tracker(_CpuTorch())
     _ENABLED = True
     return True

@@ -10,7 +10,8 @@ pieces, used with vLLM's own ``nccl`` / ``ipc`` trainer engines and with this pa
 
 - :func:`megatron_weight_source`: the actor's weights in HF naming, streamed through
   :func:`megatron_rlhf.mapping.engine.export_hf_weights` (TP shards gathered, PP stages and EP
-  experts broadcast), cast to the engine's dtype, on every trainer rank in the same order. Each
+  experts broadcast; for the weight sync gathered onto the sending rank 0 only, other ranks
+  seeing ``meta`` stand-ins), cast to the engine's dtype, on every trainer rank in the same order. Each
   iteration is a collective over the trainer ranks. ``metadata()`` (names, dtypes, full shapes)
   is one such pass, cached until the source is bound to another model.
 - :class:`EngineClient`: the client over a :class:`~megatron_rlhf.rollout.engine.RolloutEngine`
@@ -151,9 +152,10 @@ def _source_class():
     class MegatronWeightSource(WeightSource):
         """The bound Megatron model's weights in HF naming (see the module docstring)."""
 
-        def __init__(self, dtype: torch.dtype, device: str | None):
+        def __init__(self, dtype: torch.dtype, device: str | None, only_rank0: bool = False):
             self.dtype = dtype
             self.device = device
+            self.only_rank0 = only_rank0
             self._model: tuple[Any, Any, str] | None = None
             self._metadata: list[ParamMeta] | None = None
 
@@ -172,12 +174,19 @@ def _source_class():
             if self._model is None:
                 raise RuntimeError("MegatronWeightSource iterated before bind(model, arch, role)")
             model, arch, role = self._model
-            for name, tensor in export_hf_weights(model, arch, role):
-                yield name, tensor.to(device=self.device or tensor.device, dtype=self.dtype)
+            for name, tensor in export_hf_weights(model, arch, role, only_rank0=self.only_rank0):
+                if tensor.is_meta:  # a non-sender's stand-in: name, shape and dtype, no data
+                    yield name, tensor.to(dtype=self.dtype)
+                else:
+                    yield name, tensor.to(device=self.device or tensor.device, dtype=self.dtype)
 
     return MegatronWeightSource
 
 
-def megatron_weight_source(dtype: torch.dtype, device: str | None = "cpu"):
-    """A vLLM ``WeightSource`` over a Megatron model (``device=None`` keeps the model's device)."""
-    return _source_class()(dtype, device)
+def megatron_weight_source(dtype: torch.dtype, device: str | None = "cpu", only_rank0: bool = False):
+    """A vLLM ``WeightSource`` over a Megatron model (``device=None`` keeps the model's device).
+
+    ``only_rank0``: tensors are gathered onto global rank 0 (the sender) alone; the other ranks
+    iterate ``meta`` tensors with the same names, shapes and dtypes (vLLM's non-sender ranks
+    only walk the source), so no rank but the sender holds a full tensor."""
+    return _source_class()(dtype, device, only_rank0)

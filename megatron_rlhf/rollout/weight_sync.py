@@ -148,7 +148,8 @@ class WeightSync:
         register_trainer_engines()
         # Host transports stage buckets in CPU memory; nccl / ipc send from the model's GPU.
         self.source = megatron_weight_source(getattr(torch, dtype_name),
-                                             device=None if backend in GPU_TRANSPORTS else "cpu")
+                                             device=None if backend in GPU_TRANSPORTS else "cpu",
+                                             only_rank0=True)  # only rank 0 sends: gather there only
         client = EngineClient(self.engine) if self.is_sender else None
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             self._init_info(backend, int(workers)), client=client, source=self.source)

@@ -4,14 +4,16 @@
 each hold a :class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater` (DDP, Megatron's
 distributed optimizer, gradient clipping, LR schedule, 1F1B for PP > 1) and provide:
 
-* ``logprobs(batch)`` / ``values(batch)``: ``[B, R]`` per response token, on every rank. The
+* ``logprobs(batch)`` / ``values(batch)``: ``[b, R]`` per response token of the samples this
+  rank was given, on every rank of its DP replica. The
   value for response token ``t`` is read at the position of the token before it, the same
   alignment as the log-prob of ``t`` (logits at position ``p`` predict token ``p + 1``).
-* ``update(batch, experience)``: ``ppo_epochs`` passes over the rollout batch, each split into
-  ``num_minibatches`` contiguous minibatches (one optimizer step each). Every rank receives the
-  full rollout tensors; DP rank ``d`` takes the ``d``-th contiguous shard of each minibatch and
-  splits it into microbatches of ``micro_batch_size`` full sequences (prompt + response, right
-  padded to the longest sequence of the whole batch so that all microbatches share one shape).
+* ``update(batch, experience)``: ``ppo_epochs`` passes over this DP rank's share of the rollout
+  batch (:func:`~megatron_rlhf.parallel.data_dispatch.balanced_shards`: ``num_minibatches``
+  contiguous groups, one optimizer step each, group ``k`` being this rank's part of minibatch
+  ``k``). Each part is split into microbatches of ``micro_batch_size`` full sequences (prompt +
+  response, right padded to the longest sequence of the share so that all microbatches of this
+  rank share one shape). At DP=1 the share is the whole batch.
   The per-token loss is computed on the last pipeline stage from vocab-parallel logits
   (:func:`~megatron_rlhf.models.logprobs.logprobs_and_entropy`) with
   :func:`~megatron_rlhf.algorithms.actor_loss` / :func:`~megatron_rlhf.algorithms.critic_loss`.
@@ -20,8 +22,8 @@ Loss normalisation (the same gradient for every DP / microbatch split): each ter
 algorithm loss is ``numerator / denominator`` (:func:`~megatron_rlhf.algorithms.reduction_parts`;
 tokens for ``token_mean``, non-empty sequences for ``seq_*``). A microbatch contributes its
 reduced loss times ``local_denominator / minibatch_denominator``, where the minibatch denominator
-is counted over the whole minibatch (all DP ranks, known locally since every rank holds the full
-rollout). That contribution is multiplied by ``num_microbatches * dp_size`` to undo Megatron's
+is counted over the whole minibatch (the sum of the DP ranks' local counts, one all-reduce per
+minibatch). That contribution is multiplied by ``num_microbatches * dp_size`` to undo Megatron's
 division by the number of microbatches and DDP's average over DP. The gradient is therefore that
 of the exact minibatch reduction (e.g. the global token mean), and the reported step ``loss`` is
 its exact value (summed over microbatches and DP, broadcast over PP).

@@ -70,7 +70,8 @@ class MegatronUpdater:
             config,
             DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
+                # The layout the provider built the model for (ParallelConfig.overlap_grad_reduce).
+                overlap_grad_reduce=bool(getattr(getattr(model, "parallel", None), "overlap_grad_reduce", False)),
                 use_distributed_optimizer=settings.use_distributed_optimizer,
             ),
             model,

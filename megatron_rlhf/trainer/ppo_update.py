@@ -7,9 +7,13 @@ normalises each microbatch's loss to its exact share of the minibatch reduction 
 step's metrics over microbatches, DP and PP so that :class:`OptimizerStepStats` is identical on
 every rank. It also runs no-grad forward passes that read one value per response token.
 
-Guarantees: every rank must receive the same full rollout tensors; DP rank ``d`` uses the
-``d``-th contiguous shard of each minibatch. A batch that does not split into whole
-microbatches raises ``ValueError`` naming the sizes.
+Guarantees: each DP rank receives only its share of the rollout (TP/PP/CP peers of one DP
+replica receive the same share), laid out as ``num_minibatches`` contiguous equal groups, group
+``k`` being this rank's part of minibatch ``k`` (see
+:func:`~megatron_rlhf.parallel.data_dispatch.balanced_shards`). The minibatch's loss denominator
+is the sum of the DP ranks' local denominators (one all-reduce per minibatch), so the loss and
+gradient are those of the exact reduction over the whole minibatch. A share that does not split
+into whole microbatches raises ``ValueError`` naming the sizes. At DP=1 the share is the batch.
 """
 
 from __future__ import annotations
@@ -85,22 +89,20 @@ class MinibatchNorm:
 
     reduction: str
     denominator: float
-    """The reduction's denominator over the whole minibatch (all DP shards), at least 1."""
+    """The reduction's denominator over the whole minibatch (all DP shares), at least 1."""
     tokens: float
     """Response tokens in the whole minibatch, at least 1 (for token-mean metrics)."""
     scale: int
     """num_microbatches * dp_size: undoes Megatron's per-microbatch and DDP's DP averaging."""
 
     @classmethod
-    def of(cls, response_mask: Tensor, reduction: str, scale: int) -> MinibatchNorm:
+    def of(cls, response_mask: Tensor, reduction: str, scale: int, group=None) -> MinibatchNorm:
+        """From this rank's share of the minibatch; ``group`` (the DP group) sums the shares."""
         parts = reduction_parts(torch.zeros(response_mask.shape), response_mask, reduction)
-        tokens = response_mask.to(torch.bool).sum()
-        return cls(
-            reduction,
-            float(parts.denominator.clamp(min=1)),
-            float(tokens.clamp(min=1)),
-            scale,
-        )
+        counts = torch.stack([parts.denominator.double(), response_mask.to(torch.bool).sum().double()])
+        if group is not None and group.size() > 1:
+            torch.distributed.all_reduce(counts, group=group)
+        return cls(reduction, float(counts[0].clamp(min=1)), float(counts[1].clamp(min=1)), scale)
 
 
 class PPOTrainerBase:
@@ -153,20 +155,20 @@ class PPOTrainerBase:
         return result * mask.reshape(mask.shape + (1,) * (result.dim() - mask.dim()))
 
     @staticmethod
-    def _plan(count: int, config: PPOUpdateConfig) -> tuple[int, int]:
-        """Validated ``(minibatch size, per-DP-rank shard size)``."""
-        from megatron.core import parallel_state
-
-        dp = parallel_state.get_data_parallel_world_size()
+    def _plan(count: int, config: PPOUpdateConfig) -> int:
+        """Validated size of this rank's part of each minibatch (``count`` is its share)."""
         if count % config.num_minibatches:
-            raise ValueError(f"batch size {count} not divisible by num_minibatches={config.num_minibatches}")
-        minibatch = count // config.num_minibatches
-        if minibatch % dp or (minibatch // dp) % config.micro_batch_size:
             raise ValueError(
-                f"minibatch of {minibatch} samples must split into {dp} DP shards of whole "
+                f"this rank's share of {count} samples is not divisible by "
+                f"num_minibatches={config.num_minibatches}"
+            )
+        local = count // config.num_minibatches
+        if local % config.micro_batch_size:
+            raise ValueError(
+                f"this rank's part of a minibatch ({local} samples) does not split into whole "
                 f"microbatches of micro_batch_size={config.micro_batch_size}"
             )
-        return minibatch, minibatch // dp
+        return local
 
     def _update(
         self,
@@ -185,16 +187,15 @@ class PPOTrainerBase:
                 f"experience {tuple(experience.response_mask.shape)} does not match the rollout "
                 f"batch responses {responses}"
             )
-        minibatch, shard = self._plan(batch.num_samples, config)
+        local_size = self._plan(batch.num_samples, config)
         dp = parallel_state.get_data_parallel_world_size()
-        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_group = parallel_state.get_data_parallel_group()
         input_ids, positions = _response_positions(batch)
         device = next(self.model.parameters()).device
         stats = []
         for epoch in range(config.ppo_epochs):
             for index in range(config.num_minibatches):
-                samples = torch.arange(index * minibatch, (index + 1) * minibatch)
-                local = samples[dp_rank * shard : (dp_rank + 1) * shard]
+                local = torch.arange(index * local_size, (index + 1) * local_size)
                 microbatches = [
                     {
                         "input_ids": input_ids[part].to(device),
@@ -204,9 +205,10 @@ class PPOTrainerBase:
                     for part in local.split(config.micro_batch_size)
                 ]
                 norm = MinibatchNorm.of(
-                    experience.response_mask[samples],
+                    experience.response_mask[local],
                     self.algorithm.loss_reduction,
                     len(microbatches) * dp,
+                    dp_group,
                 )
                 loss_fn = partial(self._microbatch_loss, experience, terms_fn, model_output, norm)
                 result = self.updater.step(microbatches, loss_fn)

@@ -117,6 +117,7 @@ def build_components(config: RLConfig, tokenizer: Any):
         RewardModelWorker,
         reward_model_spec,
     )
+    from megatron_rlhf.workers.role_proxies import ActorGroup, CriticGroup, ReferenceGroup
     from megatron_rlhf.workers.rollout_worker import RolloutWorker
 
     algorithm = config.algorithm
@@ -138,7 +139,8 @@ def build_components(config: RLConfig, tokenizer: Any):
     try:
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
                                     optimizer=config.actor_optimizer, threads=config.actor.threads_per_rank, **common)
-        groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,))
+        groups["actor"] = ActorGroup(WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,)),
+                                     config.update.num_minibatches)
         rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
                                 max_model_len=config.max_prompt_tokens + config.max_new_tokens,
                                 max_prompt_tokens=config.max_prompt_tokens, overlong_prompts="drop",
@@ -150,20 +152,21 @@ def build_components(config: RLConfig, tokenizer: Any):
             for i, (name, tp) in enumerate(zip(names, config.engine_tensor_parallels)):
                 engine_config = replace(rollout, tensor_parallel=tp, seed=config.seed + i)
                 groups[name] = WorkerGroup(name, RolloutWorker, 1, run_placement.engines[i], (engine_config,))
-            groups["actor"].all("attach_engine", None, [groups[name].workers[0] for name in names],
-                                config.weight_sync_bucket_bytes)
+            groups["actor"].attach_engine(None, [groups[name].workers[0] for name in names],
+                                          config.weight_sync_bucket_bytes)
         else:
-            groups["actor"].all("attach_engine", rollout, None, config.weight_sync_bucket_bytes)
+            groups["actor"].attach_engine(rollout, None, config.weight_sync_bucket_bytes)
         if algorithm.kl_mode != "none":
             reference_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.reference.parallel,
                                             threads=config.reference.threads_per_rank, **common)
-            groups["reference"] = WorkerGroup("reference", ReferenceWorker, config.reference.world_size, placement,
-                                              (reference_spec,))
+            groups["reference"] = ReferenceGroup(WorkerGroup("reference", ReferenceWorker, config.reference.world_size,
+                                                             placement, (reference_spec,)))
         if algorithm.needs_critic:
             critic_spec = RoleWorkerSpec(hf_dir=config.critic_dir or config.policy_dir, parallel=config.critic.parallel,
                                          optimizer=config.critic_optimizer, threads=config.critic.threads_per_rank,
                                          **common)
-            groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement, (critic_spec,))
+            groups["critic"] = CriticGroup(WorkerGroup("critic", CriticWorker, config.critic.world_size, placement,
+                                                       (critic_spec,)), config.update.num_minibatches)
         sources = {}
         for name, source in reward.sources.items():
             if source.kind == SOURCE_KIND:
@@ -188,7 +191,7 @@ def gpu_metrics(groups: dict[str, Any]) -> dict[str, float]:
     merged: dict[str, float] = {}
     for name in ("actor", "reference", "critic"):
         if name in groups:
-            for rank_metrics in groups[name].all("gpu_metrics"):
+            for rank_metrics in groups[name].gpu_metrics():
                 merged.update(rank_metrics)
     return merged
 
@@ -243,7 +246,7 @@ def run_rl(config: RLConfig) -> RLResult:
         resumed = _resume(config, groups, sampler, state, parts.router)
         if resumed is not None:
             state, alarms = resumed
-            groups["actor"].call("sync_weights")  # the engine starts from the initial weights
+            groups["actor"].sync_weights()  # the engine starts from the initial weights
         parts.on_phase = fault_hook_from_env()
         first_step = state.step
         logger = MetricsLogger(
@@ -270,7 +273,7 @@ def run_rl(config: RLConfig) -> RLResult:
                     _save(config, groups, sampler, state, parts.router, alarms)
                 if alarm and config.sync_alarm_action == "stop":
                     raise RuntimeError(alarm)
-        policy_dir = groups["actor"].call("export_hf", str(out_dir / "policy"))
+        policy_dir = groups["actor"].export_hf(str(out_dir / "policy"))
         return RLResult(policy_dir=policy_dir, metrics_file=str(logger.jsonl_path),
                         steps_run=state.step - first_step, resumed_from=first_step if resumed is not None else None)
     finally:
@@ -311,8 +314,8 @@ def _loop_state(sampler: Any, state: Any, router: Any, alarms: int) -> dict[str,
 def _save(config: RLConfig, groups: dict[str, Any], sampler: Any, state: Any, router: Any, alarms: int) -> None:
     run_dir = str(Path(config.out_dir) / "state")
     if "critic" in groups:
-        groups["critic"].call("save_state", run_dir, "critic", state.step, {}, config.keep_checkpoints)
-    groups["actor"].call("save_state", run_dir, "actor", state.step, _loop_state(sampler, state, router, alarms),
+        groups["critic"].save_state(run_dir, "critic", state.step, {}, config.keep_checkpoints)
+    groups["actor"].save_state(run_dir, "actor", state.step, _loop_state(sampler, state, router, alarms),
                          config.keep_checkpoints)
 
 
@@ -324,12 +327,12 @@ def _resume(config: RLConfig, groups: dict[str, Any], sampler: Any, fresh: Any, 
     from megatron_rlhf.algorithms import DomainRewardStats
 
     run_dir = str(Path(config.out_dir) / "state")
-    loaded = groups["actor"].call("load_state", run_dir, "actor", None)
+    loaded = groups["actor"].load_state(run_dir, "actor", None)
     if loaded is None:
         return None
     step, extra = loaded
     if "critic" in groups:
-        critic_step = groups["critic"].call("load_state", run_dir, "critic", step)
+        critic_step = groups["critic"].load_state(run_dir, "critic", step)
         if critic_step is None or critic_step[0] != step:
             raise RuntimeError(f"the critic has no complete checkpoint at the actor's step {step} under {run_dir}")
     sampler.load_state_dict(extra["sampler"])

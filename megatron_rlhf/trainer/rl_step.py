@@ -1,7 +1,9 @@
 """One RL step (PPO with a critic, or critic-free GRPO / RLOO / REINFORCE++), top to bottom.
 
 :func:`rl_step` is the algorithm as DESIGN.md writes it; each phase is a named, timed call into a
-worker group or a pure library function::
+typed role proxy (:mod:`megatron_rlhf.workers.role_proxies`: each data-parallel replica gets
+only its token-balanced share of the batch, results come back in batch order) or a pure
+library function::
 
     batch   = rollout(prompts, n)                       # vLLM, colocated with the actor
     rewards = router.score(samples)                     # verifiers + RM + GenRM (hybrid reward)
@@ -53,9 +55,11 @@ class RLComponents:
     """The worker groups and services one step calls (built by :mod:`.rl_loop`)."""
 
     actor: Any
-    """WorkerGroup of ActorWorker (the engine is on its rank 0, or remote)."""
+    """:class:`~megatron_rlhf.workers.role_proxies.ActorGroup` (the engine is on its rank 0, or remote)."""
     reference: Any | None
+    """:class:`~megatron_rlhf.workers.role_proxies.ReferenceGroup` (None when kl_mode is "none")."""
     critic: Any | None
+    """:class:`~megatron_rlhf.workers.role_proxies.CriticGroup` (PPO only)."""
     router: Any
     """A reward source over RewardSample lists (the hybrid router)."""
     tokenizer: Any
@@ -81,7 +85,7 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
             yield
 
     with phase("rollout"):
-        batch: RolloutBatch = parts.actor.call("generate", [p.as_messages() if parts.chat_template else p.rollout_input() for p in prompts], parts.sampling)
+        batch: RolloutBatch = parts.actor.generate([p.as_messages() if parts.chat_template else p.rollout_input() for p in prompts], parts.sampling)
     step_prompts = [prompts[int(index)] for index in batch.prompt_index]
 
     with phase("reward"):
@@ -92,17 +96,17 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     batch = replace(batch, response_mask=batch.response_mask * valid.unsqueeze(1).to(batch.response_mask.dtype))
 
     with phase("actor_logprobs"):
-        old_logprobs, entropy = parts.actor.call("logprobs_and_entropy", batch)
+        old_logprobs, entropy = parts.actor.logprobs_and_entropy(batch)
 
     ref_logprobs = None
     if algorithm.kl_mode != "none":
         with phase("reference_logprobs"):
-            ref_logprobs = parts.reference.call("logprobs", batch)
+            ref_logprobs = parts.reference.logprobs(batch)
 
     values = None
     if algorithm.needs_critic:
         with phase("critic_values"):
-            values = parts.critic.call("values", batch)
+            values = parts.critic.values(batch)
 
     with phase("make_experience"):
         domain_ids, domains = domain_index([p.domain for p in step_prompts], state.domains)
@@ -121,15 +125,15 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
 
     kl_coef = state.kl_controller.value
     with phase("actor_update"):
-        actor_stats = parts.actor.call("update", batch, experience, kl_coef, algorithm)
+        actor_stats = parts.actor.update(batch, experience, kl_coef, algorithm)
 
     critic_stats = []
     if algorithm.needs_critic:
         with phase("critic_update"):
-            critic_stats = parts.critic.call("update", batch, experience, algorithm)
+            critic_stats = parts.critic.update(batch, experience, algorithm)
 
     with phase("weight_sync"):
-        sync = parts.actor.call("sync_weights")
+        sync = parts.actor.sync_weights()
 
     mean_kl = _masked_mean(experience.kl, experience.response_mask) if experience.kl is not None else 0.0
     controller = state.kl_controller.update(max(mean_kl, 0.0) * _mean_length(experience.response_mask), batch.num_samples)

@@ -3,9 +3,11 @@
 A :class:`WorkerGroup` starts ``world_size`` Ray actors of one worker class on bundles of a Ray
 placement group, asks rank 0 for an address and a free port on its node (so the same code works
 on a local cluster of CPU processes and across the nodes of a GPU cluster), then initialises
-every rank's process group with it. :meth:`WorkerGroup.call` runs a method on every rank at once
-(Megatron methods are collectives) and returns the rank-0 result; the library guarantees equal
-results on every rank for the methods the trainer calls.
+every rank's process group with it. :meth:`WorkerGroup.all` runs a method on every rank at once
+(Megatron methods are collectives) with the same arguments. It is the transport under the typed
+role proxies of :mod:`megatron_rlhf.workers.role_proxies`, which the RL controller uses: they
+hand each data-parallel replica only its share of a batch and read results only from the rank
+that holds them.
 
 Placement (:class:`PlacementPlan`): ``colocated`` (default) puts every group's rank ``r`` on
 bundle ``r`` of one shared placement group, each actor asking for a fraction of the bundle, so

@@ -118,6 +118,22 @@ class MegatronWorker:
     def _after_load(self) -> None:
         """Role set-up once the weights are in (trainer, optimizer)."""
 
+    def rank_layout(self) -> Any:
+        """This rank's DP rank and whether it holds its replica's results (the dispatch's view)."""
+        from megatron.core import parallel_state
+
+        from megatron_rlhf.parallel.data_dispatch import RankLayout
+
+        holds = (parallel_state.get_tensor_model_parallel_rank() == 0
+                 and parallel_state.get_context_parallel_rank() == 0
+                 and parallel_state.is_pipeline_last_stage())
+        return RankLayout(self.rank, parallel_state.get_data_parallel_rank(),
+                          parallel_state.get_data_parallel_world_size(), holds)
+
+    def _held(self, result: Any) -> Any:
+        """``result`` on the rank that holds its replica's results, None elsewhere (not sent back)."""
+        return result if self.rank_layout().holds_output else None
+
     def _checkpointed(self, name: str) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
         return {name: trainer.updater if trainer is not None else self.model}
@@ -151,12 +167,15 @@ class MegatronWorker:
         return monitor.pop() if monitor is not None else {}
 
     def _update_flops_per_gpu(self, batch: RolloutBatch) -> float:
-        """Model FLOPs of an update over ``batch`` per GPU of the group (the whole batch's
-        work is shared by all ``world_size`` ranks)."""
+        """Model FLOPs of an update over ``batch`` per GPU of the group: ``batch`` is this data-parallel
+        replica's share, whose work its ``world_size / DP`` ranks (TP x PP x CP) share."""
+        from megatron.core import parallel_state
+
         from megatron_rlhf.trainer.gpu_metrics import training_flops
 
         lengths = (batch.prompt_lengths + batch.response_lengths).tolist()
-        return training_flops(self.arch, lengths, self.role, self.spec.update.ppo_epochs) / self.world_size
+        replica_ranks = self.world_size // parallel_state.get_data_parallel_world_size()
+        return training_flops(self.arch, lengths, self.role, self.spec.update.ppo_epochs) / replica_ranks
 
     def shutdown(self) -> None:
         from megatron_rlhf.parallel.init import destroy_parallel
@@ -175,9 +194,9 @@ class ReferenceWorker(MegatronWorker):
         from megatron_rlhf.models.sequence_logprobs import response_logprobs
 
         with self.gpu.phase("reference_logprobs"):
-            return response_logprobs(self.model, batch, self.valid_vocab_size,
-                                     temperature=self.spec.temperature,
-                                     micro_batch_size=self.spec.update.micro_batch_size)
+            return self._held(response_logprobs(self.model, batch, self.valid_vocab_size,
+                                                temperature=self.spec.temperature,
+                                                micro_batch_size=self.spec.update.micro_batch_size))
 
 
 class ActorWorker(MegatronWorker):
@@ -256,9 +275,10 @@ class ActorWorker(MegatronWorker):
         return {"seconds": report.seconds, "bytes": float(report.bytes), "buckets": float(report.buckets)}
 
     # --- training ----------------------------------------------------------------------------
-    def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's share's ``([b, R], [b, R])``; None off the replica's output rank."""
         with self.gpu.phase("actor_logprobs"):
-            return self.trainer.logprobs_and_entropy(batch)
+            return self._held(self.trainer.logprobs_and_entropy(batch))
 
     def update(self, batch: RolloutBatch, experience: Experience, kl_coef: float,
                algorithm: AlgorithmConfig | None = None) -> list[Any]:
@@ -295,9 +315,10 @@ class CriticWorker(MegatronWorker):
             raise ValueError("the critic worker needs RoleWorkerSpec.optimizer")
         self.trainer = CriticTrainer(self.model, self.spec.optimizer, self.spec.algorithm, self.spec.update)
 
-    def values(self, batch: RolloutBatch) -> torch.Tensor:
+    def values(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """This rank's share's ``[b, R]`` values; None off the replica's output rank."""
         with self.gpu.phase("critic_values"):
-            return self.trainer.values(batch)
+            return self._held(self.trainer.values(batch))
 
     def update(self, batch: RolloutBatch, experience: Experience, algorithm: AlgorithmConfig | None = None) -> list[Any]:
         if algorithm is not None:

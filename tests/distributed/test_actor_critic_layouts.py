@@ -8,7 +8,9 @@ entropy bonus) and of the critic (clipped value loss), with Megatron's distribut
 gradient clipping and microbatches of 2 full sequences. Checked against TP1 PP1 within 1e-5
 (fp32): the loss of every optimizer step and every exported updated tensor. The token-mean
 normalisation is exercised because DP2 sees 1 microbatch per step and the others 2, with
-unequal token counts.
+unequal token counts. At DP2 each rank is handed only its replica's share of the rollout (the
+token-balanced split the role proxies make, 2 minibatches), computes log-probs and values of
+that share only, and the per-rank results are reassembled in batch order before comparing.
 
 Also: with old log-probs taken from the same weights, the first step's ratio is exactly 1 (no
 clipping); a batch with a NaN advantage is skipped on every rank, counted, and changes no weight.
@@ -62,14 +64,14 @@ def _experience(batch, data, logprobs: torch.Tensor, values: torch.Tensor):
     from megatron_rlhf.algorithms import Experience
 
     mask = batch.response_mask
-    zeros = torch.zeros(SAMPLES, RESPONSE)
+    zeros = torch.zeros(batch.num_samples, RESPONSE)
     return Experience(
         response_mask=mask.bool(),
         old_logprobs=(logprobs + data["logprob_noise"]) * mask,
         advantages=data["advantages"] * mask,
         token_rewards=zeros,
-        sequence_scores=torch.zeros(SAMPLES),
-        raw_rewards=torch.zeros(SAMPLES),
+        sequence_scores=torch.zeros(batch.num_samples),
+        raw_rewards=torch.zeros(batch.num_samples),
         ref_logprobs=(logprobs + data["ref_noise"]) * mask,
         returns=(values + data["returns_offset"]) * mask,
         old_values=(values + data["value_noise"]) * mask,
@@ -92,6 +94,7 @@ def _worker(parallel: ParallelConfig, hf_dir: str, data: dict[str, torch.Tensor]
         build_stage_model,
         validate_layout,
     )
+    from megatron_rlhf.parallel.data_dispatch import balanced_shards, sample_tokens, select_rollout
     from megatron_rlhf.parallel.init import initialize_parallel
     from megatron_rlhf.trainer.actor_critic import (
         ActorTrainer,
@@ -107,7 +110,11 @@ def _worker(parallel: ParallelConfig, hf_dir: str, data: dict[str, torch.Tensor]
     algorithm = AlgorithmConfig(kl_mode="loss", kl_estimator="k3", entropy_coef=0.01, value_clip=0.2)
     update = PPOUpdateConfig(ppo_epochs=2, num_minibatches=2, micro_batch_size=2)
     one_step = PPOUpdateConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=2)
-    batch = _rollout(data)
+    full = _rollout(data)
+    # this DP replica's share, as the role proxies hand it (TP/PP peers get the same one)
+    received = balanced_shards(sample_tokens(full).tolist(), state.data_parallel_size, 2)[state.data_parallel_rank]
+    batch = select_rollout(full, received)
+    data = {name: value[received] if value.shape[:1] == (SAMPLES,) else value for name, value in data.items()}
 
     def build(role: str):
         config = ModelBuildConfig(role=role, transformer_impl="local")
@@ -124,6 +131,9 @@ def _worker(parallel: ParallelConfig, hf_dir: str, data: dict[str, torch.Tensor]
     logprobs, values = actor.logprobs(batch), critic.values(batch)
     experience = _experience(batch, data, logprobs, values)
     report = {
+        "received": received,
+        "dp_rank": state.data_parallel_rank,
+        "holds": state.tensor_parallel_rank == 0 and state.is_last_stage,
         "logprobs": logprobs,
         "values": values,
         "actor_steps": actor.update(batch, experience),
@@ -136,7 +146,8 @@ def _worker(parallel: ParallelConfig, hf_dir: str, data: dict[str, torch.Tensor]
     report["same_policy_step"] = actor.update(batch, same_policy, config=one_step)[0]
     before = _snapshot(export_hf_weights(actor_model, arch, "lm"))
     poisoned = experience.advantages.clone()
-    poisoned[5, 0] = float("nan")  # a response token of a sample in DP rank 1's shard
+    if 5 in received:  # a response token of sample 5, on the replica that holds it
+        poisoned[received.index(5), 0] = float("nan")
     report["nan_step"] = actor.update(batch, replace(experience, advantages=poisoned), config=one_step)[0]
     after = _snapshot(export_hf_weights(actor_model, arch, "lm"))
     report["nan_changed"] = [name for name in before if not torch.equal(before[name], after[name])]
@@ -205,10 +216,21 @@ def results(hf_dir, rollout_data):
                 hf_dir,
                 rollout_data,
             )
-            cache[layout] = {"ranks": per_rank, **per_rank[0]}
+            cache[layout] = {"ranks": per_rank, **per_rank[0], **_reassembled(per_rank)}
         return cache[layout]
 
     return run
+
+
+def _reassembled(per_rank: list[dict]) -> dict[str, torch.Tensor]:
+    """Log-probs and values in batch order from one output rank per DP replica."""
+    from megatron_rlhf.parallel.data_dispatch import reassemble
+
+    holders = {report["dp_rank"]: report for report in per_rank if report["holds"]}
+    replicas = [holders[dp] for dp in sorted(holders)]
+    assert sorted(sum((report["received"] for report in replicas), [])) == list(range(SAMPLES))
+    shards = [report["received"] for report in replicas]
+    return {name: reassemble([report[name] for report in replicas], shards) for name in ("logprobs", "values")}
 
 
 def _worst(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:

@@ -6,7 +6,9 @@ full HF shapes), on every trainer rank; ``groups()`` / ``iter_groups()`` (vLLM's
 built on ``layerwise_groups``) batch the stream in metadata order without raising; iterating
 twice gives the same weights (a fresh pass each round), cast to the requested dtype; binding
 another model drops the cached metadata. Checked at TP2 PP2 and, for a MoE model, at EP2,
-against the HF checkpoint the model was loaded from.
+against the HF checkpoint the model was loaded from. The weight sync's source (``only_rank0``)
+declares the same metadata on every rank, yields full tensors on the sending rank 0 only (equal
+to the checkpoint) and ``meta`` stand-ins of the same names, shapes and dtypes elsewhere.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def _source_worker(parallel: ParallelConfig, hf_dir: str):
     declared = [(m.name, m.dtype, tuple(m.shape)) for m in meta]
     yielded = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in first]
     cached = source.metadata() is meta
+    # the weight sync's source: full tensors on the sending rank 0 only, meta stand-ins elsewhere
+    sender_source = megatron_weight_source(torch.bfloat16, device="cpu", only_rank0=True)
+    sender_source.bind(model, arch, "lm")
+    sender_declared = [(m.name, m.dtype, tuple(m.shape)) for m in sender_source.metadata()]
+    sender_pairs = list(sender_source)
+    is_sender = torch.distributed.get_rank() == 0
     source.bind(torch.nn.Linear(1, 1), arch, "lm")  # another model: metadata must be re-derived
     dropped = source._metadata is None
     return {
@@ -55,6 +63,11 @@ def _source_worker(parallel: ParallelConfig, hf_dir: str):
         "names_match_checkpoint": sorted(n for n, _ in first) == sorted(reader.names()),
         "metadata_cached": cached,
         "metadata_dropped_on_rebind": dropped,
+        "sender_source_declares_the_same": sender_declared == declared,
+        "sender_source_yields_what_it_declares": [(n, t.dtype, tuple(t.shape)) for n, t in sender_pairs] == declared,
+        "sender_source_full_on_rank0_only": all(t.is_meta != is_sender for _, t in sender_pairs),
+        "sender_source_values_on_rank0": not is_sender or all(
+            torch.equal(t, reader.get(n).to(torch.bfloat16)) for n, t in sender_pairs),
         "declared": declared,
     }
 

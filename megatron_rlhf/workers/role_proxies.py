@@ -1,0 +1,148 @@
+"""Typed role proxies: what the RL controller calls instead of naming worker methods in strings.
+
+:class:`ActorGroup`, :class:`ReferenceGroup` and :class:`CriticGroup` wrap a
+:class:`~megatron_rlhf.workers.group.WorkerGroup` of the matching worker class and give the
+controller typed calls (``actor.logprobs_and_entropy(batch) -> (Tensor, Tensor)``,
+``reference.logprobs(batch) -> Tensor``, ``critic.values(batch) -> Tensor``,
+``actor.update(batch, experience, kl_coef, algorithm) -> list[OptimizerStepStats]``, ...).
+
+Data-parallel dispatch (guaranteed): a batch is split into one share per DP replica with
+:func:`~megatron_rlhf.parallel.data_dispatch.balanced_shards` (balanced by tokens, PPO minibatch
+boundaries kept, deterministic); each share is put into the object store once and handed only to
+the ranks of its replica (its TP/PP/CP peers get the same share, no rank receives another
+replica's samples); per-sample results are read back only from the rank that holds each
+replica's results (TP 0, CP 0, last pipeline stage; the others return None) and reassembled in
+the original sample order. The same batch always gives the same split, so log-probs, values and
+the update of one step see the same shares.
+
+Not guaranteed: shares are balanced by token count, not by measured time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from megatron_rlhf.parallel.data_dispatch import (
+    RankLayout,
+    balanced_shards,
+    output_ranks,
+    reassemble,
+    sample_tokens,
+    select_rollout,
+)
+from megatron_rlhf.types import RolloutBatch
+
+
+class RoleGroup:
+    """A worker group seen by the controller: dispatch by DP rank, results from output ranks."""
+
+    def __init__(self, group: Any, minibatches: int = 1):
+        self.group = group
+        self.name = group.name
+        self.minibatches = minibatches
+        """PPO minibatches per update: shares keep their boundaries (same split for every call)."""
+        self.layouts: list[RankLayout] = group.all("rank_layout")
+        self.holders = output_ranks(self.layouts)
+
+    @property
+    def dp_size(self) -> int:
+        return self.layouts[0].dp_size
+
+    def shards(self, batch: RolloutBatch) -> list[list[int]]:
+        """Sample indices of each DP replica's share of ``batch``."""
+        groups = self.minibatches if batch.num_samples % (self.minibatches * self.dp_size) == 0 else 1
+        return balanced_shards(sample_tokens(batch).tolist(), self.dp_size, groups)
+
+    def _sharded(self, method: str, shares: Sequence[tuple], *common: Any) -> list[Any]:
+        """Call ``method(*shares[dp_rank], *common)`` on every rank; the output ranks' results by DP rank."""
+        import ray
+
+        stored = [[ray.put(part) for part in share] for share in shares]
+        refs = [
+            getattr(worker, method).remote(*stored[layout.dp_rank], *common)
+            for worker, layout in zip(self.group.workers, self.layouts)
+        ]
+        results = ray.get(refs)
+        return [results[holder.rank] for holder in self.holders]
+
+    def _per_sample(self, method: str, batch: RolloutBatch) -> list[torch.Tensor]:
+        """Per-sample tensor results of ``method(share)``, reassembled in batch order (one per output)."""
+        shards = self.shards(batch)
+        held = self._sharded(method, [(select_rollout(batch, shard),) for shard in shards])
+        if isinstance(held[0], torch.Tensor):
+            return [reassemble(held, shards)]
+        return [reassemble([result[i] for result in held], shards) for i in range(len(held[0]))]
+
+    def _update(self, batch: RolloutBatch, experience: Any, *common: Any) -> list[Any]:
+        shards = self.shards(batch)
+        shares = [(select_rollout(batch, shard), experience.select(torch.as_tensor(shard, dtype=torch.long)))
+                  for shard in shards]
+        return self._sharded("update", shares, *common)[0]  # identical on every rank
+
+    def _rank0(self, method: str, *args: Any) -> Any:
+        """A collective control call (checkpointing, export): every rank runs it, rank 0 answers."""
+        return self.group.all(method, *args)[0]
+
+    def save_state(self, run_dir: str, name: str, step: int, extra_state: dict, keep_last: int) -> str:
+        return self._rank0("save_state", run_dir, name, step, extra_state, keep_last)
+
+    def load_state(self, run_dir: str, name: str, step: int | None) -> tuple[int, dict] | None:
+        return self._rank0("load_state", run_dir, name, step)
+
+    def gpu_metrics(self) -> list[dict[str, float]]:
+        """Every rank's GPU metrics since the last call (empty dicts without a GPU)."""
+        return self.group.all("gpu_metrics")
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+class ReferenceGroup(RoleGroup):
+    """The frozen reference policy (KL anchor)."""
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """``[B, R]`` float32 reference log-probs of the responses (0.0 on padding)."""
+        return self._per_sample("logprobs", batch)[0]
+
+
+class CriticGroup(RoleGroup):
+    """The PPO value model."""
+
+    def values(self, batch: RolloutBatch) -> torch.Tensor:
+        """``[B, R]`` float32 values before each response token (0.0 on padding)."""
+        return self._per_sample("values", batch)[0]
+
+    def update(self, batch: RolloutBatch, experience: Any, algorithm: Any = None) -> list[Any]:
+        """PPO epochs of critic updates; each DP replica trains on its share."""
+        return self._update(batch, experience, algorithm)
+
+
+class ActorGroup(RoleGroup):
+    """The policy: rollout (engine on rank 0), log-probs, updates, weight sync, export."""
+
+    def attach_engine(self, rollout_config: Any | None, remote: Any | None, bucket_bytes: int) -> None:
+        """Start the colocated engine on rank 0 (or use ``remote``) and open the transfer group."""
+        self.group.all("attach_engine", rollout_config, remote, bucket_bytes)
+
+    def generate(self, prompts: list, settings: Any) -> RolloutBatch:
+        """Sample ``settings.n`` responses per prompt with the engine."""
+        return self._rank0("generate", prompts, settings)
+
+    def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, R], [B, R])`` float32 log-probs and policy entropy per response token."""
+        logprobs, entropy = self._per_sample("logprobs_and_entropy", batch)
+        return logprobs, entropy
+
+    def update(self, batch: RolloutBatch, experience: Any, kl_coef: float, algorithm: Any = None) -> list[Any]:
+        """PPO epochs of actor updates; each DP replica trains on its share."""
+        return self._update(batch, experience, kl_coef, algorithm)
+
+    def sync_weights(self) -> dict[str, float]:
+        """Megatron -> engine weight transfer (no disk); the transfer's report."""
+        return self._rank0("sync_weights")
+
+    def export_hf(self, out_dir: str) -> str | None:
+        """Write the policy as a Hugging Face directory; its path."""
+        return self._rank0("export_hf", out_dir)
