@@ -155,9 +155,7 @@ def plan_from_settings(hf_config: dict, source: str, settings: dict[str, Any]):
     from megatron_rlhf.planning.plan import compute_plan
     from megatron_rlhf.planning.plan_cli import plan_inputs_from_flags
 
-    flags = SimpleNamespace(grad_dtype="fp32", optimizer="adam", no_distributed_optimizer=False,
-                            gpu=settings.get("gpu"), gpu_memory_gib=settings.get("gpu_memory_gib"),
-                            reserve_gib=settings.get("reserve_gib", 5.0))
+    flags = SimpleNamespace()
     arch = arch_spec_from_hf_config(hf_config, source)
     layout, request, gpu = plan_inputs_from_flags(flags, settings)
     return compute_plan(arch, layout, request, gpu)
@@ -211,3 +209,31 @@ def check_rl_config_fits(config: Any) -> list:
         return []
     return [check_fits(hf_config, source, settings, f"train-rl {name} group", fit.allow_unfit)
             for name, hf_config, source, settings in rl_group_settings(config)]
+
+
+def rm_plan_settings(config: Any, world_size: int | None = None,
+                     hf_config_path: str | None = None) -> tuple[dict, str, dict[str, Any]]:
+    """(HF config, its path, planner settings) of a ``train-rm`` config (ORM or PRM)."""
+    fit = getattr(config, "fit_check", None) or FitCheckConfig()
+    hf_config, source = read_architecture(config.model, hf_config_path or fit.hf_config)
+    parallel = config.parallel
+    world = world_size or parallel.world_size(config.data_parallel)
+    settings = layout_settings(parallel, world)
+    settings.update(precision_settings(config))
+    training = config.training
+    settings.update(
+        seq_len=config.tokenization.max_length, role=config.role, entropy=False,
+        micro_batch=max(2 * training.pairs_per_microbatch, training.responses_per_microbatch),
+        microbatches=training.microbatches_per_step,
+    )
+    settings.update(fit_settings(fit, settings["on_gpus"]))
+    return hf_config, source, settings
+
+
+def check_rm_config_fits(config: Any, world_size: int):
+    """The reward-model trainer's pre-start check (skipped when ``fit_check.enabled`` is false)."""
+    fit = getattr(config, "fit_check", None) or FitCheckConfig()
+    if not fit.enabled:
+        return None
+    hf_config, source, settings = rm_plan_settings(config, world_size)
+    return check_fits(hf_config, source, settings, f"train-rm ({config.role})", fit.allow_unfit)

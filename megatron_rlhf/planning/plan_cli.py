@@ -24,10 +24,11 @@ EXIT_DOES_NOT_FIT = 1
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf-config", metavar="CONFIG.json", help="HF config.json (or its directory)")
-    source.add_argument("--recipe", metavar="YAML", help="a recipe from examples/ (train-rl format)")
     add = parser.add_argument
+    add("--hf-config", metavar="CONFIG.json",
+        help="HF config.json (or its directory); with --recipe: the architecture to use when the "
+        "recipe's model directory has no config.json")
+    add("--recipe", metavar="YAML", help="a recipe from examples/ (train-rl or train-rm format)")
     for flag, text in (("--tp", "tensor parallel"), ("--pp", "pipeline parallel"),
                        ("--ep", "expert parallel"), ("--cp", "context parallel"),
                        ("--dp", "data parallel (model replicas)")):
@@ -46,10 +47,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add("--recompute", choices=("none", "selective", "full"), default=None, help="activation recompute")
     add("--sequence-parallel", action="store_true", default=None, help="Megatron sequence parallelism")
     add("--params-dtype", choices=("bf16", "fp32", "fp16"), default=None, help="weights (default bf16)")
-    add("--grad-dtype", choices=("fp32", "bf16"), default="fp32", help="gradient buffer (default fp32)")
-    add("--optimizer", choices=("adam", "sgd"), default="adam")
+    add("--grad-dtype", choices=("fp32", "bf16"), default=None, help="gradient buffer (default fp32)")
+    add("--optimizer", choices=("adam", "sgd"), default=None, help="default adam")
     add("--no-distributed-optimizer", action="store_true", help="replicate optimizer state on every DP rank")
-    add("--transformer-impl", choices=("transformer_engine", "local"), default="transformer_engine",
+    add("--transformer-impl", choices=("transformer_engine", "local"), default=None,
         help="layer spec: local keeps norm weights in fp32 (default transformer_engine)")
     add("--role", choices=("lm", "value", "reward", "prm"), default=None, help="head of the trained model")
     add("--critic", action="store_true", default=None, help="a PPO critic is colocated (same layout)")
@@ -60,7 +61,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         help="the engine has GPUs of its own (planned as the engine row) instead of sharing the trainer's")
     add("--engine-memory-fraction", type=positive_float, default=None, metavar="F",
         help="share of an engine GPU vLLM may take (gpu_memory_utilization; default 0.9 disaggregated)")
-    add("--rollout-sequences", type=positive_int, default=64, metavar="N", help="sequences per engine at once")
+    add("--rollout-sequences", type=positive_int, default=None, metavar="N", help="sequences per engine at once (default 64)")
     add("--rollout-tokens", type=positive_int, default=None, metavar="N", help="prompt + response tokens (default: --seq-len)")
     add("--fp8-rollout", action="store_true", help="engine weights in fp8")
     add("--kv-fp8", action="store_true", help="KV cache in fp8")
@@ -107,8 +108,9 @@ def plan_inputs_from_flags(args: argparse.Namespace, base: dict | None = None):
     precision = TrainingPrecision(
         params_dtype=params_dtype,
         norm_dtype="fp32" if pick("transformer_impl", "transformer_engine") == "local" else None,
-        grad_dtype=args.grad_dtype, optimizer=pick("optimizer", args.optimizer),
-        distributed_optimizer=not args.no_distributed_optimizer and settings.get("distributed_optimizer", True),
+        grad_dtype=pick("grad_dtype", "fp32"), optimizer=pick("optimizer", "adam"),
+        distributed_optimizer=not getattr(args, "no_distributed_optimizer", False)
+        and settings.get("distributed_optimizer", True),
     )
     seq_len = pick("seq_len", 4096)
     engine_tp = pick("engine_tp", None)
@@ -140,14 +142,26 @@ def plan_inputs_from_flags(args: argparse.Namespace, base: dict | None = None):
     return layout, request, gpu
 
 
-def recipe_group_settings(path: str) -> list[tuple[str, dict, str, dict]]:
-    """Load a ``train-rl`` recipe (bases merged), type it strictly, return each GPU group's
-    (name, HF config, source, planner settings)."""
+def recipe_group_settings(path: str, hf_config: str | None = None) -> list[tuple[str, dict, str, dict]]:
+    """Load a ``train-rl`` or ``train-rm`` recipe (bases merged), type it strictly, and return
+    each GPU group's (name, HF config, source, planner settings)."""
     from megatron_rlhf.config.recipe import load_recipe
-    from megatron_rlhf.planning.fit_check import rl_group_settings
+    from megatron_rlhf.planning.fit_check import rl_group_settings, rm_plan_settings
+
+    mapping = load_recipe(path)
+    if "role" in mapping and "model" in mapping:  # a train-rm recipe
+        from megatron_rlhf.trainer.reward_model_cli import load_train_rm_config
+
+        config = load_train_rm_config(path)
+        return [(config.role, *rm_plan_settings(config, hf_config_path=hf_config))]
     from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
 
-    return rl_group_settings(rl_config_from_mapping(load_recipe(path), path))
+    config = rl_config_from_mapping(mapping, path)
+    if hf_config is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, fit_check=dataclasses.replace(config.fit_check, hf_config=hf_config))
+    return rl_group_settings(config)
 
 
 def _bucket_bytes(args: argparse.Namespace, settings: dict) -> int:
@@ -161,7 +175,9 @@ def run_plan(args: argparse.Namespace) -> int:
     from megatron_rlhf.planning.report import render, summary_of
 
     if args.recipe:
-        groups = recipe_group_settings(args.recipe)
+        groups = recipe_group_settings(args.recipe, args.hf_config)
+    elif args.hf_config is None:
+        raise ValueError("plan: give --hf-config CONFIG.json (with layout flags) or --recipe YAML")
     else:
         config, source = _hf_config(args.hf_config)
         groups = [("", config, source, None)]

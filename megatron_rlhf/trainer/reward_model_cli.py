@@ -71,6 +71,8 @@ class TrainRMConfig:
     and fp8 train with bfloat16 weights (fp8 through the Transformer Engine spec)."""
     resources: Any = None
     """ResourcesConfig (megatron_rlhf.config.resources): nodes, GPUs per node, CPUs per worker."""
+    fit_check: Any = None
+    """FitCheckConfig (megatron_rlhf.planning.fit_check): the planner's pre-start check."""
 
     def __post_init__(self) -> None:
         for name in ("model", "output"):  # accept Path objects; keep the config picklable and plain
@@ -102,13 +104,14 @@ def _section_classes() -> dict[str, type]:
     from megatron_rlhf.config.precision import PrecisionConfig
     from megatron_rlhf.config.resources import ResourcesConfig
     from megatron_rlhf.data.reward_data import RewardTokenization
+    from megatron_rlhf.planning.fit_check import FitCheckConfig
     from megatron_rlhf.trainer.megatron_step import OptimizerSettings
     from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
 
     return {
         "parallel": ParallelConfig, "tokenization": RewardTokenization,
         "training": RewardTrainingConfig, "optimizer": OptimizerSettings,
-        "precision": PrecisionConfig, "resources": ResourcesConfig,
+        "precision": PrecisionConfig, "resources": ResourcesConfig, "fit_check": FitCheckConfig,
     }
 
 
@@ -365,6 +368,9 @@ def train_reward_model(config: TrainRMConfig, world_size: int | None = None) -> 
         world_size, is_first = world_size or config.parallel.world_size(config.data_parallel), True
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
+    from megatron_rlhf.planning.fit_check import check_rm_config_fits
+
+    check_rm_config_fits(config, world_size)  # layout and GPU memory, before any process starts
     plan = plan_train_rm(config, world_size, prepare_output=is_first)
     for note in plan.notes:
         log.warning("%s", note)
