@@ -237,3 +237,24 @@ def check_rm_config_fits(config: Any, world_size: int):
         return None
     hf_config, source, settings = rm_plan_settings(config, world_size)
     return check_fits(hf_config, source, settings, f"train-rm ({config.role})", fit.allow_unfit)
+
+
+def check_sft_config_fits(config: Any, parallel: Any, world_size: int, sft: Any, dtype: str,
+                          max_positions: int):
+    """The SFT / GenRM trainer's pre-start check: ``config`` is an ``SFTRunConfig`` (its
+    ``fit_check`` section, when set, names the GPU and the override)."""
+    fit = getattr(config, "fit_check", None) or FitCheckConfig()
+    if not fit.enabled:
+        return None
+    hf_config, source = read_architecture(config.hf_dir, fit.hf_config)
+    settings = layout_settings(parallel, world_size)
+    settings.update(precision_settings(config))
+    if getattr(config, "precision", None) is None:
+        settings["params_dtype"] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, "bf16")
+    data_parallel = settings["dp"]
+    settings.update(
+        seq_len=sft.max_length or max_positions, micro_batch=sft.micro_batch_size, entropy=False,
+        microbatches=max(1, sft.global_batch_size // (data_parallel * sft.micro_batch_size)),
+    )
+    settings.update(fit_settings(fit, settings["on_gpus"]))
+    return check_fits(hf_config, source, settings, "train-sft", fit.allow_unfit)
