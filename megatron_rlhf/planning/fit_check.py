@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_rlhf.config.errors import ConfigError, MissingInput, UserError
+
 log = logging.getLogger(__name__)
 
 VLLM_MAX_NUM_SEQS = 256
@@ -30,7 +32,7 @@ VLLM_MAX_NUM_SEQS = 256
 a larger rollout batch waits in its queue."""
 
 
-class DoesNotFit(ValueError):
+class DoesNotFit(UserError):
     """The planned peak memory exceeds the GPU's usable memory."""
 
 
@@ -57,11 +59,11 @@ class FitCheckConfig:
 
     def __post_init__(self) -> None:
         if self.gpu is not None and self.gpu not in ("h100", "h200"):
-            raise ValueError(f"fit_check.gpu={self.gpu!r} (choose h100 or h200)")
+            raise ConfigError(f"fit_check.gpu={self.gpu!r} (choose h100 or h200)")
         if self.offload not in ("none", "optimizer", "all"):
-            raise ValueError(f"fit_check.offload={self.offload!r} (choose none, optimizer or all)")
+            raise ConfigError(f"fit_check.offload={self.offload!r} (choose none, optimizer or all)")
         if self.reserve_gib < 0:
-            raise ValueError(f"fit_check.reserve_gib={self.reserve_gib} must be >= 0")
+            raise ConfigError(f"fit_check.reserve_gib={self.reserve_gib} must be >= 0")
 
 
 def read_architecture(model_dir: str, fallback: str | None) -> tuple[dict, str]:
@@ -74,8 +76,8 @@ def read_architecture(model_dir: str, fallback: str | None) -> tuple[dict, str]:
             try:
                 return json.loads(path.read_text()), str(path)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    raise FileNotFoundError(
+                raise ConfigError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    raise MissingInput(
         f"no config.json in {model_dir} and fit_check.hf_config is {fallback!r}: the planner needs "
         "the model's architecture"
     )
@@ -153,11 +155,9 @@ def plan_from_settings(hf_config: dict, source: str, settings: dict[str, Any]):
 
     from megatron_rlhf.models.arch import arch_spec_from_hf_config
     from megatron_rlhf.planning.plan import compute_plan
-    from megatron_rlhf.planning.plan_cli import plan_inputs_from_flags
+    from megatron_rlhf.planning.inputs import plan_inputs_from_flags
 
-    flags = SimpleNamespace(grad_dtype="fp32", optimizer="adam", no_distributed_optimizer=False,
-                            gpu=settings.get("gpu"), gpu_memory_gib=settings.get("gpu_memory_gib"),
-                            reserve_gib=settings.get("reserve_gib", 5.0))
+    flags = SimpleNamespace()
     arch = arch_spec_from_hf_config(hf_config, source)
     layout, request, gpu = plan_inputs_from_flags(flags, settings)
     return compute_plan(arch, layout, request, gpu)
@@ -211,3 +211,52 @@ def check_rl_config_fits(config: Any) -> list:
         return []
     return [check_fits(hf_config, source, settings, f"train-rl {name} group", fit.allow_unfit)
             for name, hf_config, source, settings in rl_group_settings(config)]
+
+
+def rm_plan_settings(config: Any, world_size: int | None = None,
+                     hf_config_path: str | None = None) -> tuple[dict, str, dict[str, Any]]:
+    """(HF config, its path, planner settings) of a ``train-rm`` config (ORM or PRM)."""
+    fit = getattr(config, "fit_check", None) or FitCheckConfig()
+    hf_config, source = read_architecture(config.model, hf_config_path or fit.hf_config)
+    parallel = config.parallel
+    world = world_size or parallel.world_size(config.data_parallel)
+    settings = layout_settings(parallel, world)
+    settings.update(precision_settings(config))
+    training = config.training
+    settings.update(
+        seq_len=config.tokenization.max_length, role=config.role, entropy=False,
+        micro_batch=max(2 * training.pairs_per_microbatch, training.responses_per_microbatch),
+        microbatches=training.microbatches_per_step,
+    )
+    settings.update(fit_settings(fit, settings["on_gpus"]))
+    return hf_config, source, settings
+
+
+def check_rm_config_fits(config: Any, world_size: int):
+    """The reward-model trainer's pre-start check (skipped when ``fit_check.enabled`` is false)."""
+    fit = getattr(config, "fit_check", None) or FitCheckConfig()
+    if not fit.enabled:
+        return None
+    hf_config, source, settings = rm_plan_settings(config, world_size)
+    return check_fits(hf_config, source, settings, f"train-rm ({config.role})", fit.allow_unfit)
+
+
+def check_sft_config_fits(config: Any, parallel: Any, world_size: int, sft: Any, dtype: str,
+                          max_positions: int):
+    """The SFT / GenRM trainer's pre-start check: ``config`` is an ``SFTRunConfig`` (its
+    ``fit_check`` section, when set, names the GPU and the override)."""
+    fit = getattr(config, "fit_check", None) or FitCheckConfig()
+    if not fit.enabled:
+        return None
+    hf_config, source = read_architecture(config.hf_dir, fit.hf_config)
+    settings = layout_settings(parallel, world_size)
+    settings.update(precision_settings(config))
+    if getattr(config, "precision", None) is None:
+        settings["params_dtype"] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, "bf16")
+    data_parallel = settings["dp"]
+    settings.update(
+        seq_len=sft.max_length or max_positions, micro_batch=sft.micro_batch_size, entropy=False,
+        microbatches=max(1, sft.global_batch_size // (data_parallel * sft.micro_batch_size)),
+    )
+    settings.update(fit_settings(fit, settings["on_gpus"]))
+    return check_fits(hf_config, source, settings, "train-sft", fit.allow_unfit)

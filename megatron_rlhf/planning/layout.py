@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_rlhf.config.errors import ConfigError
 from megatron_rlhf.models.arch import ArchSpec
 
 
-class LayoutError(ValueError):
+class LayoutError(ConfigError):
     """A layout that cannot split this model over this many GPUs."""
 
 

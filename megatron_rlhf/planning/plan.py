@@ -149,6 +149,8 @@ class Plan:
     """GPUs of a disaggregated engine (stage -1), or None."""
     engine_budget_bytes: int | None = None
     """What vLLM may take on an engine GPU (its memory fraction of the total, at most usable)."""
+    has_rollout: bool = False
+    """The job generates with a vLLM engine (colocated or on GPUs of its own)."""
 
     @property
     def params_per_gpu(self) -> int:
@@ -201,6 +203,8 @@ def _stage_plan(arch: ArchSpec, layout: PlanLayout, request: PlanRequest, stage:
     state = trained_state_bytes(tensors, precision, layout.optimizer_shards, layout.expert_data_parallel)
     frozen = request.frozen_models * frozen_weight_bytes(tensors, precision)
     models = request.trained_models
+    if models == 0:  # a group of frozen models: their weights are all it holds
+        state = StateBytes(params=state.params, weights=frozen, grads=0, optimizer=0)
     weights, grads, optimizer = models * state.weights, models * state.grads, models * state.optimizer
     tokens = request.micro_batch * request.seq_len // layout.context_parallel
     act = request.activation_bytes
@@ -276,7 +280,7 @@ def compute_plan(arch: ArchSpec, layout: PlanLayout, request: PlanRequest,
     if rollout is not None and not rollout.colocated:
         budget = min(gpu.usable_bytes, int(rollout.memory_fraction * gpu.total_bytes))
         engine = _engine_plan(arch, rollout, request.sync_bucket_bytes, budget)
-    return Plan(layout, gpu, stages, kv_per_token, host, engine, budget)
+    return Plan(layout, gpu, stages, kv_per_token, host, engine, budget, rollout is not None)
 
 
 def engine_concurrency(arch: ArchSpec, rollout: RolloutSettings, budget: int) -> int:

@@ -17,17 +17,20 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_rlhf.config.errors import ConfigError, MissingInput
 from megatron_rlhf.cli_args import non_negative_float, positive_float, positive_int
+from megatron_rlhf.planning.inputs import plan_inputs_from_flags
 
 EXIT_FITS = 0
 EXIT_DOES_NOT_FIT = 1
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf-config", metavar="CONFIG.json", help="HF config.json (or its directory)")
-    source.add_argument("--recipe", metavar="YAML", help="a recipe from examples/ (train-rl format)")
     add = parser.add_argument
+    add("--hf-config", metavar="CONFIG.json",
+        help="HF config.json (or its directory); with --recipe: the architecture to use when the "
+        "recipe's model directory has no config.json")
+    add("--recipe", metavar="YAML", help="a recipe from examples/ (train-rl or train-rm format)")
     for flag, text in (("--tp", "tensor parallel"), ("--pp", "pipeline parallel"),
                        ("--ep", "expert parallel"), ("--cp", "context parallel"),
                        ("--dp", "data parallel (model replicas)")):
@@ -46,10 +49,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add("--recompute", choices=("none", "selective", "full"), default=None, help="activation recompute")
     add("--sequence-parallel", action="store_true", default=None, help="Megatron sequence parallelism")
     add("--params-dtype", choices=("bf16", "fp32", "fp16"), default=None, help="weights (default bf16)")
-    add("--grad-dtype", choices=("fp32", "bf16"), default="fp32", help="gradient buffer (default fp32)")
-    add("--optimizer", choices=("adam", "sgd"), default="adam")
+    add("--grad-dtype", choices=("fp32", "bf16"), default=None, help="gradient buffer (default fp32)")
+    add("--optimizer", choices=("adam", "sgd"), default=None, help="default adam")
     add("--no-distributed-optimizer", action="store_true", help="replicate optimizer state on every DP rank")
-    add("--transformer-impl", choices=("transformer_engine", "local"), default="transformer_engine",
+    add("--transformer-impl", choices=("transformer_engine", "local"), default=None,
         help="layer spec: local keeps norm weights in fp32 (default transformer_engine)")
     add("--role", choices=("lm", "value", "reward", "prm"), default=None, help="head of the trained model")
     add("--critic", action="store_true", default=None, help="a PPO critic is colocated (same layout)")
@@ -60,7 +63,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         help="the engine has GPUs of its own (planned as the engine row) instead of sharing the trainer's")
     add("--engine-memory-fraction", type=positive_float, default=None, metavar="F",
         help="share of an engine GPU vLLM may take (gpu_memory_utilization; default 0.9 disaggregated)")
-    add("--rollout-sequences", type=positive_int, default=64, metavar="N", help="sequences per engine at once")
+    add("--rollout-sequences", type=positive_int, default=None, metavar="N", help="sequences per engine at once (default 64)")
     add("--rollout-tokens", type=positive_int, default=None, metavar="N", help="prompt + response tokens (default: --seq-len)")
     add("--fp8-rollout", action="store_true", help="engine weights in fp8")
     add("--kv-fp8", action="store_true", help="KV cache in fp8")
@@ -74,85 +77,36 @@ def _hf_config(path_text: str) -> tuple[dict, str]:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"--hf-config: {path} does not exist")
+        raise MissingInput(f"--hf-config: {path} does not exist")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise ConfigError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise ConfigError(f"{path}: expected a JSON object")
     return config, str(path)
 
 
-def plan_inputs_from_flags(args: argparse.Namespace, base: dict | None = None):
-    """(layout, request, gpu) from the flags, on top of ``base`` (a recipe's settings)."""
-    from megatron_rlhf.planning.hardware import gpu_spec
-    from megatron_rlhf.planning.layout import PlanLayout
-    from megatron_rlhf.planning.plan import PlanRequest, RolloutSettings, activation_dtype_bytes
-    from megatron_rlhf.planning.state_bytes import TrainingPrecision
-
-    settings = dict(base or {})
-
-    def pick(name: str, default):
-        value = getattr(args, name, None)
-        return value if value is not None else settings.get(name, default)
-
-    layout = PlanLayout(
-        tensor_parallel=pick("tp", 1), pipeline_parallel=pick("pp", 1), context_parallel=pick("cp", 1),
-        data_parallel=pick("dp", 1), expert_parallel=pick("ep", 1), expert_tensor_parallel=pick("etp", None),
-        sequence_parallel=bool(pick("sequence_parallel", False)),
-        first_stage_layers=pick("first_stage_layers", None), last_stage_layers=pick("last_stage_layers", None),
-    )
-    params_dtype = pick("params_dtype", "bf16")
-    precision = TrainingPrecision(
-        params_dtype=params_dtype,
-        norm_dtype="fp32" if pick("transformer_impl", "transformer_engine") == "local" else None,
-        grad_dtype=args.grad_dtype, optimizer=pick("optimizer", args.optimizer),
-        distributed_optimizer=not args.no_distributed_optimizer and settings.get("distributed_optimizer", True),
-    )
-    seq_len = pick("seq_len", 4096)
-    engine_tp = pick("engine_tp", None)
-    rollout = None
-    if engine_tp is not None:
-        rollout = RolloutSettings(
-            engine_tensor_parallel=engine_tp,
-            sequences_per_engine=pick("rollout_sequences", 64),
-            max_sequence_tokens=pick("rollout_tokens", None) or seq_len,
-            weight_bytes=pick("engine_weight_bytes", 1 if pick("fp8_rollout", False) else 2),
-            kv_bytes=1 if pick("kv_fp8", False) else 2,
-            colocated=not pick("disaggregated", False),
-            memory_fraction=pick("engine_memory_fraction", 0.9),
-        )
-    critic = bool(pick("critic", False))
-    trained = pick("trained_models", 2 if critic else 1)
-    request = PlanRequest(
-        seq_len=seq_len, micro_batch=pick("micro_batch", 1), microbatches=pick("microbatches", None),
-        recompute=pick("recompute", "none"), precision=precision,
-        activation_bytes=activation_dtype_bytes(params_dtype), role=pick("role", "lm"),
-        trained_models=trained, frozen_models=1 if pick("reference", False) else 0,
-        rollout=rollout, sync_bucket_bytes=_bucket_bytes(args, settings),
-        offload=pick("offload", "none"), gpus_per_node=pick("gpus_per_node", 8),
-    )
-    memory = getattr(args, "gpu_memory_gib", None) or settings.get("gpu_memory_gib")
-    reserve = getattr(args, "reserve_gib", None)
-    gpu = gpu_spec(pick("gpu", "h100") if memory is None else getattr(args, "gpu", None), memory,
-                   settings.get("reserve_gib", 5.0) if reserve is None else reserve)
-    return layout, request, gpu
-
-
-def recipe_group_settings(path: str) -> list[tuple[str, dict, str, dict]]:
-    """Load a ``train-rl`` recipe (bases merged), type it strictly, return each GPU group's
-    (name, HF config, source, planner settings)."""
+def recipe_group_settings(path: str, hf_config: str | None = None) -> list[tuple[str, dict, str, dict]]:
+    """Load a ``train-rl`` or ``train-rm`` recipe (bases merged), type it strictly, and return
+    each GPU group's (name, HF config, source, planner settings)."""
     from megatron_rlhf.config.recipe import load_recipe
-    from megatron_rlhf.planning.fit_check import rl_group_settings
+    from megatron_rlhf.planning.fit_check import rl_group_settings, rm_plan_settings
+
+    mapping = load_recipe(path)
+    if "role" in mapping and "model" in mapping:  # a train-rm recipe
+        from megatron_rlhf.trainer.reward_model_cli import load_train_rm_config
+
+        config = load_train_rm_config(path)
+        return [(config.role, *rm_plan_settings(config, hf_config_path=hf_config))]
     from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
 
-    return rl_group_settings(rl_config_from_mapping(load_recipe(path), path))
+    config = rl_config_from_mapping(mapping, path)
+    if hf_config is not None:
+        import dataclasses
 
-
-def _bucket_bytes(args: argparse.Namespace, settings: dict) -> int:
-    mib = getattr(args, "sync_bucket_mib", None)
-    return mib * 1024**2 if mib is not None else settings.get("sync_bucket_bytes", 64 * 1024**2)
+        config = dataclasses.replace(config, fit_check=dataclasses.replace(config.fit_check, hf_config=hf_config))
+    return rl_group_settings(config)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -161,7 +115,9 @@ def run_plan(args: argparse.Namespace) -> int:
     from megatron_rlhf.planning.report import render, summary_of
 
     if args.recipe:
-        groups = recipe_group_settings(args.recipe)
+        groups = recipe_group_settings(args.recipe, args.hf_config)
+    elif args.hf_config is None:
+        raise ValueError("plan: give --hf-config CONFIG.json (with layout flags) or --recipe YAML")
     else:
         config, source = _hf_config(args.hf_config)
         groups = [("", config, source, None)]

@@ -57,13 +57,14 @@ def render(plan: Plan, title: str = "", summary: bool = True) -> str:
         f"plan: {title} layout {layout.describe()} world={layout.world_size} "
         f"EDP={layout.expert_data_parallel} on {plan.gpu.name} "
         f"(usable {_gib(plan.gpu.usable_bytes)} of {_gib(plan.gpu.total_bytes)} GiB)",
-        f"KV cache per token per engine GPU: {plan.kv_bytes_per_token} bytes",
         "GiB per GPU:",
         memory_table(plan),
         f"peak: {_gib(peak)} GiB in phase {phase} on "
         + ("an engine GPU" if stage < 0 else f"pipeline stage {stage}"),
         f"host memory per node: {_gib(plan.host_bytes_per_node)} GiB",
     ]
+    if plan.has_rollout:
+        lines.append(f"KV cache per token per engine GPU: {plan.kv_bytes_per_token} bytes")
     if plan.engine is not None:
         lines.append(f"engine GPU: KV cache for {plan.engine.engine_sequences} full-length sequences at once "
                      f"(vLLM queues the rest of its share)")

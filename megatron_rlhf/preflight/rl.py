@@ -28,6 +28,9 @@ from megatron_rlhf.preflight.checks import (
 
 def preflight_rl(config: Any, where: str) -> None:
     """Check the RL run ``config`` read from ``where`` (the YAML path); UserError naming the key."""
+    from megatron_rlhf.planning.fit_check import check_rl_config_fits
+
+    check_rl_config_fits(config)  # layout and GPU memory first: they need only the architecture
     check_output_dir(config.out_dir, f"{where}: out_dir")
     policy = check_hf_model_dir(config.policy_dir, f"{where}: policy_dir")
     if config.critic_dir is not None:

@@ -73,6 +73,8 @@ class TrainRMConfig:
     and fp8 train with bfloat16 weights (fp8 through the Transformer Engine spec)."""
     resources: Any = None
     """ResourcesConfig (megatron_rlhf.config.resources): nodes, GPUs per node, CPUs per worker."""
+    fit_check: Any = None
+    """FitCheckConfig (megatron_rlhf.planning.fit_check): the planner's pre-start check."""
 
     def __post_init__(self) -> None:
         for name in ("model", "output"):  # accept Path objects; keep the config picklable and plain
@@ -104,13 +106,14 @@ def _section_classes() -> dict[str, type]:
     from megatron_rlhf.config.precision import PrecisionConfig
     from megatron_rlhf.config.resources import ResourcesConfig
     from megatron_rlhf.data.reward_data import RewardTokenization
+    from megatron_rlhf.planning.fit_check import FitCheckConfig
     from megatron_rlhf.trainer.megatron_step import OptimizerSettings
     from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
 
     return {
         "parallel": ParallelConfig, "tokenization": RewardTokenization,
         "training": RewardTrainingConfig, "optimizer": OptimizerSettings,
-        "precision": PrecisionConfig, "resources": ResourcesConfig,
+        "precision": PrecisionConfig, "resources": ResourcesConfig, "fit_check": FitCheckConfig,
     }
 
 
@@ -143,6 +146,9 @@ def load_train_rm_config(path: str | Path) -> TrainRMConfig:
     for key in ("model", "output"):
         if key in values:
             values[key] = _relative_to(path, convert(str, values[key], at(str(path), key)))
+    fit = values.get("fit_check")
+    if fit is not None and fit.hf_config is not None:  # like every train-rm path: relative to the file
+        values["fit_check"] = dataclasses.replace(fit, hf_config=_relative_to(path, fit.hf_config))
     for key in ("train_files", "validation_files"):
         if key in values:
             files = convert(tuple[str, ...], values[key], at(str(path), key))
@@ -331,6 +337,9 @@ def train_reward_model(config: TrainRMConfig, world_size: int | None = None) -> 
         world_size, is_first = world_size or config.parallel.world_size(config.data_parallel), True
     if world_size < 1:
         raise UserError(f"world size must be >= 1, got {world_size}")
+    from megatron_rlhf.planning.fit_check import check_rm_config_fits
+
+    check_rm_config_fits(config, world_size)  # layout and GPU memory, before any process starts
     plan = plan_train_rm(config, world_size, prepare_output=is_first)
     for note in plan.notes:
         log.warning("%s", note)

@@ -61,6 +61,9 @@ class SFTRunConfig:
     bf16/fp8 set bfloat16 weights (fp8 builds the Transformer Engine spec)."""
     resources: Any = None
     """:class:`~megatron_rlhf.config.resources.ResourcesConfig`; None: a CPU run."""
+    fit_check: Any = None
+    """:class:`~megatron_rlhf.planning.fit_check.FitCheckConfig`; None: its defaults (the
+    planner's pre-start check, GPU h100 on GPU runs, no override)."""
     export_hf: bool = True
     """Write ``out_dir/hf``."""
     save_checkpoint: bool = True
@@ -139,6 +142,9 @@ def plan_sft_run(
     dtype = config.params_dtype or hf_weights_dtype_name(reader, load_hf_config(config.hf_dir))
     build = _precision_build(config, dtype, world_size, ModelBuildConfig)
     validate_layout(arch, parallel, build)
+    from megatron_rlhf.planning.fit_check import check_sft_config_fits
+
+    check_sft_config_fits(config, parallel, world_size, sft, dtype, arch.max_position_embeddings)
     train = train_examples if train_examples is not None else read_chat_jsonl(config.train_path).records
     if validation_examples is not None:
         validation = validation_examples
@@ -313,6 +319,10 @@ def add_train_sft_arguments(parser: argparse.ArgumentParser) -> None:
              "delayed recipe); overrides --params-dtype (default: --params-dtype decides)")
     add("--no-progress", action="store_true", help="no progress bar (log lines only)")
     add("--no-checkpoint", action="store_true", help="do not write the Megatron checkpoint")
+    add("--gpu", choices=("h100", "h200"), default=None,
+        help="GPU the planner checks the layout against before any rank starts (default on GPUs: h100)")
+    add("--allow-unfit", action="store_true",
+        help="start even when the planner says the layout does not fit GPU memory")
     add("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
 
 
@@ -352,9 +362,16 @@ def sft_run_config_from_args(args: argparse.Namespace) -> SFTRunConfig:
         ),
         params_dtype=args.params_dtype,
         precision=_precision_from_args(getattr(args, "precision", None)),
+        fit_check=_fit_check_from_args(args),
         save_checkpoint=not args.no_checkpoint,
         overwrite=args.overwrite,
     )
+
+
+def _fit_check_from_args(args: argparse.Namespace) -> Any:
+    from megatron_rlhf.planning.fit_check import FitCheckConfig
+
+    return FitCheckConfig(gpu=getattr(args, "gpu", None), allow_unfit=getattr(args, "allow_unfit", False))
 
 
 def _precision_from_args(mode: str | None) -> Any:
