@@ -1,0 +1,27 @@
+"""One pool of persistent gloo ranks for the whole distributed tier.
+
+Every module under tests/distributed/ used to start fresh ranks for each layout, and each rank
+imported torch and Megatron-Core again. ``rank_pool`` (package-scoped: started on first use, ended
+when the last test of tests/distributed/ is done) keeps four ranks alive and runs each job on the
+first ``world_size`` of them; between jobs the ranks tear down Megatron's parallel state and the
+process group (see megatron_rlhf/parallel/rank_pool.py), as one process does when it initialises
+Megatron for several layouts in turn. A job that fails ends the pool; the next one starts afresh.
+
+Tests that exercise the launcher itself, or that must start from a fresh interpreter, keep using
+``spawn`` or subprocesses.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_rlhf.parallel.rank_pool import RankPool
+
+POOL_SIZE = 4
+"""The largest world a distributed test uses (TP2 x PP2, DP4)."""
+
+
+@pytest.fixture(scope="package")
+def rank_pool():
+    with RankPool(POOL_SIZE) as pool:
+        yield pool
