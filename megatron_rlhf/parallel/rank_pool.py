@@ -9,8 +9,9 @@ returns the results in rank order, exactly like ``spawn``.
 Guarantees, per job: every rank gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for that
 job (a fresh free loopback port each time) and a fair share of CPU threads; afterwards Megatron's
 parallel state and the default process group are destroyed (as ``spawn``'s children do at exit),
-and the environment variables, working directory and torch's default dtype are put back, so the
-next job starts from torch.distributed not initialised. If any rank fails, exits or the job times
+and the environment variables, working directory, torch's default dtype and the functions of
+``torch.distributed`` (a job may wrap or forbid collectives) are put back, so the next job starts
+from torch.distributed not initialised and unpatched. If any rank fails, exits or the job times
 out, every process of the pool is ended and :class:`DistributedLaunchError` carries the failing
 rank's traceback; the next job starts a fresh pool. No process outlives :meth:`RankPool.close`.
 
@@ -37,8 +38,12 @@ from megatron_rlhf.parallel.launch import DistributedLaunchError, free_port
 
 
 def _run_job(rank: int, job: bytes) -> tuple[bool, bytes | str]:
-    world_size, port, threads, function, args = pickle.loads(job)
+    try:
+        world_size, port, threads, function, args = pickle.loads(job)
+    except Exception:  # noqa: BLE001 - say which import failed instead of dying silently
+        return False, traceback.format_exc()
     environment, directory, dtype = dict(os.environ), os.getcwd(), torch.get_default_dtype()
+    distributed_api = dict(vars(torch.distributed))
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -61,7 +66,15 @@ def _run_job(rank: int, job: bytes) -> tuple[bool, bytes | str]:
         os.environ.update(environment)
         os.chdir(directory)
         torch.set_default_dtype(dtype)
+        _restore_attributes(torch.distributed, distributed_api)
         gc.collect()
+
+
+def _restore_attributes(module: Any, saved: dict[str, Any]) -> None:
+    """Put back module attributes a job replaced (say, a test wrapping ``all_reduce``)."""
+    for name, value in saved.items():
+        if getattr(module, name, None) is not value:
+            setattr(module, name, value)
 
 
 def _serve(rank: int, jobs: Any, results: Any) -> None:

@@ -21,9 +21,13 @@ def _all_reduce_job(value: int) -> dict:
             "sum": int(tensor.item())}
 
 
+def _patching_job() -> None:
+    torch.distributed.broadcast = None  # as a test that forbids a collective does
+
+
 def _state_job() -> dict:
     return {"pid": os.getpid(), "initialized": torch.distributed.is_initialized(),
-            "left": os.environ.get("LEFT_BY_A_JOB")}
+            "left": os.environ.get("LEFT_BY_A_JOB"), "broadcast": callable(torch.distributed.broadcast)}
 
 
 def _failing_job() -> None:
@@ -37,15 +41,16 @@ def test_jobs_of_several_sizes_share_the_processes():
     with RankPool(3) as pool:
         three = pool.run(_all_reduce_job, 3, 5)
         two = pool.run(_all_reduce_job, 2, 7)
+        pool.run(_patching_job, 3)
         after = pool.run(_state_job, 3)
-        assert pool.starts == 1 and pool.jobs_run == 3
+        assert pool.starts == 1 and pool.jobs_run == 4
     assert [r["rank"] for r in three] == [0, 1, 2] and {r["world"] for r in three} == {3}
     assert {r["sum"] for r in three} == {5 * (1 + 2 + 3)}
     assert {r["sum"] for r in two} == {7 * (1 + 2)} and {r["world"] for r in two} == {2}
     assert [r["pid"] for r in two] == [r["pid"] for r in three[:2]]
     assert [r["pid"] for r in after] == [r["pid"] for r in three]
     assert not any(r["initialized"] for r in after)
-    assert all(r["left"] is None for r in after)
+    assert all(r["left"] is None and r["broadcast"] for r in after)
 
 
 def test_a_failing_rank_ends_the_pool_and_the_next_job_starts_afresh():
