@@ -8,6 +8,8 @@
   models and tokenizers themselves), and the setting reaches the processes tests spawn.
 - HF tokenizers' own thread pool is off, so tests that fork or spawn ranks after using a tokenizer
   neither warn nor deadlock.
+- Every test is marked with its directory's tier (``unit``, ``distributed``, ``vllm``, ``e2e``,
+  ``gpu``; some also ``slow``) and the time per tier is printed at the end (see tests/tiers.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,21 @@ import os
 
 import pytest
 
+from tests.tiers import TierTimer, apply_tier_markers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(TierTimer(), "megatron-rlhf-tier-timer")
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # First, so that `-m` selects on the tier markers added here.
+    apply_tier_markers(items)
     _require_vllm([item for item in items if item.get_closest_marker("vllm") is not None])
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:

@@ -14,6 +14,8 @@ reported by the loader), memory, and the layouts the planner checks.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Any
 
 from megatron_rlhf.config.errors import ConfigError, UserError
@@ -30,7 +32,9 @@ def preflight_rl(config: Any, where: str) -> None:
     """Check the RL run ``config`` read from ``where`` (the YAML path); UserError naming the key."""
     from megatron_rlhf.planning.fit_check import check_rl_config_fits
 
-    check_rl_config_fits(config)  # layout and GPU memory first: they need only the architecture
+    fit = getattr(config, "fit_check", None)
+    if (fit is not None and fit.hf_config is not None) or (Path(config.policy_dir) / "config.json").is_file():
+        check_rl_config_fits(config)  # layout and GPU memory first: they need only the architecture
     check_output_dir(config.out_dir, f"{where}: out_dir")
     policy = check_hf_model_dir(config.policy_dir, f"{where}: policy_dir")
     if config.critic_dir is not None:

@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -203,13 +202,13 @@ def _make_rollout_data(hf_dir: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def results(hf_dir, rollout_data):
+def results(hf_dir, rollout_data, rank_pool):
     cache: dict[str, dict] = {}
 
     def run(layout: str) -> dict:
         if layout not in cache:
             parallel, data_parallel = LAYOUTS[layout]
-            per_rank = spawn(
+            per_rank = rank_pool.run(
                 _worker,
                 parallel.world_size(data_parallel),
                 parallel,

@@ -9,8 +9,8 @@ pipeline schedule and stream the weights back out in HF naming. Checked in the p
 - every HF tensor comes back bit for bit, with the same set of names.
 
 The models are made here (random weights, norms != 1, biases != 0) with a vocabulary of 500, so
-Megatron's vocabulary padding is exercised at every TP size. One spawn per layout keeps the tier
-fast: each worker loops over all architectures.
+Megatron's vocabulary padding is exercised at every TP size. One job per layout (on the shared
+rank pool) keeps the tier fast: each worker loops over all architectures.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -106,7 +105,7 @@ def reference_logits(hf_models, tokens):
 
 
 @pytest.fixture(scope="module")
-def layout_reports(hf_models, tokens):
+def layout_reports(hf_models, tokens, rank_pool):
     cache: dict[str, dict] = {}
 
     def run(layout: str) -> dict:
@@ -115,7 +114,7 @@ def layout_reports(hf_models, tokens):
             archs = MOE if "EP" in layout else DENSE + MOE
             models = {arch: hf_models[arch] for arch in archs}
             world = parallel.minimal_world_size
-            per_rank = spawn(_layout_worker, world, parallel, models, tokens)
+            per_rank = rank_pool.run(_layout_worker, world, parallel, models, tokens)
             merged = {}
             for arch in archs:
                 logits = [r[arch]["logits"] for r in per_rank if r[arch]["logits"] is not None]

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 VOCAB = 400
@@ -103,8 +102,8 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rng_reports(hf_dir):
-    return spawn(_rng_worker, 4, hf_dir)
+def rng_reports(hf_dir, rank_pool):
+    return rank_pool.run(_rng_worker, 4, hf_dir)
 
 
 def test_megatron_uses_the_cpu_tracker(rng_reports):
@@ -134,12 +133,12 @@ def test_dropout_in_tp_model_is_active_reproducible_and_off_in_eval(rng_reports)
 
 
 @pytest.fixture(scope="module")
-def role_outputs(hf_dir):
+def role_outputs(hf_dir, rank_pool):
     tokens = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([20, 13])
     tokens[1, 13:] = 2  # right padding
     score = torch.randn(1, 128, generator=torch.Generator().manual_seed(2)) * 0.1
-    per_rank = spawn(_roles_worker, 4, hf_dir, tokens, lengths, score)
+    per_rank = rank_pool.run(_roles_worker, 4, hf_dir, tokens, lengths, score)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

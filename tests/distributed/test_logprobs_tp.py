@@ -1,6 +1,6 @@
 """Vocab-parallel log-probs and entropy on gloo (CPU, 2 processes) against full-vocab log_softmax.
 
-Each layout is spawned once (module-scoped fixture); the workers build every case's full
+Each layout runs once (module-scoped fixture, on the shared rank pool); the workers build every case's full
 ``[B, T, V]`` logits from a fixed seed, keep their TP slice, and return outputs, the gradient of
 their slice and the shapes of the collectives they issued. The tests then compare, in this
 process, against ``torch.log_softmax`` over the full vocabulary. Layouts: TP=2 (the vocab split
@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -135,10 +134,10 @@ def _record_collectives(dist: Any, collectives: list[tuple[str, tuple[int, ...]]
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["tp2", "tp1_dp2"])
-def run(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """One spawn per layout: the per-rank results and the full-vocab views rebuilt from them."""
+def run(request: pytest.FixtureRequest, rank_pool) -> dict[str, Any]:
+    """One job per layout: the per-rank results and the full-vocab views rebuilt from them."""
     tensor_parallel = request.param
-    ranks = spawn(logprobs_worker, WORLD_SIZE, tensor_parallel)
+    ranks = rank_pool.run(logprobs_worker, WORLD_SIZE, tensor_parallel)
     return {"tensor_parallel": tensor_parallel, "ranks": ranks}
 
 

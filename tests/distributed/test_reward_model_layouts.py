@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -222,7 +221,7 @@ def data(hf_dir):
 
 
 @pytest.fixture(scope="module")
-def results(hf_dir, data, tmp_path_factory):
+def results(hf_dir, data, tmp_path_factory, rank_pool):
     cache: dict[str, dict] = {}
     checkpoint = str(tmp_path_factory.mktemp("reward_ckpt") / "prm_pp2")
 
@@ -230,7 +229,7 @@ def results(hf_dir, data, tmp_path_factory):
         if layout not in cache:
             parallel, data_parallel = LAYOUTS[layout]
             ckpt_dir = checkpoint if layout == "PP2" else None
-            per_rank = spawn(_worker, parallel.world_size(data_parallel), parallel, hf_dir, data, ckpt_dir)
+            per_rank = rank_pool.run(_worker, parallel.world_size(data_parallel), parallel, hf_dir, data, ckpt_dir)
             cache[layout] = {"ranks": per_rank, "checkpoint": ckpt_dir, **per_rank[0]}
         return cache[layout]
 
@@ -304,7 +303,7 @@ def test_first_step_loss_is_the_exact_global_mean(layout, data, results):
         assert report["steps"][0].loss == pytest.approx(expected, abs=TOLERANCE)
 
 
-def test_prm_checkpoint_saved_at_pp2_scores_the_same_at_tp1(data, results):
+def test_prm_checkpoint_saved_at_pp2_scores_the_same_at_tp1(data, results, rank_pool):
     from megatron_rlhf.data.reward_data import LabelledResponse
     from megatron_rlhf.rewards.sample import RewardSample
 
@@ -313,7 +312,7 @@ def test_prm_checkpoint_saved_at_pp2_scores_the_same_at_tp1(data, results):
     for index, record in enumerate(data["labelled"]):
         response = record.response if isinstance(record, LabelledResponse) else "\n".join(record.steps)
         samples.append(RewardSample(str(index), "math", record.prompt, response))
-    loaded = spawn(_load_worker, 1, report["checkpoint"], samples)[0]
+    loaded = rank_pool.run(_load_worker, 1, report["checkpoint"], samples)[0]
     after = report["prm"]["after"]
     probabilities = torch.sigmoid(after.boundary_logits)
     for row, result in enumerate(loaded):

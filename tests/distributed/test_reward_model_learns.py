@@ -31,7 +31,6 @@ import random
 import pytest
 import torch
 
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -172,7 +171,7 @@ def _score_worker(workdir: str, samples: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def held_out_scores(workdir, orm_run, prm_run):
+def held_out_scores(workdir, orm_run, prm_run, rank_pool):
     from megatron_rlhf.rewards.sample import RewardSample
 
     rng = random.Random(2)
@@ -185,7 +184,7 @@ def held_out_scores(workdir, orm_run, prm_run):
         "labelled": [RewardSample(f"l{i}", "math", r["prompt"], r["response"]) for i, r in enumerate(labelled)],
         "steps": [RewardSample(f"s{i}", "math", r["prompt"], "\n".join(r["steps"])) for i, r in enumerate(steps)],
     }
-    scores = spawn(_score_worker, 1, str(workdir), samples)[0]
+    scores = rank_pool.run(_score_worker, 1, str(workdir), samples)[0]
     return scores, labelled, steps
 
 

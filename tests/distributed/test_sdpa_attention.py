@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -222,8 +221,8 @@ def _worker() -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def reports():
-    return spawn(_worker, 2)
+def reports(rank_pool):
+    return rank_pool.run(_worker, 2)
 
 
 @pytest.mark.parametrize("layout", ["TP2", "TP1"])

@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -113,14 +112,14 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def all_results(hf_dir) -> dict[str, dict]:
+def all_results(hf_dir, rank_pool) -> dict[str, dict]:
     """Two launches: TP1PP1 on one rank; TP2, PP2 and DP2 one after another on two ranks."""
     merged: dict[str, dict] = {}
     by_world_size: dict[int, list[str]] = {}
     for layout, (parallel, data_parallel) in LAYOUTS.items():
         by_world_size.setdefault(parallel.world_size(data_parallel), []).append(layout)
     for world_size, layouts in sorted(by_world_size.items()):
-        per_rank = spawn(_worker, world_size, layouts, hf_dir)
+        per_rank = rank_pool.run(_worker, world_size, layouts, hf_dir)
         for layout in layouts:
             merged[layout] = {"ranks": [r[layout]["report"] for r in per_rank], **per_rank[0][layout]}
     return merged

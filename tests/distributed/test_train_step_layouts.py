@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -96,14 +95,14 @@ def hf_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def results(hf_models):
+def results(hf_models, rank_pool):
     tokens = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
     cache: dict[str, dict] = {}
 
     def run(layout: str) -> dict:
         if layout not in cache:
             parallel, data_parallel = LAYOUTS[layout]
-            per_rank = spawn(_train_worker, parallel.world_size(data_parallel), parallel, hf_models, tokens)
+            per_rank = rank_pool.run(_train_worker, parallel.world_size(data_parallel), parallel, hf_models, tokens)
             merged = {}
             for arch in ARCHS:
                 reported = [r[arch]["losses"] for r in per_rank if r[arch]["losses"][0] is not None]

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vllm]
 
@@ -76,11 +75,11 @@ def _source_worker(parallel: ParallelConfig, hf_dir: str):
     ("llama", ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 4),
     ("qwen3_moe", ParallelConfig(expert_parallel=2), 2),
 ], ids=["llama-TP2PP2", "qwen3_moe-EP2"])
-def test_megatron_source_keeps_vllms_contract_on_every_rank(arch, parallel, world, tmp_path):
+def test_megatron_source_keeps_vllms_contract_on_every_rank(arch, parallel, world, tmp_path, rank_pool):
     from megatron_rlhf.models.tiny import make_tiny_hf_model
 
     hf_dir = str(make_tiny_hf_model(arch, tmp_path / arch, seed=5, vocab_size=500))
-    results = spawn(_source_worker, world, parallel, hf_dir)
+    results = rank_pool.run(_source_worker, world, parallel, hf_dir)
     for rank, result in enumerate(results):
         checks = {key: value for key, value in result.items() if key != "declared"}
         assert all(checks.values()), (rank, checks)

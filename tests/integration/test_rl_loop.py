@@ -62,8 +62,7 @@ def test_bad_prompt_lines_are_reported_and_skipped(policy_dir, tmp_path, caplog)
     assert f"{path}:2" in text and f"{path}:3" in text and f"{path}:4" in text
 
 
-def test_ppo_and_grpo_with_n_1_2_4_8_and_a_tp2_actor(policy_dir, tmp_path):
-    import ray
+def test_ppo_and_grpo_with_n_1_2_4_8_and_a_tp2_actor(policy_dir, tmp_path, ray_cluster):
     from transformers import AutoTokenizer
 
     from megatron_rlhf.algorithms import DomainRewardStats, build_kl_controller
@@ -81,7 +80,6 @@ def test_ppo_and_grpo_with_n_1_2_4_8_and_a_tp2_actor(policy_dir, tmp_path):
                       actor=WorkerGroupConfig(world_size=2, parallel=ParallelConfig(tensor_parallel=2)))
     records, _ = load_prompt_dataset(prompts_file)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     parts, groups, placement = build_components(config, tokenizer)
     try:
         for algorithm in (grpo_algorithm(), ppo):
@@ -104,4 +102,3 @@ def test_ppo_and_grpo_with_n_1_2_4_8_and_a_tp2_actor(policy_dir, tmp_path):
     finally:
         parts.router.close()
         shutdown_groups(groups, placement)
-        ray.shutdown()
