@@ -79,6 +79,7 @@ def build_verifier(config_path: str | None, domains: Iterable[str]) -> Any:
 def run_label_steps(args: argparse.Namespace) -> int:
     from megatron_rlhf.data.step_labels import StepLabelConfig, label_solutions, read_solutions
     from megatron_rlhf.config.errors import UserError
+    from megatron_rlhf.preflight.label_steps import preflight_label_steps
     from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
 
     try:
@@ -89,6 +90,7 @@ def run_label_steps(args: argparse.Namespace) -> int:
         )
     except ValueError as error:  # every value comes from the command line
         raise UserError(f"arguments: {error}") from None
+    preflight_label_steps(args)  # policy, lengths, output: before anything is read or started
     dataset = read_solutions(args.input, config.step_separator, strict=not args.skip_malformed)
     if dataset.malformed:
         print(f"skipping {len(dataset.malformed)} malformed line(s):\n{dataset.report()}", file=sys.stderr)

@@ -253,6 +253,32 @@ def test_eval_bon_rm_scorer_that_is_not_a_reward_model(tmp_path, policy_dir):
     assert not (tmp_path / "bon").exists()
 
 
+SOLUTION = {"id": "a", "prompt": "What is 1 + 1?", "steps": ["1 + 1 = 2", "The answer is 2"],
+            "ground_truth": "2", "domain": "math"}
+
+
+def label_steps(tmp_path: Path, policy: Path, *extra: str) -> subprocess.CompletedProcess:
+    solutions = write_jsonl(tmp_path / "solutions.jsonl", [SOLUTION])
+    return run_cli(tmp_path, "label-steps", "--policy", policy, "--input", solutions, *extra)
+
+
+def test_label_steps_missing_policy(tmp_path):
+    refused(label_steps(tmp_path, tmp_path / "no_model", "--output", tmp_path / "steps.jsonl"),
+            "--policy", "no_model")
+    assert not (tmp_path / "steps.jsonl").exists()
+
+
+def test_label_steps_max_model_len_beyond_the_model(tmp_path, policy_dir):
+    refused(label_steps(tmp_path, policy_dir, "--output", tmp_path / "steps.jsonl"), "--max-model-len = 2048", "256")
+    assert not (tmp_path / "steps.jsonl").exists()
+
+
+def test_label_steps_output_is_the_input(tmp_path, policy_dir):
+    result = label_steps(tmp_path, policy_dir, "--max-model-len", "128", "--output", tmp_path / "solutions.jsonl")
+    refused(result, "--output", "solutions.jsonl", "is the input")
+    assert (tmp_path / "solutions.jsonl").read_text() == json.dumps(SOLUTION) + "\n"  # untouched
+
+
 # --- the one user-error type ----------------------------------------------------------------------
 
 
