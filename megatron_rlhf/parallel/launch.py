@@ -35,15 +35,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _child(
-    rank: int,
-    world_size: int,
-    port: int,
-    threads: int,
-    function: Callable[..., Any],
-    args: tuple[Any, ...],
-    results: Any,
-) -> None:
+def enter_local_rank(rank: int, world_size: int, port: int, threads: int) -> None:
+    """Make this process local rank ``rank`` of ``world_size`` (torchrun's environment variables,
+    rendezvous on 127.0.0.1:``port``) with ``threads`` torch intra-op threads."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -53,6 +47,18 @@ def _child(
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(threads)
+
+
+def _child(
+    rank: int,
+    world_size: int,
+    port: int,
+    threads: int,
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    results: Any,
+) -> None:
+    enter_local_rank(rank, world_size, port, threads)
     try:
         # Plain pickle bytes: torch's queue reductions share tensors through file descriptors
         # that disappear when this process exits, before the parent may have read them.

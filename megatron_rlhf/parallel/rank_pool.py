@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from megatron_rlhf.parallel.launch import DistributedLaunchError, free_port
+from megatron_rlhf.parallel.launch import DistributedLaunchError, enter_local_rank, free_port
 
 
 def _run_job(rank: int, job: bytes) -> tuple[bool, bytes | str]:
@@ -44,15 +44,7 @@ def _run_job(rank: int, job: bytes) -> tuple[bool, bytes | str]:
         return False, traceback.format_exc()
     environment, directory, dtype = dict(os.environ), os.getcwd(), torch.get_default_dtype()
     distributed_api = dict(vars(torch.distributed))
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(threads)
+    enter_local_rank(rank, world_size, port, threads)
     try:
         return True, pickle.dumps(function(*args))
     except BaseException:  # noqa: BLE001 - forwarded to the parent with the traceback
