@@ -27,6 +27,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from megatron_rlhf.config.errors import ConfigError
+
 MODES = ("fp32", "bf16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -45,7 +47,7 @@ RECIPE_GPU_NAMES = {"delayed": "Ada/Hopper", "tensorwise": "Ada/Hopper", "blockw
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere
 
 
-class PrecisionError(ValueError):
+class PrecisionError(ConfigError):
     """A precision setting this configuration or this machine cannot run."""
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_rlhf.config.errors import ConfigError
 
-class ResourcesError(ValueError):
+
+class ResourcesError(ConfigError):
     """A resources section that is inconsistent or too small for the run."""
 
 

@@ -130,9 +130,8 @@ def rl_plan_settings(config: Any) -> tuple[dict, str, dict[str, Any]]:
     update = config.update
     per_rank = config.prompts_per_step * config.n // update.num_minibatches // settings["dp"]
     disaggregated = config.placement == "disaggregated"
+    # colocated: one engine, in the actor's rank 0; disaggregated: one per entry of rollout_engines
     engines = tuple(getattr(config, "rollout_engines", ()) or (config.engine_tensor_parallel,))
-    if not disaggregated and settings["on_gpus"]:
-        engines = (1,) * max(1, config.actor.world_size // config.engine_tensor_parallel)
     sequences = math.ceil(config.prompts_per_step * config.n / len(engines))
     resources = getattr(config, "resources", None)
     settings.update(

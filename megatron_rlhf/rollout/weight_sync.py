@@ -149,7 +149,9 @@ class WeightSync:
         # Host transports stage buckets in CPU memory; nccl / ipc send from the model's GPU.
         self.source = megatron_weight_source(getattr(torch, dtype_name),
                                              device=None if backend in GPU_TRANSPORTS else "cpu",
-                                             only_rank0=True)  # only rank 0 sends: gather there only
+                                             # only rank 0 sends (gather there only), except vLLM's
+                                             # CUDA-IPC engine, which packs every rank's tensors
+                                             only_rank0=backend != "ipc")
         client = EngineClient(self.engine) if self.is_sender else None
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             self._init_info(backend, int(workers)), client=client, source=self.source)

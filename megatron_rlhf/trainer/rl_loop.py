@@ -236,7 +236,14 @@ def run_rl(config: RLConfig) -> RLResult:
 
     validate_precision_environment(config.precision)  # before any process starts
     started_ray = _start_ray(config)
-    parts, groups, placement = build_components(config, tokenizer)
+    try:
+        parts, groups, placement = build_components(config, tokenizer)  # shuts its groups down if it fails
+    except BaseException:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     try:
         algorithm = config.algorithm
         state = RLState(kl_controller=build_kl_controller(algorithm.kl_controller, algorithm.kl_coef,
