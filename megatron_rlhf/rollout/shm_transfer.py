@@ -402,8 +402,13 @@ def build_trainer_classes():
                         future.result()
                 self.client.finish_weight_update()
             except BaseException:
-                # Never leave segments behind a failed send; the workers' update is still open,
-                # and a worker still loading keeps its own mapping until it returns.
+                # First let an update RPC still in flight return: the engine client (vLLM's
+                # message queue) is not safe for two threads, and the caller's abort RPC follows.
+                for future in in_flight:
+                    if future is not None:
+                        with contextlib.suppress(BaseException):
+                            future.result()
+                # Never leave segments behind a failed send; the workers' update is still open.
                 self._unlink_segments()
                 raise
             finally:

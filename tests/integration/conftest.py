@@ -18,7 +18,8 @@ def ray_cluster():
 
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in the test process; the session fixture owns it")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # 4 logical CPUs: the largest layout of the tier (actor, reference and two engines, disaggregated)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray
     finally:

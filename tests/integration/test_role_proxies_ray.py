@@ -32,9 +32,7 @@ def _batch():
                         prompt_index=torch.arange(SAMPLES) // 2, pad_token_id=0)
 
 
-def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path):
-    import ray
-
+def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path, ray_cluster):
     from megatron_rlhf.algorithms import AlgorithmConfig, Experience
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.trainer.megatron_step import OptimizerSettings
@@ -48,7 +46,6 @@ def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path):
     update = PPOUpdateConfig(num_minibatches=2, micro_batch_size=1)
     spec = RoleWorkerSpec(hf_dir=hf_dir, optimizer=OptimizerSettings(lr=1e-3), update=update,
                           algorithm=AlgorithmConfig(kl_mode="none"))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     placement = Placement(PlacementPlan(bundles=2, cpus_per_bundle=1.0))
     groups = []
     try:
@@ -76,4 +73,3 @@ def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path):
         for group in groups:
             group.shutdown()
         placement.remove()
-        ray.shutdown()

@@ -19,8 +19,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 VOCAB = 500
 
 
-def test_two_engines_share_rollouts_and_both_receive_weight_syncs(tmp_path):
-    import ray
+def test_two_engines_share_rollouts_and_both_receive_weight_syncs(tmp_path, ray_cluster):
     from transformers import AutoTokenizer
 
     from megatron_rlhf.algorithms import DomainRewardStats, build_kl_controller
@@ -42,7 +41,6 @@ def test_two_engines_share_rollouts_and_both_receive_weight_syncs(tmp_path):
                       algorithm=algorithm, prompts_per_step=2, n=2, max_new_tokens=8,
                       placement="disaggregated", rollout_engines=(1, 1))
     records, _ = load_prompt_dataset(prompts_file)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     parts, groups, placement = build_components(config, AutoTokenizer.from_pretrained(policy_dir))
     try:
         assert {"rollout", "rollout1"} <= set(groups)
@@ -56,4 +54,3 @@ def test_two_engines_share_rollouts_and_both_receive_weight_syncs(tmp_path):
     finally:
         parts.router.close()
         shutdown_groups(groups, placement)
-        ray.shutdown()
