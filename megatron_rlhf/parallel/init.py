@@ -6,7 +6,10 @@ RNGs (including Megatron's tensor-parallel RNG tracker) and returns a :class:`Pa
 holding the process groups, which callers pass down explicitly.
 
 Reads the standard launcher environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK)
-as set by torchrun, Ray workers or :mod:`megatron_rlhf.parallel.launch`.
+as set by torchrun, Ray workers or :mod:`megatron_rlhf.parallel.launch`. Ray worker groups instead
+pass a rendezvous store that rank 0 opened *before* announcing its port
+(:func:`open_rendezvous_store`): a port found free and bound later can be taken in between by any
+outgoing connection on the node (seen under Slurm: EADDRINUSE), a port already listening cannot.
 """
 
 from __future__ import annotations
@@ -55,10 +58,28 @@ class ParallelState:
         return self.pipeline_parallel_rank == self.config.pipeline_parallel - 1
 
 
+def open_rendezvous_store(world_size: int, timeout_minutes: int = 30) -> Any:
+    """Rank 0's rendezvous store, listening on a port the OS picked (``store.port``)."""
+    return torch.distributed.TCPStore(
+        "0.0.0.0", 0, world_size, is_master=True,
+        timeout=datetime.timedelta(minutes=timeout_minutes), wait_for_workers=False,
+    )
+
+
+def join_rendezvous_store(address: str, port: int, world_size: int, timeout_minutes: int = 30) -> Any:
+    """A client of the store rank 0 opened at ``address:port``."""
+    return torch.distributed.TCPStore(
+        address, port, world_size, is_master=False, timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
 def initialize_parallel(
-    config: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30
+    config: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30, store: Any = None,
 ) -> ParallelState:
     """Initialise torch.distributed (if needed) and Megatron's parallel state for ``config``.
+
+    ``store``: a rendezvous store (:func:`open_rendezvous_store` on rank 0,
+    :func:`join_rendezvous_store` elsewhere) used instead of MASTER_ADDR/MASTER_PORT.
 
     Raises :class:`ParallelLayoutError` when the world size does not fit the layout.
     """
@@ -88,6 +109,7 @@ def initialize_parallel(
             world_size=world_size,
             rank=rank,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            store=store,
         )
     elif torch.distributed.get_world_size() != world_size:
         raise ParallelLayoutError(

@@ -77,16 +77,26 @@ class MegatronWorker:
         self.padded_vocab = 0
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """This node's address and a free port on it (called on rank 0)."""
-        from megatron_rlhf.parallel.launch import free_port
+        """This node's address and the port of the rendezvous store this rank (rank 0) now holds
+        open, so no other process on the node can take the port before the group joins."""
+        from megatron_rlhf.parallel.init import open_rendezvous_store
 
+        self._store = open_rendezvous_store(self.world_size)
         try:
             import ray
 
             address = ray.util.get_node_ip_address()
         except Exception:  # noqa: BLE001 - outside Ray (in-process use): loopback
             address = "127.0.0.1"
-        return address, free_port()
+        return address, int(self._store.port)
+
+    def rendezvous_store(self, address: str, port: int) -> Any:
+        """The store of this group's rendezvous: rank 0's own, a client of it elsewhere."""
+        from megatron_rlhf.parallel.init import join_rendezvous_store
+
+        store = getattr(self, "_store", None)
+        self._store = None
+        return store if store is not None else join_rendezvous_store(address, port, self.world_size)
 
     def join_process_group(self, address: str, port: int) -> None:
         """Initialise torch.distributed + Megatron for this rank, build and load the model."""
@@ -104,7 +114,8 @@ class MegatronWorker:
                           LOCAL_RANK=str(self.rank if device is None else device),
                           MASTER_ADDR=address, MASTER_PORT=str(port))
         torch.set_num_threads(self.spec.threads)
-        self.state = initialize_parallel(self.spec.parallel, seed=self.spec.seed)
+        self.state = initialize_parallel(self.spec.parallel, seed=self.spec.seed,
+                                         store=self.rendezvous_store(address, port))
         self.arch = arch_spec_from_hf_dir(self.spec.hf_dir)
         build = ModelBuildConfig(role=self.role, params_dtype=self.spec.params_dtype, precision=self.spec.precision)
         self.gpu = GpuPhaseMonitor(self.rank)

@@ -62,7 +62,7 @@ class RewardModelWorker(MegatronWorker):
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.rank),
                           MASTER_ADDR=address, MASTER_PORT=str(port))
         torch.set_num_threads(self.spec.threads)
-        initialize_parallel(self.spec.parallel, seed=self.spec.seed)
+        initialize_parallel(self.spec.parallel, seed=self.spec.seed, store=self.rendezvous_store(address, port))
         self.source = load_learned_reward_source(
             self.spec.ckpt_dir, self.spec.parallel,
             config=LearnedRewardConfig(aggregate=self.spec.aggregate, output=self.spec.output),
