@@ -55,10 +55,6 @@ class ChatExample:
     source: str = ""
     """Where it came from (``file:line`` for file data), used in error messages."""
 
-    def to_record(self) -> dict[str, Any]:
-        """The ``{"messages": [...]}`` JSON form (for writing datasets)."""
-        return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
-
 
 def _message(raw: Any, index: int) -> ChatMessage:
     if not isinstance(raw, dict):

@@ -222,14 +222,6 @@ def count_prompt_tokens(record: PromptRecord, tokenizer: PromptTokenizer, chat_t
     return len(ids)
 
 
-def group_by_domain(records: Sequence[PromptRecord]) -> dict[str, list[PromptRecord]]:
-    """Domain -> its records, in input order; domains in order of first appearance."""
-    groups: dict[str, list[PromptRecord]] = {}
-    for record in records:
-        groups.setdefault(record.domain, []).append(record)
-    return groups
-
-
 # --- parsing ----------------------------------------------------------------------------------
 
 

@@ -390,6 +390,3 @@ def enable() -> bool:
     return True
 
 
-def is_enabled() -> bool:
-    """Whether :func:`enable` has routed Megatron's CUDA calls to the CPU in this process."""
-    return _ENABLED

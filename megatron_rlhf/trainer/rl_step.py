@@ -1,6 +1,6 @@
 """One RL step (PPO with a critic, or critic-free GRPO / RLOO / REINFORCE++), top to bottom.
 
-:func:`rl_step` is the algorithm as DESIGN.md writes it; each phase is a named, timed call into a
+:func:`rl_step` is the RL algorithm written out top to bottom; each phase is a named, timed call into a
 typed role proxy (:mod:`megatron_rlhf.workers.role_proxies`: each data-parallel replica gets
 only its token-balanced share of the batch, results come back in batch order) or a pure
 library function::
@@ -204,5 +204,3 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 def _mean_length(mask: torch.Tensor) -> float:
     return float(mask.to(torch.float32).sum(dim=1).mean()) if mask.numel() else 0.0
 
-
-StepFunction = Callable[[RLComponents, RLState, Sequence[PromptRecord]], tuple[dict[str, float], RLState]]

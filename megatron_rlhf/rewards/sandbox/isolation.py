@@ -33,7 +33,6 @@ FILES_DIR = f"{SANDBOX_ROOT}/files"
 """Read-only files given to the execution (harness scripts) inside the sandbox."""
 MARKER_VARIABLE = "MEGATRON_RLHF_SANDBOX"
 """Set in every sandboxed process's environment to the execution's name (for leak checks)."""
-START_FD = 3
 
 
 class SandboxUnavailable(RuntimeError):

@@ -36,7 +36,19 @@ def test_bad_limits_name_the_field() -> None:
         ExecutionLimits(max_processes=0)
 
 
-def test_explicit_opt_out_runs_with_rlimits_and_cleans_up() -> None:
+def test_explicit_opt_out_runs_with_rlimits_and_cleans_up(monkeypatch) -> None:
+    # A private temporary directory (other processes write to /tmp meanwhile), open to the
+    # unprivileged user the execution runs as, like /tmp.
+    private = tempfile.mkdtemp(prefix="sandbox-cleanup-")
+    os.chmod(private, 0o1777)
+    monkeypatch.setattr(tempfile, "tempdir", private)
+    try:
+        _run_unisolated_and_check_cleanup()
+    finally:
+        os.rmdir(private)  # fails (and the test with it) if anything was left inside
+
+
+def _run_unisolated_and_check_cleanup() -> None:
     before = set(os.listdir(tempfile.gettempdir()))
     with Sandbox(SandboxConfig(namespaces=False, seccomp=False)) as unisolated:
         result = unisolated.run(ExecutionRequest(
