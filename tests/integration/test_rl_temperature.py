@@ -7,6 +7,7 @@ before each rollout), so with one temperature the mean importance ratio of the s
 1 up to fp32 noise and the weight-sync alarm stays silent; at step 0 the actor and the reference
 hold the same weights, so their KL is 0. Before the fix the trainer computed log-probs at 1.0
 while the engine sampled at 0.7 (issue 17: ratio off 1 by 0.016, an alarm at every step).
+``run_rl`` joins the tier's session Ray (``ray_cluster``) instead of starting its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 TEMPERATURE = 0.7
 
 
-def test_train_rl_at_temperature_0_7_trainer_and_engine_logprobs_agree(tmp_path):
+def test_train_rl_at_temperature_0_7_trainer_and_engine_logprobs_agree(tmp_path, ray_cluster):
     from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
