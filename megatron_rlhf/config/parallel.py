@@ -38,7 +38,9 @@ class ParallelConfig:
     """ETP: TP size inside each expert. None means equal to tensor_parallel (Megatron's default)."""
 
     sequence_parallel: bool = False
-    """Megatron sequence parallelism in TP regions (needs tensor_parallel > 1)."""
+    """Megatron sequence parallelism in TP regions (needs tensor_parallel > 1): activations outside
+    them are split along the sequence over the TP ranks. Runs with the local spec (CPU included)
+    and with Transformer Engine; Megatron-Core requires it for MoE with tensor_parallel > 1."""
 
     num_layers_in_first_pipeline_stage: int | None = None
     """Layers on the first pipeline stage when it should differ from the others (e.g. fewer, as

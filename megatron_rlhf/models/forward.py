@@ -19,9 +19,17 @@ def run_microbatch(stage_model: torch.nn.Module, microbatch: dict[str, torch.Ten
 
     Under context parallelism each CP rank runs its load-balanced part of the sequence
     (:mod:`megatron_rlhf.models.context_parallel`) and the last stage's per-token output is
-    gathered back to the whole sequence, so callers see the same shapes as without CP."""
+    gathered back to the whole sequence, so callers see the same shapes as without CP. A length
+    that sequence/context parallelism cannot split is right-padded and the output cut back
+    (:mod:`megatron_rlhf.models.sequence_padding`)."""
     from megatron.core import parallel_state
 
+    from megatron_rlhf.models.sequence_padding import padded_length, run_padded, sequence_multiple
+
+    multiple = sequence_multiple(stage_model.config)  # SP/CP split the sequence: pad it to fit
+    if microbatch["input_ids"].shape[1] != padded_length(microbatch["input_ids"].shape[1], multiple):
+        return run_padded(lambda padded: run_microbatch(stage_model, padded), microbatch, multiple,
+                          parallel_state.is_pipeline_last_stage())
     if parallel_state.get_context_parallel_world_size() > 1:
         return _run_context_parallel(stage_model, microbatch)
     return stage_model(
@@ -61,6 +69,8 @@ def forward_only(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_rlhf.models.sequence_padding import schedule_seq_length
+
     if not microbatches:
         return []
     batch_size, seq_length = microbatches[0]["input_ids"].shape
@@ -89,7 +99,7 @@ def forward_only(
             data_iterator=iterator,
             model=[model],
             num_microbatches=len(microbatches),
-            seq_length=seq_length,
+            seq_length=schedule_seq_length(model.config, seq_length),
             micro_batch_size=batch_size,
             forward_only=True,
             collect_non_loss_data=True,

@@ -16,6 +16,10 @@ Core attention of the local spec is chosen by :class:`ModelBuildConfig.local_att
 for :class:`megatron_rlhf.models.sdpa_attention.SDPACoreAttention` (fused
 ``scaled_dot_product_attention``, same function, no parameters, so checkpoints are shared);
 ``megatron`` keeps Megatron's module. The Transformer Engine spec ignores it (TE's fused attention).
+
+The local spec's norms are :class:`megatron_rlhf.models.local_norm.LocalNorm` (torch norms that
+also run under sequence parallelism; same parameters as Megatron's torch norm), and
+:func:`decoder_spec` gives the whole decoder block, so its final norm is one too.
 """
 
 from __future__ import annotations
@@ -95,6 +99,9 @@ def build_layer_spec(arch: ArchSpec, impl: str, local_attention: str = "sdpa") -
             from megatron_rlhf.models.sdpa_attention import SDPACoreAttention
 
             spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        from megatron_rlhf.models.local_norm import with_local_norms
+
+        spec = with_local_norms(spec)  # norms that also run under sequence parallelism
     else:
         raise ValueError(f"unresolved transformer_impl {impl!r}")
     if arch.post_sublayer_norms:
@@ -102,6 +109,18 @@ def build_layer_spec(arch: ArchSpec, impl: str, local_attention: str = "sdpa") -
 
         spec = with_sandwich_norms(spec)
     return spec
+
+
+def decoder_spec(layer_spec: Any, config: Any, impl: str) -> Any:
+    """What ``GPTModel`` takes as its layer spec: for the local spec, the decoder block of this
+    pipeline stage with :class:`LocalNorm` as its final norm (Megatron's default is its torch
+    norm, which refuses sequence parallelism); the layer spec itself under Transformer Engine."""
+    if impl != "local":
+        return layer_spec
+    from megatron_rlhf.models.local_norm import LocalNorm
+    from megatron_rlhf.parallel.megatron_compat import decoder_block_spec
+
+    return decoder_block_spec(config, layer_spec, LocalNorm)
 
 
 _TE_TO_LOCAL = (

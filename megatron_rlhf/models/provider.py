@@ -23,6 +23,7 @@ from megatron_rlhf.models.arch import ArchSpec
 from megatron_rlhf.models.heads import ROLES, SCALAR_ROLES, RoleModel, ScalarHead
 from megatron_rlhf.models.layer_spec import (
     build_layer_spec,
+    decoder_spec,
     resolve_transformer_impl,
     validate_local_attention,
 )
@@ -269,17 +270,12 @@ def build_model(
     impl = resolve_transformer_impl(build.transformer_impl)
     if build.precision is not None and build.precision.uses_transformer_engine and impl != "transformer_engine":
         raise ValueError("precision.mode='fp8' needs the Transformer Engine layer spec; it resolved to local here")
-    if parallel.sequence_parallel and impl != "transformer_engine":
-        raise ParallelLayoutError(
-            f"sequence_parallel=True needs transformer_impl='transformer_engine' (got {impl!r}): "
-            "Megatron-Core's torch RMSNorm refuses sequence parallelism; use sequence_parallel=False"
-        )
     vocab = validate_layout(arch, parallel, build)
     config = transformer_config(arch, parallel, build, impl)
     is_lm = build.role not in SCALAR_ROLES
     trunk = GPTModel(
         config=config,
-        transformer_layer_spec=build_layer_spec(arch, impl, build.local_attention),
+        transformer_layer_spec=decoder_spec(build_layer_spec(arch, impl, build.local_attention), config, impl),
         vocab_size=vocab,
         max_sequence_length=build.max_sequence_length or arch.max_position_embeddings,
         pre_process=pre_process,

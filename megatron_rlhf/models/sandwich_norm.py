@@ -7,7 +7,8 @@ spec swaps in :class:`PostNormSelfAttention` and :class:`PostNormMLP`: the stock
 output passes through their own RMSNorm (``post_layernorm``) before Megatron's bias-dropout-add.
 This requires bias-free output projections (``add_bias_linear=False``), as GLM-4 has.
 
-Works with the local and the Transformer Engine specs (the sublayer internals are untouched).
+Works with the local and the Transformer Engine specs (the sublayer internals are untouched), with
+or without sequence parallelism (the post norms are :class:`megatron_rlhf.models.local_norm.LocalNorm`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from megatron.core.transformer.mlp import MLP
 
 
 def _post_norm(config: Any) -> Any:
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron_rlhf.models.local_norm import LocalNorm
 
-    return WrappedTorchNorm(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+    # the sublayer output is a sequence-parallel shard under SP: LocalNorm marks its weight
+    return LocalNorm(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
 
 
 def _normalise(module: Any, result: Any) -> Any:

@@ -22,7 +22,8 @@ The CUDA RNG tracker is replaced by :class:`~megatron_rlhf.parallel.cpu_rng.CpuR
 as on GPU.
 
 Guarantees: after :func:`enable`, GPT models with the local layer spec (dense and MoE with the
-alltoall/allgather dispatcher, with or without activation recomputation), the no-pipelining and
+alltoall/allgather dispatcher, with or without activation recomputation and sequence
+parallelism), the no-pipelining and
 1F1B pipeline schedules, Megatron DDP, the
 (distributed) optimizer with gradient clipping, and distributed checkpointing (torch_dist) run on
 CPU over gloo with several processes.

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig, ParallelLayoutError
-from megatron_rlhf.parallel import cpu_support
+from megatron_rlhf.parallel import cpu_support, gloo_collectives
 from megatron_rlhf.parallel.megatron_compat import (
     apply_release_fixes,
     call_with_supported_kwargs,
@@ -117,6 +117,8 @@ def initialize_parallel(
             f"WORLD_SIZE={world_size}"
         )
 
+    if backend == "gloo":
+        gloo_collectives.install()  # uneven SP gathers of the MoE dispatcher (TP > 1)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     call_with_supported_kwargs(

@@ -93,6 +93,28 @@ def global_layer_index(layer: Any) -> int:
     return int(layer.layer_number) - 1
 
 
+def decoder_block_spec(config: Any, layer_spec: Any, final_norm: type) -> Any:
+    """A ``TransformerBlock`` spec of this pipeline stage's layers (all ``layer_spec``) whose
+    final norm is ``final_norm``: what Megatron builds from a bare layer spec, except for the norm
+    (there it is the release's default, e.g. the torch norm that refuses sequence parallelism).
+
+    The stage's layer count comes from ``get_num_layers_to_build`` (0.16: ``config``,
+    ``vp_stage``, ``pp_rank``; the pipeline rank is read from Megatron's parallel state).
+    """
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layers = get_num_layers_to_build(config)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=final_norm),
+    )
+
+
 def process_group_collection() -> Any:
     """The ProcessGroupCollection for the groups made by ``initialize_model_parallel``."""
     from megatron.core.process_groups_config import ProcessGroupCollection

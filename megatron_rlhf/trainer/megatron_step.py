@@ -130,6 +130,7 @@ class MegatronUpdater:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron_rlhf.models.forward import run_microbatch
+        from megatron_rlhf.models.sequence_padding import schedule_seq_length
 
         if not microbatches:
             raise ValueError("step() needs at least one microbatch")
@@ -148,7 +149,7 @@ class MegatronUpdater:
             data_iterator=iter(microbatches),
             model=[self.model],
             num_microbatches=len(microbatches),
-            seq_length=seq_length,
+            seq_length=schedule_seq_length(self.model.config, seq_length),
             micro_batch_size=batch_size,
             forward_only=False,
         )

@@ -7,9 +7,10 @@ global batch of 4 full sequences, split over data-parallel ranks (expert paralle
 out of them) in microbatches of 1, and exports the updated weights in HF naming. Checked against
 EP1 (one rank) within 1e-5 (fp32): every step's loss and every gathered tensor, at EP2 and PP2
 with uneven stages (1 layer on the first stage, 3 on the last). TP2xEP2: Megatron-Core refuses
-to train MoE with TP > 1 without sequence parallelism, which needs Transformer Engine norms, so
-that step is checked in tests/gpu/test_sequence_context_parallel_cuda.py (TP2xEP2 with SP, 4
-GPUs) with this worker; here TP2xEP2 checks the export only. The weight-sync export
+to train MoE with TP > 1 without sequence parallelism; that step (with SP) is checked on CPU in
+tests/distributed/test_moe_tp_ep.py and with Transformer Engine in
+tests/gpu/test_sequence_context_parallel_cuda.py (with this worker); here TP2xEP2 without SP
+checks the export only. The weight-sync export
 (``only_rank0``) of the updated model is also checked at EP2 and TP2xEP2: the full tensors on
 rank 0 only (expert tensors from the expert-parallel ranks that own them), equal to the
 everywhere export, ``meta`` stand-ins elsewhere.
@@ -34,8 +35,8 @@ LAYOUTS = {
     "EP2": (ParallelConfig(expert_parallel=2), 2),
     "TP2xEP2": (ParallelConfig(tensor_parallel=2, expert_parallel=2), 2),
     "PP2-uneven": (ParallelConfig(pipeline_parallel=2, num_layers_in_first_pipeline_stage=1), 1),
-    # Megatron-Core trains MoE with TP > 1 only under sequence parallelism, which needs TE norms:
-    # this one runs in tests/gpu/test_sequence_context_parallel_cuda.py
+    # Megatron-Core trains MoE with TP > 1 only under sequence parallelism: this one runs with
+    # TE in tests/gpu/test_sequence_context_parallel_cuda.py (on CPU: tests/distributed/test_moe_tp_ep.py)
     "TP2xEP2-SP": (ParallelConfig(tensor_parallel=2, expert_parallel=2, sequence_parallel=True), 2),
 }
 TRAINS_ON_CPU = ("EP1", "EP2", "PP2-uneven")
@@ -134,7 +135,8 @@ def test_uneven_pipeline_stages_hold_1_and_3_layers(results):
 
 @pytest.mark.parametrize("layout", ["EP2", "TP2xEP2"])
 def test_weight_sync_export_materialises_only_on_rank0(layout, results):
-    """TP2xEP2 exports the loaded weights (its training step needs sequence parallelism: GPU)."""
+    """TP2xEP2 exports the loaded weights (its training step needs sequence parallelism, see
+    tests/distributed/test_moe_tp_ep.py)."""
     ranks = results(layout)
     assert all(report["rank0_names_match"] for report in ranks)
     assert all(ranks[0]["rank0_materialised"]) and ranks[0]["rank0_equal"]

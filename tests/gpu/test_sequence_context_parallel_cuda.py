@@ -3,9 +3,10 @@ load-balanced chunks, log-probs gathered back) and sequence parallelism (TP2 + S
 same actor log-probs and first PPO step loss as one GPU; and the MoE training step at TP2xEP2
 (with SP, 4 GPUs) matches one GPU.
 
-CP needs TE's ring attention and SP TE's norms, so neither runs on CPU (both are refused there
-with a clear error, see tests/unit/test_context_parallel_split.py); the pure split and its
-inverse are unit-tested on CPU. Skipped without 2 CUDA devices and TE.
+CP needs TE's ring attention, so it does not run on CPU (refused there with a clear error, see
+tests/unit/test_context_parallel_split.py); the pure split and its inverse are unit-tested on CPU.
+SP also runs on CPU with the local spec's norms (tests/distributed/test_moe_tp_ep.py); here it
+runs with TE's. Skipped without 2 CUDA devices and TE.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def test_cp_and_sp_match_one_gpu(layout, tmp_path):
 
 
 def test_moe_step_at_tp2xep2_with_sequence_parallel_matches_one_gpu(tmp_path):
-    """The MoE training step at TP2xEP2 (Megatron-Core needs SP for MoE with TP > 1, and SP
-    needs TE norms, so this half of the EP check runs here; EP2 runs on CPU)."""
+    """The MoE training step at TP2xEP2 with SP and the TE spec (Megatron-Core needs SP for MoE
+    with TP > 1; the local spec's step runs on CPU in tests/distributed/test_moe_tp_ep.py)."""
     if torch.cuda.device_count() < 4 or importlib.util.find_spec("transformer_engine") is None:
         pytest.skip("needs 4 CUDA devices and Transformer Engine")
     from tests.distributed.test_moe_expert_parallel_step import _worker, moe_checkpoint, step_losses

@@ -58,18 +58,3 @@ def test_context_parallel_is_refused_on_cpu_with_a_clear_error():
     arch = arch_spec_from_hf_config(tiny_hf_config("llama").to_dict())
     with pytest.raises(ParallelLayoutError, match="context_parallel=2 needs CUDA and Transformer Engine"):
         validate_layout(arch, ParallelConfig(context_parallel=2), ModelBuildConfig())
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without Transformer Engine")
-def test_sequence_parallel_without_te_norms_is_refused_with_a_clear_error():
-    """Megatron-Core's torch RMSNorm (the local spec without TE) asserts deep inside the build;
-    the provider names the setting first. SP itself is covered by tests/gpu."""
-    from megatron_rlhf.config.parallel import ParallelConfig, ParallelLayoutError
-    from megatron_rlhf.models.arch import arch_spec_from_hf_config
-    from megatron_rlhf.models.provider import ModelBuildConfig, build_model
-    from megatron_rlhf.models.tiny import tiny_hf_config
-
-    arch = arch_spec_from_hf_config(tiny_hf_config("llama").to_dict())
-    parallel = ParallelConfig(tensor_parallel=2, sequence_parallel=True)
-    with pytest.raises(ParallelLayoutError, match="sequence_parallel=True needs transformer_impl='transformer_engine'"):
-        build_model(arch, parallel, ModelBuildConfig(transformer_impl="local"), pre_process=True, post_process=True)
