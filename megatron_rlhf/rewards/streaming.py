@@ -43,6 +43,7 @@ class RewardStream:
         self._error: BaseException | None = None
         self._idle = threading.Condition(self._lock)
         self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
 
     def add(self, rows: Iterable[tuple[int, RewardSample]]) -> None:
         """Queue ``(row, sample)`` pairs; their sources start on them now if idle."""
@@ -59,7 +60,7 @@ class RewardStream:
                 self._start_locked(name)
 
     def _start_locked(self, name: str) -> None:
-        if name in self._running or not self._pending.get(name):
+        if self._closed or name in self._running or not self._pending.get(name):
             return
         rows = self._pending.pop(name)
         if self._pool is None:
@@ -87,6 +88,8 @@ class RewardStream:
     def results(self, count: int) -> list[RewardResult]:
         """Wait for every queued call, then the router's combined results of rows ``0..count-1``."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("results() of a closed reward stream")
             while self._running or (self._error is None and any(self._pending.values())):
                 self._idle.wait()
             error = self._error
@@ -100,8 +103,10 @@ class RewardStream:
         return self.router.combine([self._domains[row] for row in range(count)], self._raw)
 
     def close(self) -> None:
-        """Stop the threads (waits for running calls; idempotent)."""
-        pool, self._pool = self._pool, None
+        """Stop the threads: queued samples are dropped, running calls waited for (idempotent)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
 
