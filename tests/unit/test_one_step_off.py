@@ -138,3 +138,18 @@ def test_config_needs_disaggregated_engines_and_a_known_mode():
     config = RLConfig(policy_dir="p", out_dir="o", prompt_files=("x.jsonl",), rollout_mode="one_step_off",
                       placement="disaggregated")
     assert config.rollout_mode == "one_step_off"
+
+
+def test_streamed_group_samples_equal_the_batch_reward_samples():
+    from megatron_rlhf.rollout.stream import last_item
+    from megatron_rlhf.trainer.rl_step import reward_samples
+    from megatron_rlhf.trainer.rollout_phase import group_samples
+
+    records, _ = _parts()
+    prompts = records[:3]
+    events = list(Engine().generate_stream([p.text for p in prompts], Sampling(n=2, seed=7)))
+    batch = last_item(iter(events))
+    streamed = dict(pair for event in events if isinstance(event, FinishedGroup)
+                    for pair in group_samples(event, 2, prompts, Tokenizer(), step=5))
+    expected = reward_samples(batch, [prompts[int(i)] for i in batch.prompt_index], Tokenizer(), 5)
+    assert [streamed[row] for row in range(batch.num_samples)] == expected
