@@ -200,6 +200,9 @@ def one_step_off_rollouts(config: RLConfig, groups: dict[str, Any], sampler: Any
     from megatron_rlhf.trainer.one_step_off import OneStepOffRollouts
     from megatron_rlhf.workers.rollout_worker import RemoteEngine
 
+    if config.algorithm.rollout_is == "none":
+        log.warning("rollout_mode: one_step_off without algorithm.rollout_is: the policy loss does not correct "
+                    "for samples drawn by weights one update older (set rollout_is: token or sequence)")
     engines = [RemoteEngine(group.workers[0]) for name, group in groups.items() if name.startswith("rollout")]
     engine = engines[0] if len(engines) == 1 else EnginePool(engines)
 
