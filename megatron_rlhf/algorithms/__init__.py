@@ -24,6 +24,7 @@ File map (one concern per file):
 ``kl_controllers.py``         fixed and adaptive (Ziegler et al. 2019) KL coefficients
 ``policy_loss.py``            PPO clipped surrogate (low/high clip, dual clip) + metrics
 ``value_loss.py``             clipped value loss
+``rollout_correction.py``     truncated importance weights (token / sequence) vs the engine
 ``entropy.py``                entropy bonus
 ``objectives.py``             actor / critic loss assembled from the config
 ``reductions.py``             token_mean / seq_mean_token_sum / seq_mean_token_mean
@@ -85,6 +86,12 @@ from megatron_rlhf.algorithms.policy_loss import (
     PolicyLossOutput,
     ppo_policy_loss,
 )
+from megatron_rlhf.algorithms.rollout_correction import (
+    ROLLOUT_IS_LEVELS,
+    RolloutCorrectionStats,
+    rollout_correction_stats,
+    truncated_is_weights,
+)
 from megatron_rlhf.algorithms.reductions import (
     REDUCTIONS,
     ReductionParts,
@@ -129,6 +136,8 @@ __all__ = [
     "NonFiniteError",
     "PolicyLossMetrics",
     "PolicyLossOutput",
+    "ROLLOUT_IS_LEVELS",
+    "RolloutCorrectionStats",
     "ReductionParts",
     "Rollout",
     "RunningMoments",
@@ -166,6 +175,8 @@ __all__ = [
     "normalize_rewards",
     "place_at_last_token",
     "ppo_policy_loss",
+    "rollout_correction_stats",
+    "truncated_is_weights",
     "reduction_parts",
     "reinforce_pp_advantages",
     "rloo_advantages",

@@ -24,6 +24,7 @@ from megatron_rlhf.algorithms.policy_loss import check_clip_settings
 from megatron_rlhf.algorithms.reductions import REDUCTIONS
 from megatron_rlhf.algorithms.registry import Registry
 from megatron_rlhf.algorithms.reward_shaping import REWARD_NORMALIZATIONS
+from megatron_rlhf.algorithms.rollout_correction import check_rollout_is
 
 KL_MODES = ("penalty", "loss", "none")
 
@@ -100,6 +101,16 @@ class AlgorithmConfig:
     loss_reduction: str = "token_mean"
     """Reduction of per-token losses: "token_mean", "seq_mean_token_sum" or
     "seq_mean_token_mean" (see :mod:`.reductions`)."""
+
+    rollout_is: str = "none"
+    """Truncated importance sampling of the policy loss against the rollout engine's sampling
+    policy (:mod:`.rollout_correction`): "none", "token" (one weight per token) or "sequence"
+    (one weight per response, the product of its token ratios). Corrects the engine/trainer
+    mismatch: a one-step-off-policy engine's older weights, an FP8 or bf16 engine's precision."""
+
+    rollout_is_threshold: float = 2.0
+    """Truncation ``C`` of the importance weights (``min(w, C)``); finite, > 0. Used unless
+    rollout_is is "none"."""
 
     def __post_init__(self) -> None:
         for validate in _VALIDATORS:
@@ -193,6 +204,7 @@ def _check_losses(config: AlgorithmConfig) -> None:
         raise AlgorithmConfigError(
             f"entropy_coef must be finite and >= 0; got {config.entropy_coef}"
         )
+    check_rollout_is(config.rollout_is, config.rollout_is_threshold)
 
 
 _VALIDATORS = (

@@ -28,6 +28,7 @@ class Rollout:
     values: Tensor | None = None  # [B, T] critic V(s_t) at rollout time; needed by "gae"
     group_index: Tensor | None = None  # [B] int64 prompt id; needed by group estimators / norm
     domain_ids: Tensor | None = None  # [B] int64 task-domain id; needed by "domain" normalisation
+    rollout_logprobs: Tensor | None = None  # [B, T] the engine's sampling log-probs; needed by rollout_is
 
     @property
     def batch_size(self) -> int:
@@ -49,6 +50,7 @@ class Experience:
     returns: Tensor | None = None  # [B, T] critic targets A + V ("gae" only), 0 at padding
     old_values: Tensor | None = None  # [B, T] critic V at rollout time ("gae" only)
     group_index: Tensor | None = None  # [B] int64 prompt id, if the rollout had one
+    rollout_logprobs: Tensor | None = None  # [B, T] log mu(token) of the engine that sampled it
 
     @property
     def batch_size(self) -> int:

@@ -110,6 +110,7 @@ def make_experience(
         returns=result.returns,
         old_values=rollout.values if estimator.needs_critic else None,
         group_index=rollout.group_index,
+        rollout_logprobs=rollout.rollout_logprobs,
     )
     return experience, new_domain_stats if new_domain_stats is not None else domain_stats
 
@@ -128,6 +129,7 @@ def _validate(rollout: Rollout, config: AlgorithmConfig) -> None:
         old_logprobs=rollout.old_logprobs,
         ref_logprobs=rollout.ref_logprobs,
         values=rollout.values,
+        rollout_logprobs=rollout.rollout_logprobs,
     )
     for name, ids in (("group_index", rollout.group_index), ("domain_ids", rollout.domain_ids)):
         if ids is not None:
@@ -140,6 +142,7 @@ def _validate(rollout: Rollout, config: AlgorithmConfig) -> None:
             "old_logprobs": rollout.old_logprobs,
             "ref_logprobs": rollout.ref_logprobs if config.kl_mode != "none" else None,
             "values": rollout.values if config.needs_critic else None,
+            "rollout_logprobs": rollout.rollout_logprobs if config.rollout_is != "none" else None,
         },
         mask,
     )
@@ -166,6 +169,11 @@ def _required_fields(config: AlgorithmConfig) -> dict[str, str]:
         "ref_logprobs": (
             f"kl_mode={config.kl_mode!r} needs reference log-probs"
             if config.kl_mode != "none"
+            else ""
+        ),
+        "rollout_logprobs": (
+            f"rollout_is={config.rollout_is!r} needs the engine's sampling log-probs"
+            if config.rollout_is != "none"
             else ""
         ),
     }

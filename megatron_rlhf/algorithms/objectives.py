@@ -1,6 +1,7 @@
 """The actor and critic losses of one micro-batch, assembled from an AlgorithmConfig.
 
-    actor loss  = PPO clipped surrogate (:mod:`.policy_loss`)
+    actor loss  = PPO clipped surrogate (:mod:`.policy_loss`), each token's term times its
+                  truncated importance weight when rollout_is != "none" (:mod:`.rollout_correction`)
                 + kl_coef * KL loss        (only if kl_mode == "loss"; :mod:`.kl`)
                 - entropy_coef * entropy   (only if entropy_coef > 0; :mod:`.entropy`)
     critic loss = clipped value loss       (:mod:`.value_loss`)
@@ -26,6 +27,7 @@ from megatron_rlhf.algorithms.errors import BatchShapeError
 from megatron_rlhf.algorithms.experience import Experience
 from megatron_rlhf.algorithms.kl import kl_loss
 from megatron_rlhf.algorithms.policy_loss import PolicyLossMetrics, ppo_policy_loss
+from megatron_rlhf.algorithms.rollout_correction import truncated_is_weights
 from megatron_rlhf.algorithms.value_loss import ValueLossOutput, clipped_value_loss
 
 
@@ -66,6 +68,12 @@ def actor_loss(
     """
     mask = experience.response_mask
     reduction = config.loss_reduction
+    is_weights = None
+    if config.rollout_is != "none":
+        if experience.rollout_logprobs is None:
+            raise BatchShapeError(f"rollout_is={config.rollout_is!r} needs Experience.rollout_logprobs; got None")
+        is_weights = truncated_is_weights(experience.old_logprobs, experience.rollout_logprobs, mask,
+                                          config.rollout_is, config.rollout_is_threshold)
     policy = ppo_policy_loss(
         logprobs,
         experience.old_logprobs,
@@ -76,6 +84,7 @@ def actor_loss(
         config.dual_clip,
         reduction,
         check_finite_inputs=check_finite_inputs,
+        is_weights=is_weights,
     )
     zero = policy.loss.new_zeros(())
     kl_term = zero

@@ -13,6 +13,9 @@ exploded (Ye et al., "Mastering Complex Control in MOBA Games with Deep RL", 202
 When ``logprobs == old_logprobs`` the ratio is exactly 1 and ``loss_t = -A``, whose gradient is
 that of the plain policy-gradient loss ``-A * logprobs``.
 
+Rollout correction: ``is_weights`` (truncated importance weights of the trainer's old policy
+against the engine's sampling policy, :mod:`.rollout_correction`) multiply ``loss_t`` when given.
+
 Reduction of ``loss_t`` to a scalar: by name (:mod:`.reductions`). Metrics are token means over
 the batch (independent of the loss reduction).
 
@@ -95,6 +98,7 @@ def ppo_policy_loss(
     reduction: str = "token_mean",
     *,
     check_finite_inputs: bool = True,
+    is_weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate loss.
 
@@ -108,6 +112,9 @@ def ppo_policy_loss(
         dual_clip: constant c > 1 of the dual clip, or None for no dual clip.
         reduction: ``"token_mean"``, ``"seq_mean_token_sum"`` or ``"seq_mean_token_mean"``.
         check_finite_inputs: raise NonFiniteError on NaN/Inf at response tokens.
+        is_weights: optional ``[B, T]`` detached per-token weights multiplying ``loss_t`` after
+            the clip and dual clip (the truncated importance weights of
+            :mod:`.rollout_correction`); None: weight 1.
     """
     check_clip_settings(clip_low, clip_high, dual_clip)
     mask = as_bool_mask(response_mask)
@@ -129,6 +136,9 @@ def ppo_policy_loss(
         bound = -dual_clip * advantages
         dual_active = (advantages < 0) & (bound < token_loss) & mask
         token_loss = torch.where(advantages < 0, torch.minimum(token_loss, bound), token_loss)
+    if is_weights is not None:
+        check_token_shapes(mask, is_weights=is_weights)
+        token_loss = token_loss * zero_padding(is_weights.detach(), mask, dtype)
     token_loss = zero_padding(token_loss, mask)
     with torch.no_grad():
         ratio_min, ratio_max = masked_min_max(ratio, mask, 1.0)

@@ -15,6 +15,11 @@ every source once with all the samples routed to it (sources run concurrently), 
    come from the domain's first source (the others' details are appended); step rewards are the
    weighted sum of those of the sources that have them.
 
+Streaming (:mod:`.streaming`): the sources' calls may instead be made as samples arrive, and the
+batch combined with :meth:`HybridRewardRouter.combine` once all have been scored; the results are
+those of :meth:`~HybridRewardRouter.score` on the whole batch, since normalisation, clipping and
+the infra-error window only ever see the whole batch.
+
 The learned sources (RM, PRM, GenRM) plug in as any :class:`RewardSource` under a name.
 
 State: the running moments and the infra-error window change later rewards; :meth:`HybridRewardRouter.state_dict`
@@ -132,8 +137,17 @@ class HybridRewardRouter:
                 if len(results) != len(per_source[name]):
                     raise RuntimeError(f"source {name!r} returned {len(results)} results for {len(per_source[name])} samples")
                 raw[name] = dict(zip(per_source[name], results))
+        return self.combine(domains, raw)
+
+    def combine(self, domains: Sequence[str], raw: Mapping[str, Mapping[int, RewardResult]]) -> list[RewardResult]:
+        """Step 2 onwards of the module docstring for a whole batch: ``domains[i]`` is sample
+        ``i``'s routed domain, ``raw[source][i]`` its source's result (every source of its route).
+        Updates the running moments and the infra-error window, as :meth:`score` does (which is
+        ``combine`` of its sources' concurrent results); also sets :attr:`last_update_mask`."""
+        domains = list(domains)
+        raw = {name: dict(results) for name, results in raw.items()}
         normalized = self._normalize(domains, raw)
-        combined = [self._combine(i, domains[i], raw, normalized) for i in range(len(samples))]
+        combined = [self._combine(i, domains[i], raw, normalized) for i in range(len(domains))]
         try:
             self.last_update_mask = self.guard.observe(combined)
         except InfraErrorRateExceeded as stop:

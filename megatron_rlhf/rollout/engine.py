@@ -11,6 +11,9 @@ Guarantees:
 - token ids the tokenizer does not define (padded embedding rows) are never sampled;
 - ``sampling_logprobs`` are of the distribution actually sampled from (vLLM's
   ``processed_logprobs``: after temperature, top-k and top-p);
+- :meth:`RolloutEngine.generate_stream` yields each prompt group as vLLM finishes it (rewards
+  can start before the batch is complete; :mod:`.stream`), and ends with the batch ``generate``
+  returns;
 - :func:`check_tokenizers_identical` proves at start-up that trainer and engine tokenize alike.
 
 Lifetime: call :meth:`RolloutEngine.shutdown` (or use the engine as a context manager) in a
@@ -23,11 +26,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from megatron_rlhf.config.errors import UserError
+from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup, last_item
 from megatron_rlhf.rollout.vllm_plugin import IPC_LEDGER_ENV
 from megatron_rlhf.types import RolloutBatch
 
@@ -264,6 +268,15 @@ class RolloutEngine:
         )
 
     def generate(self, prompts: Sequence[Any], settings: SamplingSettings) -> RolloutBatch:
+        """Sample ``settings.n`` responses per prompt; the batch :meth:`generate_stream` ends with."""
+        return last_item(self.generate_stream(prompts, settings))
+
+    def generate_stream(self, prompts: Sequence[Any], settings: SamplingSettings) -> Iterator[Any]:
+        """The admitted groups, each group as vLLM finishes it, then the batch (:mod:`.stream`).
+
+        All requests are queued before the engine's first step (as ``LLM.generate`` does), so
+        the samples are those of a non-streamed call with the same seed.
+        """
         self.wake()
         prompt_ids = self.encode_prompts(prompts)
         limit = self.config.max_prompt_tokens or (self.config.max_model_len - settings.max_new_tokens)
@@ -275,8 +288,29 @@ class RolloutEngine:
         stats = {"prompts_in": len(prompt_ids), "prompts_truncated": 0,
                  "prompts_dropped_too_long": 0, "prompts_dropped_empty": 0}
         admitted = admit_prompts(prompt_ids, limit, self.config.overlong_prompts, stats)
+        yield AdmittedPrompts(tuple(index for index, _ in admitted), settings.n)
         requests = [{"prompt_token_ids": ids} for _, ids in admitted]
-        outputs = self.llm.generate(requests, self.sampling_params(settings), use_tqdm=False) if requests else []
+        outputs: list[Any] = [None] * len(admitted)
+        if requests:
+            request_ids = self.llm.enqueue(requests, self.sampling_params(settings), use_tqdm=False)
+            # outputs carry the id the request was given; vLLM may return it with a random suffix
+            group_of = {}
+            for group, request_id in enumerate(request_ids):
+                group_of[str(request_id)] = group_of[str(request_id).rsplit("-", 1)[0]] = group
+            engine = self.llm.llm_engine
+            try:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        if not output.finished:
+                            continue
+                        group = group_of[str(output.request_id)]
+                        outputs[group] = output
+                        yield FinishedGroup(group, admitted[group][0],
+                                            tuple(tuple(c.token_ids) for c in output.outputs))
+            finally:  # a consumer that stops early leaves no request behind in the engine
+                unfinished = [str(r) for group, r in enumerate(request_ids) if outputs[group] is None]
+                if unfinished and engine.has_unfinished_requests():
+                    engine.abort_request(unfinished, internal=True)
         rows = []
         for group, ((index, ids), output) in enumerate(zip(admitted, outputs)):
             for completion in output.outputs:
@@ -288,7 +322,7 @@ class RolloutEngine:
         stats["responses"] = len(rows)
         stats["responses_empty"] = sum(1 for row in rows if not row[3])
         stats["responses_hit_max_new_tokens"] = sum(1 for row in rows if row[5] == "length")
-        return _batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
+        yield _batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
 
 
 def admit_prompts(

@@ -6,6 +6,9 @@ differ by at most one), generates on all engines at once and merges the results 
 prompts: ``prompt_index`` refers to the caller's list, ``group_index`` numbers the admitted
 prompts in order, rows are in prompt order, the statistics are summed.
 
+Streaming (:meth:`EnginePool.generate_stream`): each engine streams on its own thread; groups are
+forwarded as any engine finishes them, numbered as in the merged batch.
+
 Guarantee: every prompt goes to exactly one engine; the pool is a drop-in engine for the actor
 (``generate``, ``release_memory``, ``wake``). Not guaranteed: the same samples as one engine
 (each engine draws from its own seeded generator), load balance by generated length.
@@ -13,10 +16,14 @@ Guarantee: every prompt goes to exactly one engine; the pool is a drop-in engine
 
 from __future__ import annotations
 
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+
+from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup
 
 from megatron_rlhf.types import RolloutBatch
 
@@ -89,6 +96,60 @@ class EnginePool:
             batches = [future.result() for future in futures]
         return merge_rollout_batches(batches, [part.start for _, part in used])
 
+    def generate_stream(self, prompts: Sequence[Any], settings: Any) -> Iterator[Any]:
+        """:mod:`.stream` events of all engines at once: their admitted groups numbered as in the
+        merged batch, each group as its engine finishes it, then the merged batch."""
+        ranges = split_prompts(len(prompts), len(self.engines))
+        used = [(engine, part) for engine, part in zip(self.engines, ranges) if len(part)] or [
+            (self.engines[0], ranges[0])]
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def pump(position: int, engine: Any, part: range) -> None:
+            try:
+                for event in engine.generate_stream([prompts[i] for i in part], settings):
+                    events.put((position, event))
+                    if stop.is_set():
+                        break
+            except BaseException as error:  # re-raised by the consumer
+                events.put((position, error))
+
+        threads = [threading.Thread(target=pump, args=(position, engine, part), daemon=True,
+                                    name=f"engine-pool-{position}") for position, (engine, part) in enumerate(used)]
+        for thread in threads:
+            thread.start()
+        try:
+            admitted: dict[int, AdmittedPrompts] = {}
+            batches: dict[int, RolloutBatch] = {}
+            early: list[tuple[int, FinishedGroup]] = []
+            offsets: list[int] = []
+            while len(batches) < len(used):
+                position, event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, AdmittedPrompts):
+                    admitted[position] = event
+                    if len(admitted) == len(used):  # every engine has announced its groups
+                        counts = [len(admitted[p].prompt_index) for p in range(len(used))]
+                        offsets = [sum(counts[:p]) for p in range(len(used))]
+                        yield AdmittedPrompts(tuple(used[p][1].start + i for p in range(len(used))
+                                                    for i in admitted[p].prompt_index), event.samples_per_group)
+                        for held in early:
+                            yield _shifted(held, offsets, used)
+                        early.clear()
+                elif isinstance(event, FinishedGroup):
+                    if offsets:
+                        yield _shifted((position, event), offsets, used)
+                    else:
+                        early.append((position, event))
+                else:
+                    batches[position] = event
+            yield merge_rollout_batches([batches[p] for p in range(len(used))], [part.start for _, part in used])
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+
     def release_memory(self) -> bool:
         return any([engine.release_memory() for engine in self.engines])
 
@@ -100,3 +161,10 @@ class EnginePool:
         for engine in self.engines:
             if hasattr(engine, "shutdown"):
                 engine.shutdown()
+
+
+def _shifted(item: tuple[int, FinishedGroup], offsets: list[int], used: list) -> FinishedGroup:
+    """An engine's finished group renumbered as in the merged batch."""
+    position, group = item
+    return FinishedGroup(group.group + offsets[position], used[position][1].start + group.prompt_index,
+                         group.responses)

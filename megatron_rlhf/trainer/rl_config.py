@@ -21,6 +21,7 @@ from megatron_rlhf.config.resources import ResourcesConfig
 from megatron_rlhf.planning.fit_check import FitCheckConfig
 
 ALGORITHMS = ("grpo", "ppo")
+ROLLOUT_MODES = ("sync", "one_step_off")
 
 
 def grpo_algorithm(**overrides) -> AlgorithmConfig:
@@ -97,6 +98,13 @@ class RLConfig:
     (megatron_rlhf.config.resources); the default is a CPU run."""
     placement: str = "colocated"
     """colocated (engine inside the actor's rank 0; groups share bundles) | disaggregated."""
+    rollout_mode: str = "sync"
+    """sync (each step generates its batch with the weights of the previous update) |
+    one_step_off (asynchronous: the batch of step k+1 is generated on the disaggregated engines
+    while step k trains, so samples are at most one update stale; needs ``placement:
+    disaggregated``; see megatron_rlhf.trainer.one_step_off, and ``algorithm.rollout_is`` for the
+    truncated importance-sampling correction). A resumed one_step_off run regenerates the batch
+    that was in flight at the checkpoint with the restored weights."""
     weight_sync_bucket_bytes: int = 64 * 1024**2
     sync_alarm_logprob_diff: float | None = 0.05
     """Alarm when the trainer's log-probs of the sampled tokens differ from the engine's by more
@@ -137,6 +145,12 @@ class RLConfig:
                 and self.engine_tensor_parallel * self.resources.gpus_per_rank > 1):
             raise ValueError(f"RLConfig.engine_tensor_parallel={self.engine_tensor_parallel}: a colocated engine "
                              "shares the actor rank-0 GPU (TP 1); use placement: disaggregated for larger engines")
+        if self.rollout_mode not in ROLLOUT_MODES:
+            raise ValueError(f"RLConfig.rollout_mode={self.rollout_mode!r} (choose {', '.join(ROLLOUT_MODES)})")
+        if self.rollout_mode == "one_step_off" and self.placement != "disaggregated":
+            raise ValueError(f"RLConfig.rollout_mode='one_step_off' needs placement: disaggregated (got "
+                             f"{self.placement!r}): the engines generate while the actor trains, so they "
+                             "cannot live inside the actor")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if self.sync_alarm_action not in ("warn", "stop"):

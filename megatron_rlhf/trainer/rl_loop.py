@@ -18,6 +18,13 @@ engine's sampling log-probs (both come from the same weights, synced at the end 
 step) and reports the largest difference and the mean importance ratio; above
 ``sync_alarm_logprob_diff`` it warns, or stops the run (``sync_alarm_action: stop``).
 
+One-step-off-policy rollouts (``rollout_mode: one_step_off``, :mod:`.one_step_off`): the
+engines generate step k+1 while step k trains; the weight-sync check is made on steps whose
+samples come from the trainer's current weights (staleness 0). A checkpoint holds the sampler
+from before the batch in flight; that batch is discarded when the run ends or stops, and a
+resumed run regenerates it with the restored weights (that step is on-policy, so a resumed
+one-step-off run is not bit-identical to an uninterrupted one).
+
 Checkpoint order: the critic (PPO) is saved before the actor, and the actor's checkpoint carries
 the loop state; resume takes the actor's newest complete step and loads the critic at that step.
 """
@@ -186,6 +193,26 @@ def build_components(config: RLConfig, tokenizer: Any):
     return parts, groups, run_placement
 
 
+def one_step_off_rollouts(config: RLConfig, groups: dict[str, Any], sampler: Any, parts: Any, step: int):
+    """The one-step-off-policy rollout schedule over the disaggregated engines, driven from here
+    (not through the actor's rank 0, which is busy training while they generate)."""
+    from megatron_rlhf.rollout.engine_pool import EnginePool
+    from megatron_rlhf.trainer.one_step_off import OneStepOffRollouts
+    from megatron_rlhf.workers.rollout_worker import RemoteEngine
+
+    if config.algorithm.rollout_is == "none":
+        log.warning("rollout_mode: one_step_off without algorithm.rollout_is: the policy loss does not correct "
+                    "for samples drawn by weights one update older (set rollout_is: token or sequence)")
+    engines = [RemoteEngine(group.workers[0]) for name, group in groups.items() if name.startswith("rollout")]
+    engine = engines[0] if len(engines) == 1 else EnginePool(engines)
+
+    def sampling_for(at: int):  # each step's own seed, as in synchronous mode
+        return replace(parts.sampling, seed=config.seed + SEED_STRIDE * at)
+
+    return OneStepOffRollouts(engine, sampler, sampling_for, parts.tokenizer, parts.router, parts.chat_template,
+                              last_step=config.steps, engine_version=step)
+
+
 def gpu_metrics(groups: dict[str, Any]) -> dict[str, float]:
     """Per-rank GPU metrics of the Megatron groups since the last call (empty on CPU runs)."""
     merged: dict[str, float] = {}
@@ -244,6 +271,7 @@ def run_rl(config: RLConfig) -> RLResult:
 
             ray.shutdown()
         raise
+    rollouts = None
     try:
         algorithm = config.algorithm
         state = RLState(kl_controller=build_kl_controller(algorithm.kl_controller, algorithm.kl_coef,
@@ -255,6 +283,8 @@ def run_rl(config: RLConfig) -> RLResult:
             state, alarms = resumed
             groups["actor"].sync_weights()  # the engine starts from the initial weights
         parts.on_phase = fault_hook_from_env()
+        if config.rollout_mode == "one_step_off":
+            rollouts = one_step_off_rollouts(config, groups, sampler, parts, state.step)
         first_step = state.step
         logger = MetricsLogger(
             MetricsLogConfig(output_dir=str(out_dir), console=config.console, total_steps=config.steps,
@@ -267,8 +297,10 @@ def run_rl(config: RLConfig) -> RLResult:
             while state.step < config.steps:
                 # vLLM seeds the n samples of a request seed, seed + 1, ...: strides keep steps apart
                 parts.sampling = replace(parts.sampling, seed=config.seed + SEED_STRIDE * state.step)
-                prompts = sampler.next_batch()
-                metrics, state = rl_step(parts, state, prompts)
+                if rollouts is None:
+                    metrics, state = rl_step(parts, state, sampler.next_batch())
+                else:  # the batch generated during the previous step; the next starts in the step
+                    metrics, state = rl_step(parts, state, None, rollouts)
                 metrics.update(gpu_metrics(groups))
                 alarm = sync_alarm(config, metrics)
                 metrics["ratio/sync_alarms"] = alarms = alarms + bool(alarm)
@@ -277,13 +309,15 @@ def run_rl(config: RLConfig) -> RLResult:
                 if last or (config.checkpoint_every and state.step % config.checkpoint_every == 0):
                     if parts.on_phase is not None:
                         parts.on_phase("checkpoint", state.step)
-                    _save(config, groups, sampler, state, parts.router, alarms)
+                    _save(config, groups, sampler, state, parts.router, alarms, rollouts)
                 if alarm and config.sync_alarm_action == "stop":
                     raise RuntimeError(alarm)
         policy_dir = groups["actor"].export_hf(str(out_dir / "policy"))
         return RLResult(policy_dir=policy_dir, metrics_file=str(logger.jsonl_path),
                         steps_run=state.step - first_step, resumed_from=first_step if resumed is not None else None)
     finally:
+        if rollouts is not None:
+            rollouts.close()  # the batch in flight is discarded (a resumed run regenerates it)
         parts.router.close()
         shutdown_groups(groups, placement)
         if started_ray:
@@ -296,6 +330,8 @@ def sync_alarm(config: RLConfig, metrics: dict[str, float]) -> str | None:
     """The weight-sync consistency check on the step's own samples (module docstring): a message
     when the trainer's and the engine's log-probs of the sampled tokens disagree, else None."""
     difference = metrics.get("ratio/engine_max_abs_logprob_diff", 0.0)
+    if metrics.get("rollout/staleness", 0.0) > 0:  # sampled by older weights: a gap is expected
+        return None
     if config.sync_alarm_logprob_diff is None or difference <= config.sync_alarm_logprob_diff:
         return None
     message = (f"weight-sync check: trainer and engine log-probs of the sampled tokens differ by {difference:.4g} "
@@ -305,11 +341,12 @@ def sync_alarm(config: RLConfig, metrics: dict[str, float]) -> str | None:
     return message
 
 
-def _loop_state(sampler: Any, state: Any, router: Any, alarms: int) -> dict[str, Any]:
-    """Everything besides the models that changes what later steps compute or log."""
+def _loop_state(sampler: Any, state: Any, router: Any, alarms: int, rollouts: Any = None) -> dict[str, Any]:
+    """Everything besides the models that changes what later steps compute or log (one-step-off:
+    the sampler as it was before the batch in flight drew its prompts)."""
     return {
         "step": state.step,
-        "sampler": sampler.state_dict(),
+        "sampler": rollouts.sampler_state() if rollouts is not None else sampler.state_dict(),
         "kl_coef": float(state.kl_controller.value),
         "domain_stats": state.domain_stats.to_dict() if state.domain_stats is not None else {},
         "domains": list(state.domains),
@@ -318,11 +355,12 @@ def _loop_state(sampler: Any, state: Any, router: Any, alarms: int) -> dict[str,
     }
 
 
-def _save(config: RLConfig, groups: dict[str, Any], sampler: Any, state: Any, router: Any, alarms: int) -> None:
+def _save(config: RLConfig, groups: dict[str, Any], sampler: Any, state: Any, router: Any, alarms: int,
+          rollouts: Any = None) -> None:
     run_dir = str(Path(config.out_dir) / "state")
     if "critic" in groups:
         groups["critic"].save_state(run_dir, "critic", state.step, {}, config.keep_checkpoints)
-    groups["actor"].save_state(run_dir, "actor", state.step, _loop_state(sampler, state, router, alarms),
+    groups["actor"].save_state(run_dir, "actor", state.step, _loop_state(sampler, state, router, alarms, rollouts),
                          config.keep_checkpoints)
 
 

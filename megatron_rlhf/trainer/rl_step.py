@@ -5,8 +5,9 @@ typed role proxy (:mod:`megatron_rlhf.workers.role_proxies`: each data-parallel 
 only its token-balanced share of the batch, results come back in batch order) or a pure
 library function::
 
-    batch   = rollout(prompts, n)                       # vLLM, colocated with the actor
-    rewards = router.score(samples)                     # verifiers + RM + GenRM (hybrid reward)
+    batch   = rollout(prompts, n)                       # vLLM, colocated with the actor (or disaggregated)
+    rewards = router.score(samples)                     # verifiers + RM + GenRM, streamed: each group
+                                                        # is scored as the engine finishes it
     old_lp  = actor.logprobs(batch)                     # + the policy entropy, same pass
     ref_lp  = reference.logprobs(batch)                 # KL anchor (unless kl_mode == "none")
     values  = critic.values(batch)                      # PPO only
@@ -17,6 +18,13 @@ library function::
 Samples whose reward is an infrastructure error (``reward is None``: a crashed sandbox, an
 unparseable GenRM judgement) are never trained on as a 0: their response mask is cleared and
 their reward set to their group's mean of valid rewards (zero advantage); they are counted.
+
+One-step-off-policy mode (:mod:`.one_step_off`): the batch was generated during the previous
+step, and the next one is generated during this step's passes and updates (phase "rollout_wait"
+waits for it before the weight sync). The policy loss can correct the engine/trainer mismatch
+with truncated importance sampling (``AlgorithmConfig.rollout_is``); ``rollout_is/*`` metrics
+report the mismatch KL and the weights every step, ``rollout/staleness`` the updates between the
+sampling weights and the trainer's.
 
 Everything the next step needs (KL coefficient, running per-domain reward moments) is returned
 in a new :class:`RLState`, which the loop checkpoints.
@@ -33,6 +41,8 @@ import torch
 from megatron_rlhf.algorithms import AlgorithmConfig, Rollout, make_experience
 from megatron_rlhf.data.prompts import PromptRecord
 from megatron_rlhf.trainer.metrics_log import PhaseTimer
+from megatron_rlhf.trainer.one_step_off import engine_inputs
+from megatron_rlhf.trainer.rollout_phase import generate_scored, rollout_correction_metrics
 from megatron_rlhf.trainer.rl_metrics import step_metrics
 from megatron_rlhf.types import RolloutBatch
 
@@ -72,8 +82,14 @@ class RLComponents:
     """Called as each phase starts with ``(phase name, step)`` (tracing, fault-injection tests)."""
 
 
-def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]) -> tuple[dict[str, float], RLState]:
-    """Run one step on ``prompts``; returns the step's metrics and the state for the next step."""
+def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord] | None,
+            rollouts: Any | None = None) -> tuple[dict[str, float], RLState]:
+    """Run one step on ``prompts``; returns the step's metrics and the state for the next step.
+
+    ``rollouts``: a :class:`~megatron_rlhf.trainer.one_step_off.OneStepOffRollouts` (then
+    ``prompts`` is None: the step trains on the batch it generated during the previous step, and
+    starts the next one); None: synchronous (generate now, with weights synced last step).
+    """
     timer = PhaseTimer()
     algorithm = parts.algorithm
 
@@ -84,14 +100,20 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
                 parts.on_phase(name, state.step)
             yield
 
-    with phase("rollout"):
-        batch: RolloutBatch = parts.actor.generate([p.as_messages() if parts.chat_template else p.rollout_input() for p in prompts], parts.sampling)
+    staleness = 0
+    with phase("rollout"):  # each prompt group is scored as soon as the engine finishes it
+        if rollouts is None:
+            batch, scoring = generate_scored(parts.actor, engine_inputs(prompts, parts.chat_template), parts.sampling,
+                                             prompts, parts.tokenizer, parts.router, state.step)
+        else:  # generated during the previous step (one-step-off-policy)
+            prompts, batch, scoring, staleness = rollouts.take(state.step)
     step_prompts = [prompts[int(index)] for index in batch.prompt_index]
 
-    with phase("reward"):
-        samples = reward_samples(batch, step_prompts, parts.tokenizer, state.step)
-        results = parts.router.score(samples)
+    with phase("reward"):  # the last groups' scores, then the whole batch's normalisation
+        results = scoring.results(batch.num_samples)
         rewards, valid = rewards_tensor(results, batch.group_index)
+    if rollouts is not None:
+        rollouts.start(state.step + 1)  # the next batch generates while this one trains
     sampled = batch
     batch = replace(batch, response_mask=batch.response_mask * valid.unsqueeze(1).to(batch.response_mask.dtype))
 
@@ -118,6 +140,7 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
             values=values,
             group_index=batch.group_index,
             domain_ids=domain_ids,
+            rollout_logprobs=batch.sampling_logprobs,
         )
         experience, domain_stats = make_experience(
             rollout, algorithm, kl_coef=state.kl_controller.value, domain_stats=state.domain_stats
@@ -132,8 +155,13 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
         with phase("critic_update"):
             critic_stats = parts.critic.update(batch, experience, algorithm)
 
+    if rollouts is not None:
+        with phase("rollout_wait"):  # the engines finish the next batch before taking new weights
+            rollouts.wait_generated()
     with phase("weight_sync"):
         sync = parts.actor.sync_weights()
+    if rollouts is not None:
+        rollouts.synced(state.step + 1)
 
     mean_kl = _masked_mean(experience.kl, experience.response_mask) if experience.kl is not None else 0.0
     controller = state.kl_controller.update(max(mean_kl, 0.0) * _mean_length(experience.response_mask), batch.num_samples)
@@ -151,6 +179,8 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
         weight_sync=sync,
         timings=timer.pop_step(),
     )
+    metrics.update(rollout_correction_metrics(old_logprobs, sampled, experience.response_mask, algorithm))
+    metrics["rollout/staleness"] = float(staleness)
     new_state = RLState(step=state.step + 1, kl_controller=controller, domain_stats=domain_stats, domains=domains)
     return metrics, new_state
 

@@ -276,6 +276,18 @@ class ActorWorker(MegatronWorker):
         self.engine.release_memory()
         return batch
 
+    def generate_stream(self, prompts: list, settings: Any):
+        """:meth:`generate` as :mod:`~megatron_rlhf.rollout.stream` events (rank 0 only; a Ray
+        streaming generator)."""
+        if self.rank != 0 or self.engine is None:
+            raise RuntimeError("generate_stream() is for the actor's rank 0 with an attached engine")
+        if settings.temperature != self.spec.temperature:
+            raise ValueError(f"generate() at temperature {settings.temperature}, but this actor computes log-probs "
+                             f"at {self.spec.temperature}: one temperature serves both (RoleWorkerSpec.temperature)")
+        with self.gpu.phase("rollout"):
+            yield from self.engine.generate_stream(prompts, settings)
+        self.engine.release_memory()
+
     def sync_weights(self) -> dict[str, float]:
         if self.engine is not None:  # rank 0 holds the engine
             self.engine.wake(("weights",))  # vLLM loads into its own weight memory: back first

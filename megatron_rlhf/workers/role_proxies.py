@@ -130,6 +130,13 @@ class ActorGroup(RoleGroup):
         """Sample ``settings.n`` responses per prompt with the engine."""
         return self._rank0("generate", prompts, settings)
 
+    def generate_stream(self, prompts: list, settings: Any) -> Any:
+        """:meth:`generate` as :mod:`~megatron_rlhf.rollout.stream` events, each as the engine
+        finishes it (only rank 0 is called: the other ranks have nothing to do in a rollout)."""
+        from megatron_rlhf.workers.rollout_worker import stream_from_ray
+
+        return stream_from_ray(self.group.workers[0].generate_stream, prompts, settings)
+
     def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, R], [B, R])`` float32 log-probs and policy entropy per response token."""
         logprobs, entropy = self._per_sample("logprobs_and_entropy", batch)

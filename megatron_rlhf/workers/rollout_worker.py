@@ -13,7 +13,7 @@ process outlives the run.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from megatron_rlhf.types import RolloutBatch
 
@@ -49,6 +49,10 @@ class RolloutWorker:
     def generate(self, prompts: list, settings: Any) -> RolloutBatch:
         return self.engine.generate(prompts, settings)
 
+    def generate_stream(self, prompts: list, settings: Any) -> Iterator[Any]:
+        """:mod:`~megatron_rlhf.rollout.stream` events (call with ``num_returns="streaming"``)."""
+        yield from self.engine.generate_stream(prompts, settings)
+
     def collective_rpc(self, method: str, kwargs: dict | None = None) -> Any:
         return self.engine.llm.collective_rpc(method, kwargs=kwargs or {})
 
@@ -81,9 +85,21 @@ class RemoteEngine:
 
         return ray.get(self.handle.generate.remote(prompts, settings))
 
+    def generate_stream(self, prompts: list, settings: Any) -> Iterator[Any]:
+        """The engine's stream events, each as the engine yields it (a Ray streaming generator)."""
+        yield from stream_from_ray(self.handle.generate_stream, prompts, settings)
+
     def release_memory(self) -> bool:
         """Nothing to hand over: a disaggregated engine has devices of its own."""
         return False
 
     def wake(self, tags: Any = ()) -> None:
         """Nothing was released (see :meth:`release_memory`)."""
+
+
+def stream_from_ray(method: Any, *args: Any) -> Iterator[Any]:
+    """Call a Ray actor's generator ``method`` as a streaming generator; yield its items as they come."""
+    import ray
+
+    for ref in method.options(num_returns="streaming").remote(*args):
+        yield ray.get(ref)

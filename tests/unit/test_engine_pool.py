@@ -61,3 +61,39 @@ def test_merge_offsets_group_index_past_dropped_prompts():
     first = RolloutBatch(**{**first.__dict__, "prompt_index": torch.tensor([0, 2])})  # prompt 1 dropped
     merged = merge_rollout_batches([first, _batch([[4]], 1, 0)], [0, 3])
     assert merged.prompt_index.tolist() == [0, 2, 3] and merged.group_index.tolist() == [0, 1, 2]
+
+
+class _StreamingEngine(_Engine):
+    """Streams like RolloutEngine.generate_stream: admitted groups (prompts of length 2 are
+    "dropped"), groups finishing in reverse order, then the batch of the admitted prompts."""
+
+    def generate_stream(self, prompts, settings):
+        from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup
+
+        kept = [i for i, p in enumerate(prompts) if len(p) != 2]
+        yield AdmittedPrompts(tuple(kept), settings)
+        batch = _batch([prompts[i] for i in kept], settings, self.tag)
+        batch = RolloutBatch(**{**batch.__dict__, "prompt_index": torch.tensor([kept[g] for g in batch.group_index])})
+        for group in reversed(range(len(kept))):
+            rows = range(group * settings, (group + 1) * settings)
+            yield FinishedGroup(group, kept[group], tuple(tuple(batch.response_ids[r].tolist()) for r in rows))
+        yield batch
+
+
+def test_pool_stream_numbers_groups_as_the_merged_batch():
+    from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup, last_item
+
+    prompts = [[1], [2, 2], [3, 3, 3], [4], [5, 5], [6, 6, 6]]
+    events = list(EnginePool([_StreamingEngine(0), _StreamingEngine(1)]).generate_stream(prompts, 2))
+    admitted, groups, batch = events[0], events[1:-1], events[-1]
+    assert isinstance(admitted, AdmittedPrompts) and admitted.prompt_index == (0, 2, 3, 5)
+    assert all(isinstance(g, FinishedGroup) for g in groups) and sorted(g.group for g in groups) == [0, 1, 2, 3]
+    assert batch.prompt_index.tolist() == [0, 0, 2, 2, 3, 3, 5, 5]
+    for group in groups:  # each group's responses are its rows of the merged batch
+        assert admitted.prompt_index[group.group] == group.prompt_index
+        for k, row in enumerate(group.rows(2)):
+            length = int(batch.response_mask[row].sum())
+            assert tuple(batch.response_ids[row, :length].tolist()) == group.responses[k]
+            assert batch.prompt_index[row].item() == group.prompt_index
+    again = last_item(EnginePool([_StreamingEngine(0), _StreamingEngine(1)]).generate_stream(prompts, 2))
+    assert torch.equal(again.response_ids, batch.response_ids)

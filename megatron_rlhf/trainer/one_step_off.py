@@ -1,0 +1,148 @@
+"""One-step-off-policy rollouts: the next step's batch is generated while this step trains.
+
+With ``RLConfig.rollout_mode: one_step_off`` (disaggregated placement: the engines are Ray actors
+of their own, not inside the actor's rank 0), step ``k`` of
+:func:`~megatron_rlhf.trainer.rl_step.rl_step` runs::
+
+    take B_k (generated during step k-1, rewards streamed alongside)   -> phase "rollout"
+    combine B_k's rewards                                              -> phase "reward"
+    start B_{k+1} on the engines (weights theta_k), rewards streaming  -> background thread
+    old / reference log-probs, values, experience, updates -> theta_{k+1}
+    wait until B_{k+1} is generated                                    -> phase "rollout_wait"
+    sync theta_{k+1} into the engines                                  -> phase "weight_sync"
+
+so generation of step ``k + 1`` overlaps the passes and the update of step ``k``, and B_{k+1} was
+sampled by weights one update older than those it is trained from (staleness 1; the first step,
+and the first step after a resume, are on-policy: staleness 0). Staleness never exceeds 1: the
+engines take new weights only between two generations, after every update. The PPO ratio is
+taken against the trainer's own log-probs of B_k (``old_logprobs``), and the gap between the
+engine's sampling policy and the trainer's is what truncated importance sampling corrects
+(``AlgorithmConfig.rollout_is``, :mod:`megatron_rlhf.algorithms.rollout_correction`).
+
+Prompts are drawn from the sampler in the same order as in synchronous mode and each step's
+sampling seed is that step's (``seed + stride * step``), so both modes see the same prompts.
+
+Checkpoint / resume: a checkpoint after step ``k`` holds the sampler as it was before the
+in-flight batch B_{k+1} drew its prompts; that batch is discarded (never trained on) when the run
+stops, and a resumed run draws the same prompts again and regenerates them with the restored
+weights theta_{k+1} (staleness 0 for that one step). A resumed one-step-off run is therefore not
+bit-identical to an uninterrupted one (that step's samples come from newer weights); everything
+else the loop checkpoints is restored exactly.
+
+Rewards keep their order: a batch's rewards are combined (normalisation, the infra-error window)
+in the main thread, in step order, before the next batch starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from megatron_rlhf.trainer.rollout_phase import generate_scored
+
+
+def engine_inputs(prompts: Sequence[Any], chat_template: bool) -> list:
+    """What the engine is given for each prompt: chat messages, or the raw rollout input."""
+    return [p.as_messages() if chat_template else p.rollout_input() for p in prompts]
+
+
+@dataclass
+class _InFlight:
+    step: int
+    prompts: list
+    version: int
+    """Updates behind the weights the batch is generated with (the engine's weight version)."""
+    thread: threading.Thread
+    result: tuple | None = None
+    error: BaseException | None = None
+
+
+class OneStepOffRollouts:
+    """Generates the batch of step ``k + 1`` on the disaggregated engines during step ``k``."""
+
+    def __init__(self, engine: Any, sampler: Any, sampling_for: Callable[[int], Any], tokenizer: Any,
+                 router: Any, chat_template: bool, last_step: int, engine_version: int):
+        self.engine = engine
+        """Driver-side proxy of the rollout engine(s) (``generate_stream``): never the actor's rank 0."""
+        self.sampler = sampler
+        self.sampling_for = sampling_for
+        self.tokenizer = tokenizer
+        self.router = router
+        self.chat_template = chat_template
+        self.last_step = last_step
+        """Steps of the run: no batch is started for a step at or past it."""
+        self.engine_version = engine_version
+        """How many updates the engine's weights have seen (the step of the last sync)."""
+        self._inflight: _InFlight | None = None
+        self._sampler_before: dict | None = None
+
+    def _draw(self) -> list:
+        return list(self.sampler.next_batch())
+
+    def _generate(self, step: int, prompts: list) -> tuple:
+        batch, stream = generate_scored(self.engine, engine_inputs(prompts, self.chat_template),
+                                        self.sampling_for(step), prompts, self.tokenizer, self.router, step)
+        return batch, stream
+
+    def start(self, step: int) -> None:
+        """Draw the prompts of ``step`` and start generating them in the background (no-op past
+        the last step, or when a batch is already in flight)."""
+        if step >= self.last_step or self._inflight is not None:
+            return
+        self._sampler_before = self.sampler.state_dict()
+        prompts = self._draw()
+
+        def run() -> None:
+            try:
+                flight.result = self._generate(step, prompts)
+            except BaseException as error:  # re-raised by take / wait_generated
+                flight.error = error
+
+        flight = _InFlight(step, prompts, self.engine_version, threading.Thread(target=run, daemon=True,
+                                                                                name=f"rollout-step-{step}"))
+        self._inflight = flight
+        flight.thread.start()
+
+    def take(self, step: int) -> tuple[list, Any, Any, int]:
+        """``(prompts, batch, reward stream, staleness)`` of ``step``: the batch started during
+        the previous step, or one generated now (the first step, after a resume)."""
+        flight = self._inflight
+        if flight is None:
+            prompts = self._draw()
+            batch, stream = self._generate(step, prompts)
+            return prompts, batch, stream, step - self.engine_version
+        if flight.step != step:
+            raise RuntimeError(f"the batch in flight is for step {flight.step}, step {step} asked for it")
+        self.wait_generated()
+        self._inflight, self._sampler_before = None, None
+        batch, stream = flight.result
+        return flight.prompts, batch, stream, step - flight.version
+
+    def wait_generated(self) -> None:
+        """Block until the batch in flight is generated (its rewards may still be scoring): the
+        engines are idle afterwards and may take new weights. Raises what the generation raised."""
+        flight = self._inflight
+        if flight is None:
+            return
+        flight.thread.join()
+        if flight.error is not None:
+            self._inflight = None
+            raise flight.error
+
+    def synced(self, version: int) -> None:
+        """The engines now hold the weights after ``version`` updates."""
+        self.engine_version = version
+
+    def sampler_state(self) -> dict:
+        """The sampler's state for a checkpoint: before the in-flight batch drew its prompts."""
+        return self._sampler_before if self._inflight is not None else self.sampler.state_dict()
+
+    def close(self) -> None:
+        """Discard the batch in flight (waits for its generation; its rewards are dropped)."""
+        flight, self._inflight = self._inflight, None
+        if flight is None:
+            return
+        flight.thread.join()
+        if flight.result is not None:
+            flight.result[1].close()
