@@ -36,6 +36,7 @@ from megatron_rlhf.checkpoint.hf_io import (
 from megatron_rlhf.config.parallel import ParallelConfig
 from megatron_rlhf.models.arch import ArchSpec, arch_spec_from_hf_config, load_hf_config
 from megatron_rlhf.models.provider import DTYPES, ModelBuildConfig, validate_layout
+from megatron_rlhf.parallel.launch import Launcher
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,13 @@ def hf_to_megatron(
     expert_parallel: int = 1,
     params_dtype: str | None = None,
     overwrite: bool = False,
+    launcher: Launcher | None = None,
 ) -> None:
-    """Convert an HF checkpoint directory into a Megatron distributed checkpoint."""
+    """Convert an HF checkpoint directory into a Megatron distributed checkpoint.
+
+    ``launcher`` runs the worker on the plan's ranks (default: ``run_distributed``, which starts
+    them, or runs in-process under torchrun); the distributed tests pass a rank pool's ``run``.
+    """
     from megatron_rlhf.parallel.launch import run_distributed
 
     plan = plan_hf_to_megatron(
@@ -161,7 +167,7 @@ def hf_to_megatron(
     start = time.perf_counter()
     log.info("converting %s -> %s at %s (%d processes)", hf_dir, out_dir,
              plan.parallel.describe(), plan.world_size)
-    run_distributed(_hf_to_megatron_worker, plan.world_size, plan)
+    (launcher or run_distributed)(_hf_to_megatron_worker, plan.world_size, plan)
     log.info("saved %s in %.1f s", out_dir, time.perf_counter() - start)
 
 
@@ -256,8 +262,12 @@ def megatron_to_hf(
     tensor_parallel: int | None = None,
     pipeline_parallel: int | None = None,
     overwrite: bool = False,
+    launcher: Launcher | None = None,
 ) -> None:
-    """Write a Megatron checkpoint as an HF directory (safetensors + config + tokenizer)."""
+    """Write a Megatron checkpoint as an HF directory (safetensors + config + tokenizer).
+
+    ``launcher``: as for :func:`hf_to_megatron`.
+    """
     from megatron_rlhf.parallel.launch import run_distributed
 
     plan = plan_checkpoint_load(ckpt_dir, out_dir, tensor_parallel, pipeline_parallel, None, overwrite)
@@ -266,5 +276,5 @@ def megatron_to_hf(
             f"{ckpt_dir}: role={plan.metadata.role!r}; only lm checkpoints export to *ForCausalLM"
         )
     start = time.perf_counter()
-    counts = run_distributed(_megatron_to_hf_worker, plan.world_size, plan)
+    counts = (launcher or run_distributed)(_megatron_to_hf_worker, plan.world_size, plan)
     log.info("wrote %d tensors to %s in %.1f s", counts[0], out_dir, time.perf_counter() - start)

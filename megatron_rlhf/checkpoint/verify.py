@@ -26,6 +26,7 @@ from megatron_rlhf.checkpoint.convert import (
 )
 from megatron_rlhf.checkpoint.hf_io import HFWeightReader
 from megatron_rlhf.models.arch import arch_spec_from_hf_config, load_hf_config
+from megatron_rlhf.parallel.launch import Launcher
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,12 @@ def _megatron_logits_worker(plan: ExportPlan, batch: VerifyBatch) -> torch.Tenso
     return None
 
 
-def megatron_logits(plan: ExportPlan, batch: VerifyBatch) -> torch.Tensor:
-    """Full-vocabulary fp32 logits ``[B, T, V]`` of the checkpoint at the plan's layout."""
+def megatron_logits(plan: ExportPlan, batch: VerifyBatch, launcher: Launcher | None = None) -> torch.Tensor:
+    """Full-vocabulary fp32 logits ``[B, T, V]`` of the checkpoint at the plan's layout, computed
+    on ranks ``launcher`` runs (default: ``run_distributed``)."""
     from megatron_rlhf.parallel.launch import run_distributed
 
-    results = run_distributed(_megatron_logits_worker, plan.world_size, plan, batch)
+    results = (launcher or run_distributed)(_megatron_logits_worker, plan.world_size, plan, batch)
     # Every data-parallel replica's last stage computes them; take the first.
     return next(result for result in results if result is not None)
 
@@ -104,9 +106,13 @@ def check_hf_model_matches(hf_dir: str, plan: ExportPlan) -> None:
 
 
 def verify_checkpoint(
-    hf_dir: str, ckpt_dir: str, tolerance: float | None = None, seed: int = 0
+    hf_dir: str, ckpt_dir: str, tolerance: float | None = None, seed: int = 0,
+    launcher: Launcher | None = None,
 ) -> float:
-    """Max |logit difference| between the checkpoint and the HF model; raises above tolerance."""
+    """Max |logit difference| between the checkpoint and the HF model; raises above tolerance.
+
+    ``launcher`` runs the Megatron side on the checkpoint's ranks (see :func:`megatron_logits`).
+    """
     plan = plan_checkpoint_load(ckpt_dir)
     check_hf_model_matches(hf_dir, plan)
     if tolerance is None:
@@ -115,7 +121,7 @@ def verify_checkpoint(
     batch = random_batch(plan.arch.vocab_size, plan.arch.max_position_embeddings, seed)
     log.info("running %s at its saved layout %s", ckpt_dir, plan.parallel.describe())
     reference = hf_logits(hf_dir, batch)
-    candidate = megatron_logits(plan, batch)
+    candidate = megatron_logits(plan, batch, launcher)
     if candidate.shape != reference.shape:
         raise VerificationFailed(float("inf"), tolerance)
     max_abs_diff = float((candidate - reference).abs().max())

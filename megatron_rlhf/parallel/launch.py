@@ -24,6 +24,12 @@ from typing import Any, Callable
 import torch
 
 
+Launcher = Callable[..., list[Any]]
+"""Runs a job on local ranks: ``launcher(function, world_size, *args)`` returns ``function(*args)``'s
+result of each rank, in rank order (:func:`run_distributed`, or a persistent
+:class:`~megatron_rlhf.parallel.rank_pool.RankPool`'s ``run``)."""
+
+
 class DistributedLaunchError(RuntimeError):
     """A rank of a locally launched job failed; the message holds its traceback."""
 

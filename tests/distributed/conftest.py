@@ -7,9 +7,12 @@ first ``world_size`` of them; between jobs the ranks tear down Megatron's parall
 process group (see megatron_rlhf/parallel/rank_pool.py), as one process does when it initialises
 Megatron for several layouts in turn. A job that fails ends the pool; the next one starts afresh.
 
-Tests that exercise the launcher itself, or that must start from a fresh interpreter, keep using
-``spawn`` or subprocesses. ``MEGATRON_RLHF_FRESH_RANKS=1`` makes ``rank_pool`` start fresh ranks
-for every job instead (``spawn``), to tell a test's failure from a pool effect, or to compare.
+Library functions that start their own ranks take a ``launcher`` (the checkpoint tools'
+``hf_to_megatron``, ``megatron_to_hf``, ``verify_checkpoint``): tests pass ``rank_pool.run``.
+Tests that exercise the launcher or a command itself, that must start from a fresh interpreter,
+or that kill their process, keep using ``spawn`` or subprocesses. ``MEGATRON_RLHF_FRESH_RANKS=1``
+makes ``rank_pool`` start fresh ranks for every job instead (``spawn``), to tell a test's failure
+from a pool effect, or to compare.
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
-"""The three checkpoint tools, run as a user runs them: one command each, from the repository root.
+"""The three checkpoint tools, run as a user runs them, and the library calls behind them.
 
-``checkpoints_tools/hf_to_megatron.py``, ``verify.py`` and ``megatron_to_hf.py`` are started with
-``sys.executable`` as subprocesses; each starts its own ranks. Models are made here with random
-weights (norms != 1, biases != 0) and a vocabulary of 500, so Megatron's vocabulary padding is in
-play at every TP size. Checked:
+The llama TP2 x PP2 case runs ``checkpoints_tools/hf_to_megatron.py``, ``verify.py`` and
+``megatron_to_hf.py`` as a user does: subprocesses started with ``sys.executable`` from the
+repository root, each starting its own ranks (and ``verify.py`` once more, above its tolerance, for
+its exit status). The other cases are about the conversion itself, not the command around it:
+they call the functions the tools call (``hf_to_megatron``, ``verify_checkpoint``,
+``megatron_to_hf``: the same planning and checks in this process, the same workers) with the
+distributed tier's rank pool as their launcher, so no case starts processes of its own. Models are
+made here with random weights (norms != 1, biases != 0) and a vocabulary of 500, so Megatron's
+vocabulary padding is in play at every TP size. Checked:
 
 - llama at TP2 x PP2: ``verify`` exits 0 and prints ``max_abs_logit_diff=<v>`` last with
   v <= 1e-4; the export gives back every tensor bit for bit (same names, dtypes, values), the same
@@ -17,7 +22,8 @@ play at every TP size. Checked:
   safetensors with an index, top-level ``rope_theta``, no ``num_key_value_heads`` and extra keys;
   and a Mixtral config that leaves ``rms_norm_eps`` and the rope fields to transformers' defaults.
 
-About 15 tool runs of 10-20 s each on a 2-core CPU machine: under 4 minutes in all.
+Four tool runs (a fresh Python and fresh ranks each, 10-20 s on a 2-core CPU machine) and eleven
+library jobs on the pool's ranks (a few seconds each).
 """
 
 from __future__ import annotations
@@ -116,12 +122,38 @@ def assert_bit_identical(original: Path, exported: Path) -> None:
 def convert_verify_export(
     hf_dir: Path, work: Path, layout: tuple[str, ...], export_layout: tuple[str, ...] = ()
 ) -> dict:
-    """hf_to_megatron at ``layout``, verify, megatron_to_hf (at ``export_layout`` if given)."""
+    """The three tools as commands: hf_to_megatron at ``layout``, verify, megatron_to_hf (at
+    ``export_layout`` if given)."""
     ckpt, back = work / "ckpt", work / "back"
     run_ok("hf_to_megatron.py", "--hf", hf_dir, "--out", ckpt, *layout)
     verify = run_tool("verify.py", "--hf", hf_dir, "--ckpt", ckpt)
     run_ok("megatron_to_hf.py", "--ckpt", ckpt, "--out", back, *export_layout)
-    return {"hf": hf_dir, "ckpt": ckpt, "back": back, "verify": verify}
+    return {"hf": hf_dir, "ckpt": ckpt, "back": back, "verify_diff": reported_diff_ok(verify)}
+
+
+def reported_diff_ok(result: subprocess.CompletedProcess) -> float:
+    """verify's reported difference, after checking that it exited 0."""
+    assert result.returncode == 0, result.stderr
+    return reported_diff(result)
+
+
+def pooled_convert(
+    rank_pool, hf_dir: Path, work: Path, layout: dict, export_layout: dict | None = None
+) -> dict:
+    """What the tools do, as library calls on the rank pool: convert at ``layout`` (``tensor_parallel``,
+    ``pipeline_parallel``, ``expert_parallel``), verify at the default tolerance (a difference
+    above it raises), then export (at ``export_layout`` if given; skipped when it is None)."""
+    from megatron_rlhf.checkpoint.convert import hf_to_megatron, megatron_to_hf
+    from megatron_rlhf.checkpoint.verify import verify_checkpoint
+
+    ckpt, back = work / "ckpt", work / "back"
+    hf_to_megatron(str(hf_dir), str(ckpt), launcher=rank_pool.run, **layout)
+    run = {"hf": hf_dir, "ckpt": ckpt, "verify_diff": verify_checkpoint(str(hf_dir), str(ckpt),
+                                                                           launcher=rank_pool.run)}
+    if export_layout is not None:
+        megatron_to_hf(str(ckpt), str(back), launcher=rank_pool.run, **export_layout)
+        run["back"] = back
+    return run
 
 
 # ----------------------------------------------------------------------------- models and runs
@@ -140,7 +172,7 @@ def llama_run(tmp_path_factory, tokenizer) -> dict:
 
 
 @pytest.fixture(scope="module")
-def llama3_run(tmp_path_factory, tokenizer) -> dict:
+def llama3_run(tmp_path_factory, tokenizer, rank_pool) -> dict:
     """Llama-3.1 rope scaling; saved at TP2 x PP1, exported at TP1 x PP2 (resharding)."""
     work = tmp_path_factory.mktemp("llama3")
     hf_dir = make_tiny_hf_model(
@@ -150,20 +182,20 @@ def llama3_run(tmp_path_factory, tokenizer) -> dict:
         # unscaled rope differs by ~7e-2 on verify's batch (by ~8e-5 at the default 0.02).
         initializer_range=0.1,
     )
-    return convert_verify_export(
-        hf_dir, work, ("--tp", "2", "--pp", "1"), export_layout=("--tp", "1", "--pp", "2")
-    )
+    return pooled_convert(rank_pool, hf_dir, work, {"tensor_parallel": 2, "pipeline_parallel": 1},
+                          export_layout={"tensor_parallel": 1, "pipeline_parallel": 2})
 
 
 @pytest.fixture(scope="module")
-def moe_run(tmp_path_factory, tokenizer) -> dict:
+def moe_run(tmp_path_factory, tokenizer, rank_pool) -> dict:
     work = tmp_path_factory.mktemp("qwen3_moe")
     hf_dir = make_tiny_hf_model("qwen3_moe", work / "hf", vocab_size=VOCAB, tokenizer=tokenizer)
-    return convert_verify_export(hf_dir, work, ("--tp", "1", "--pp", "1", "--ep", "2"))
+    return pooled_convert(rank_pool, hf_dir, work,
+                          {"tensor_parallel": 1, "pipeline_parallel": 1, "expert_parallel": 2}, export_layout={})
 
 
 @pytest.fixture(scope="module")
-def legacy_bf16_run(tmp_path_factory, tokenizer) -> dict:
+def legacy_bf16_run(tmp_path_factory, tokenizer, rank_pool) -> dict:
     """A transformers-4 era checkpoint: bf16, sharded, legacy and missing config fields."""
     work = tmp_path_factory.mktemp("legacy_bf16")
     hf_dir = work / "hf"
@@ -183,11 +215,12 @@ def legacy_bf16_run(tmp_path_factory, tokenizer) -> dict:
     saved.update(_name_or_path="someone/llama-legacy", transformers_version="4.44.2",
                  custom_setting={"nested": [1, 2]})
     config_path.write_text(json.dumps(saved, indent=2))
-    return convert_verify_export(hf_dir, work, ("--tp", "1", "--pp", "2"))
+    return pooled_convert(rank_pool, hf_dir, work, {"tensor_parallel": 1, "pipeline_parallel": 2},
+                          export_layout={})
 
 
 @pytest.fixture(scope="module")
-def mixtral_defaults_run(tmp_path_factory, tokenizer) -> dict:
+def mixtral_defaults_run(tmp_path_factory, tokenizer, rank_pool) -> dict:
     """Mixtral whose config.json leaves rms_norm_eps and the rope fields to transformers, whose
     Mixtral defaults (1e-5, theta 1e6) are not the other families' (1e-6, theta 1e4)."""
     work = tmp_path_factory.mktemp("mixtral_defaults")
@@ -196,18 +229,14 @@ def mixtral_defaults_run(tmp_path_factory, tokenizer) -> dict:
     config = json.loads((hf_dir / "config.json").read_text())
     del config["rms_norm_eps"], config["rope_parameters"]
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2))
-    ckpt = work / "ckpt"
-    run_ok("hf_to_megatron.py", "--hf", hf_dir, "--out", ckpt, "--tp", "2", "--pp", "1")
-    verify = run_tool("verify.py", "--hf", hf_dir, "--ckpt", ckpt)
-    return {"hf": hf_dir, "ckpt": ckpt, "verify": verify}
+    return pooled_convert(rank_pool, hf_dir, work, {"tensor_parallel": 2, "pipeline_parallel": 1})
 
 
 # ----------------------------------------------------------------------------- llama TP2 x PP2
 
 
 def test_verify_llama_tp2_pp2(llama_run):
-    assert llama_run["verify"].returncode == 0, llama_run["verify"].stderr
-    assert reported_diff(llama_run["verify"]) <= TOLERANCE
+    assert llama_run["verify_diff"] <= TOLERANCE
 
 
 def test_checkpoint_records_layout_and_padded_vocab(llama_run):
@@ -265,8 +294,7 @@ def test_megatron_llama3_rope_frequencies_equal_transformers():
 
 
 def test_verify_llama3_rope_scaling(llama3_run):
-    assert llama3_run["verify"].returncode == 0, llama3_run["verify"].stderr
-    assert reported_diff(llama3_run["verify"]) <= TOLERANCE
+    assert llama3_run["verify_diff"] <= TOLERANCE
 
 
 def test_resharded_export_tp2_pp1_to_tp1_pp2_is_bit_identical(llama3_run):
@@ -292,8 +320,7 @@ def test_verify_above_tolerance_exits_1_and_prints_the_diff_last(llama3_run):
 def test_verify_qwen3_moe_ep2(moe_run):
     metadata = json.loads((moe_run["ckpt"] / "megatron_rlhf.json").read_text())
     assert metadata["expert_parallel"] == 2
-    assert moe_run["verify"].returncode == 0, moe_run["verify"].stderr
-    assert reported_diff(moe_run["verify"]) <= TOLERANCE
+    assert moe_run["verify_diff"] <= TOLERANCE
 
 
 def test_export_qwen3_moe_ep2_is_bit_identical(moe_run):
@@ -306,8 +333,7 @@ def test_export_qwen3_moe_ep2_is_bit_identical(moe_run):
 def test_verify_legacy_bf16_sharded(legacy_bf16_run):
     metadata = json.loads((legacy_bf16_run["ckpt"] / "megatron_rlhf.json").read_text())
     assert metadata["params_dtype"] == "bfloat16"
-    assert legacy_bf16_run["verify"].returncode == 0, legacy_bf16_run["verify"].stderr
-    assert reported_diff(legacy_bf16_run["verify"]) <= HALF_PRECISION_TOLERANCE
+    assert legacy_bf16_run["verify_diff"] <= HALF_PRECISION_TOLERANCE
 
 
 def test_export_legacy_bf16_sharded_is_bit_identical(legacy_bf16_run):
@@ -322,5 +348,4 @@ def test_export_legacy_bf16_sharded_is_bit_identical(legacy_bf16_run):
 
 def test_verify_mixtral_relying_on_transformers_defaults(mixtral_defaults_run):
     """Read with the llama defaults instead, this model's logits would differ by ~5e-2."""
-    assert mixtral_defaults_run["verify"].returncode == 0, mixtral_defaults_run["verify"].stderr
-    assert reported_diff(mixtral_defaults_run["verify"]) <= TOLERANCE
+    assert mixtral_defaults_run["verify_diff"] <= TOLERANCE

@@ -1,10 +1,12 @@
 """An RL actor step with each data-parallel replica handed only its share of the batch.
 
 The real :class:`~megatron_rlhf.workers.megatron_worker.ActorWorker` runs in every rank of a
-spawned gloo world (DP1, DP2, TP2xDP2). Each rank is given what the role proxies of
-:mod:`megatron_rlhf.workers.role_proxies` would hand it: the token-balanced share of its DP
-replica (:func:`~megatron_rlhf.parallel.data_dispatch.balanced_shards`, 2 minibatches). It
-computes log-probs and entropy of its share (read back only from each replica's output rank and
+gloo world (DP1, DP2, TP2xDP2) on the distributed tier's rank pool, joined as its worker group
+joins it (rank 0 opens the rendezvous store and announces its port, the others connect to it).
+Each rank is given what the role proxies of :mod:`megatron_rlhf.workers.role_proxies` would hand
+it: the token-balanced share of its DP replica
+(:func:`~megatron_rlhf.parallel.data_dispatch.balanced_shards`, 2 minibatches). It computes
+log-probs and entropy of its share (read back only from each replica's output rank and
 reassembled in batch order) and runs 2 PPO epochs x 2 minibatches on its share. Checked against
 DP1 within 1e-5: log-probs, step losses, gradient norms and every updated weight; and that each
 rank received exactly its replica's samples (TP peers the same ones, replicas disjoint).
@@ -18,14 +20,16 @@ same names, shapes and dtypes on the other ranks.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -139,7 +143,25 @@ def _rank0_export(worker) -> dict:
     return {"shapes_match": shapes_match, "materialised": any(not t.is_meta for _, t in pairs), "equal": None}
 
 
-def _rank(layout: str, hf_dir: str, data: dict[str, torch.Tensor]) -> dict:
+def _join(worker, rendezvous: str) -> None:
+    """What the worker group does through Ray: rank 0 opens the rendezvous store and announces its
+    address and port (here through a file), then every rank joins the process group with them."""
+    path = Path(rendezvous)
+    if worker.rank == 0:
+        address, port = worker.rendezvous_address()
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps([address, port]))
+        partial.rename(path)
+    else:
+        deadline = time.monotonic() + 600
+        while not path.exists():
+            assert time.monotonic() < deadline, f"rank 0 announced no rendezvous in {path}"
+            time.sleep(0.05)
+        address, port = json.loads(path.read_text())
+    worker.join_process_group(address, port)
+
+
+def _rank(layout: str, hf_dir: str, data: dict[str, torch.Tensor], rendezvous: str) -> dict:
     from megatron_rlhf.algorithms import AlgorithmConfig
     from megatron_rlhf.parallel.data_dispatch import balanced_shards, sample_tokens, select_rollout
     from megatron_rlhf.trainer.megatron_step import OptimizerSettings
@@ -152,7 +174,7 @@ def _rank(layout: str, hf_dir: str, data: dict[str, torch.Tensor]) -> dict:
                           algorithm=AlgorithmConfig(kl_mode="loss", kl_estimator="k3", entropy_coef=0.01),
                           update=update, seed=1)
     worker = ActorWorker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), spec)
-    worker.join_process_group(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    _join(worker, rendezvous)
     me = worker.rank_layout()
     batch = _batch(data)
     experience = _experience(batch, data)
@@ -194,14 +216,16 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def results(hf_dir):
+def results(hf_dir, rank_pool, tmp_path_factory):
     data = _data()
     cache: dict[str, list[dict]] = {}
+    rendezvous = tmp_path_factory.mktemp("rendezvous")
 
     def run(layout: str) -> list[dict]:
         if layout not in cache:
             parallel, dp = LAYOUTS[layout]
-            cache[layout] = spawn(_rank, parallel.world_size(dp), layout, hf_dir, data)
+            cache[layout] = rank_pool.run(_rank, parallel.world_size(dp), layout, hf_dir, data,
+                                          str(rendezvous / f"{layout}.json"))
         return cache[layout]
 
     return run

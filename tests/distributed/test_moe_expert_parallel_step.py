@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -98,14 +97,14 @@ def moe_checkpoint(root) -> tuple[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, rank_pool):
     hf_dir, tokens = moe_checkpoint(tmp_path_factory.mktemp("moe_step"))
     cache: dict[str, list[dict]] = {}
 
     def run(layout: str) -> list[dict]:
         if layout not in cache:
             parallel, dp = LAYOUTS[layout]
-            cache[layout] = spawn(_worker, parallel.world_size(dp), layout, hf_dir, tokens)
+            cache[layout] = rank_pool.run(_worker, parallel.world_size(dp), layout, hf_dir, tokens)
         return cache[layout]
 
     return run

@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -152,7 +151,7 @@ def _worker(family: str, parallel: ParallelConfig, tokens: torch.Tensor):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_planner_bytes_equal_megatron_held_bytes(name):
+def test_planner_bytes_equal_megatron_held_bytes(name, rank_pool):
     from megatron_rlhf.models.arch import arch_spec_from_hf_config
     from megatron_rlhf.models.tiny import tiny_hf_config
     from megatron_rlhf.planning.activations import stage_activation_bytes
@@ -166,7 +165,7 @@ def test_planner_bytes_equal_megatron_held_bytes(name):
     arch = arch_spec_from_hf_config(tiny_hf_config(family, vocab_size=VOCAB).to_dict())
     tokens = torch.randint(0, VOCAB, (MICRO * MICROBATCHES * world // parallel.model_parallel, SEQ),
                            generator=torch.Generator().manual_seed(0))
-    reports = spawn(_worker, world, family, parallel, tokens)
+    reports = rank_pool.run(_worker, world, family, parallel, tokens)
     layout = PlanLayout(tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
                         expert_parallel=parallel.expert_parallel,
                         data_parallel=parallel.data_parallel(world))

@@ -19,7 +19,6 @@ import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
 from megatron_rlhf.config.precision import PrecisionConfig
-from megatron_rlhf.parallel.launch import spawn
 
 pytestmark = pytest.mark.distributed
 VOCAB = 300
@@ -83,14 +82,14 @@ def _worker(hf_dir: str, tokens: torch.Tensor) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def reports(tmp_path_factory, rank_pool):
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("precision")
     hf_dir = make_tiny_hf_model("llama", root / "llama", seed=11, vocab_size=VOCAB,
                                 tokenizer=train_tiny_tokenizer(VOCAB, seed=0))
     tokens = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
-    return spawn(_worker, 2, str(hf_dir), tokens)  # DP2: gradients reduced over gloo
+    return rank_pool.run(_worker, 2, str(hf_dir), tokens)  # DP2: gradients reduced over gloo
 
 
 def test_bf16_trains_with_fp32_main_weights_grads_and_adam_state(reports):

