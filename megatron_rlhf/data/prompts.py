@@ -83,6 +83,12 @@ class PromptRecord:
             return [dict(message) for message in self.messages]
         return [{"role": "user", "content": self.prompt or ""}]
 
+    def engine_input(self, chat_template: bool) -> str | list[dict[str, str]]:
+        """What the engine is given for this prompt: chat messages when the run applies the chat
+        template, else the raw rollout input. Every caller that generates (RL rollouts, held-out
+        evaluation, Best-of-N) goes through here, so they prompt the engine alike."""
+        return self.as_messages() if chat_template else self.rollout_input()
+
     @property
     def text(self) -> str:
         """The prompt as plain text (the messages' contents joined by newlines)."""

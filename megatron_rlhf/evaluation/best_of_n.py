@@ -197,7 +197,7 @@ def sample_and_grade(engine: Any, prompts: Sequence[Any], verifier: Any, config:
     dropped = errors = 0
     for start in range(0, len(prompts), config.prompts_per_call):
         chunk = prompts[start : start + config.prompts_per_call]
-        inputs = [record.as_messages() if config.chat_template else record.rollout_input() for record in chunk]
+        inputs = [record.engine_input(config.chat_template) for record in chunk]
         batch = engine.generate(inputs, settings)
         lengths = batch.response_lengths.tolist()
         by_prompt: dict[int, list[RewardSample]] = {}

@@ -65,7 +65,7 @@ def evaluate_policy(policy_dir: str, prompts: Sequence[Any], scorer: Any, config
     """Grade ``policy_dir``'s answers to ``prompts`` (PromptRecords) with ``scorer`` (a RewardSource)."""
     from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
 
-    inputs = [p.as_messages() if chat_template else p.rollout_input() for p in prompts]
+    inputs = [p.engine_input(chat_template) for p in prompts]
     rollout = RolloutConfig(model_dir=policy_dir, max_model_len=config.max_model_len, overlong_prompts="drop",
                             seed=config.seed, weight_transfer_backend=None)
     with RolloutEngine(rollout) as engine:

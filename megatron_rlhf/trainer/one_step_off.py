@@ -37,14 +37,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from megatron_rlhf.trainer.rollout_phase import generate_scored
-
-
-def engine_inputs(prompts: Sequence[Any], chat_template: bool) -> list:
-    """What the engine is given for each prompt: chat messages, or the raw rollout input."""
-    return [p.as_messages() if chat_template else p.rollout_input() for p in prompts]
 
 
 @dataclass
@@ -81,7 +76,7 @@ class OneStepOffRollouts:
         return list(self.sampler.next_batch())
 
     def _generate(self, step: int, prompts: list) -> tuple:
-        batch, stream = generate_scored(self.engine, engine_inputs(prompts, self.chat_template),
+        batch, stream = generate_scored(self.engine, [p.engine_input(self.chat_template) for p in prompts],
                                         self.sampling_for(step), prompts, self.tokenizer, self.router, step)
         return batch, stream
 

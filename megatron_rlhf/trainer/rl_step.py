@@ -41,7 +41,6 @@ import torch
 from megatron_rlhf.algorithms import AlgorithmConfig, Rollout, make_experience
 from megatron_rlhf.data.prompts import PromptRecord
 from megatron_rlhf.trainer.metrics_log import PhaseTimer
-from megatron_rlhf.trainer.one_step_off import engine_inputs
 from megatron_rlhf.trainer.rollout_phase import generate_scored, rollout_correction_metrics
 from megatron_rlhf.trainer.rl_metrics import step_metrics
 from megatron_rlhf.types import RolloutBatch
@@ -103,7 +102,7 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     staleness = 0
     with phase("rollout"):  # each prompt group is scored as soon as the engine finishes it
         if rollouts is None:
-            batch, scoring = generate_scored(parts.actor, engine_inputs(prompts, parts.chat_template), parts.sampling,
+            batch, scoring = generate_scored(parts.actor, [p.engine_input(parts.chat_template) for p in prompts], parts.sampling,
                                              prompts, parts.tokenizer, parts.router, state.step)
         else:  # generated during the previous step (one-step-off-policy)
             prompts, batch, scoring, staleness = rollouts.take(state.step)

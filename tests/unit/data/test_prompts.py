@@ -58,6 +58,10 @@ def test_bad_lines_are_reported_with_file_and_line_and_the_rest_loads(tmp_path, 
     assert [r.source for r in records] == [f"{path}:1", f"{path}:3", f"{path}:10"]
     assert records[0].ground_truth == "7" and records[2].metadata == {"source": "mbpp"}
     assert records[1].rollout_input() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    # what the engine is given: chat messages under the chat template, else the raw rollout input
+    assert records[0].engine_input(chat_template=True) == [{"role": "user", "content": "What is 3 + 4?"}]
+    assert records[0].engine_input(chat_template=False) == "What is 3 + 4?"
+    assert records[1].engine_input(chat_template=False) == records[1].rollout_input()
     assert [(bad.path, bad.line) for bad in stats.malformed] == [(path, 2), (path, 5), (path, 8)]
     assert "not valid JSON" in stats.malformed[0].reason and "domain" in stats.malformed[1].reason
     assert "last message" in stats.malformed[2].reason
