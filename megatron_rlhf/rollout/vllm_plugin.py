@@ -18,6 +18,9 @@ vLLM's processes register with Python's resource tracker, when the engine asks f
 garbage-collected, which a process stopped at shutdown never does; Python's resource tracker
 then reported "leaked shared_memory objects" after the command's last line. The engine releases
 what the ledger shows still registered once its processes are gone (:func:`release_ipc_names`).
+A ledger's name carries the pid of the engine that started it; a run killed with SIGKILL leaves
+its ledger and the objects in it, and the next engine started on the host releases every ledger
+whose engine is dead (:func:`release_orphaned_ledgers`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,20 @@ def register_trainer_engines() -> None:
 IPC_LEDGER_ENV = "MEGATRON_RLHF_IPC_LEDGER"
 """Path of the ledger file; set by the engine while it starts vLLM's processes."""
 
+LEDGER_PREFIX = "megatron_rlhf_ipc_"
+LEDGER_SUFFIX = ".ledger"
+
+
+def start_ipc_ledger(directory: str | None = None) -> str:
+    """A fresh ledger file ``<directory>/megatron_rlhf_ipc_<pid>_<random>.ledger`` (the system
+    temporary directory by default), named in the environment vLLM's processes inherit."""
+    import tempfile
+
+    handle, path = tempfile.mkstemp(prefix=f"{LEDGER_PREFIX}{os.getpid()}_", suffix=LEDGER_SUFFIX, dir=directory)
+    os.close(handle)
+    os.environ[IPC_LEDGER_ENV] = path
+    return path
+
 
 def _append(path: str, line: str) -> None:
     with open(path, "a", encoding="utf-8") as ledger:  # one short line per write: appends stay whole
@@ -85,10 +102,11 @@ def record_ipc_names() -> None:
     resource_tracker._megatron_rlhf_ledger = path
 
 
-def release_ipc_names(path: str) -> list[str]:
+def release_ipc_names(path: str, untrack: bool = True) -> list[str]:
     """Once the processes that wrote the ledger at ``path`` are gone: unlink the segments and
-    semaphores they registered and never released, take them off the resource tracker (so it has
-    nothing to report at exit), and remove the ledger. Returns the names released."""
+    semaphores they registered and never released, take them off this process's resource tracker
+    (``untrack``: so it has nothing to report at exit; only for a ledger this process started),
+    and remove the ledger. Returns the names released."""
     import _multiprocessing
     from multiprocessing import resource_tracker, shared_memory
 
@@ -109,9 +127,44 @@ def release_ipc_names(path: str) -> list[str]:
         unlink = shared_memory._posixshmem.shm_unlink if rtype == "shared_memory" else _multiprocessing.sem_unlink
         with contextlib.suppress(FileNotFoundError):
             unlink(name)
-        resource_tracker.unregister(name, rtype)
+        if untrack:
+            resource_tracker.unregister(name, rtype)
         released.append(name)
     os.unlink(path)
+    return released
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs in this pid namespace (a process of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def release_orphaned_ledgers(directory: str | None = None) -> list[str]:
+    """Release the ledgers (and the segments and semaphores in them) of engines that died without
+    shutting down (SIGKILL, a cancelled job); the names released. A ledger whose engine's pid still
+    runs in this pid namespace is left alone. Called by every engine before it starts vLLM."""
+    import glob
+    import tempfile
+
+    released: list[str] = []
+    pattern = os.path.join(directory or tempfile.gettempdir(), f"{LEDGER_PREFIX}*{LEDGER_SUFFIX}")
+    for path in glob.glob(pattern):
+        owner = os.path.basename(path)[len(LEDGER_PREFIX):].split("_")[0]
+        if not owner.isdigit() or pid_alive(int(owner)):
+            continue
+        try:
+            released += release_ipc_names(path, untrack=False)
+        except (FileNotFoundError, PermissionError, ValueError):  # released by another engine, another user's, torn
+            continue
+    if released:
+        logging.getLogger(__name__).info("released %d shared-memory segment(s)/semaphore(s) left by killed "
+                                         "engines: %s", len(released), ", ".join(released))
     return released
 
 

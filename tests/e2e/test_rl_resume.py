@@ -23,7 +23,8 @@ rollout (vLLM's first generation in a process takes seconds, so 0.3 s lands insi
 their first actor update; the last one resumes from step 1 again and finishes. Each kill leaves
 step 1 to redo. The uninterrupted run that gives the expected metrics runs alongside the
 interrupted ones (its own process group and Ray instance), so the test takes about the time of
-the four interrupted runs.
+the four interrupted runs. Nothing the killed runs' vLLM engines held in shared memory is left
+once the last run ends: each engine start releases what dead engines left.
 """
 
 from __future__ import annotations
@@ -156,8 +157,32 @@ def _config(root, policy, prompts, rewards, name: str):
     return config, out_dir
 
 
+def _orphaned_ipc_objects() -> set[str]:
+    """Shared-memory segments and semaphores no live process maps, and IPC ledgers of dead engines."""
+    import glob
+    import tempfile
+
+    from megatron_rlhf.parallel.ipc_orphans import mapped_inodes
+    from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX, pid_alive
+
+    mapped = mapped_inodes()
+    orphans = set()
+    for path in (*glob.glob("/dev/shm/psm_*"), *glob.glob("/dev/shm/sem.mp-*")):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if (stat.st_dev, stat.st_ino) not in mapped:
+            orphans.add(path)
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{LEDGER_PREFIX}*")):
+        if not pid_alive(int(os.path.basename(path)[len(LEDGER_PREFIX):].split("_")[0])):
+            orphans.add(path)
+    return orphans
+
+
 def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(setup):
     root, policy, prompts, rewards = setup
+    before = _orphaned_ipc_objects()
     reference_config, reference_dir = _config(root, policy, prompts, rewards, "uninterrupted")
     config, out_dir = _config(root, policy, prompts, rewards, "interrupted")
     reference = _start(reference_config, None)
@@ -172,6 +197,9 @@ def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(s
         _wait(_start(config, None), None)
     finally:
         _wait(reference, None)
+    # what each killed run's engine left (segments, semaphores, its ledger) was released by the
+    # next run's engine; the last two runs shut down cleanly
+    assert _orphaned_ipc_objects() - before == set()
     expected = _metrics(reference_dir)
     assert sorted(expected) == list(range(STEPS))
     missing = [(step, key) for step in expected for key in COMPARED if expected[step].get(key) is None]

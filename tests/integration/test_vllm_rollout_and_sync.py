@@ -121,6 +121,24 @@ def test_group_index_and_shapes(engine):
     assert set(batch.finish_reasons) <= {"stop", "length"}
 
 
+def test_each_prompt_draws_its_own_seeds(engine):
+    """The same prompt twice in one seeded call gets different samples (before, every prompt's
+    j-th sample had seed + j, so both copies sampled the same tokens), and a prompt's samples do
+    not depend on what else is in the call (prompt i's seeds are seed + i*n ...)."""
+    import torch
+
+    from megatron_rlhf.rollout.engine import SamplingSettings
+
+    settings = SamplingSettings(n=2, max_new_tokens=8, seed=11)
+    twice = engine.generate([[7, 8, 9], [7, 8, 9]], settings)
+    first, second = twice.response_ids[:2], twice.response_ids[2:]
+    assert not torch.equal(first, second), "both copies of the prompt drew the same samples"
+    alone = engine.generate([[7, 8, 9]], settings)
+    assert torch.equal(alone.response_ids, first[:, : alone.response_ids.shape[1]])
+    shifted = engine.generate([[7, 8, 9]], SamplingSettings(n=2, max_new_tokens=8, seed=13))
+    assert torch.equal(shifted.response_ids, second[:, : shifted.response_ids.shape[1]])
+
+
 def test_overlong_and_empty_prompts_are_counted_not_fatal(engine):
     from megatron_rlhf.rollout.engine import SamplingSettings
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_rlhf.rollout.engine import SamplingSettings
 from megatron_rlhf.rollout.engine_pool import EnginePool, merge_rollout_batches, split_prompts
 from megatron_rlhf.types import RolloutBatch
 
@@ -40,14 +41,18 @@ class _Engine:
 
     def generate(self, prompts, settings):
         self.seen.append(list(prompts))
-        return _batch(prompts, settings, self.tag)
+        self.settings = settings
+        return _batch(prompts, settings.n, self.tag)
 
 
 def test_pool_sends_each_prompt_to_one_engine_and_merges_in_order():
     engines = [_Engine(0), _Engine(1)]
     prompts = [[1], [2, 2], [3, 3, 3]]
-    batch = EnginePool(engines).generate(prompts, 2)
+    batch = EnginePool(engines).generate(prompts, SamplingSettings(n=2, seed=100))
     assert engines[0].seen == [[[1], [2, 2]]] and engines[1].seen == [[[3, 3, 3]]]
+    # an engine seeds prompt i of its call seed + i*n: the second engine's first prompt is the
+    # call's third, so its seed moves on by 2 prompts x 2 samples (the seeds one engine would use)
+    assert engines[0].settings.seed == 100 and engines[1].settings.seed == 104
     assert batch.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert batch.group_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert batch.prompt_ids.shape == (6, 3) and batch.prompt_ids[5].tolist() == [3, 3, 3]
@@ -70,12 +75,13 @@ class _StreamingEngine(_Engine):
     def generate_stream(self, prompts, settings):
         from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup
 
+        n = settings.n
         kept = [i for i, p in enumerate(prompts) if len(p) != 2]
-        yield AdmittedPrompts(tuple(kept), settings)
-        batch = _batch([prompts[i] for i in kept], settings, self.tag)
+        yield AdmittedPrompts(tuple(kept), n)
+        batch = _batch([prompts[i] for i in kept], n, self.tag)
         batch = RolloutBatch(**{**batch.__dict__, "prompt_index": torch.tensor([kept[g] for g in batch.group_index])})
         for group in reversed(range(len(kept))):
-            rows = range(group * settings, (group + 1) * settings)
+            rows = range(group * n, (group + 1) * n)
             yield FinishedGroup(group, kept[group], tuple(tuple(batch.response_ids[r].tolist()) for r in rows))
         yield batch
 
@@ -84,7 +90,7 @@ def test_pool_stream_numbers_groups_as_the_merged_batch():
     from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup, last_item
 
     prompts = [[1], [2, 2], [3, 3, 3], [4], [5, 5], [6, 6, 6]]
-    events = list(EnginePool([_StreamingEngine(0), _StreamingEngine(1)]).generate_stream(prompts, 2))
+    events = list(EnginePool([_StreamingEngine(0), _StreamingEngine(1)]).generate_stream(prompts, SamplingSettings(n=2)))
     admitted, groups, batch = events[0], events[1:-1], events[-1]
     assert isinstance(admitted, AdmittedPrompts) and admitted.prompt_index == (0, 2, 3, 5)
     assert all(isinstance(g, FinishedGroup) for g in groups) and sorted(g.group for g in groups) == [0, 1, 2, 3]
@@ -95,5 +101,5 @@ def test_pool_stream_numbers_groups_as_the_merged_batch():
             length = int(batch.response_mask[row].sum())
             assert tuple(batch.response_ids[row, :length].tolist()) == group.responses[k]
             assert batch.prompt_index[row].item() == group.prompt_index
-    again = last_item(EnginePool([_StreamingEngine(0), _StreamingEngine(1)]).generate_stream(prompts, 2))
+    again = last_item(EnginePool([_StreamingEngine(0), _StreamingEngine(1)]).generate_stream(prompts, SamplingSettings(n=2)))
     assert torch.equal(again.response_ids, batch.response_ids)

@@ -1,0 +1,49 @@
+"""What a vLLM engine killed with SIGKILL leaves (its IPC ledger and the shared-memory segments and
+semaphores in it) is released by the next engine started on the host; a live engine's is kept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from multiprocessing import resource_tracker, shared_memory
+
+from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX, LEDGER_SUFFIX, release_orphaned_ledgers
+
+
+def _segment() -> str:
+    """A real POSIX shared-memory segment left behind as a killed process leaves it: on disk,
+    unmapped, not tracked by this process."""
+    segment = shared_memory.SharedMemory(create=True, size=64)
+    name = segment._name  # "/psm_..." as the resource tracker records it
+    resource_tracker.unregister(name, "shared_memory")
+    segment.close()
+    return name
+
+
+def _ledger(directory, pid: int, lines: list[str]) -> str:
+    path = os.path.join(directory, f"{LEDGER_PREFIX}{pid}_test{LEDGER_SUFFIX}")
+    with open(path, "w", encoding="utf-8") as ledger:
+        ledger.write("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_ledgers_of_dead_engines_are_released_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leaked, released_by_owner, live_segment = _segment(), _segment(), _segment()
+    orphan = _ledger(tmp_path, dead.pid, [f"+ shared_memory {leaked}", f"+ shared_memory {released_by_owner}",
+                                          f"- shared_memory {released_by_owner}", "+ shared_memory /psm_gone_already"])
+    live = _ledger(tmp_path, os.getpid(), [f"+ shared_memory {live_segment}"])
+    try:
+        released = release_orphaned_ledgers(str(tmp_path))
+        assert sorted(released) == sorted([leaked, "/psm_gone_already"])
+        assert not os.path.exists(orphan) and not os.path.exists("/dev/shm" + leaked)
+        # the one its process unregistered itself is not the ledger's to remove
+        assert os.path.exists("/dev/shm" + released_by_owner)
+        assert os.path.exists(live) and os.path.exists("/dev/shm" + live_segment)
+        assert release_orphaned_ledgers(str(tmp_path)) == []
+    finally:
+        for name in (leaked, released_by_owner, live_segment):
+            if os.path.exists("/dev/shm" + name):
+                os.unlink("/dev/shm" + name)
