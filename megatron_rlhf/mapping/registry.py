@@ -1,4 +1,8 @@
-"""The per-architecture weight mappings, by family, expanded to concrete names for a model.
+"""The weight rules of a model's family, expanded to concrete names for a model.
+
+Each family declares its rules (name templates) in its module under
+:mod:`megatron_rlhf.models.families`; this module finds the family of an :class:`ArchSpec` and
+fills in the layer and expert indices.
 
 :func:`expand_rules` lists every parameter of a full model (all layers, all experts) in a fixed
 global order: embeddings first, then layer by layer, then the final norm and head. The engine,
@@ -8,15 +12,11 @@ the checkpoint converters and weight sync into vLLM all use this one list.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
-from megatron_rlhf.mapping import glm, glm4, llama, mixtral, qwen2, qwen3, qwen3_moe
-from megatron_rlhf.mapping.rules import WeightRule
-from megatron_rlhf.models.arch import ArchSpec, UnsupportedArchitecture
-
-MAPPINGS: dict[str, ModuleType] = {
-    module.FAMILY: module for module in (llama, qwen2, qwen3, glm, glm4, qwen3_moe, mixtral)
-}
+from megatron_rlhf.models.arch_spec import ArchSpec
+from megatron_rlhf.models.families.family import ModelFamily
+from megatron_rlhf.models.families.registry import family_named
+from megatron_rlhf.models.families.weight_rules import WeightRule
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,9 @@ class PlacedRule:
     """Lives on the first pipeline stage (embedding); else the last (norm, head) if layer is None."""
 
 
-def mapping_for(arch: ArchSpec) -> ModuleType:
-    try:
-        return MAPPINGS[arch.family]
-    except KeyError:
-        raise UnsupportedArchitecture(
-            f"no weight mapping for family {arch.family!r} (have: {', '.join(sorted(MAPPINGS))})"
-        ) from None
+def mapping_for(arch: ArchSpec) -> ModelFamily:
+    """The family record whose ``global_rules`` / ``layer_rules`` map ``arch``'s weights."""
+    return family_named(arch.family)
 
 
 def expand_rules(arch: ArchSpec, role: str = "lm") -> list[PlacedRule]:

@@ -6,114 +6,33 @@ feature that the Megatron model built from the spec could not reproduce exactly 
 unknown rope scaling, MLP biases, ...) is rejected here with an :class:`UnsupportedArchitecture`
 error that names the field and its value, before any work starts.
 
-Supported families (``ArchSpec.family``): llama (Llama-2/3 style, GQA, untied), qwen2 (QKV bias,
-tied or untied), qwen3 (QK norm), glm (GLM-4 in HF's ``GlmForCausalLM`` layout: QKV bias, partial
-interleaved rotary, fused gate/up), glm4 (GLM-4-0414, ``Glm4ForCausalLM``: glm plus sandwich norms
-after attention and MLP), qwen3_moe and mixtral (MoE, top-k softmax routing).
+The parsing here is generic: what differs per family (its HF model types, transformers' defaults,
+the features it refuses or switches on) comes from its record in
+:mod:`megatron_rlhf.models.families`, looked up by ``model_type`` in
+:mod:`megatron_rlhf.models.families.registry`. ``ArchSpec`` and ``UnsupportedArchitecture`` are
+defined in :mod:`megatron_rlhf.models.arch_spec` and re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from megatron_rlhf.config.errors import MissingInput, UserError
+from megatron_rlhf.models.arch_spec import ArchSpec, UnsupportedArchitecture
+from megatron_rlhf.models.families.family import require_field
+from megatron_rlhf.models.families.registry import family_for_model_type
 
-FAMILY_BY_MODEL_TYPE = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "glm": "glm",
-    "glm4": "glm4",
-    "qwen3_moe": "qwen3_moe",
-    "mixtral": "mixtral",
-}
-MOE_FAMILIES = frozenset({"qwen3_moe", "mixtral"})
-
-_GLM_FIELD_DEFAULTS: dict[str, Any] = {
-    "num_key_value_heads": 2,
-    "head_dim": 128,
-    "rms_norm_eps": 1.5625e-07,
-    "attention_bias": True,
-    "partial_rotary_factor": 0.5,
-    "max_position_embeddings": 131072,
-}
-HF_FIELD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"max_position_embeddings": 2048},
-    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
-    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768},
-    "glm": _GLM_FIELD_DEFAULTS,
-    "glm4": _GLM_FIELD_DEFAULTS,
-    "qwen3_moe": {"num_key_value_heads": 4, "max_position_embeddings": 32768},
-    "mixtral": {
-        "num_key_value_heads": 8,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "max_position_embeddings": 131072,
-    },
-}
-"""What transformers 5.19 assumes, per ``model_type``, for a field that ``config.json`` leaves
-out (its config classes' defaults). The HF model, and so the weights on disk, follow these values,
-so the spec does too. Fields not listed here default alike for every family: no KV heads or null
-means MHA, no head_dim means hidden_size / heads, rms_norm_eps 1e-6, rope_theta 10000."""
-
-
-class UnsupportedArchitecture(UserError):
-    """The HF config describes a model this package cannot reproduce exactly."""
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """A decoder-only transformer in the terms Megatron-Core needs."""
-
-    family: str
-    """Mapping family: one of FAMILY_BY_MODEL_TYPE's values."""
-    model_type: str
-    """HF ``model_type``."""
-    hf_architecture: str
-    """HF class name, e.g. ``LlamaForCausalLM``."""
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    """KV heads (GQA groups); equals num_attention_heads for MHA."""
-    head_dim: int
-    ffn_hidden_size: int
-    """Dense MLP width (intermediate_size)."""
-    vocab_size: int
-    """Vocabulary rows in the HF embedding (before Megatron's padding)."""
-    max_position_embeddings: int
-    norm_epsilon: float
-    rope_theta: float
-    rotary_percent: float = 1.0
-    """Fraction of each head's dims that get rotary embeddings (GLM: 0.5)."""
-    rotary_interleaved: bool = False
-    """Rotary pairs are (0,1), (2,3), ... (GLM) instead of the two halves (Llama)."""
-    rope_scaling_factor: float | None = None
-    """Llama-3 style frequency scaling factor; None when not scaled."""
-    qkv_bias: bool = False
-    qk_layernorm: bool = False
-    tie_word_embeddings: bool = False
-    num_experts: int | None = None
-    moe_ffn_hidden_size: int | None = None
-    moe_router_topk: int | None = None
-    moe_router_pre_softmax: bool = False
-    """True: softmax over all experts, then top-k without renormalising (norm_topk_prob=False)."""
-    moe_layer_pattern: tuple[int, ...] | None = None
-    """Per layer: 1 = MoE layer, 0 = dense MLP layer. None for dense models."""
-    post_sublayer_norms: bool = False
-    """Extra RMSNorm on the attention and MLP outputs before the residual add (GLM-4-0414)."""
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts is not None
-
-    @property
-    def queries_per_group(self) -> int:
-        return self.num_attention_heads // self.num_query_groups
+__all__ = [
+    "ArchSpec",
+    "UnsupportedArchitecture",
+    "arch_spec_from_hf_config",
+    "arch_spec_from_hf_dir",
+    "load_hf_config",
+]
 
 
 def load_hf_config(hf_dir: str | Path) -> dict[str, Any]:
@@ -130,17 +49,11 @@ def load_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def _require(config: dict[str, Any], key: str, where: str) -> Any:
-    if key not in config or config[key] is None:
-        raise UnsupportedArchitecture(f"{where}: missing required field {key!r}")
-    return config[key]
-
-
 def _integer(config: dict[str, Any], key: str, where: str, default: Any = None) -> int:
     """``config[key]`` (or ``default`` when absent/None) as a positive integer; names the field."""
     value = config.get(key)
     if value is None:
-        value = default if default is not None else _require(config, key, where)
+        value = default if default is not None else require_field(config, key, where)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
         raise UnsupportedArchitecture(f"{where}: {key}={value!r} must be a positive integer")
     return int(value)
@@ -178,7 +91,8 @@ def _rope(config: dict[str, Any], where: str) -> tuple[float, float, float | Non
     )
 
 
-def _reject_unsupported_features(config: dict[str, Any], family: str, where: str) -> None:
+def _reject_unsupported_features(config: dict[str, Any], where: str) -> None:
+    """The checks every family shares; each family adds its own (``ModelFamily.check_features``)."""
     activation = config.get("hidden_act", "silu")
     if activation not in ("silu", "swish"):
         raise UnsupportedArchitecture(f"{where}: hidden_act={activation!r} (supported: silu)")
@@ -196,54 +110,8 @@ def _reject_unsupported_features(config: dict[str, Any], family: str, where: str
             f"{where}: quantization_config (quant_method={method!r}) is not supported; convert "
             "the unquantized checkpoint"
         )
-    if family in ("llama", "mixtral") and config.get("sliding_window"):
-        raise UnsupportedArchitecture(
-            f"{where}: sliding_window={config['sliding_window']} is not supported"
-        )
     if config.get("mlp_bias"):
         raise UnsupportedArchitecture(f"{where}: mlp_bias=true is not supported")
-    if family == "llama" and config.get("attention_bias"):
-        raise UnsupportedArchitecture(
-            f"{where}: attention_bias=true for llama also biases o_proj, which Megatron's "
-            "GPT layer cannot represent"
-        )
-    if family in ("qwen3", "qwen3_moe") and config.get("attention_bias"):
-        raise UnsupportedArchitecture(f"{where}: attention_bias=true is not supported for qwen3")
-
-
-def _moe_fields(config: dict[str, Any], family: str, num_layers: int, where: str) -> dict:
-    if family == "mixtral":
-        experts = _require(config, "num_local_experts", where)
-        width = _require(config, "intermediate_size", where)
-        normalise = True
-        pattern = (1,) * num_layers
-    else:
-        # transformers >= 5 writes num_local_experts; older Hub configs say num_experts.
-        experts = config.get("num_experts") or _require(config, "num_local_experts", where)
-        width = _require(config, "moe_intermediate_size", where)
-        normalise = bool(config.get("norm_topk_prob", False))
-        step = int(config.get("decoder_sparse_step", 1))
-        dense_layers = set(config.get("mlp_only_layers") or [])
-        if step < 1:
-            raise UnsupportedArchitecture(f"{where}: decoder_sparse_step={step} must be >= 1")
-        pattern = tuple(
-            0 if (layer in dense_layers or (layer + 1) % step != 0) else 1
-            for layer in range(num_layers)
-        )
-        if config.get("shared_expert_intermediate_size"):
-            raise UnsupportedArchitecture(f"{where}: shared experts are not supported")
-    topk = int(_require(config, "num_experts_per_tok", where))
-    if not 1 <= topk <= int(experts):
-        raise UnsupportedArchitecture(
-            f"{where}: num_experts_per_tok={topk} must be in [1, {experts}]"
-        )
-    return {
-        "num_experts": int(experts),
-        "moe_ffn_hidden_size": int(width),
-        "moe_router_topk": topk,
-        "moe_router_pre_softmax": not normalise,
-        "moe_layer_pattern": pattern,
-    }
 
 
 def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ArchSpec:
@@ -252,21 +120,17 @@ def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json"
     ``source`` names where the config came from, for error messages.
     """
     model_type = config.get("model_type")
-    if model_type not in FAMILY_BY_MODEL_TYPE:
-        supported = ", ".join(sorted(FAMILY_BY_MODEL_TYPE))
-        raise UnsupportedArchitecture(
-            f"{source}: model_type={model_type!r} is not supported (supported: {supported})"
-        )
-    family = FAMILY_BY_MODEL_TYPE[model_type]
-    absent = {key for key in HF_FIELD_DEFAULTS[model_type] if key not in config}
-    config = {**HF_FIELD_DEFAULTS[model_type], **config}
+    family = family_for_model_type(model_type, source)
+    absent = {key for key in family.hf_field_defaults if key not in config}
+    config = {**family.hf_field_defaults, **config}
     architectures = config.get("architectures") or []
     hf_architecture = architectures[0] if architectures else ""
     if hf_architecture and not hf_architecture.endswith("ForCausalLM"):
         raise UnsupportedArchitecture(
             f"{source}: architectures={architectures} (only *ForCausalLM checkpoints convert)"
         )
-    _reject_unsupported_features(config, family, source)
+    _reject_unsupported_features(config, source)
+    family.check_features(config, source)
 
     num_layers = _integer(config, "num_hidden_layers", source)
     hidden_size = _integer(config, "hidden_size", source)
@@ -290,11 +154,11 @@ def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json"
             f"{source}: partial_rotary_factor={partial} with head_dim={head_dim} does not give "
             "an even number of rotary dims"
         )
-    moe = _moe_fields(config, family, num_layers, source) if family in MOE_FAMILIES else {}
+    features = family.features(config, num_layers, source)
     return ArchSpec(
-        family=family,
+        family=family.name,
         model_type=model_type,
-        hf_architecture=hf_architecture or _default_architecture(model_type),
+        hf_architecture=hf_architecture or family.hf_architecture,
         num_layers=num_layers,
         hidden_size=hidden_size,
         num_attention_heads=heads,
@@ -306,27 +170,10 @@ def arch_spec_from_hf_config(config: dict[str, Any], source: str = "config.json"
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rotary_percent=partial,
-        rotary_interleaved=family in ("glm", "glm4"),
         rope_scaling_factor=scaling,
-        qkv_bias=family == "qwen2"
-        or (family in ("glm", "glm4") and bool(config.get("attention_bias"))),
-        qk_layernorm=family in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        post_sublayer_norms=family == "glm4",
-        **moe,
+        **asdict(features),
     )
-
-
-def _default_architecture(model_type: str) -> str:
-    return {
-        "llama": "LlamaForCausalLM",
-        "qwen2": "Qwen2ForCausalLM",
-        "qwen3": "Qwen3ForCausalLM",
-        "glm": "GlmForCausalLM",
-        "glm4": "Glm4ForCausalLM",
-        "qwen3_moe": "Qwen3MoeForCausalLM",
-        "mixtral": "MixtralForCausalLM",
-    }[model_type]
 
 
 def arch_spec_from_hf_dir(hf_dir: str | Path) -> ArchSpec:

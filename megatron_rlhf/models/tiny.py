@@ -14,7 +14,8 @@ What it guarantees
   ``add_generation_prompt`` appends ``<|assistant|>``; an unknown role raises.
 * ``tiny_hf_config(architecture)`` returns the transformers config class of that model type with
   hidden 128, 4 layers, 4 query heads, 2 KV heads, head_dim 32, FFN 256, 256 positions, RoPE theta
-  10000 (in transformers 5 this lives in ``config.rope_parameters``, not ``rope_theta``).
+  10000 (in transformers 5 this lives in ``config.rope_parameters``, not ``rope_theta``), plus the
+  family's own fields (``tiny_config`` of its record in :mod:`megatron_rlhf.models.families`).
 * ``make_tiny_hf_model(...)`` writes a float32 ``model.safetensors`` + config + tokenizer whose
   weights depend only on ``(architecture, seed, vocab_size, overrides)``; every norm weight is
   ``1 + 0.1 * N(0, 1)`` and every bias ``0.02 * N(0, 1)``, so a weight converter that forgets a
@@ -65,6 +66,8 @@ from typing import Any
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from megatron_rlhf.models.families.registry import FAMILIES, family_for_model_type
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -212,9 +215,8 @@ def train_tiny_tokenizer(
 
 # ----------------------------------------------------------------------------- configs
 
-SUPPORTED_TINY_ARCHITECTURES: tuple[str, ...] = (
-    "llama", "qwen2", "qwen3", "glm", "glm4", "qwen3_moe", "mixtral"
-)
+SUPPORTED_TINY_ARCHITECTURES: tuple[str, ...] = tuple(family.model_types[0] for family in FAMILIES)
+"""HF ``model_type`` of each family's tiny model (its ``ModelFamily.tiny_config``)."""
 
 _ROPE_THETA = 10000.0
 _SHARED_SIZES: dict[str, Any] = {
@@ -227,33 +229,7 @@ _SHARED_SIZES: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "attention_dropout": 0.0,
 }
-# Qwen2Config and Qwen3MoeConfig have no head_dim field; they derive 128 / 4 = 32.
-_HEAD_DIM = {"head_dim": 32}
-_UNTIED = {"tie_word_embeddings": False}
-_GLM_SETTINGS = {**_HEAD_DIM, **_UNTIED, "attention_bias": True}
-_FAMILY_SETTINGS: dict[str, tuple[type[transformers.PretrainedConfig], dict[str, Any]]] = {
-    "llama": (
-        transformers.LlamaConfig,
-        {**_HEAD_DIM, **_UNTIED, "attention_bias": False, "mlp_bias": False},
-    ),
-    "qwen2": (transformers.Qwen2Config, {"tie_word_embeddings": True}),
-    "qwen3": (
-        transformers.Qwen3Config,
-        {**_HEAD_DIM, "tie_word_embeddings": True, "attention_bias": False},
-    ),
-    "glm": (transformers.GlmConfig, _GLM_SETTINGS),
-    "glm4": (transformers.Glm4Config, _GLM_SETTINGS),
-    "qwen3_moe": (
-        transformers.Qwen3MoeConfig,
-        {**_UNTIED, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-         "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
-    ),
-    "mixtral": (
-        transformers.MixtralConfig,
-        {**_HEAD_DIM, **_UNTIED, "num_local_experts": 4, "num_experts_per_tok": 2},
-    ),
-}
-_PARTIAL_ROTARY_FACTOR = {"glm": 0.5, "glm4": 0.5}
+"""Sizes every tiny model shares; each family adds its ``tiny_config`` on top."""
 
 
 def _special_token_ids(
@@ -281,15 +257,15 @@ def _special_token_ids(
     return token_ids
 
 
-def _rope_parameters(architecture: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """RoPE settings the transformers 5 way, folding legacy ``rope_theta`` overrides in."""
+def _rope_parameters(*field_sets: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings the transformers 5 way, folding (and popping) legacy ``rope_theta`` /
+    ``partial_rotary_factor`` fields and ``rope_parameters`` of each field set, later sets win."""
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": _ROPE_THETA}
-    if architecture in _PARTIAL_ROTARY_FACTOR:
-        rope_parameters["partial_rotary_factor"] = _PARTIAL_ROTARY_FACTOR[architecture]
-    for legacy_key in ("rope_theta", "partial_rotary_factor"):
-        if legacy_key in overrides:
-            rope_parameters[legacy_key] = overrides.pop(legacy_key)
-    rope_parameters.update(overrides.pop("rope_parameters", None) or {})
+    for fields in field_sets:
+        for legacy_key in ("rope_theta", "partial_rotary_factor"):
+            if legacy_key in fields:
+                rope_parameters[legacy_key] = fields.pop(legacy_key)
+        rope_parameters.update(fields.pop("rope_parameters", None) or {})
     return rope_parameters
 
 
@@ -312,22 +288,23 @@ def tiny_hf_config(
     Raises:
         ValueError: unknown ``architecture``, or a tokenizer that does not fit ``vocab_size``.
     """
-    if architecture not in _FAMILY_SETTINGS:
+    if architecture not in SUPPORTED_TINY_ARCHITECTURES:
         raise ValueError(
             f"unknown tiny architecture {architecture!r}; supported: "
             f"{', '.join(SUPPORTED_TINY_ARCHITECTURES)}"
         )
-    config_class, family_settings = _FAMILY_SETTINGS[architecture]
+    family_settings = dict(family_for_model_type(architecture, "tiny_hf_config").tiny_config)
     overrides = dict(overrides)
+    rope_parameters = _rope_parameters(family_settings, overrides)
     config_fields = {
         **_SHARED_SIZES,
         **family_settings,
         **_special_token_ids(tokenizer, vocab_size),
         "vocab_size": vocab_size,
-        "rope_parameters": _rope_parameters(architecture, overrides),
+        "rope_parameters": rope_parameters,
         **overrides,
     }
-    return config_class(**config_fields)
+    return transformers.AutoConfig.for_model(architecture, **config_fields)
 
 
 # ----------------------------------------------------------------------------- models

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_rlhf.mapping.registry import MAPPINGS, expand_rules
-from megatron_rlhf.mapping.rules import WeightRule, pad_vocab, shard, to_hf, to_megatron, unshard
+from megatron_rlhf.mapping.registry import expand_rules
+from megatron_rlhf.mapping.rules import pad_vocab, shard, to_hf, to_megatron, unshard
 from megatron_rlhf.models.arch import arch_spec_from_hf_config
+from megatron_rlhf.models.families.registry import FAMILIES
+from megatron_rlhf.models.families.weight_rules import WeightRule
 from megatron_rlhf.models.layer_spec import (
     TransformerEngineUnavailable,
     canonical_name,
@@ -81,7 +83,7 @@ def test_pad_vocab_appends_zero_rows_only():
         pad_vocab(tensor, 4)
 
 
-@pytest.mark.parametrize("family", sorted(MAPPINGS))
+@pytest.mark.parametrize("family", sorted(family.name for family in FAMILIES))
 def test_every_hf_tensor_is_mapped_exactly_once(family):
     extra = {}
     if family == "qwen3_moe":
