@@ -85,6 +85,35 @@ def test_cli_help_loads_no_heavy_module() -> None:
     assert json.loads(child.stdout.splitlines()[-1]) == []
 
 
+def test_cli_help_imports_no_command_module() -> None:
+    """The top-level parser is built from the Command records alone: a command's module is
+    imported only when that command is parsed."""
+    child = _run_child(
+        "from megatron_rlhf import cli\n"
+        "try:\n"
+        "    cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps(sorted(name for name in sys.modules if name.startswith('megatron_rlhf.cli.'))))"
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout.splitlines()[-1]) == []
+
+
+def test_every_command_help_loads_no_heavy_module() -> None:
+    child = _run_child(
+        "from megatron_rlhf import cli\n"
+        "for command in cli.COMMANDS:\n"
+        "    try:\n"
+        "        cli.main([command.name, '--help'])\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, (command.name, exit.code)\n"
+        "print(json.dumps(loaded_heavy_modules()))"
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout.splitlines()[-1]) == []
+
+
 def test_help_lists_every_subcommand() -> None:
     child = subprocess.run(
         [sys.executable, "-m", "megatron_rlhf", "--help"],
