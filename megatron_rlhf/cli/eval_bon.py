@@ -1,4 +1,5 @@
-"""`megatron-rlhf eval-bon`: Best-of-N curves of reward models (see :mod:`megatron_rlhf.evaluation.best_of_n`).
+"""`megatron-rlhf eval-bon`: Best-of-N curves of reward models (the pipeline:
+:mod:`megatron_rlhf.evaluation.best_of_n`).
 
 Stages, each engine released before the next starts: the policy samples ``N_max`` responses per
 prompt and the verifier grades them; then every ``--scorer`` scores the same responses:

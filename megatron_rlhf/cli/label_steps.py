@@ -1,4 +1,5 @@
-"""`megatron-rlhf label-steps`: Monte-Carlo step labels for PRM training (see :mod:`megatron_rlhf.data.step_labels`).
+"""`megatron-rlhf label-steps`: Monte-Carlo step labels for PRM training (the labelling:
+:mod:`megatron_rlhf.data.step_labels`).
 
 Exit codes: 0 every solution is labelled (now or by an earlier run); 1 some were skipped (too
 long, or ungradable steps; a rerun retries the ungradable ones); 2 a user error (missing file,
