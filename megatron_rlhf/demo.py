@@ -1,4 +1,5 @@
-"""`megatron-rlhf demo`: the whole pipeline on one CPU machine, from nothing to an RL-trained policy.
+"""The `megatron-rlhf demo` job: the whole pipeline on one CPU machine, from nothing to an RL-trained
+policy (its arguments: :mod:`megatron_rlhf.cli.demo`).
 
 Stages (each writes ``<out>/stages/<name>.json`` when done; a rerun skips finished stages, so a
 killed demo continues where it stopped, and the RL stage resumes from its own checkpoints):
@@ -26,10 +27,8 @@ The summary line printed last reads ``math_accuracy_sft=<v> math_accuracy_rl=<v>
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,26 +106,4 @@ def run_demo_pipeline(config: DemoConfig) -> dict[str, Any]:
         results[name] = result
         log.info("stage %s: done in %.0f s", name, result["seconds"])
     return results["report"]
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="outputs/demo", metavar="DIR", help="output folder (default: outputs/demo)")
-    parser.add_argument("--algo", choices=("grpo", "ppo"), default="grpo", help="RL algorithm (default: grpo)")
-    parser.add_argument("--rl-steps", type=int, default=None, metavar="N", help="RL steps (default: 36)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline runs, not that it learns")
-    parser.add_argument("--restart", action="store_true", help="delete the output folder first")
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
-    if args.rl_steps is not None:
-        overrides["rl_steps"] = args.rl_steps
-    config = DemoConfig(out_dir=args.out, algo=args.algo, seed=args.seed, **overrides)
-    if args.restart and Path(args.out).exists():
-        shutil.rmtree(args.out)
-    summary = run_demo_pipeline(config)
-    print(f"math_accuracy_sft={summary['math_accuracy_sft']:.3f} math_accuracy_rl={summary['math_accuracy_rl']:.3f} "
-          f"report={summary['report']}")
-    return 0
 

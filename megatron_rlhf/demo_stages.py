@@ -85,7 +85,7 @@ def inject_wrong_solutions(sft_path: Path, labelled_path: Path, rate: float, see
 def stage_sft(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.trainer.sft import SFTConfig
-    from megatron_rlhf.trainer.sft_cli import SFTRunConfig, run_sft
+    from megatron_rlhf.trainer.sft_run import SFTRunConfig, run_sft
 
     prepared = results["prepare"]
     optimizer = OptimizerSettings(lr=config.sft_lr, min_lr=config.sft_lr / 10, lr_warmup_steps=10,
@@ -108,7 +108,7 @@ def stage_reward_model(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.data.reward_data import RewardTokenization
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
-    from megatron_rlhf.trainer.reward_model_cli import TrainRMConfig, train_reward_model
+    from megatron_rlhf.trainer.reward_model_run import TrainRMConfig, train_reward_model
 
     prepared = results["prepare"]
     rm_dir = _paths(out)["rm"]

@@ -12,8 +12,8 @@ the trained judge, so what it is trained on is what it is asked. The loss is the
 
 Entry points: :func:`train_genrm` inside an initialised Megatron process (e.g. the demo);
 :func:`run_genrm` as a job from a records file (spawns ranks, writes checkpoint + HF model like
-:func:`megatron_rlhf.trainer.sft_cli.run_sft`); `megatron-rlhf train-genrm` via
-:func:`add_train_genrm_arguments` / :func:`run_train_genrm`.
+:func:`megatron_rlhf.trainer.sft_run.run_sft`), the body of `megatron-rlhf train-genrm`
+(:mod:`megatron_rlhf.cli.train_genrm`).
 
 Guarantees: a malformed record line raises before any rank starts, naming ``file:line``.
 Not guaranteed: that the judge's verdicts are right (validation reports the judgement-token
@@ -25,7 +25,6 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +104,9 @@ def train_genrm(
 
 
 def run_genrm(config: Any, data: GenRMDataConfig):
-    """The GenRM job: ``config`` is an :class:`~megatron_rlhf.trainer.sft_cli.SFTRunConfig` whose
+    """The GenRM job: ``config`` is an :class:`~megatron_rlhf.trainer.sft_run.SFTRunConfig` whose
     ``train_path`` / ``validation_path`` hold labelled records (not chat data)."""
-    from megatron_rlhf.trainer.sft_cli import run_sft
+    from megatron_rlhf.trainer.sft_run import run_sft
 
     train = read_genrm_records(config.train_path, data)
     validation = None
@@ -115,36 +114,3 @@ def run_genrm(config: Any, data: GenRMDataConfig):
         validation = read_genrm_records(config.validation_path, data)
     return run_sft(config, train_examples=train, validation_examples=validation)
 
-
-def add_train_genrm_arguments(parser: argparse.ArgumentParser) -> None:
-    """`megatron-rlhf train-genrm`: the train-sft options, with --data/--valid as labelled records."""
-    from megatron_rlhf.trainer.sft_cli import add_train_sft_arguments
-
-    add_train_sft_arguments(parser)
-    records = "labelled records JSONL: {prompt, response, label[, reference][, rationale]}"
-    for action in parser._actions:  # same options as train-sft; --data/--valid hold records here
-        if action.dest in ("data", "valid"):
-            action.help = records + (" (held out)" if action.dest == "valid" else "")
-    parser.add_argument(
-        "--with-reference", action="store_true",
-        help="show each record's reference / ground_truth answer to the judge",
-    )
-    parser.add_argument(
-        "--verdict-format", choices=("binary", "score"), default="binary",
-        help='binary: "Verdict: correct/incorrect" (labels 0/1); '
-        'score: "Score: k/10" (labels in [0, 1])',
-    )
-
-
-def run_train_genrm(args: argparse.Namespace) -> int:
-    """Train the judge from labelled-records JSONL; prints like train-sft."""
-    from megatron_rlhf.config.errors import UserError
-    from megatron_rlhf.trainer.sft_cli import print_sft_result, sft_run_config_from_args
-
-    try:  # every value comes from the command line
-        data = GenRMDataConfig(with_reference=args.with_reference, verdict_format=args.verdict_format)
-        config = sft_run_config_from_args(args)
-    except ValueError as error:
-        raise UserError(f"arguments: {error}") from None
-    print_sft_result(run_genrm(config, data), args)
-    return 0

@@ -29,7 +29,7 @@ gradient hooks after training, so train it further with a fresh model or reload 
 
 The trained model is written for transformers / vLLM with
 :func:`megatron_rlhf.checkpoint.hf_export.save_hf_directory`; the whole job from files (spawning
-ranks, checkpoint, HF export) is :func:`megatron_rlhf.trainer.sft_cli.run_sft`.
+ranks, checkpoint, HF export) is :func:`megatron_rlhf.trainer.sft_run.run_sft`.
 """
 
 from __future__ import annotations

@@ -96,10 +96,8 @@ def workdir(tmp_path_factory):
 def _train(workdir, role: str, steps: int, training: dict) -> dict:
     import yaml
 
-    from megatron_rlhf.trainer.reward_model_cli import (
-        add_train_rm_arguments,
-        run_train_rm,
-    )
+    from megatron_rlhf.cli.train_rm import add_arguments as add_train_rm_arguments
+    from megatron_rlhf.cli.train_rm import run as run_train_rm
 
     recipe = {
         "model": "model",
@@ -241,7 +239,7 @@ def test_prm_aggregates_are_last_min_and_product_of_the_step_scores(held_out_sco
 def test_recipe_errors_name_the_file_and_the_key(tmp_path, change, message):
     import yaml
 
-    from megatron_rlhf.trainer.reward_model_cli import load_train_rm_config
+    from megatron_rlhf.trainer.reward_model_run import load_train_rm_config
 
     recipe = {"model": "m", "role": "reward", "train_files": ["t.jsonl"], "output": "out", **change}
     path = tmp_path / "recipe.yaml"
@@ -252,7 +250,7 @@ def test_recipe_errors_name_the_file_and_the_key(tmp_path, change, message):
 
 
 def test_recipe_paths_are_relative_to_the_recipe_and_floats_may_omit_the_dot(tmp_path):
-    from megatron_rlhf.trainer.reward_model_cli import load_train_rm_config
+    from megatron_rlhf.trainer.reward_model_run import load_train_rm_config
 
     path = tmp_path / "recipe.yaml"
     path.write_text(

@@ -61,7 +61,7 @@ def _parse(add_arguments, argv: list[str]) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 def sft_run(hf_dir, tmp_path_factory):
-    from megatron_rlhf.trainer.sft_cli import add_train_sft_arguments, run_train_sft
+    from megatron_rlhf.cli.train_sft import add_arguments as add_train_sft_arguments, run as run_train_sft
 
     root = tmp_path_factory.mktemp("sft_run")
     rng = random.Random(0)
@@ -125,7 +125,7 @@ def _judge_records(rng: random.Random, count: int) -> list[dict]:
 def test_genrm_learns_to_write_verdicts(hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from megatron_rlhf.trainer.genrm import add_train_genrm_arguments, run_train_genrm
+    from megatron_rlhf.cli.train_genrm import add_arguments as add_train_genrm_arguments, run as run_train_genrm
 
     rng = random.Random(1)
     out = tmp_path / "genrm"
@@ -156,7 +156,8 @@ def test_genrm_learns_to_write_verdicts(hf_dir, tmp_path):
     ],
 )
 def test_bad_inputs_fail_before_any_rank_starts(hf_dir, tmp_path, extra, error, match):
-    from megatron_rlhf.trainer.sft_cli import add_train_sft_arguments, plan_sft_run, sft_run_config_from_args
+    from megatron_rlhf.cli.train_sft import add_arguments as add_train_sft_arguments, sft_run_config_from_args
+    from megatron_rlhf.trainer.sft_run import plan_sft_run
 
     data = _write(tmp_path / "train.jsonl", _sum_conversations(random.Random(0), 8))
     out = tmp_path / "out"
@@ -171,7 +172,7 @@ def test_bad_inputs_fail_before_any_rank_starts(hf_dir, tmp_path, extra, error, 
 def test_a_malformed_line_is_named_before_any_rank_starts(hf_dir, tmp_path):
     from megatron_rlhf.data.jsonl import DatasetError
     from megatron_rlhf.trainer.genrm import GenRMDataConfig, read_genrm_records
-    from megatron_rlhf.trainer.sft_cli import SFTRunConfig, plan_sft_run
+    from megatron_rlhf.trainer.sft_run import SFTRunConfig, plan_sft_run
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "hi", "response": "hello"}\n{"prompt": "hi"}\n')

@@ -119,7 +119,7 @@ def setup(tmp_path_factory):
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
-    from megatron_rlhf.trainer.reward_model_cli import TrainRMConfig, train_reward_model
+    from megatron_rlhf.trainer.reward_model_run import TrainRMConfig, train_reward_model
 
     root = tmp_path_factory.mktemp("rl_resume")
     policy = make_tiny_hf_model("llama", root / "policy", seed=5, vocab_size=300,

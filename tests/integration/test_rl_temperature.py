@@ -25,7 +25,7 @@ TEMPERATURE = 0.7
 def test_train_rl_at_temperature_0_7_trainer_and_engine_logprobs_agree(tmp_path, ray_cluster):
     from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
-    from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
+    from megatron_rlhf.cli.train_rl import rl_config_from_mapping
     from megatron_rlhf.trainer.rl_loop import run_rl
 
     policy = make_tiny_hf_model("llama", tmp_path / "policy", seed=3, vocab_size=500,

@@ -148,7 +148,7 @@ def test_an_interrupted_run_resumes_without_duplicates(engine, answer_texts, tmp
 def test_label_steps_command_with_the_math_verifier(policy_dir, tmp_path, capsys):
     """The CLI end to end (its own engine) with the real sandboxed math verifier: the last step is
     labelled by grading the whole solution; a malformed line is reported and skipped."""
-    from megatron_rlhf.data.step_labels_cli import add_label_steps_arguments, run_label_steps
+    from megatron_rlhf.cli.label_steps import add_arguments as add_label_steps_arguments, run as run_label_steps
 
     source = tmp_path / "solutions.jsonl"
     wrong = {**SOLUTIONS[0], "id": "wrong", "ground_truth": "20"}

@@ -285,6 +285,7 @@ def test_label_steps_output_is_the_input(tmp_path, policy_dir):
 def test_only_user_errors_exit_2_and_other_errors_keep_their_traceback(monkeypatch, capsys):
     """Issue 17 defect 4: a ValueError from a defect is not reported as a user error."""
     from megatron_rlhf import cli
+    from megatron_rlhf.cli import verify
     from megatron_rlhf.config.errors import UserError
 
     def internal(args):
@@ -293,9 +294,9 @@ def test_only_user_errors_exit_2_and_other_errors_keep_their_traceback(monkeypat
     def user(args):
         raise UserError("run.yaml: n: expected an integer")
 
-    monkeypatch.setitem(cli.COMMANDS, "verify", (cli.COMMANDS["verify"][0], cli.add_verify_arguments, internal))
+    monkeypatch.setattr(verify, "run", internal)
     with pytest.raises(ValueError, match="internal invariant"):
         cli.main(["verify", "--hf", "h", "--ckpt", "c"])
-    monkeypatch.setitem(cli.COMMANDS, "verify", (cli.COMMANDS["verify"][0], cli.add_verify_arguments, user))
+    monkeypatch.setattr(verify, "run", user)
     assert cli.main(["verify", "--hf", "h", "--ckpt", "c"]) == 2
     assert capsys.readouterr().err == "error: run.yaml: n: expected an integer\n"

@@ -34,7 +34,7 @@ def in_repo(monkeypatch):
 
 def _rl_config(**fit):
     from megatron_rlhf.config.recipe import load_recipe
-    from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
+    from megatron_rlhf.cli.train_rl import rl_config_from_mapping
 
     recipe = "examples/qwen2.5-32b/grpo-h100-minimum.yaml"
     config = rl_config_from_mapping(load_recipe(recipe), recipe)
@@ -60,7 +60,7 @@ def test_rl_fit_check_can_be_disabled(in_repo):
 
 
 def test_reward_model_refuses_unfit_layout(in_repo):
-    from megatron_rlhf.trainer.reward_model_cli import load_train_rm_config
+    from megatron_rlhf.trainer.reward_model_run import load_train_rm_config
 
     config = dataclasses.replace(load_train_rm_config("examples/qwen2.5-32b/orm-h100-minimum.yaml"),
                                  parallel=TP8, data_parallel=1)

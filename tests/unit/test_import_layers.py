@@ -22,7 +22,9 @@ training            the Megatron training library the workers run (updater, PPO 
                     critic trainers, LM loss); it lives in ``trainer/`` but sits below ``workers``
 workers             Ray workers holding model shards
 trainer             the loops and controllers (RL loop and step, SFT, reward-model training)
-cli                 entry points: ``cli``, ``*_cli`` modules, the demo, command bodies
+cli                 entry points: the ``cli`` package (one module per command) and ``__main__``;
+                    command bodies that compose the layers below (``demo``, ``demo_stages``,
+                    ``conversion_demo``, ``rollout.sync_check``)
 ==================  ==============================================================================
 
 A module's layer is its package's, except the modules listed in ``MODULE_LAYERS`` (each with the
@@ -46,7 +48,7 @@ PACKAGE_LAYERS = {
     "config": "config", "types": "types", "running_moments": "types", "parallel": "parallel", "algorithms": "algorithms",
     "models": "models", "mapping": "mapping", "checkpoint": "checkpoint", "data": "data",
     "rollout": "rollout", "rewards": "rewards", "evaluation": "evaluation", "workers": "workers",
-    "planning": "planning", "preflight": "preflight", "trainer": "trainer", "cli": "cli", "cli_args": "cli", "__main__": "cli", "demo": "cli",
+    "planning": "planning", "preflight": "preflight", "trainer": "trainer", "cli": "cli", "__main__": "cli", "demo": "cli",
     "demo_stages": "cli", "conversion_demo": "cli",
 }
 """Layer of each top-level package or module of ``megatron_rlhf``."""
@@ -63,12 +65,6 @@ MODULE_LAYERS = {
     "data.step_labels": "evaluation",
     # the `check-weight-sync` command's body: trains a step and syncs, composing training + rollout
     "rollout.sync_check": "cli",
-    # holds the `train-genrm` command (arguments and job, built on sft_cli's) beside train_genrm
-    "trainer.genrm": "cli",
-    # the `score` command's arguments
-    "rewards.score_arguments": "cli",
-    # the `eval` command's arguments and body
-    "evaluation.ability.cli": "cli",
 }
 """Modules whose layer is not their folder's, with the reason."""
 
@@ -85,8 +81,6 @@ def layer_of(module: str) -> str:
     for name, layer in MODULE_LAYERS.items():
         if module == name or module.startswith(name + "."):
             return layer
-    if module.rsplit(".", 1)[-1].endswith("_cli"):
-        return "cli"
     return PACKAGE_LAYERS[module.split(".")[0]]
 
 

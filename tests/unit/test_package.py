@@ -19,7 +19,10 @@ import pytest
 from megatron_rlhf import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ("convert-hf", "export-hf", "verify", "demo", "conversion-demo", "train-rl", "train-sft", "train-rm", "label-steps", "eval-bon")
+SUBCOMMANDS = (
+    "convert-hf", "export-hf", "verify", "check-weight-sync", "conversion-demo", "score", "demo", "train-sft",
+    "train-genrm", "train-rm", "label-steps", "eval-bon", "train-rl", "eval", "plan",
+)
 HEAVY_MODULES = ("torch", "megatron", "transformers", "vllm", "ray", "transformer_engine")
 BLOCKED_BACKENDS = ("vllm", "ray", "transformer_engine")
 
@@ -83,6 +86,43 @@ def test_cli_help_loads_no_heavy_module() -> None:
     )
     assert child.returncode == 0, child.stderr
     assert json.loads(child.stdout.splitlines()[-1]) == []
+
+
+def test_cli_help_imports_no_command_module() -> None:
+    """The top-level parser is built from the Command records alone: a command's module is
+    imported only when that command is parsed."""
+    child = _run_child(
+        "from megatron_rlhf import cli\n"
+        "try:\n"
+        "    cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps(sorted(name for name in sys.modules if name.startswith('megatron_rlhf.cli.'))))"
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout.splitlines()[-1]) == []
+
+
+def test_every_command_help_loads_no_heavy_module() -> None:
+    child = _run_child(
+        "from megatron_rlhf import cli\n"
+        "for command in cli.COMMANDS:\n"
+        "    try:\n"
+        "        cli.main([command.name, '--help'])\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, (command.name, exit.code)\n"
+        "print(json.dumps(loaded_heavy_modules()))"
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout.splitlines()[-1]) == []
+
+
+def test_every_command_module_has_add_arguments_and_run() -> None:
+    assert [command.name for command in cli.COMMANDS] == list(SUBCOMMANDS)
+    for command in cli.COMMANDS:
+        module = command.load()
+        assert module.__name__.startswith("megatron_rlhf.cli."), command
+        assert callable(module.add_arguments) and callable(module.run), command
 
 
 def test_help_lists_every_subcommand() -> None:

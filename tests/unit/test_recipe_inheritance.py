@@ -57,7 +57,7 @@ def test_broken_recipes_name_the_file(tmp_path, files, message):
 
 
 def test_unknown_key_from_a_base_is_still_an_error(tmp_path):
-    from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
+    from megatron_rlhf.cli.train_rl import rl_config_from_mapping
 
     _write(tmp_path / "base.yaml", "policy_dir: p\nout_dir: o\nprompt_files: [x.jsonl]\nstepz: 3\n")
     merged = load_recipe(_write(tmp_path / "r.yaml", "base: base.yaml\n"))

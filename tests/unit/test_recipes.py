@@ -40,7 +40,7 @@ def test_recipe_loads_and_fits(recipe, capsys, monkeypatch):
 
 def test_a_key_no_config_has_is_an_error(tmp_path):
     from megatron_rlhf.config.recipe import load_recipe
-    from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
+    from megatron_rlhf.cli.train_rl import rl_config_from_mapping
 
     recipe = tmp_path / "typo.yaml"
     recipe.write_text(f"base: [{EXAMPLES / 'base' / 'grpo.yaml'}, {EXAMPLES / 'glm4-9b' / 'model.yaml'}, "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_rlhf.rewards.sample import RewardResult, RewardStatus, Verdict
-from megatron_rlhf.trainer.rl_cli import load_rl_config
+from megatron_rlhf.cli.train_rl import load_rl_config
 from megatron_rlhf.trainer.rl_config import RLConfig
 from megatron_rlhf.trainer.rl_loop import sync_alarm
 from megatron_rlhf.trainer.rl_step import domain_index, rewards_tensor

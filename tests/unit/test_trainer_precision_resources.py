@@ -15,7 +15,7 @@ def _rl(**overrides) -> RLConfig:
 
 
 def test_rl_yaml_sections(tmp_path):
-    from megatron_rlhf.trainer.rl_cli import load_rl_config
+    from megatron_rlhf.cli.train_rl import load_rl_config
 
     path = tmp_path / "rl.yaml"
     path.write_text("policy_dir: p\nout_dir: o\nprompt_files: [a.jsonl]\nplacement: disaggregated\n"
@@ -40,7 +40,7 @@ def test_rl_engine_settings_are_validated():
 
 
 def test_train_rm_yaml_sections(tmp_path):
-    from megatron_rlhf.trainer.reward_model_cli import load_train_rm_config
+    from megatron_rlhf.trainer.reward_model_run import load_train_rm_config
 
     path = tmp_path / "rm.yaml"
     path.write_text("model: m\nrole: reward\ntrain_files: [a.jsonl]\noutput: out\n"
@@ -54,7 +54,7 @@ def test_sft_fp8_is_refused_before_any_rank_starts(tmp_path):
     if transformer_engine_installed():
         pytest.skip("Transformer Engine is installed here")
     from megatron_rlhf.models.tiny import make_tiny_hf_model
-    from megatron_rlhf.trainer.sft_cli import SFTRunConfig, plan_sft_run
+    from megatron_rlhf.trainer.sft_run import SFTRunConfig, plan_sft_run
 
     hf_dir = make_tiny_hf_model("llama", tmp_path / "m", seed=0, vocab_size=300)
     config = SFTRunConfig(hf_dir=str(hf_dir), train_path="unused.jsonl", out_dir=str(tmp_path / "out"),

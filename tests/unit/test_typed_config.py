@@ -103,7 +103,7 @@ def _write(path, text):
 
 
 def test_rl_config_types_are_strict(tmp_path):
-    from megatron_rlhf.trainer.rl_cli import load_rl_config
+    from megatron_rlhf.cli.train_rl import load_rl_config
 
     base = "policy_dir: p\nout_dir: o\nprompt_files: [a.jsonl]\n"
     for extra, named in [
@@ -126,7 +126,7 @@ def test_rl_config_types_are_strict(tmp_path):
 
 
 def test_train_rm_config_types_are_strict(tmp_path):
-    from megatron_rlhf.trainer.reward_model_cli import load_train_rm_config
+    from megatron_rlhf.trainer.reward_model_run import load_train_rm_config
 
     base = "model: m\nrole: reward\ntrain_files: [pairs.jsonl]\noutput: out\n"
     for extra, named in [

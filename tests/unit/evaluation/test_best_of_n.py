@@ -21,7 +21,7 @@ from megatron_rlhf.evaluation.best_of_n import (
     random_scorer,
     write_report,
 )
-from megatron_rlhf.evaluation.best_of_n_cli import ScorerSpec, parse_scorer_spec
+from megatron_rlhf.cli.eval_bon import ScorerSpec, parse_scorer_spec
 from megatron_rlhf.rewards.sample import RewardResult, RewardSample, RewardStatus, Verdict
 
 CORRECT = torch.tensor([

@@ -1,9 +1,10 @@
-"""`megatron-rlhf label-steps`: Monte-Carlo step labels for PRM training (see :mod:`.step_labels`).
+"""`megatron-rlhf label-steps`: Monte-Carlo step labels for PRM training (the labelling:
+:mod:`megatron_rlhf.data.step_labels`).
 
 Exit codes: 0 every solution is labelled (now or by an earlier run); 1 some were skipped (too
 long, or ungradable steps; a rerun retries the ungradable ones); 2 a user error (missing file,
 malformed input without ``--skip-malformed``, bad value). Building the parser imports nothing
-heavy; :func:`run_label_steps` imports the engine and the verifiers.
+heavy; :func:`run` imports the engine and the verifiers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Iterable
 log = logging.getLogger(__name__)
 
 
-def add_label_steps_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, metavar="DIR", help="HF model directory of the policy that rolls out")
     parser.add_argument("--input", required=True, metavar="IN.jsonl",
                         help='solutions: {"id", "prompt", "steps": [...], "ground_truth", "domain"?} per line')
@@ -76,7 +77,7 @@ def build_verifier(config_path: str | None, domains: Iterable[str]) -> Any:
     return HybridRewardRouter(restricted.router, build_sources(restricted))
 
 
-def run_label_steps(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from megatron_rlhf.data.step_labels import StepLabelConfig, label_solutions, read_solutions
     from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.preflight.label_steps import preflight_label_steps

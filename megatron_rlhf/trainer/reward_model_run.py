@@ -1,4 +1,5 @@
-"""`megatron-rlhf train-rm --config cfg.yaml`: train an ORM or PRM from a YAML recipe.
+"""The reward-model job from a YAML recipe: train an ORM or PRM (`megatron-rlhf train-rm --config
+cfg.yaml`, whose arguments are in :mod:`megatron_rlhf.cli.train_rm`).
 
 The YAML file (every section optional except the first four keys; unknown keys are errors)::
 
@@ -21,12 +22,11 @@ The YAML file (every section optional except the first four keys; unknown keys a
 Relative paths are relative to the YAML file's directory. It runs SPMD: under torchrun every rank runs the job in-process (WORLD_SIZE must fit the layout);
 otherwise it starts ``--nproc`` (default TP * PP * data_parallel) local processes. All checks a
 user can trip (config, files, malformed lines with file:line, layout, output directory) run before
-any model is built. Prints ``pairwise_accuracy=<v> auc=<v> step_auc=<v>`` last.
+any model is built. The command prints ``pairwise_accuracy=<v> auc=<v> step_auc=<v>`` last.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -313,15 +313,6 @@ def _train_rm_worker(plan: TrainRMPlan) -> dict[str, Any]:
     return {**last_metrics, "skipped_steps": trainer.skipped_steps}
 
 
-def add_train_rm_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="YAML", help="train-rm recipe (see module doc)")
-    parser.add_argument(
-        "--nproc", type=int, default=None, metavar="N",
-        help="local processes to start when not under torchrun (default: TP * PP * data_parallel; "
-        "ignored under torchrun, whose WORLD_SIZE rules)",
-    )
-
-
 def train_reward_model(config: TrainRMConfig, world_size: int | None = None) -> dict[str, Any]:
     """Train as ``config`` says; return the final validation metrics (``pairwise_accuracy``,
     ``auc``, ``step_auc``), ``skipped_steps`` and ``checkpoint`` (the directory written).
@@ -345,14 +336,3 @@ def train_reward_model(config: TrainRMConfig, world_size: int | None = None) -> 
         log.warning("%s", note)
     metrics = run_distributed(_train_rm_worker, world_size, plan)[0]
     return {**metrics, "checkpoint": str(Path(config.output) / "checkpoint")}
-
-
-def run_train_rm(args: argparse.Namespace) -> int:
-    from megatron_rlhf.parallel.launch import already_launched
-
-    config = load_train_rm_config(args.config)
-    metrics = train_reward_model(config, args.nproc)
-    if not already_launched() or int(os.environ["RANK"]) == 0:
-        print(f"wrote {config.role} checkpoint to {metrics['checkpoint']}")
-        print(" ".join(f"{name}={metrics.get(name)}" for name in ("pairwise_accuracy", "auc", "step_auc")))
-    return 0

@@ -1,4 +1,5 @@
-"""`megatron-rlhf eval-bon`: Best-of-N curves of reward models (see :mod:`.best_of_n`).
+"""`megatron-rlhf eval-bon`: Best-of-N curves of reward models (the pipeline:
+:mod:`megatron_rlhf.evaluation.best_of_n`).
 
 Stages, each engine released before the next starts: the policy samples ``N_max`` responses per
 prompt and the verifier grades them; then every ``--scorer`` scores the same responses:
@@ -80,7 +81,7 @@ def _scorer_spec(text: str) -> ScorerSpec:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_eval_bon_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, metavar="DIR", help="HF model directory of the policy")
     parser.add_argument("--prompts", required=True, metavar="IN.jsonl",
                         help='prompts: {"id"?, "prompt" | "messages", "domain", "ground_truth"} per line')
@@ -103,9 +104,9 @@ def add_eval_bon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--genrm-max-new-tokens", type=int, default=256)
 
 
-def run_eval_bon(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from megatron_rlhf.data.prompts import PromptDatasetConfig, load_prompt_dataset
-    from megatron_rlhf.data.step_labels_cli import build_verifier
+    from megatron_rlhf.cli.label_steps import build_verifier
     from megatron_rlhf.evaluation.best_of_n import (
         BestOfNConfig,
         evaluate_best_of_n,

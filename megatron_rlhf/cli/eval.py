@@ -14,12 +14,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from megatron_rlhf.cli_args import positive_int
+from megatron_rlhf.cli.args import positive_int
 
 MAX_POLICIES = 2
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", action="append", required=True, metavar="DIR",
                         help="HF model directory of a policy; give it twice to compare (deltas: second - first)")
     parser.add_argument("--suite", required=True, metavar="SUITE.yaml",
@@ -29,7 +29,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate only the first N items of every task (a quick look)")
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from megatron_rlhf.evaluation.ability.generation import answer_items
     from megatron_rlhf.evaluation.ability.grading import grade_answers, open_graders, task_scores
     from megatron_rlhf.evaluation.ability.loaders import load_task

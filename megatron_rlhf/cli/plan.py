@@ -18,14 +18,14 @@ import json
 from pathlib import Path
 
 from megatron_rlhf.config.errors import ConfigError, MissingInput
-from megatron_rlhf.cli_args import non_negative_float, positive_float, positive_int
+from megatron_rlhf.cli.args import non_negative_float, positive_float, positive_int
 from megatron_rlhf.planning.inputs import plan_inputs_from_flags
 
 EXIT_FITS = 0
 EXIT_DOES_NOT_FIT = 1
 
 
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--hf-config", metavar="CONFIG.json",
         help="HF config.json (or its directory); with --recipe: the architecture to use when the "
@@ -95,11 +95,11 @@ def recipe_group_settings(path: str, hf_config: str | None = None) -> list[tuple
 
     mapping = load_recipe(path)
     if "role" in mapping and "model" in mapping:  # a train-rm recipe
-        from megatron_rlhf.trainer.reward_model_cli import load_train_rm_config
+        from megatron_rlhf.trainer.reward_model_run import load_train_rm_config
 
         config = load_train_rm_config(path)
         return [(config.role, *rm_plan_settings(config, hf_config_path=hf_config))]
-    from megatron_rlhf.trainer.rl_cli import rl_config_from_mapping
+    from megatron_rlhf.cli.train_rl import rl_config_from_mapping
 
     config = rl_config_from_mapping(mapping, path)
     if hf_config is not None:
@@ -109,7 +109,7 @@ def recipe_group_settings(path: str, hf_config: str | None = None) -> list[tuple
     return rl_group_settings(config)
 
 
-def run_plan(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from megatron_rlhf.models.arch import arch_spec_from_hf_config
     from megatron_rlhf.planning.plan import compute_plan
     from megatron_rlhf.planning.report import render, summary_of

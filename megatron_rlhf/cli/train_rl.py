@@ -64,12 +64,12 @@ def load_rl_config(path: str | Path, algo: str | None = None):
     return rl_config_from_mapping(data, str(path), algo)
 
 
-def add_train_rl_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="YAML", help="RL run configuration (see the module doc)")
     parser.add_argument("--algo", choices=("grpo", "ppo"), default=None, help="algorithm preset (overrides the file's)")
 
 
-def run_train_rl(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Load and type the config, run the pre-flight checks (every file, route, checkpoint and
     length, before any process starts), then the job. A run that fails leaves no empty
     ``out_dir`` behind."""
