@@ -117,7 +117,7 @@ def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, p
     import torch
 
     from megatron_rlhf.mapping.engine import export_hf_weights
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     copy_s = []
     tensors = [t.clone() for _, t in export_hf_weights(model, arch, "lm")]

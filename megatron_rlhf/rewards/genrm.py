@@ -30,7 +30,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from megatron_rlhf.rewards.sample import RewardResult, RewardSample, RewardStatus, Verdict
-from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+from megatron_rlhf.config.sampling import SamplingSettings
 
 REFERENCE_MODES = ("required", "optional", "never")
 VERDICT_FORMATS = ("binary", "score")

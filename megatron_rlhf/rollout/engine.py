@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from megatron_rlhf.config.errors import UserError
+from megatron_rlhf.config.sampling import SamplingSettings
 from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup, last_item
 from megatron_rlhf.rollout.vllm_plugin import IPC_LEDGER_ENV
 from megatron_rlhf.types import RolloutBatch
@@ -83,28 +84,6 @@ class RolloutConfig:
             raise ValueError("tensor_parallel must be >= 1 and max_model_len >= 2")
         if self.dtype not in ENGINE_DTYPES:  # also the dtype weights are synced in
             raise ValueError(f"dtype={self.dtype!r} (choose {', '.join(ENGINE_DTYPES)})")
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    n: int = 1
-    """Responses per prompt."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    """-1: no top-k."""
-    max_new_tokens: int = 64
-    stop: tuple[str, ...] = ()
-    """Stop strings (the stop string is not part of the response)."""
-    stop_token_ids: tuple[int, ...] = ()
-    """Token ids that end a response (in addition to EOS)."""
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"n={self.n} and max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"temperature={self.temperature} >= 0 and top_p={self.top_p} in (0, 1]")
 
 
 def check_tokenizers_identical(trainer_tokenizer: Any, engine_tokenizer: Any) -> None:

@@ -75,7 +75,7 @@ def _check_layout(plan: SyncCheckPlan, parallel: ParallelConfig, engine, sync) -
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.models.sequence_logprobs import response_logprobs
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
     from megatron_rlhf.trainer.lm_loss import next_token_loss
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.trainer.megatron_step import MegatronUpdater

@@ -110,7 +110,7 @@ def engine(models):
 
 
 def test_group_index_and_shapes(engine):
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     batch = engine.generate([[7, 8, 9], [10, 11]], SamplingSettings(n=3, max_new_tokens=5, seed=0))
     assert batch.num_samples == 6
@@ -122,7 +122,7 @@ def test_group_index_and_shapes(engine):
 
 
 def test_overlong_and_empty_prompts_are_counted_not_fatal(engine):
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     long_prompt = list(range(20, 60))  # 40 tokens > max_prompt_tokens=16
     batch = engine.generate([long_prompt, [], [7, 8]], SamplingSettings(max_new_tokens=3, seed=0))
@@ -142,7 +142,7 @@ def test_overlong_prompts_can_be_dropped_instead():
 
 
 def test_stop_at_first_token_gives_an_empty_or_one_token_response(engine):
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     every_token = tuple(range(engine.defined_tokens))
     batch = engine.generate([[7, 8, 9]], SamplingSettings(n=2, max_new_tokens=5, stop_token_ids=every_token, seed=0))
@@ -152,7 +152,7 @@ def test_stop_at_first_token_gives_an_empty_or_one_token_response(engine):
 
 
 def test_padded_vocabulary_rows_are_never_sampled(engine):
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     assert engine.defined_tokens == 480 and engine.vocab_size == 512
     batch = engine.generate([[7, 8, 9]] * 4, SamplingSettings(n=4, max_new_tokens=16, temperature=2.0, seed=3))
