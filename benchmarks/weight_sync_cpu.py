@@ -61,7 +61,8 @@ def _worker(size: str, repeats: int, out_queue_path: str, trainer_threads: int) 
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
 
     hidden, layers, intermediate = SIZES[size]
     work = Path(tempfile.mkdtemp(prefix=f"sync_bench_{size}_"))

@@ -177,7 +177,8 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.data.pre_ppo import PrePPOConfig, select_prompts
     from megatron_rlhf.data.prompts import load_prompt_dataset
     from megatron_rlhf.rewards.sample import RewardSample
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
     from megatron_rlhf.config.sampling import SamplingSettings
 
     records, _ = load_prompt_dataset(results["prepare"]["prompts_train"])

@@ -63,7 +63,8 @@ class HeldOutResult:
 def evaluate_policy(policy_dir: str, prompts: Sequence[Any], scorer: Any, config: HeldOutEvalConfig = HeldOutEvalConfig(),
                     chat_template: bool = True) -> HeldOutResult:
     """Grade ``policy_dir``'s answers to ``prompts`` (PromptRecords) with ``scorer`` (a RewardSource)."""
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
     from megatron_rlhf.config.sampling import SamplingSettings
 
     inputs = [p.as_messages() if chat_template else p.rollout_input() for p in prompts]

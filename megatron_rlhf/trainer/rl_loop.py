@@ -112,7 +112,7 @@ def build_components(config: RLConfig, tokenizer: Any):
     """Worker groups, engine and router; returns ``(components, groups, placement)``."""
     from megatron_rlhf.rewards.reward_config import build_sources
     from megatron_rlhf.rewards.router import HybridRewardRouter
-    from megatron_rlhf.rollout.engine import RolloutConfig
+    from megatron_rlhf.config.rollout import RolloutConfig
     from megatron_rlhf.trainer.rl_step import RLComponents
     from megatron_rlhf.config.precision import engine_dtype
     from megatron_rlhf.workers.group import WorkerGroup

@@ -102,7 +102,8 @@ def test_no_engine_process_is_left_behind(sync_results, orphans_before):
 
 @pytest.fixture(scope="module")
 def engine(models):
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
 
     with RolloutEngine(RolloutConfig(model_dir=models["llama_padded_vocab"], max_model_len=64,
                                      max_prompt_tokens=16, weight_transfer_backend=None)) as rollout:

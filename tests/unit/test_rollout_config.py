@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rlhf.rollout.engine import RolloutConfig, resolve_transfer_backend
+from megatron_rlhf.config.rollout import RolloutConfig
+from megatron_rlhf.rollout.engine import resolve_transfer_backend
 
 
 def test_auto_picks_shared_memory_on_a_cpu_host_shared_with_the_trainer():
