@@ -61,7 +61,8 @@ def _worker(size: str, repeats: int, out_queue_path: str, trainer_threads: int) 
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
 
     hidden, layers, intermediate = SIZES[size]
     work = Path(tempfile.mkdtemp(prefix=f"sync_bench_{size}_"))
@@ -117,7 +118,7 @@ def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, p
     import torch
 
     from megatron_rlhf.mapping.engine import export_hf_weights
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     copy_s = []
     tensors = [t.clone() for _, t in export_hf_weights(model, arch, "lm")]

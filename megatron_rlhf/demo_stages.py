@@ -177,7 +177,9 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.data.pre_ppo import PrePPOConfig, select_prompts
     from megatron_rlhf.data.prompts import load_prompt_dataset
     from megatron_rlhf.rewards.sample import RewardSample
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     records, _ = load_prompt_dataset(results["prepare"]["prompts_train"])
     selection = PrePPOConfig(keep_fraction=config.pre_ppo_keep_fraction, samples_per_prompt=2,
@@ -254,6 +256,8 @@ def stage_eval_rl(config, out: Path, results: dict) -> dict[str, Any]:
 def stage_rl(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.config.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.data.curriculum import CurriculumConfig
+    from megatron_rlhf.rewards.reward_config import load_reward_config
     from megatron_rlhf.trainer.rl_config import RLConfig, grpo_algorithm, ppo_algorithm
     from megatron_rlhf.trainer.rl_loop import run_rl
 
@@ -274,8 +278,8 @@ def stage_rl(config, out: Path, results: dict) -> dict[str, Any]:
         update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=2, micro_batch_size=samples // 2),
         actor_optimizer=OptimizerSettings(lr=config.rl_lr, clip_grad=1.0),
         critic_optimizer=OptimizerSettings(lr=1e-3, clip_grad=1.0),
-        reward_config=str(paths["reward_yaml"]),
-        curriculum={"first_domains": ["math", "code"], "until_step": switch},
+        reward_config=load_reward_config(paths["reward_yaml"]),
+        curriculum=CurriculumConfig.first_then_all(("math", "code"), switch),
         checkpoint_every=10, seed=config.seed + 4,
     )
     result = run_rl(rl)

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     )
     from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.preflight.eval_bon import preflight_eval_bon
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
 
     try:
         config = BestOfNConfig(n_max=args.n_max, temperature=args.temperature, top_p=args.top_p,
@@ -161,7 +162,7 @@ def _build_scorers(spec: ScorerSpec, responses: Any, verifier: Any, args: argpar
         results = spawn(score_in_this_rank, args.rm_tensor_parallel, rm, flat)[0]
     else:
         from megatron_rlhf.rewards.genrm import GenRMConfig, GenRMSource
-        from megatron_rlhf.rollout.engine import RolloutConfig
+        from megatron_rlhf.config.rollout import RolloutConfig
 
         judge = RolloutConfig(model_dir=spec.path, tensor_parallel=args.tensor_parallel, dtype=args.dtype,
                               max_model_len=args.max_model_len, seed=args.seed, weight_transfer_backend=None)

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_rlhf.data.step_labels import StepLabelConfig, label_solutions, read_solutions
     from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.preflight.label_steps import preflight_label_steps
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
 
     try:
         config = StepLabelConfig(

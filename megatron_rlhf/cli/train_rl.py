@@ -50,7 +50,7 @@ def rl_config_from_mapping(data: Any, where: str, algo: str | None = None):
     defaults = (grpo_algorithm if preset == "grpo" else ppo_algorithm)()
     settings = {field.name: getattr(defaults, field.name) for field in dataclasses.fields(defaults) if field.init}
     algorithm = dataclass_from_mapping(AlgorithmConfig, {**settings, **overrides}, at(where, "algorithm"))
-    return dataclass_from_mapping(RLConfig, {**data, "algorithm": algorithm}, where)
+    return RLConfig.from_mapping({**data, "algorithm": algorithm}, where)  # reads reward_config, types curriculum
 
 
 def load_rl_config(path: str | Path, algo: str | None = None):

@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_rlhf.config.errors import ConfigError
+from megatron_rlhf.config.typed_load import dataclass_from_mapping
 from megatron_rlhf.data.prompts import PromptRecord, PromptSampler
 
 ALLOCATIONS = ("proportional", "sample")
@@ -45,7 +47,7 @@ ALLOCATIONS = ("proportional", "sample")
 class CurriculumPhase:
     """One stretch of training steps with fixed domain weights."""
 
-    until_step: int | None
+    until_step: int | None = None
     """First step *after* this phase (exclusive end, > the previous phase's). None: until the end
     of training (last phase only)."""
     domain_weights: Mapping[str, float] | None = None
@@ -88,39 +90,43 @@ class CurriculumConfig:
         )
 
     @staticmethod
-    def from_mapping(raw: Mapping[str, Any] | Sequence[Mapping[str, Any]], where: str = "curriculum") -> CurriculumConfig:
+    def from_mapping(raw: Any, where: str = "curriculum") -> CurriculumConfig:
         """From parsed YAML/JSON: ``{"phases": [{"until_step", "domain_weights"}, ...], "seed"?,
         "allocation"?}``, a bare list of phases, or the shorthand ``{"first_domains": [...],
-        "until_step": N}``. ValueError names ``where`` and the offending entry."""
+        "until_step": N, "seed"?, "allocation"?}``. Typed strictly
+        (:func:`~megatron_rlhf.config.typed_load.dataclass_from_mapping`): a
+        :class:`~megatron_rlhf.config.errors.ConfigError` names ``where`` and the key path
+        (``run.yaml: curriculum.phases[0].until_step: expected ...``)."""
         if isinstance(raw, Sequence) and not isinstance(raw, str):
             raw = {"phases": list(raw)}
         if not isinstance(raw, Mapping):
-            raise ValueError(f"{where}: expected a mapping or a list of phases, got {type(raw).__name__}")
-        extra = {key: raw[key] for key in ("seed", "allocation") if key in raw}
-        if "first_domains" in raw:
-            unknown = set(raw) - {"first_domains", "until_step", "seed", "allocation"}
-            if unknown or "until_step" not in raw:
-                raise ValueError(f"{where}: the shorthand takes first_domains and until_step (got keys {sorted(raw)})")
-            return CurriculumConfig.first_then_all(list(raw["first_domains"]), raw["until_step"], **extra)
-        unknown = set(raw) - {"phases", "seed", "allocation"}
-        if unknown or "phases" not in raw:
-            raise ValueError(f"{where}: expected keys phases (+ seed, allocation), got {sorted(raw)}")
-        phases = []
-        for index, entry in enumerate(raw["phases"]):
-            if not isinstance(entry, Mapping) or not set(entry) <= {"until_step", "domain_weights"}:
-                raise ValueError(f"{where}.phases[{index}]: expected {{until_step, domain_weights}}, got {entry!r}")
-            weights = entry.get("domain_weights")
-            phases.append(CurriculumPhase(entry.get("until_step"), dict(weights) if weights is not None else None))
+            raise ConfigError(f"{where}: expected a mapping or a list of phases, got {type(raw).__name__}")
+        if "first_domains" not in raw:
+            return dataclass_from_mapping(CurriculumConfig, raw, where)
+        if "until_step" not in raw:
+            raise ConfigError(f"{where}: the shorthand takes first_domains and until_step (got keys {sorted(raw)})")
+        shorthand = dataclass_from_mapping(_FirstThenAll, raw, where)
         try:
-            return CurriculumConfig(tuple(phases), **extra)
+            return CurriculumConfig.first_then_all(shorthand.first_domains, shorthand.until_step,
+                                                   shorthand.seed, shorthand.allocation)
         except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+            raise ConfigError(f"{where}: {error}") from None
 
     def phase_at(self, step: int) -> CurriculumPhase:
         for phase in self.phases:
             if phase.until_step is None or step < phase.until_step:
                 return phase
         return self.phases[-1]
+
+
+@dataclass(frozen=True)
+class _FirstThenAll:
+    """The YAML shorthand of :meth:`CurriculumConfig.first_then_all`."""
+
+    first_domains: tuple[str, ...]
+    until_step: int
+    seed: int = 0
+    allocation: str = "proportional"
 
 
 def _check_phase(index: int, phase: CurriculumPhase, previous: int, last: bool) -> None:

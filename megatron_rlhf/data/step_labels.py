@@ -314,7 +314,7 @@ def label_solutions(solutions: Sequence[Solution], engine: Any, verifier: Any, c
     """
     from tqdm import tqdm
 
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     stats = StepLabelStats(solutions=len(solutions))
     done = completed_ids(output_path)

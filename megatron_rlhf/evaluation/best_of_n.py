@@ -188,7 +188,7 @@ class SampledResponses:
 def sample_and_grade(engine: Any, prompts: Sequence[Any], verifier: Any, config: BestOfNConfig) -> SampledResponses:
     """Sample ``n_max`` responses per prompt (PromptRecord-like: id, domain, prompt text,
     ground_truth) and grade them with ``verifier``."""
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     settings = SamplingSettings(n=config.n_max, temperature=config.temperature, top_p=config.top_p,
                                 max_new_tokens=config.max_new_tokens, seed=config.seed)

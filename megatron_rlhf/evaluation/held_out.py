@@ -63,7 +63,9 @@ class HeldOutResult:
 def evaluate_policy(policy_dir: str, prompts: Sequence[Any], scorer: Any, config: HeldOutEvalConfig = HeldOutEvalConfig(),
                     chat_template: bool = True) -> HeldOutResult:
     """Grade ``policy_dir``'s answers to ``prompts`` (PromptRecords) with ``scorer`` (a RewardSource)."""
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     inputs = [p.engine_input(chat_template) for p in prompts]
     rollout = RolloutConfig(model_dir=policy_dir, max_model_len=config.max_model_len, overlong_prompts="drop",

@@ -79,24 +79,32 @@ def check_prompt_files(files: Sequence[Any], where: str, router: Any | None = No
 
 
 def check_reward_config(path: str | None, where: str) -> Any:
-    """Load the reward YAML at ``path`` (None: the default verifiers) and check each scorer is
-    what it claims to be: a ``reward_model`` source's directory is a train-rm checkpoint, a
-    ``genrm`` source's judge is a Hugging Face model. Returns the RewardConfig."""
+    """Load the reward YAML at ``path`` (None: the default verifiers) and check its scorers
+    (:func:`check_reward_scorers`). Returns the RewardConfig."""
     from megatron_rlhf.rewards.reward_config import default_reward_config, load_reward_config
-    from megatron_rlhf.rewards.reward_model_source import check_reward_model_checkpoint
 
     if path is None:
         return default_reward_config()
     if not isinstance(path, str) or not Path(path).is_file():
         raise MissingInput(f"{where}: reward config {path!r} not found")
     config = load_reward_config(path)
+    check_reward_scorers(config)
+    return config
+
+
+def check_reward_scorers(config: Any) -> None:
+    """Each scorer of the parsed RewardConfig ``config`` is what it claims to be: a
+    ``reward_model`` source's directory is a train-rm checkpoint, a ``genrm`` source's judge is a
+    Hugging Face model. Errors name the reward file (``config.origin``) and the key path."""
+    from megatron_rlhf.rewards.reward_model_source import check_reward_model_checkpoint
+
+    origin = config.origin or "the reward config"
     for name, spec in config.sources.items():
-        here = f"{path}: sources.{name}"
+        here = f"{origin}: sources.{name}"
         if spec.kind == "reward_model":
             check_reward_model_checkpoint(spec.config.ckpt_dir, f"{here}.ckpt_dir")
         elif spec.kind == "genrm" and spec.config.rollout is not None:
             check_hf_model_dir(spec.config.rollout.model_dir, f"{here}.rollout.model_dir")
-    return config
 
 
 def check_output_file(output: str, inputs: Sequence[str], where: str) -> None:

@@ -1,12 +1,14 @@
 """Pre-flight of ``train-rl``: the whole run configuration, before Ray, vLLM or Megatron start.
 
 :func:`preflight_rl` takes the typed run configuration (an ``RLConfig``, already strictly typed
-by ``config.typed_load``) and checks, in this order: the output directory can be created; the
-policy (and critic) directories are Hugging Face models with a tokenizer; the requested lengths
-fit the policy's position limit; the reward YAML loads and each of its scorers is what it claims
-(train-rm checkpoints, judge models); every prompt file parses strictly (the first malformed line
-stops, ``file:line``) and every prompt's domain has a reward route; the curriculum parses and
-names only domains that have prompts. It creates nothing and starts nothing.
+by ``config.typed_load``, its reward YAML already parsed into a ``RewardConfig`` and its
+curriculum into a ``CurriculumConfig``) and checks, in this order: the output directory can be
+created; the policy (and critic) directories are Hugging Face models with a tokenizer; the
+requested lengths fit the policy's position limit; each scorer of the reward config is what it
+claims (train-rm checkpoints, judge models); every prompt file parses strictly (the first
+malformed line stops, ``file:line``) and every prompt's domain has a reward route; the
+curriculum names only domains that have prompts. It reads no config file again, creates nothing
+and starts nothing.
 
 Not checked: what needs the tokenizer over every prompt (over-long prompts are skipped and
 reported by the loader), memory, and the layouts the planner checks.
@@ -15,16 +17,16 @@ reported by the loader), memory, and the layouts the planner checks.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any
 
-from megatron_rlhf.config.errors import ConfigError, UserError
+from megatron_rlhf.config.errors import UserError
+from megatron_rlhf.data.curriculum import CurriculumConfig, domain_probabilities
 from megatron_rlhf.preflight.checks import (
     check_hf_model_dir,
     check_length_fits,
     check_output_dir,
     check_prompt_files,
-    check_reward_config,
+    check_reward_scorers,
 )
 
 
@@ -41,22 +43,16 @@ def preflight_rl(config: Any, where: str) -> None:
         check_hf_model_dir(config.critic_dir, f"{where}: critic_dir")
     check_length_fits(policy, config.policy_dir, config.max_prompt_tokens + config.max_new_tokens,
                       f"{where}: max_prompt_tokens + max_new_tokens")
-    reward = check_reward_config(config.reward_config, f"{where}: reward_config")
-    routes = config.reward_config or "the default reward config (one verifier per verifiable domain)"
+    reward = config.reward_config
+    check_reward_scorers(reward)
+    routes = reward.origin or "the default reward config (one verifier per verifiable domain)"
     domains = check_prompt_files(config.prompt_files, f"{where}: prompt_files", reward.router, routes)
     if config.curriculum is not None:
         check_curriculum(config.curriculum, domains, f"{where}: curriculum")
 
 
-def check_curriculum(raw: Any, domains: dict[str, int], where: str) -> None:
-    """The curriculum parses and its phases name only domains that have prompts."""
-    from megatron_rlhf.data.curriculum import CurriculumConfig, domain_probabilities
-
-    try:
-        curriculum = CurriculumConfig.from_mapping(raw, where=where)
-    except (TypeError, ValueError) as error:
-        message = str(error)
-        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+def check_curriculum(curriculum: CurriculumConfig, domains: dict[str, int], where: str) -> None:
+    """The phases of the typed ``curriculum`` name only domains that have prompts."""
     for index, phase in enumerate(curriculum.phases):
         try:
             domain_probabilities(phase, domains)

@@ -27,10 +27,14 @@ import math
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from megatron_rlhf.config.rollout import RolloutConfig
+from megatron_rlhf.config.sampling import SamplingSettings
 from megatron_rlhf.rewards.sample import RewardResult, RewardSample, RewardStatus, Verdict
-from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+
+if TYPE_CHECKING:  # the engine (torch, vLLM) is imported when a source starts one
+    from megatron_rlhf.rollout.engine import RolloutEngine
 
 REFERENCE_MODES = ("required", "optional", "never")
 VERDICT_FORMATS = ("binary", "score")
@@ -213,7 +217,11 @@ class GenRMSource:
         self.config = config
         self._owns_engine = engine is None
         # The judge's weights never change while it scores: its own engine needs no weight transfer.
-        self.engine = engine if engine is not None else RolloutEngine(replace(config.rollout, weight_transfer_backend=None))
+        if engine is None:
+            from megatron_rlhf.rollout.engine import RolloutEngine
+
+            engine = RolloutEngine(replace(config.rollout, weight_transfer_backend=None))
+        self.engine = engine
 
     def close(self) -> None:
         if self._owns_engine and self.engine is not None:

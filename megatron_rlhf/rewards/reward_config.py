@@ -93,8 +93,13 @@ class SourceSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
+    """A parsed, validated reward configuration: what ``train-rl``, ``score`` and ``label-steps``
+    build their sources and router from (parsing happens once, at the entry point)."""
+
     router: RouterConfig
     sources: Mapping[str, SourceSpec]
+    origin: str | None = None
+    """The YAML file it was read from, as given (messages name it); None: built in code."""
 
 
 def default_reward_config() -> RewardConfig:
@@ -106,8 +111,9 @@ def default_reward_config() -> RewardConfig:
     return RewardConfig(RouterConfig(domains=domains), sources)
 
 
-def reward_config_from_mapping(data: Any, where: str) -> RewardConfig:
-    """Validate a parsed YAML document; ConfigError naming ``where`` and the key path."""
+def reward_config_from_mapping(data: Any, where: str, origin: str | None = None) -> RewardConfig:
+    """Validate a parsed YAML document; ConfigError naming ``where`` and the key path. ``origin``:
+    the file the document came from (kept in :attr:`RewardConfig.origin`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the reward config must be a mapping, got {type(data).__name__}")
     _reject_unknown(data, {"infra_errors", "sources", "domains", "fallback_domain"}, where)
@@ -142,21 +148,26 @@ def reward_config_from_mapping(data: Any, where: str) -> RewardConfig:
         if missing:
             raise ConfigError(f"{where}: domains.{domain}.sources names undefined source(s) {missing}; "
                               f"defined: {sorted(sources)}")
-    return RewardConfig(router, sources)
+    return RewardConfig(router, sources, origin)
 
 
-def load_reward_config(path: str | Path) -> RewardConfig:
-    """Read a reward config YAML file (the entry points call this)."""
+def load_reward_config(path: str | Path, where: str | None = None) -> RewardConfig:
+    """Read a reward config YAML file (the entry points call this, once per run). ``path`` is
+    used as given (a relative path is relative to the working directory); ``where`` names the
+    setting that gave the path (``run.yaml: reward_config``) in the error for a missing file."""
     import yaml
 
+    given = str(path)
     path = Path(path)
     if not path.is_file():
+        if where is not None:
+            raise MissingInput(f"{where}: reward config {given!r} not found")
         raise MissingInput(f"reward config {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return reward_config_from_mapping(data, str(path))
+    return reward_config_from_mapping(data, given, origin=given)
 
 
 def build_sources(config: RewardConfig, only: set[str] | None = None) -> dict[str, RewardSource]:

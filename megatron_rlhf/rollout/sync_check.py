@@ -75,7 +75,7 @@ def _check_layout(plan: SyncCheckPlan, parallel: ParallelConfig, engine, sync) -
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.models.sequence_logprobs import response_logprobs
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
     from megatron_rlhf.trainer.lm_loss import next_token_loss
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.trainer.megatron_step import MegatronUpdater
@@ -127,7 +127,8 @@ def _check_layout(plan: SyncCheckPlan, parallel: ParallelConfig, engine, sync) -
 def _check_worker(plan: SyncCheckPlan, layouts: list[ParallelConfig]) -> list[SyncCheckResult | None]:
     """All layouts in these processes, with one vLLM engine (on global rank 0) for all of them."""
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
     from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
 
     initialize_parallel(layouts[0], seed=plan.seed)

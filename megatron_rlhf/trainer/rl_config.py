@@ -1,27 +1,46 @@
 """Configuration of an RL run (PPO or GRPO): typed, validated, one dataclass per component.
 
 :class:`RLConfig` gathers the component configs the loop passes down explicitly: the algorithm
-(:class:`~megatron_rlhf.algorithms.AlgorithmConfig`), sampling, the PPO update plan, optimizers,
-Megatron layouts and sizes of the worker groups, the engine, placement, rewards, data and
-logging. Presets: :func:`grpo_algorithm` and :func:`ppo_algorithm` give the "Does RLHF Scale?"
-settings of each method (group normalisation and asymmetric shrinking for GRPO; GAE with a
-critic for PPO).
+(:class:`~megatron_rlhf.algorithms.AlgorithmConfig`), sampling (:attr:`RLConfig.sampling`, a
+:class:`~megatron_rlhf.config.sampling.SamplingSettings`), the PPO update plan, optimizers,
+Megatron layouts and sizes of the worker groups, the engine, placement, the parsed reward
+configuration (:class:`~megatron_rlhf.rewards.reward_config.RewardConfig`), the curriculum
+(:class:`~megatron_rlhf.data.curriculum.CurriculumConfig`), data and logging. Presets:
+:func:`grpo_algorithm` and :func:`ppo_algorithm` give the "Does RLHF Scale?" settings of each
+method (group normalisation and asymmetric shrinking for GRPO; GAE with a critic for PPO).
+
+Guarantees: :meth:`RLConfig.from_mapping` (what ``train-rl`` and ``plan`` call on the run YAML)
+reads the reward YAML named by ``reward_config`` exactly once and types ``curriculum``, so every
+error in either names the file and key path before any process starts; the pre-flight and the
+loop then use the typed records and parse nothing again. An ``RLConfig`` built in code takes the
+typed records themselves (``reward_config=load_reward_config(path)``), never a path or a mapping.
+Not checked here: that files and directories exist (besides the reward YAML), that prompt domains
+have reward routes, or that the curriculum's domains have prompts (``megatron_rlhf.preflight.rl``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from megatron_rlhf.algorithms import AlgorithmConfig
-from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.config.errors import ConfigError
 from megatron_rlhf.config.optimizer import OptimizerSettings
+from megatron_rlhf.config.parallel import ParallelConfig
 from megatron_rlhf.config.ppo_update import PPOUpdateConfig
 from megatron_rlhf.config.precision import PrecisionConfig
 from megatron_rlhf.config.resources import ResourcesConfig
+from megatron_rlhf.config.sampling import SamplingSettings
+from megatron_rlhf.config.typed_load import at, dataclass_from_mapping
+from megatron_rlhf.data.curriculum import CurriculumConfig
 from megatron_rlhf.planning.fit_check import FitCheckConfig
+from megatron_rlhf.rewards.reward_config import RewardConfig, default_reward_config, load_reward_config
 
 ALGORITHMS = ("grpo", "ppo")
+PLACEMENTS = ("colocated", "disaggregated")
 ROLLOUT_MODES = ("sync", "one_step_off")
+SYNC_ALARM_ACTIONS = ("warn", "stop")
 
 
 def grpo_algorithm(**overrides) -> AlgorithmConfig:
@@ -96,9 +115,9 @@ class RLConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     """Nodes, GPUs per node, CPUs per worker, the engine's GPU memory share
     (megatron_rlhf.config.resources); the default is a CPU run."""
-    placement: str = "colocated"
+    placement: Literal["colocated", "disaggregated"] = "colocated"
     """colocated (engine inside the actor's rank 0; groups share bundles) | disaggregated."""
-    rollout_mode: str = "sync"
+    rollout_mode: Literal["sync", "one_step_off"] = "sync"
     """sync (each step generates its batch with the weights of the previous update) |
     one_step_off (asynchronous: the batch of step k+1 is generated on the disaggregated engines
     while step k trains, so samples are at most one update stale; needs ``placement:
@@ -110,13 +129,16 @@ class RLConfig:
     """Alarm when the trainer's log-probs of the sampled tokens differ from the engine's by more
     than this (both hold the same weights after a sync; a larger gap means a broken sync or a
     dtype/kernel mismatch). None: no check."""
-    sync_alarm_action: str = "warn"
+    sync_alarm_action: Literal["warn", "stop"] = "warn"
     """warn (log and count in ``ratio/sync_alarms``) | stop (raise, after the step's checkpoint)."""
-    reward_config: str | None = None
-    """Reward YAML (``megatron_rlhf.rewards.reward_config``); None: the verifiers per domain.
-    Sources of ``kind: reward_model`` (a ``train-rm`` checkpoint) get their own worker group."""
-    curriculum: dict | list | None = None
-    """Curriculum phases (``megatron_rlhf.data.curriculum``); None: uniform over all prompts."""
+    reward_config: RewardConfig = field(default_factory=default_reward_config)
+    """The parsed reward configuration (``megatron_rlhf.rewards.reward_config``); in the YAML, the
+    path of the reward YAML file (relative to the working directory) or null: one verifier per
+    verifiable domain. Sources of ``kind: reward_model`` (a ``train-rm`` checkpoint) get their own
+    worker group."""
+    curriculum: CurriculumConfig | None = None
+    """Curriculum phases (``megatron_rlhf.data.curriculum``; in the YAML any form
+    ``CurriculumConfig.from_mapping`` takes); None: uniform over all prompts."""
     checkpoint_every: int = 10
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -130,12 +152,18 @@ class RLConfig:
     """The planner's pre-start check (GPU to fit, explicit override); see megatron_rlhf.planning."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reward_config, RewardConfig):
+            raise TypeError(f"RLConfig.reward_config must be a RewardConfig (load_reward_config(path) reads a "
+                            f"reward YAML), got {self.reward_config!r}")
+        if self.curriculum is not None and not isinstance(self.curriculum, CurriculumConfig):
+            raise TypeError(f"RLConfig.curriculum must be a CurriculumConfig or None "
+                            f"(CurriculumConfig.from_mapping types a parsed mapping), got {self.curriculum!r}")
         if not self.prompt_files:
             raise ValueError("RLConfig.prompt_files is empty: give at least one prompt JSONL file")
         for name in ("steps", "prompts_per_step", "n", "max_new_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.placement not in ("colocated", "disaggregated"):
+        if self.placement not in PLACEMENTS:
             raise ValueError(f"RLConfig.placement={self.placement!r} (colocated or disaggregated)")
         if self.rollout_engines and (self.placement != "disaggregated"
                                      or any(not isinstance(tp, int) or tp < 1 for tp in self.rollout_engines)):
@@ -153,7 +181,7 @@ class RLConfig:
                              "cannot live inside the actor")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
-        if self.sync_alarm_action not in ("warn", "stop"):
+        if self.sync_alarm_action not in SYNC_ALARM_ACTIONS:
             raise ValueError(f"RLConfig.sync_alarm_action={self.sync_alarm_action!r} (warn or stop)")
         if not self.temperature > 0:
             raise ValueError(f"RLConfig.temperature={self.temperature} must be > 0")
@@ -163,6 +191,35 @@ class RLConfig:
                 f"prompts_per_step x n = {samples} samples do not split into "
                 f"num_minibatches={self.update.num_minibatches}"
             )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str) -> RLConfig:
+        """The run configuration from its parsed YAML mapping (``algorithm`` may already be typed),
+        typed strictly (``config.typed_load``). ``reward_config`` (a path, used as given, or null)
+        is read here, once; ``curriculum`` is typed. ConfigError / MissingInput naming ``where``
+        and the key path (a reward YAML's own errors name that file and its key path)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+        fields = dict(data)
+        reward = fields.pop("reward_config", None)
+        if isinstance(reward, str):
+            fields["reward_config"] = load_reward_config(reward, at(where, "reward_config"))
+        elif isinstance(reward, RewardConfig):
+            fields["reward_config"] = reward
+        elif reward is not None:
+            raise ConfigError(f"{at(where, 'reward_config')}: expected the path of a reward YAML file or null, "
+                              f"got {reward!r}")
+        curriculum = fields.get("curriculum")
+        if curriculum is not None and not isinstance(curriculum, CurriculumConfig):
+            fields["curriculum"] = CurriculumConfig.from_mapping(curriculum, at(where, "curriculum"))
+        return dataclass_from_mapping(cls, fields, where)
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        """What the engine samples each step's responses with (``n``, ``temperature``,
+        ``max_new_tokens``); seeded by ``seed`` (the loop derives each step's seed from it)."""
+        return SamplingSettings(n=self.n, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                                seed=self.seed)
 
     @property
     def engine_tensor_parallels(self) -> tuple[int, ...]:

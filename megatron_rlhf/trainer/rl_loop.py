@@ -110,9 +110,9 @@ def _start_ray(config: RLConfig) -> bool:
 
 def build_components(config: RLConfig, tokenizer: Any):
     """Worker groups, engine and router; returns ``(components, groups, placement)``."""
-    from megatron_rlhf.rewards.reward_config import build_sources, default_reward_config, load_reward_config
+    from megatron_rlhf.rewards.reward_config import build_sources
     from megatron_rlhf.rewards.router import HybridRewardRouter
-    from megatron_rlhf.rollout.engine import RolloutConfig, SamplingSettings
+    from megatron_rlhf.config.rollout import RolloutConfig
     from megatron_rlhf.trainer.rl_step import RLComponents
     from megatron_rlhf.config.precision import engine_dtype
     from megatron_rlhf.workers.group import WorkerGroup
@@ -128,7 +128,7 @@ def build_components(config: RLConfig, tokenizer: Any):
     from megatron_rlhf.workers.rollout_worker import RolloutWorker
 
     algorithm = config.algorithm
-    reward = load_reward_config(config.reward_config) if config.reward_config else default_reward_config()
+    reward = config.reward_config  # parsed once, when the run config was loaded
     sizes = {"actor": config.actor.world_size}
     if algorithm.kl_mode != "none":
         sizes["reference"] = config.reference.world_size
@@ -186,10 +186,8 @@ def build_components(config: RLConfig, tokenizer: Any):
     except BaseException:
         shutdown_groups(groups, run_placement)
         raise
-    sampling = SamplingSettings(n=config.n, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                                seed=config.seed)
     parts = RLComponents(actor=groups["actor"], reference=groups.get("reference"), critic=groups.get("critic"),
-                         router=router, tokenizer=tokenizer, algorithm=algorithm, sampling=sampling)
+                         router=router, tokenizer=tokenizer, algorithm=algorithm, sampling=config.sampling)
     return parts, groups, run_placement
 
 
@@ -230,7 +228,7 @@ def shutdown_groups(groups: dict[str, Any], placement: Any) -> None:
 
 
 def make_sampler(config: RLConfig, tokenizer: Any):
-    from megatron_rlhf.data.curriculum import CurriculumConfig, CurriculumSampler
+    from megatron_rlhf.data.curriculum import CurriculumSampler
     from megatron_rlhf.data.prompts import PromptDatasetConfig, PromptSampler, load_prompt_datasets
 
     records, stats = load_prompt_datasets(list(config.prompt_files),
@@ -240,8 +238,7 @@ def make_sampler(config: RLConfig, tokenizer: Any):
     if not records:
         raise ValueError(f"no valid prompts in {list(config.prompt_files)}")
     if config.curriculum is not None:
-        curriculum = CurriculumConfig.from_mapping(config.curriculum, where="RLConfig.curriculum")
-        return CurriculumSampler.from_records(records, curriculum, config.prompts_per_step, seed=config.seed)
+        return CurriculumSampler.from_records(records, config.curriculum, config.prompts_per_step, seed=config.seed)
     return PromptSampler(records, config.prompts_per_step, seed=config.seed)
 
 

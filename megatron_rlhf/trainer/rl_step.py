@@ -74,7 +74,7 @@ class RLComponents:
     tokenizer: Any
     algorithm: AlgorithmConfig
     sampling: Any
-    """:class:`~megatron_rlhf.rollout.engine.SamplingSettings` (n responses per prompt)."""
+    """:class:`~megatron_rlhf.config.sampling.SamplingSettings` (n responses per prompt)."""
     chat_template: bool = True
     """Render prompts as chat messages with the tokenizer's template (False: raw prompt text)."""
     on_phase: Callable[[str, int], None] | None = None

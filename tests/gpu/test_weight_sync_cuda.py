@@ -53,7 +53,9 @@ def test_cuda_ipc_sync_matches_megatron(hf_dir):
 
 
 def test_sleep_mode_frees_gpu_memory_and_keeps_greedy_outputs(hf_dir):
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     settings = SamplingSettings(n=1, max_new_tokens=8, temperature=0.0, seed=0)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]

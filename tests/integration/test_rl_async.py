@@ -42,6 +42,7 @@ def _config(run_inputs: dict, steps: int):
     from megatron_rlhf.algorithms import AlgorithmConfig
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.config.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.rewards.reward_config import load_reward_config
     from megatron_rlhf.trainer.rl_config import RLConfig
 
     return RLConfig(
@@ -52,7 +53,7 @@ def _config(run_inputs: dict, steps: int):
         steps=steps, prompts_per_step=NUM_PROMPTS, n=SAMPLES_PER_PROMPT, temperature=1.0,
         max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=32,
         update=PPOUpdateConfig(num_minibatches=2, micro_batch_size=SAMPLES_PER_PROMPT * NUM_PROMPTS // 2),
-        actor_optimizer=OptimizerSettings(lr=3e-3, clip_grad=1.0), reward_config=run_inputs["rewards"],
+        actor_optimizer=OptimizerSettings(lr=3e-3, clip_grad=1.0), reward_config=load_reward_config(run_inputs["rewards"]),
         placement="disaggregated", rollout_mode="one_step_off",
         checkpoint_every=0, seed=0, tensorboard=False, console=False,
     )

@@ -158,6 +158,7 @@ def _reward_curve(run_inputs: dict, name: str) -> list[float]:
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.config.ppo_update import PPOUpdateConfig
     from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
+    from megatron_rlhf.rewards.reward_config import load_reward_config
     from megatron_rlhf.trainer.rl_config import RLConfig
     from megatron_rlhf.trainer.rl_loop import run_rl
 
@@ -168,7 +169,7 @@ def _reward_curve(run_inputs: dict, name: str) -> list[float]:
         algorithm=_algorithm_config(name), steps=STEPS, prompts_per_step=NUM_PROMPTS, n=SAMPLES_PER_PROMPT,
         temperature=1.0, max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=32,
         update=PPOUpdateConfig(num_minibatches=2, micro_batch_size=SAMPLES_PER_PROMPT * NUM_PROMPTS // 2),
-        actor_optimizer=optimizer, critic_optimizer=optimizer, reward_config=run_inputs["rewards"],
+        actor_optimizer=optimizer, critic_optimizer=optimizer, reward_config=load_reward_config(run_inputs["rewards"]),
         checkpoint_every=0, seed=0, tensorboard=False, console=False,
     )
     result = run_rl(config)

@@ -82,7 +82,8 @@ def _lifecycle_worker(hf_dir: str) -> dict:
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
     from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
 
     parallel = ParallelConfig()

@@ -52,7 +52,8 @@ def policy_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(policy_dir):
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
 
     with RolloutEngine(RolloutConfig(model_dir=policy_dir, max_model_len=1024, seed=0,
                                      weight_transfer_backend=None)) as rollout:

@@ -102,7 +102,8 @@ def test_no_engine_process_is_left_behind(sync_results, orphans_before):
 
 @pytest.fixture(scope="module")
 def engine(models):
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
 
     with RolloutEngine(RolloutConfig(model_dir=models["llama_padded_vocab"], max_model_len=64,
                                      max_prompt_tokens=16, weight_transfer_backend=None)) as rollout:
@@ -110,7 +111,7 @@ def engine(models):
 
 
 def test_group_index_and_shapes(engine):
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     batch = engine.generate([[7, 8, 9], [10, 11]], SamplingSettings(n=3, max_new_tokens=5, seed=0))
     assert batch.num_samples == 6
@@ -140,7 +141,7 @@ def test_each_prompt_draws_its_own_seeds(engine):
 
 
 def test_overlong_and_empty_prompts_are_counted_not_fatal(engine):
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     long_prompt = list(range(20, 60))  # 40 tokens > max_prompt_tokens=16
     batch = engine.generate([long_prompt, [], [7, 8]], SamplingSettings(max_new_tokens=3, seed=0))
@@ -160,7 +161,7 @@ def test_overlong_prompts_can_be_dropped_instead():
 
 
 def test_stop_at_first_token_gives_an_empty_or_one_token_response(engine):
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     every_token = tuple(range(engine.defined_tokens))
     batch = engine.generate([[7, 8, 9]], SamplingSettings(n=2, max_new_tokens=5, stop_token_ids=every_token, seed=0))
@@ -170,7 +171,7 @@ def test_stop_at_first_token_gives_an_empty_or_one_token_response(engine):
 
 
 def test_padded_vocabulary_rows_are_never_sampled(engine):
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     assert engine.defined_tokens == 480 and engine.vocab_size == 512
     batch = engine.generate([[7, 8, 9]] * 4, SamplingSettings(n=4, max_new_tokens=16, temperature=2.0, seed=3))

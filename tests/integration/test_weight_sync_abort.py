@@ -51,7 +51,9 @@ def _abort_case(hf_dir: str, backend: str) -> dict:
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.models.sequence_logprobs import response_logprobs
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
+    from megatron_rlhf.config.sampling import SamplingSettings
     from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncAborted, WeightSyncConfig
 
     parallel = ParallelConfig()

@@ -1,10 +1,17 @@
-"""Rollout configuration choices that need no engine: weight-transfer backend resolution."""
+"""Rollout configuration choices that need no engine: weight-transfer backend resolution, and the
+sampling settings (a light value type, importable without torch or vLLM)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from megatron_rlhf.rollout.engine import RolloutConfig, resolve_transfer_backend
+from megatron_rlhf.config.rollout import RolloutConfig
+from megatron_rlhf.rollout.engine import resolve_transfer_backend
 
 
 def test_auto_picks_shared_memory_on_a_cpu_host_shared_with_the_trainer():
@@ -55,3 +62,19 @@ def test_bad_overlong_policy_is_named():
 def test_engine_dtype_is_named_when_unknown():
     with pytest.raises(ValueError, match="dtype='auto' \\(choose float32, bfloat16, float16\\)"):
         RolloutConfig(model_dir="unused", dtype="auto")
+
+
+def test_sampling_settings_live_in_a_light_module():
+    probe = ("import sys\nfrom megatron_rlhf.config.sampling import SamplingSettings\nSamplingSettings(n=2)\n"
+             "print('LOADED=' + ','.join(m for m in ('torch', 'vllm', 'ray') if m in sys.modules))\n")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert "LOADED=\n" in result.stdout, result.stderr
+
+
+def test_bad_sampling_settings_are_named():
+    from megatron_rlhf.config.sampling import SamplingSettings
+
+    with pytest.raises(ValueError, match="top_p=0"):
+        SamplingSettings(top_p=0)

