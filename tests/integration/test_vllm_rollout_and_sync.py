@@ -128,7 +128,7 @@ def test_each_prompt_draws_its_own_seeds(engine):
     not depend on what else is in the call (prompt i's seeds are seed + i*n ...)."""
     import torch
 
-    from megatron_rlhf.rollout.engine import SamplingSettings
+    from megatron_rlhf.config.sampling import SamplingSettings
 
     settings = SamplingSettings(n=2, max_new_tokens=8, seed=11)
     twice = engine.generate([[7, 8, 9], [7, 8, 9]], settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_rlhf.rollout.engine import SamplingSettings
+from megatron_rlhf.config.sampling import SamplingSettings
 from megatron_rlhf.rollout.engine_pool import EnginePool, merge_rollout_batches, split_prompts
 from megatron_rlhf.types import RolloutBatch
 

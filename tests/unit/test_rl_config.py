@@ -159,7 +159,7 @@ def test_loading_a_bad_reward_yaml_fails_before_ray_or_vllm_is_imported(tmp_path
     rewards.write_text("sources: {m: {kind: math_verifyer}}\ndomains: {math: {sources: {m: 1.0}}}\n")
     run = _run_yaml(tmp_path, f"reward_config: {rewards}\n")
     probe = ("import sys\nfrom megatron_rlhf.config.errors import ConfigError\n"
-             "from megatron_rlhf.trainer.rl_cli import load_rl_config\n"
+             "from megatron_rlhf.cli.train_rl import load_rl_config\n"
              f"try:\n    load_rl_config({str(run)!r})\nexcept ConfigError as error:\n    print('ERROR=' + str(error))\n"
              "print('LOADED=' + ','.join(m for m in ('ray', 'vllm') if m in sys.modules))\n")
     root = Path(__file__).resolve().parents[2]
