@@ -202,16 +202,21 @@ class MegatronWorker:
 
 
 class ReferenceWorker(MegatronWorker):
-    """Frozen policy copy: the KL anchor."""
+    """Frozen policy copy: the KL anchor.
+
+    Its log-probs take the actor's path (:func:`~megatron_rlhf.models.sequence_logprobs.response_logprobs`
+    with the same temperature, vocabulary and microbatch size, all from the spec both are built
+    with), so with the actor's weights it gives the actor's log-probs bit for bit: KL 0 at step 0.
+    """
 
     @torch.no_grad()
-    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """This rank's share's ``[b, R]`` log-probs; None off the replica's output rank."""
         from megatron_rlhf.models.sequence_logprobs import response_logprobs
 
         with self.gpu.phase("reference_logprobs"):
-            return self._held(response_logprobs(self.model, batch, self.valid_vocab_size,
-                                                temperature=self.spec.temperature,
-                                                micro_batch_size=self.spec.update.micro_batch_size))
+            return self._held(response_logprobs(self.model, batch, self.valid_vocab_size, self.spec.temperature,
+                                                self.spec.update.micro_batch_size))
 
 
 class ActorWorker(MegatronWorker):
