@@ -77,6 +77,8 @@ def load_role_model(
     """Build this rank's stage of ``arch`` for ``build.role`` at ``parallel`` and fill it from ``source``."""
     from megatron_rlhf.models.provider import build_stage_model, validate_layout
 
+    if not isinstance(source, (HFWeights, MegatronCheckpoint)):
+        raise TypeError(f"source={source!r}: expected HFWeights or MegatronCheckpoint")
     padded_vocab = validate_layout(arch, parallel, build)
     model = build_stage_model(arch, parallel, build, device=device)
     if isinstance(source, HFWeights):
@@ -85,9 +87,7 @@ def load_role_model(
 
         skipped = load_hf_weights(model, HFWeightReader(source.directory), arch, build.role, padded_vocab)
         return LoadedRoleModel(model, padded_vocab, tuple(skipped))
-    if isinstance(source, MegatronCheckpoint):
-        from megatron_rlhf.checkpoint.dist_ckpt import load_model_checkpoint
+    from megatron_rlhf.checkpoint.dist_ckpt import load_model_checkpoint
 
-        load_model_checkpoint(model, source.directory)
-        return LoadedRoleModel(model, padded_vocab)
-    raise TypeError(f"source={source!r}: expected HFWeights or MegatronCheckpoint")
+    load_model_checkpoint(model, source.directory)  # a MegatronCheckpoint
+    return LoadedRoleModel(model, padded_vocab)
