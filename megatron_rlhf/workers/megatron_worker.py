@@ -133,6 +133,11 @@ class MegatronWorker:
     def _after_load(self) -> None:
         """Role set-up once the weights are in (trainer, optimizer)."""
 
+    def ppo_minibatches(self) -> int:
+        """PPO minibatches per update of the run: the role proxies keep their boundaries when they
+        split a batch over data-parallel replicas, for every role alike."""
+        return self.spec.update.num_minibatches
+
     def rank_layout(self) -> Any:
         """This rank's DP rank and whether it holds its replica's results (the dispatch's view)."""
         from megatron.core import parallel_state
