@@ -121,15 +121,12 @@ def check_hf_tensors_present(reader: HFWeightReader, arch: ArchSpec, role: str) 
 
 def _hf_to_megatron_worker(plan: ConversionPlan) -> list[str]:
     from megatron_rlhf.checkpoint.dist_ckpt import save_model_checkpoint
-    from megatron_rlhf.mapping.engine import load_hf_weights
-    from megatron_rlhf.models.provider import build_stage_model
+    from megatron_rlhf.checkpoint.role_model import HFWeights, load_role_model
     from megatron_rlhf.parallel.init import initialize_parallel
 
     initialize_parallel(plan.parallel)
-    model = build_stage_model(plan.arch, plan.parallel, plan.build)
-    skipped = load_hf_weights(
-        model, HFWeightReader(plan.hf_dir), plan.arch, plan.build.role, plan.padded_vocab
-    )
+    loaded = load_role_model(plan.arch, plan.parallel, plan.build, HFWeights(plan.hf_dir))
+    model = loaded.model
     metadata = CheckpointMetadata(
         role=plan.build.role,
         hf_config=plan.hf_config,
@@ -141,7 +138,7 @@ def _hf_to_megatron_worker(plan: ConversionPlan) -> list[str]:
         transformer_impl="local",
     )
     save_model_checkpoint(model, plan.out_dir, metadata, hf_side_dir=plan.hf_dir)
-    return skipped
+    return list(loaded.left_initialised)
 
 
 def hf_to_megatron(
@@ -216,14 +213,11 @@ def plan_checkpoint_load(
 
 def load_checkpoint_model(plan: ExportPlan):
     """In a worker: initialise parallel state, build this stage and load its shards."""
-    from megatron_rlhf.checkpoint.dist_ckpt import load_model_checkpoint
-    from megatron_rlhf.models.provider import build_stage_model
+    from megatron_rlhf.checkpoint.role_model import MegatronCheckpoint, load_role_model
     from megatron_rlhf.parallel.init import initialize_parallel
 
     state = initialize_parallel(plan.parallel)
-    model = build_stage_model(plan.arch, plan.parallel, plan.build)
-    load_model_checkpoint(model, plan.ckpt_dir)
-    return state, model
+    return state, load_role_model(plan.arch, plan.parallel, plan.build, MegatronCheckpoint(plan.ckpt_dir)).model
 
 
 def _megatron_to_hf_worker(plan: ExportPlan) -> int:

@@ -14,7 +14,8 @@ the model. This module computes both from the local slices with [B, T]-sized all
 Backward needs no communication: with ``log Z`` and the entropy ``H`` known per token, each rank's
 gradient for its slice depends only on its own logits (see :class:`_VocabParallelLogprobsEntropy`).
 
-Guarantees: math in fp32 whatever the logits dtype (bf16 in, fp32 log-probs out); gradients equal
+Guarantees: math in fp32 whatever the logits dtype (bf16 in, fp32 log-probs out); log-probs
+bitwise the same whether or not the entropy is computed in the same pass; gradients equal
 those of ``log_softmax(logits / temperature)`` over the full vocabulary; ids at or beyond
 ``valid_vocab_size`` (padding rows added so the vocab divides TP) get probability exactly zero and
 gradient exactly zero. With ``tp_group`` None or of size 1 the result is plain ``log_softmax``
@@ -88,7 +89,10 @@ def logprobs_and_entropy(
 ) -> tuple[Tensor, Tensor]:
     """Both ``[B, T]`` fp32 log-probs of ``target_ids`` and the entropy, in one pass.
 
-    Same arguments as :func:`vocab_parallel_logprobs`; costs the two all-reduces of one call.
+    Same arguments as :func:`vocab_parallel_logprobs`; costs the two all-reduces of one call. The
+    log-probs are bitwise those :func:`vocab_parallel_logprobs` gives for the same inputs (the
+    same operations, and the same all-reduce layout), so the actor's log-probs taken with its
+    entropy equal the reference's taken without.
     """
     logprobs, entropy = _apply(logits, target_ids, tp_group, temperature, valid_vocab_size, True)
     return logprobs, entropy
@@ -160,6 +164,11 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
             del exp_shifted
         else:
             partial_sums.append(shifted.exp_().sum(dim=-1))
+            if tp_size > 1 and target_ids is not None:
+                # the entropy pass's [3, B, T] layout: one all-reduce of one shape gives the
+                # log-probs the same bits with or without the entropy (reduction order can
+                # depend on the tensor's size)
+                partial_sums.append(torch.zeros_like(partial_sums[0]))
         del shifted
         if target_ids is not None:
             partial_sums.append(target_values)

@@ -1,56 +1,144 @@
-"""Per-token log-probabilities of given responses under a (pipelined, tensor-parallel) LM.
+"""Per-response-token log-probabilities under a (pipelined, tensor-parallel) LM: the one path.
 
-:func:`response_logprobs` runs prompt + response sequences through the model with Megatron's
-schedule and returns ``log pi(response_t | prefix)`` for every response token, computed from
-vocab-parallel logits (:mod:`megatron_rlhf.models.logprobs`), on every rank: the last pipeline
-stage computes them and broadcasts them over the pipeline group.
+The actor's old log-probs, its new log-probs inside the PPO loss and the reference's log-probs
+all come from here, so that two models with identical weights, at the same layout, give
+bitwise identical log-probs and the KL between actor and reference at step 0 is exactly zero:
+
+* :func:`microbatch_response_logprobs`: the per-microbatch computation (the vocab-parallel
+  log-softmax of :mod:`megatron_rlhf.models.logprobs` at one temperature, over the tokens the
+  tokenizer defines, gathered at the response positions), used by the no-grad passes below and
+  by the actor's loss (with gradients).
+* :func:`response_logprobs` (reference, weight-sync check) and
+  :func:`response_logprobs_and_entropy` (actor, entropy in the same pass): one forward-only pass
+  over the batch (:func:`per_response_token`: equal microbatches, filled with copies of the first
+  sample and discarded; results on the last pipeline stage, broadcast over the pipeline group),
+  ``[B, R]`` float32, 0.0 where ``response_mask`` is 0. Computing the entropy does not change a
+  bit of the log-probs (see :func:`megatron_rlhf.models.logprobs.logprobs_and_entropy`).
+
+Alignment: the logits at position ``p`` predict token ``p + 1``, so response token ``t`` of a
+sample whose prompt has ``P`` tokens is read at position ``P - 1 + t``.
+
+Not guaranteed: equality across different layouts (TP/PP change reduction orders, so the
+log-probs agree within float tolerance only), or across different shares of a batch (another
+microbatch composition may change the kernels' blocking).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 from megatron_rlhf.types import RolloutBatch
 
 
-@torch.no_grad()
+def response_positions(batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+    """``(input_ids [B, L], positions [B, R])``: output position predicting each response token."""
+    input_ids, response_start = batch.full_sequences()
+    if batch.num_samples and int(batch.prompt_lengths.min()) < 1:
+        raise ValueError("every prompt needs at least one token (prompt_lengths has a 0)")
+    width = batch.response_ids.shape[1]
+    positions = response_start.unsqueeze(1) - 1 + torch.arange(width).unsqueeze(0)
+    return input_ids, positions.clamp(0, max(input_ids.shape[1] - 2, 0))
+
+
+def gather_responses(token_outputs: Tensor, positions: Tensor) -> Tensor:
+    """``[b, L']`` per-position outputs -> ``[b, R]`` at the response positions."""
+    return token_outputs.gather(1, positions.to(token_outputs.device))
+
+
+def per_response_token(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    micro_batch_size: int,
+    collect: Callable[[Tensor, dict], Tensor],
+) -> Tensor:
+    """``[B, R, ...]`` float32 of ``collect(output, microbatch) -> [b, R, ...]`` over the batch, on
+    every rank, 0.0 where ``response_mask`` is 0 (no gradient).
+
+    ``microbatch`` holds ``input_ids [b, L]`` (on the model's device) and ``positions [b, R]``
+    (:func:`response_positions`).
+    """
+    from megatron_rlhf.models.forward import forward_only
+    from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
+
+    input_ids, positions = response_positions(batch)
+    count = batch.num_samples
+    padded = -(-count // micro_batch_size) * micro_batch_size
+    if padded > count:  # equal microbatches for the schedule; extra rows are discarded
+        input_ids = torch.cat([input_ids, input_ids[:1].expand(padded - count, -1)])
+        positions = torch.cat([positions, positions[:1].expand(padded - count, -1)])
+    device = next(model.parameters()).device
+    microbatches = [
+        {"input_ids": ids.to(device), "positions": pos}
+        for ids, pos in zip(input_ids.split(micro_batch_size), positions.split(micro_batch_size))
+    ]
+    with torch.no_grad():
+        outputs = forward_only(model, microbatches, lambda out, mb: collect(out, mb).float().cpu())
+    result = torch.cat(outputs)[:count] if outputs else torch.zeros(count, positions.shape[1])
+    result = broadcast_from_last_stage(result)
+    mask = batch.response_mask.to(torch.bool)
+    mask = mask.reshape(mask.shape + (1,) * (result.dim() - mask.dim()))
+    return torch.where(mask, result, torch.zeros((), dtype=result.dtype))  # no NaN from -inf * 0
+
+
+def microbatch_response_logprobs(
+    logits: Tensor,
+    microbatch: dict[str, Tensor],
+    valid_vocab_size: int,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(log-probs [b, R], entropy [b, R] or None)`` fp32 of one microbatch's response tokens.
+
+    ``logits``: ``[b, L, V/tp]`` this rank's vocab slice (last pipeline stage); ``microbatch`` as
+    given by :func:`per_response_token`. Differentiable w.r.t. ``logits``.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_rlhf.models.logprobs import logprobs_and_entropy, vocab_parallel_logprobs
+
+    arguments = (logits[:, :-1], microbatch["input_ids"][:, 1:], parallel_state.get_tensor_model_parallel_group())
+    positions = microbatch["positions"]
+    if with_entropy:
+        logprobs, entropy = logprobs_and_entropy(
+            *arguments, temperature=temperature, valid_vocab_size=valid_vocab_size
+        )
+        return gather_responses(logprobs, positions), gather_responses(entropy, positions)
+    logprobs = vocab_parallel_logprobs(*arguments, temperature=temperature, valid_vocab_size=valid_vocab_size)
+    return gather_responses(logprobs, positions), None
+
+
 def response_logprobs(
     model: torch.nn.Module,
     batch: RolloutBatch,
     valid_vocab_size: int,
     temperature: float = 1.0,
     micro_batch_size: int = 4,
-) -> torch.Tensor:
-    """``[B, R]`` float32 log-probs of ``batch.response_ids`` (0.0 on padding)."""
-    from megatron.core import parallel_state
+) -> Tensor:
+    """``[B, R]`` float32 ``log softmax(logits / temperature)`` of ``batch.response_ids`` (0.0 on
+    padding), on every rank."""
 
-    from megatron_rlhf.models.forward import forward_only
-    from megatron_rlhf.models.logprobs import vocab_parallel_logprobs
-    from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
+    def collect(logits: Tensor, microbatch: dict) -> Tensor:
+        return microbatch_response_logprobs(logits, microbatch, valid_vocab_size, temperature, False)[0]
 
-    input_ids, response_start = batch.full_sequences()
-    count, width = input_ids.shape
-    device = next(model.parameters()).device
-    padded_count = -(-count // micro_batch_size) * micro_batch_size
-    if padded_count > count:  # equal microbatches for the schedule; extra rows are discarded
-        filler = torch.full((padded_count - count, width), batch.pad_token_id, dtype=torch.long)
-        input_ids = torch.cat([input_ids, filler])
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    return per_response_token(model, batch, micro_batch_size, collect)
 
-    def collect(logits: torch.Tensor, microbatch: dict) -> torch.Tensor:
-        targets = microbatch["input_ids"][:, 1:]
-        return vocab_parallel_logprobs(
-            logits[:, :-1], targets, tp_group, temperature=temperature, valid_vocab_size=valid_vocab_size
-        ).cpu()
 
-    microbatches = [{"input_ids": part.to(device)} for part in input_ids.split(micro_batch_size)]
-    outputs = forward_only(model, microbatches, collect)
-    token_logprobs = torch.cat(outputs)[:count] if outputs else torch.empty(count, max(width - 1, 0))
-    token_logprobs = broadcast_from_last_stage(token_logprobs)
-    result = torch.zeros_like(batch.sampling_logprobs)
-    lengths = batch.response_lengths
-    for row in range(count):
-        start, length = int(response_start[row]), int(lengths[row])
-        # logits at position p predict token p + 1: response token j sits at start + j.
-        result[row, :length] = token_logprobs[row, start - 1 : start - 1 + length]
-    return result
+def response_logprobs_and_entropy(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    valid_vocab_size: int,
+    temperature: float = 1.0,
+    micro_batch_size: int = 4,
+) -> tuple[Tensor, Tensor]:
+    """:func:`response_logprobs` (bitwise the same) and the policy entropy per response token
+    (nats, ``[B, R]`` float32, 0.0 on padding), in one pass."""
+
+    def collect(logits: Tensor, microbatch: dict) -> Tensor:
+        logprobs, entropy = microbatch_response_logprobs(logits, microbatch, valid_vocab_size, temperature, True)
+        return torch.stack((logprobs, entropy), dim=-1)
+
+    both = per_response_token(model, batch, micro_batch_size, collect)
+    return both[..., 0], both[..., 1]

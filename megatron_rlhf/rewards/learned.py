@@ -181,16 +181,10 @@ def load_learned_reward_source(
     and wrap it as a reward source named ``name`` (default: the role, ``reward`` or ``prm``)."""
     import transformers
 
-    from megatron_rlhf.checkpoint.dist_ckpt import (
-        load_model_checkpoint,
-        read_checkpoint_metadata,
-    )
+    from megatron_rlhf.checkpoint.dist_ckpt import read_checkpoint_metadata
+    from megatron_rlhf.checkpoint.role_model import MegatronCheckpoint, load_role_model
     from megatron_rlhf.models.arch import arch_spec_from_hf_config
-    from megatron_rlhf.models.provider import (
-        ModelBuildConfig,
-        build_stage_model,
-        validate_layout,
-    )
+    from megatron_rlhf.models.provider import ModelBuildConfig
     from megatron_rlhf.rewards.scorer import TRAINABLE_ROLES, RewardScorer
 
     metadata = read_checkpoint_metadata(ckpt_dir)
@@ -206,9 +200,7 @@ def load_learned_reward_source(
         params_dtype=metadata.params_dtype,
         padded_vocab_size=metadata.padded_vocab_size,
     )
-    validate_layout(arch, parallel, build)
-    model = build_stage_model(arch, parallel, build)
-    load_model_checkpoint(model, ckpt_dir)
+    model = load_role_model(arch, parallel, build, MegatronCheckpoint(str(ckpt_dir))).model
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(Path(ckpt_dir) / "hf"))
     scorer = RewardScorer(model, micro_batch_size)
     return LearnedRewardSource(name or metadata.role, scorer, tokenizer, tokenization, config)

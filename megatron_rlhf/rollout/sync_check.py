@@ -69,10 +69,9 @@ def _compare(megatron_lp: torch.Tensor, batch) -> tuple[float, float, int]:
 
 def _check_layout(plan: SyncCheckPlan, parallel: ParallelConfig, engine, sync) -> SyncCheckResult | None:
     """One layout: build, step, sync, compare; step again, check staleness, sync, compare."""
-    from megatron_rlhf.checkpoint.hf_io import HFWeightReader
-    from megatron_rlhf.mapping.engine import load_hf_weights
+    from megatron_rlhf.checkpoint.role_model import HFWeights, load_role_model
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
-    from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
+    from megatron_rlhf.models.provider import ModelBuildConfig
     from megatron_rlhf.models.sequence_logprobs import response_logprobs
     from megatron_rlhf.parallel.init import initialize_parallel
     from megatron_rlhf.config.sampling import SamplingSettings
@@ -82,9 +81,7 @@ def _check_layout(plan: SyncCheckPlan, parallel: ParallelConfig, engine, sync) -
 
     state = initialize_parallel(parallel, seed=plan.seed)
     arch = arch_spec_from_hf_dir(plan.hf_dir)
-    build = ModelBuildConfig()
-    model = build_stage_model(arch, parallel, build)
-    load_hf_weights(model, HFWeightReader(plan.hf_dir), arch, "lm", validate_layout(arch, parallel, build))
+    model = load_role_model(arch, parallel, ModelBuildConfig(role="lm"), HFWeights(plan.hf_dir)).model
     generator = torch.Generator().manual_seed(plan.seed)
     low = 6  # skip the tiny tokenizers' special ids
     prompts = torch.randint(low, arch.vocab_size, (plan.num_prompts, 8), generator=generator)

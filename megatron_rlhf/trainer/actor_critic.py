@@ -47,7 +47,13 @@ from torch import Tensor
 from megatron_rlhf.algorithms import AlgorithmConfig, Experience, actor_loss, critic_loss
 from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.config.ppo_update import PPOUpdateConfig
-from megatron_rlhf.trainer.ppo_update import OptimizerStepStats, PPOTrainerBase, gather_responses
+from megatron_rlhf.models.sequence_logprobs import (
+    gather_responses,
+    microbatch_response_logprobs,
+    response_logprobs,
+    response_logprobs_and_entropy,
+)
+from megatron_rlhf.trainer.ppo_update import OptimizerStepStats, PPOTrainerBase
 from megatron_rlhf.types import RolloutBatch
 
 __all__ = ["ActorTrainer", "CriticTrainer", "OptimizerStepStats", "PPOUpdateConfig"]
@@ -87,30 +93,23 @@ class ActorTrainer(PPOTrainerBase):
         the engine sampled from."""
 
     def _token_logprobs(self, logits: Tensor, microbatch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        from megatron.core import parallel_state
-
-        from megatron_rlhf.models.logprobs import logprobs_and_entropy
-
-        logprobs, entropy = logprobs_and_entropy(
-            logits[:, :-1],
-            microbatch["input_ids"][:, 1:],
-            parallel_state.get_tensor_model_parallel_group(),
-            temperature=self.temperature,
-            valid_vocab_size=self.valid_vocab_size,
-        )
-        positions = microbatch["positions"]
-        return gather_responses(logprobs, positions), gather_responses(entropy, positions)
+        """The loss's new log-probs and entropy: the same per-microbatch function as the no-grad
+        passes (:func:`~megatron_rlhf.models.sequence_logprobs.microbatch_response_logprobs`)."""
+        return microbatch_response_logprobs(logits, microbatch, self.valid_vocab_size, self.temperature, True)
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> Tensor:
-        """``[B, R]`` float32 log pi(response token | prefix), 0.0 on padding, on every rank."""
-        return self._per_position(batch, lambda logits, mb: self._token_logprobs(logits, mb)[0])
+        """``[B, R]`` float32 log pi(response token | prefix), 0.0 on padding, on every rank: the
+        path the reference takes too (:func:`~megatron_rlhf.models.sequence_logprobs.response_logprobs`)."""
+        return response_logprobs(self.model, batch, self.valid_vocab_size, self.temperature,
+                                 self.update_config.micro_batch_size)
 
     @torch.no_grad()
     def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
-        """``([B, R], [B, R])`` float32 log-probs and policy entropy per response position (one pass)."""
-        both = self._per_position(batch, lambda logits, mb: torch.stack(self._token_logprobs(logits, mb), dim=-1))
-        return both[..., 0], both[..., 1]
+        """``([B, R], [B, R])`` float32 log-probs (bitwise those of :meth:`logprobs`) and policy
+        entropy per response position, in one pass."""
+        return response_logprobs_and_entropy(self.model, batch, self.valid_vocab_size, self.temperature,
+                                             self.update_config.micro_batch_size)
 
     def update(
         self,

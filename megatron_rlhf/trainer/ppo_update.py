@@ -28,6 +28,7 @@ from torch import Tensor
 from megatron_rlhf.algorithms import AlgorithmConfig, Experience, reduction_parts
 from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.config.ppo_update import PPOUpdateConfig  # re-exported: the old import path keeps working
+from megatron_rlhf.models.sequence_logprobs import per_response_token, response_positions
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
 from megatron_rlhf.trainer.megatron_step import MegatronUpdater
 from megatron_rlhf.types import RolloutBatch
@@ -55,21 +56,6 @@ class OptimizerStepStats:
     """True when a non-finite loss or gradient made the updater skip the step."""
     terms: dict[str, float] = field(default_factory=dict)
     """Loss terms (same normalisation as ``loss``) and token-mean metrics over the minibatch."""
-
-
-def _response_positions(batch: RolloutBatch) -> tuple[Tensor, Tensor]:
-    """``(input_ids [B, L], positions [B, R])``: output position predicting each response token."""
-    input_ids, response_start = batch.full_sequences()
-    if batch.num_samples and int(batch.prompt_lengths.min()) < 1:
-        raise ValueError("every prompt needs at least one token (prompt_lengths has a 0)")
-    width = batch.response_ids.shape[1]
-    positions = response_start.unsqueeze(1) - 1 + torch.arange(width).unsqueeze(0)
-    return input_ids, positions.clamp(0, max(input_ids.shape[1] - 2, 0))
-
-
-def gather_responses(token_outputs: Tensor, positions: Tensor) -> Tensor:
-    """``[b, L']`` per-position outputs -> ``[b, R]`` at the response positions."""
-    return token_outputs.gather(1, positions.to(token_outputs.device))
 
 
 def _weighted(name: str, value: Tensor, share: Tensor, token_share: Tensor) -> Tensor:
@@ -134,25 +120,9 @@ class PPOTrainerBase:
         return self.updater.skipped_steps
 
     def _per_position(self, batch: RolloutBatch, collect: Callable[[Tensor, dict], Tensor]) -> Tensor:
-        """``[B, R]`` of ``collect(output, microbatch) -> [b, R]`` over the batch, on every rank."""
-        from megatron_rlhf.models.forward import forward_only
-
-        input_ids, positions = _response_positions(batch)
-        count, size = batch.num_samples, self.update_config.micro_batch_size
-        padded = -(-count // size) * size
-        if padded > count:  # equal microbatches for the schedule; extra rows are discarded
-            input_ids = torch.cat([input_ids, input_ids[:1].expand(padded - count, -1)])
-            positions = torch.cat([positions, positions[:1].expand(padded - count, -1)])
-        device = next(self.model.parameters()).device
-        microbatches = [
-            {"input_ids": ids.to(device), "positions": pos}
-            for ids, pos in zip(input_ids.split(size), positions.split(size))
-        ]
-        outputs = forward_only(self.model, microbatches, lambda out, mb: collect(out, mb).float().cpu())
-        result = torch.cat(outputs)[:count] if outputs else torch.zeros(count, positions.shape[1])
-        result = broadcast_from_last_stage(result)
-        mask = batch.response_mask.to(result.dtype)
-        return result * mask.reshape(mask.shape + (1,) * (result.dim() - mask.dim()))
+        """``[B, R]`` of ``collect(output, microbatch) -> [b, R]`` over the batch, on every rank
+        (:func:`~megatron_rlhf.models.sequence_logprobs.per_response_token`)."""
+        return per_response_token(self.model, batch, self.update_config.micro_batch_size, collect)
 
     @staticmethod
     def _plan(count: int, config: PPOUpdateConfig) -> int:
@@ -190,7 +160,7 @@ class PPOTrainerBase:
         local_size = self._plan(batch.num_samples, config)
         dp = parallel_state.get_data_parallel_world_size()
         dp_group = parallel_state.get_data_parallel_group()
-        input_ids, positions = _response_positions(batch)
+        input_ids, positions = response_positions(batch)
         device = next(self.model.parameters()).device
         stats = []
         for epoch in range(config.ppo_epochs):

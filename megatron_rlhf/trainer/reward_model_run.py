@@ -245,15 +245,14 @@ def _train_rm_worker(plan: TrainRMPlan) -> dict[str, Any]:
     import torch
 
     from megatron_rlhf.checkpoint.dist_ckpt import CheckpointMetadata
-    from megatron_rlhf.checkpoint.hf_io import HFWeightReader
+    from megatron_rlhf.checkpoint.role_model import HFWeights, load_role_model
     from megatron_rlhf.data.reward_data import (
         MixedBatchSampler,
         collate_labelled,
         collate_pairs,
     )
-    from megatron_rlhf.mapping.engine import load_hf_weights
     from megatron_rlhf.models.arch import arch_spec_from_hf_config
-    from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model
+    from megatron_rlhf.models.provider import ModelBuildConfig
     from megatron_rlhf.parallel.init import initialize_parallel
     from megatron_rlhf.rewards.learned import write_reward_model_info
     from megatron_rlhf.trainer.reward_model import RewardModelTrainer
@@ -266,8 +265,7 @@ def _train_rm_worker(plan: TrainRMPlan) -> dict[str, Any]:
     impl = "transformer_engine" if config.precision.uses_transformer_engine else "local"
     build = ModelBuildConfig(role=config.role, transformer_impl=impl, params_dtype=plan.params_dtype,
                              precision=config.precision if config.precision.mode != "fp32" else None)
-    model = build_stage_model(arch, config.parallel, build, device=state.device)
-    load_hf_weights(model, HFWeightReader(config.model), arch, config.role, plan.padded_vocab)
+    model = load_role_model(arch, config.parallel, build, HFWeights(config.model), state.device).model
     trainer = RewardModelTrainer(model, config.optimizer, config.training)
     training = config.training
     sampler = MixedBatchSampler(

@@ -207,10 +207,9 @@ def _sft_worker(plan: SFTRunPlan):
 
     from megatron_rlhf.checkpoint.dist_ckpt import CheckpointMetadata, save_model_checkpoint
     from megatron_rlhf.checkpoint.hf_export import save_hf_directory
-    from megatron_rlhf.checkpoint.hf_io import HFWeightReader
-    from megatron_rlhf.mapping.engine import load_hf_weights
+    from megatron_rlhf.checkpoint.role_model import HFWeights, load_role_model
     from megatron_rlhf.models.arch import load_hf_config
-    from megatron_rlhf.models.provider import DTYPES, build_stage_model, validate_layout
+    from megatron_rlhf.models.provider import DTYPES
     from megatron_rlhf.parallel.init import initialize_parallel
     from megatron_rlhf.trainer.sft import train_sft
 
@@ -220,9 +219,8 @@ def _sft_worker(plan: SFTRunPlan):
         logging.basicConfig(
             level=plan.log_level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
         )
-    padded = validate_layout(plan.arch, plan.parallel, plan.build)
-    model = build_stage_model(plan.arch, plan.parallel, plan.build, device=state.device)
-    load_hf_weights(model, HFWeightReader(config.hf_dir), plan.arch, "lm", padded)
+    loaded = load_role_model(plan.arch, plan.parallel, plan.build, HFWeights(config.hf_dir), state.device)
+    model, padded = loaded.model, loaded.padded_vocab
     tokenizer = AutoTokenizer.from_pretrained(config.hf_dir)
     report = train_sft(
         model, plan.arch, tokenizer, plan.train, plan.sft, plan.optimizer, plan.validation

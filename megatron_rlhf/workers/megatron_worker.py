@@ -7,9 +7,8 @@ One class per role of the RL loop: :class:`ActorWorker` (``lm`` model, PPO/GRPO 
 a :class:`~megatron_rlhf.workers.group.WorkerGroup`; the driver calls a method on every rank of
 the group at once, because the library functions behind them are collectives.
 
-Workers hold no algorithm logic: they build the model with the provider
-(:func:`~megatron_rlhf.models.provider.build_stage_model`), fill it from a Hugging Face directory
-through :mod:`megatron_rlhf.mapping`, and forward calls. The classes are plain Python (Ray wraps
+Workers hold no algorithm logic: they build the model for their role and fill it from a Hugging
+Face directory (:func:`~megatron_rlhf.checkpoint.role_model.load_role_model`), and forward calls. The classes are plain Python (Ray wraps
 them in :class:`WorkerGroup`), so a test can also run one in-process.
 """
 
@@ -99,14 +98,8 @@ class MegatronWorker:
         return store if store is not None else join_rendezvous_store(address, port, self.world_size)
 
     def join_process_group(self, address: str, port: int) -> None:
-        """Initialise torch.distributed + Megatron for this rank, build and load the model."""
-        from megatron_rlhf.checkpoint.hf_io import HFWeightReader
-        from megatron_rlhf.mapping.engine import load_hf_weights
-        from megatron_rlhf.models.arch import arch_spec_from_hf_dir
-        from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
+        """Initialise torch.distributed + Megatron for this rank, then :meth:`load_model`."""
         from megatron_rlhf.parallel.init import initialize_parallel
-
-        from megatron_rlhf.trainer.gpu_metrics import GpuPhaseMonitor
         from megatron_rlhf.workers.placement import assigned_local_device
 
         device = assigned_local_device()  # the GPU Ray gave this rank (None: CPU rank / no Ray GPU)
@@ -114,20 +107,36 @@ class MegatronWorker:
                           LOCAL_RANK=str(self.rank if device is None else device),
                           MASTER_ADDR=address, MASTER_PORT=str(port))
         torch.set_num_threads(self.spec.threads)
-        self.state = initialize_parallel(self.spec.parallel, seed=self.spec.seed,
-                                         store=self.rendezvous_store(address, port))
+        state = initialize_parallel(self.spec.parallel, seed=self.spec.seed,
+                                    store=self.rendezvous_store(address, port))
+        self.load_model(state)
+
+    def load_model(self, state: Any) -> None:
+        """Build this rank's stage for the role and fill it from ``spec.hf_dir``, in the parallel
+        state ``state`` (the :class:`~megatron_rlhf.parallel.init.ParallelState` of ``spec.parallel``,
+        already initialised), then the role's set-up."""
+        from megatron_rlhf.checkpoint.role_model import HFWeights, load_role_model
+        from megatron_rlhf.models.arch import arch_spec_from_hf_dir
+        from megatron_rlhf.models.provider import ModelBuildConfig
+        from megatron_rlhf.trainer.gpu_metrics import GpuPhaseMonitor
+
+        self.state = state
         self.arch = arch_spec_from_hf_dir(self.spec.hf_dir)
         build = ModelBuildConfig(role=self.role, params_dtype=self.spec.params_dtype, precision=self.spec.precision)
         self.gpu = GpuPhaseMonitor(self.rank)
         self.weights_dtype = build.weights_dtype
-        self.padded_vocab = validate_layout(self.arch, self.spec.parallel, build)
-        self.model = build_stage_model(self.arch, self.spec.parallel, build, device=self.state.device)
-        load_hf_weights(self.model, HFWeightReader(self.spec.hf_dir), self.arch, self.role, self.padded_vocab)
+        loaded = load_role_model(self.arch, self.spec.parallel, build, HFWeights(self.spec.hf_dir), state.device)
+        self.model, self.padded_vocab = loaded.model, loaded.padded_vocab
         self.valid_vocab_size = defined_vocab_size(self.spec.hf_dir, self.arch.vocab_size)
         self._after_load()
 
     def _after_load(self) -> None:
         """Role set-up once the weights are in (trainer, optimizer)."""
+
+    def ppo_minibatches(self) -> int:
+        """PPO minibatches per update of the run: the role proxies keep their boundaries when they
+        split a batch over data-parallel replicas, for every role alike."""
+        return self.spec.update.num_minibatches
 
     def rank_layout(self) -> Any:
         """This rank's DP rank and whether it holds its replica's results (the dispatch's view)."""
@@ -198,16 +207,21 @@ class MegatronWorker:
 
 
 class ReferenceWorker(MegatronWorker):
-    """Frozen policy copy: the KL anchor."""
+    """Frozen policy copy: the KL anchor.
+
+    Its log-probs take the actor's path (:func:`~megatron_rlhf.models.sequence_logprobs.response_logprobs`
+    with the same temperature, vocabulary and microbatch size, all from the spec both are built
+    with), so with the actor's weights it gives the actor's log-probs bit for bit: KL 0 at step 0.
+    """
 
     @torch.no_grad()
-    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """This rank's share's ``[b, R]`` log-probs; None off the replica's output rank."""
         from megatron_rlhf.models.sequence_logprobs import response_logprobs
 
         with self.gpu.phase("reference_logprobs"):
-            return self._held(response_logprobs(self.model, batch, self.valid_vocab_size,
-                                                temperature=self.spec.temperature,
-                                                micro_batch_size=self.spec.update.micro_batch_size))
+            return self._held(response_logprobs(self.model, batch, self.valid_vocab_size, self.spec.temperature,
+                                                self.spec.update.micro_batch_size))
 
 
 class ActorWorker(MegatronWorker):

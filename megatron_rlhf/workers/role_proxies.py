@@ -38,12 +38,14 @@ from megatron_rlhf.types import RolloutBatch
 class RoleGroup:
     """A worker group seen by the controller: dispatch by DP rank, results from output ranks."""
 
-    def __init__(self, group: Any, minibatches: int = 1):
+    def __init__(self, group: Any, minibatches: int | None = None):
         self.group = group
         self.name = group.name
-        self.minibatches = minibatches
-        """PPO minibatches per update: shares keep their boundaries (same split for every call)."""
         self.layouts: list[RankLayout] = group.all("rank_layout")
+        self.minibatches: int = minibatches if minibatches is not None else group.call("ppo_minibatches")
+        """PPO minibatches per update: shares keep their boundaries (same split for every call).
+        None: the run's (``RoleWorkerSpec.update``), so that a reference with the actor's data
+        parallelism is handed the actor's shares, and gives its log-probs bit for bit."""
         self.holders = output_ranks(self.layouts)
 
     @property
@@ -100,7 +102,7 @@ class RoleGroup:
 
 
 class ReferenceGroup(RoleGroup):
-    """The frozen reference policy (KL anchor)."""
+    """The frozen reference policy (KL anchor): by default split like the actor (see :class:`RoleGroup`)."""
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """``[B, R]`` float32 reference log-probs of the responses (0.0 on padding)."""

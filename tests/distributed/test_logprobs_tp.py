@@ -236,3 +236,11 @@ def test_only_token_sized_all_reduces(run: dict[str, Any]) -> None:
         for name, shape in collectives:
             assert name == "all_reduce"
             assert shape == (BATCH, SEQ) or (shape[1:] == (BATCH, SEQ) and shape[0] <= 3), shape
+
+
+def test_logprobs_do_not_depend_on_the_entropy_pass(run: dict[str, Any]) -> None:
+    """The actor takes its log-probs with the entropy, the reference without: bitwise the same."""
+    for rank in run["ranks"]:
+        for case in CASES:
+            outputs = rank["cases"][case.name]["outputs"]
+            assert torch.equal(outputs["logprobs"], outputs["logprobs_alone"]), case.name

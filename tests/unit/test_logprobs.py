@@ -145,3 +145,13 @@ def test_bad_arguments_raise(change: dict, message: str) -> None:
     arguments = {"target_ids": target_ids, "temperature": 1.0, "valid_vocab_size": None} | change
     with pytest.raises(ValueError, match=message):
         vocab_parallel_logprobs(logits, tp_group=None, **arguments)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_are_bitwise_the_same_with_or_without_entropy(dtype: torch.dtype) -> None:
+    """The actor's log-probs (taken with the entropy) equal the reference's (taken without)."""
+    logits, target_ids, _, _ = _random_inputs(5)
+    options = {"temperature": 0.7, "valid_vocab_size": VOCAB - 3}
+    with_entropy, _ = logprobs_and_entropy(logits.to(dtype), target_ids, None, **options)
+    alone = vocab_parallel_logprobs(logits.to(dtype), target_ids, None, **options)
+    assert torch.equal(with_entropy, alone)
