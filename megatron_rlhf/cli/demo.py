@@ -14,7 +14,11 @@ from typing import Any
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs/demo", metavar="DIR", help="output folder (default: outputs/demo)")
     parser.add_argument("--algo", choices=("grpo", "ppo"), default="grpo", help="RL algorithm (default: grpo)")
-    parser.add_argument("--rl-steps", type=int, default=None, metavar="N", help="RL steps (default: 36)")
+    from megatron_rlhf.cli.args import positive_int
+    from megatron_rlhf.demo import QUICK, DemoConfig
+
+    parser.add_argument("--rl-steps", type=positive_int, default=None, metavar="N",
+                        help=f"RL steps (default: {DemoConfig.rl_steps}; {QUICK['rl_steps']} with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline runs, not that it learns")
     parser.add_argument("--restart", action="store_true", help="delete the output folder first")
