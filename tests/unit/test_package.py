@@ -75,32 +75,28 @@ def test_import_loads_no_heavy_module() -> None:
     assert json.loads(child.stdout) == []
 
 
-def test_cli_help_loads_no_heavy_module() -> None:
+def _after_top_level_help(report: str) -> object:
+    """``report`` (a Python expression) evaluated in a fresh interpreter after ``megatron-rlhf --help``."""
     child = _run_child(
         "from megatron_rlhf import cli\n"
         "try:\n"
         "    cli.main(['--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print(json.dumps(loaded_heavy_modules()))"
+        f"print(json.dumps({report}))"
     )
     assert child.returncode == 0, child.stderr
-    assert json.loads(child.stdout.splitlines()[-1]) == []
+    return json.loads(child.stdout.splitlines()[-1])
+
+
+def test_cli_help_loads_no_heavy_module() -> None:
+    assert _after_top_level_help("loaded_heavy_modules()") == []
 
 
 def test_cli_help_imports_no_command_module() -> None:
     """The top-level parser is built from the Command records alone: a command's module is
     imported only when that command is parsed."""
-    child = _run_child(
-        "from megatron_rlhf import cli\n"
-        "try:\n"
-        "    cli.main(['--help'])\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "print(json.dumps(sorted(name for name in sys.modules if name.startswith('megatron_rlhf.cli.'))))"
-    )
-    assert child.returncode == 0, child.stderr
-    assert json.loads(child.stdout.splitlines()[-1]) == []
+    assert _after_top_level_help("sorted(name for name in sys.modules if name.startswith('megatron_rlhf.cli.'))") == []
 
 
 def test_every_command_help_loads_no_heavy_module() -> None:
