@@ -1,6 +1,6 @@
 """`megatron-rlhf check-weight-sync`: train a step, sync the weights into vLLM, compare log-probs.
 
-The body is :func:`megatron_rlhf.rollout.sync_check.check_weight_sync`. Prints
+The body is :func:`megatron_rlhf.trainer.weight_sync_check.check_weight_sync`. Prints
 ``max_abs_logprob_diff=<v> sync_seconds=<v>`` last; exits 1 above the tolerance.
 """
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_rlhf.rollout.sync_check import (
+    from megatron_rlhf.trainer.weight_sync_check import (
         DEFAULT_TOLERANCE,
         WeightSyncCheckFailed,
         check_weight_sync,

@@ -1,5 +1,5 @@
 """`megatron-rlhf label-steps`: Monte-Carlo step labels for PRM training (the labelling:
-:mod:`megatron_rlhf.data.step_labels`).
+:mod:`megatron_rlhf.evaluation.step_labels`).
 
 Exit codes: 0 every solution is labelled (now or by an earlier run); 1 some were skipped (too
 long, or ungradable steps; a rerun retries the ungradable ones); 2 a user error (missing file,
@@ -78,7 +78,7 @@ def build_verifier(config_path: str | None, domains: Iterable[str]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_rlhf.data.step_labels import StepLabelConfig, label_solutions, read_solutions
+    from megatron_rlhf.evaluation.step_labels import StepLabelConfig, label_solutions, read_solutions
     from megatron_rlhf.config.errors import UserError
     from megatron_rlhf.preflight.label_steps import preflight_label_steps
     from megatron_rlhf.config.rollout import RolloutConfig

@@ -1,4 +1,7 @@
-"""Named semaphores that processes killed with SIGKILL left in ``/dev/shm``, found and removed.
+"""What processes killed with SIGKILL leave in ``/dev/shm``: named semaphores found and removed.
+
+Also the two tests the other sweepers use: :func:`pid_alive` (the weight sync's segments and the
+vLLM engine's IPC ledgers carry their creator's pid) and :func:`mapped_inodes`.
 
 Python's ``multiprocessing`` (spawn and forkserver contexts: Megatron's checkpoint writer, torch's
 process pools, vLLM's engine) creates each lock, queue and event as a named POSIX semaphore,
@@ -33,6 +36,17 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 SEMAPHORE_GLOB = "sem.mp-*"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs in this pid namespace (a process of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def mapped_inodes() -> set[tuple[int, int]]:

@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from megatron_rlhf.rollout.vllm_plugin import pid_alive
+from megatron_rlhf.parallel.ipc_orphans import pid_alive
 
 log = logging.getLogger(__name__)
 BACKEND_NAME = "shm"

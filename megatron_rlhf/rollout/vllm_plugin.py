@@ -134,23 +134,14 @@ def release_ipc_names(path: str, untrack: bool = True) -> list[str]:
     return released
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs in this pid namespace (a process of another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def release_orphaned_ledgers(directory: str | None = None) -> list[str]:
     """Release the ledgers (and the segments and semaphores in them) of engines that died without
     shutting down (SIGKILL, a cancelled job); the names released. A ledger whose engine's pid still
     runs in this pid namespace is left alone. Called by every engine before it starts vLLM."""
     import glob
     import tempfile
+
+    from megatron_rlhf.parallel.ipc_orphans import pid_alive
 
     released: list[str] = []
     pattern = os.path.join(directory or tempfile.gettempdir(), f"{LEDGER_PREFIX}*{LEDGER_SUFFIX}")

@@ -162,8 +162,8 @@ def _orphaned_ipc_objects() -> set[str]:
     import glob
     import tempfile
 
-    from megatron_rlhf.parallel.ipc_orphans import mapped_inodes
-    from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX, pid_alive
+    from megatron_rlhf.parallel.ipc_orphans import mapped_inodes, pid_alive
+    from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX
 
     mapped = mapped_inodes()
     orphans = set()

@@ -34,7 +34,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _check(hf_dir: str, backend: str, world_size: int = 1):
-    from megatron_rlhf.rollout.sync_check import SyncCheckPlan, run_sync_checks
+    from megatron_rlhf.trainer.weight_sync_check import SyncCheckPlan, run_sync_checks
 
     plan = SyncCheckPlan(hf_dir=hf_dir, parallel=ParallelConfig(), weight_transfer_backend=backend)
     return run_sync_checks(plan, [ParallelConfig()], world_size)[0]

@@ -52,7 +52,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sync_results(hf_dir):
-    from megatron_rlhf.rollout.sync_check import SyncCheckPlan, run_sync_checks
+    from megatron_rlhf.trainer.weight_sync_check import SyncCheckPlan, run_sync_checks
 
     before = sync_segments()
     plan = SyncCheckPlan(hf_dir=hf_dir, parallel=ParallelConfig(), bucket_bytes=64 * 1024,

@@ -109,7 +109,7 @@ SOLUTIONS = [
 
 
 def test_soft_step_labels_match_the_closed_form_success_probability(engine, policy_dir, answer_texts, tmp_path):
-    from megatron_rlhf.data.step_labels import StepLabelConfig, label_solutions, parse_solution, rollout_context_ids
+    from megatron_rlhf.evaluation.step_labels import StepLabelConfig, label_solutions, parse_solution, rollout_context_ids
 
     solutions = [parse_solution(record) for record in SOLUTIONS]
     config = StepLabelConfig(rollouts_per_step=ROLLOUTS, label_type="hard", final_step="rollout",
@@ -131,7 +131,7 @@ def test_soft_step_labels_match_the_closed_form_success_probability(engine, poli
 
 
 def test_an_interrupted_run_resumes_without_duplicates(engine, answer_texts, tmp_path):
-    from megatron_rlhf.data.step_labels import StepLabelConfig, label_solutions, parse_solution
+    from megatron_rlhf.evaluation.step_labels import StepLabelConfig, label_solutions, parse_solution
 
     solutions = [parse_solution(record) for record in SOLUTIONS]
     config = StepLabelConfig(rollouts_per_step=4, max_new_tokens=1, prefixes_per_batch=1)

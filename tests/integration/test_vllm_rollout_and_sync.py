@@ -74,7 +74,7 @@ def orphans_before() -> set[int]:
 
 @pytest.fixture(scope="module")
 def sync_results(models, orphans_before):
-    from megatron_rlhf.rollout.sync_check import SyncCheckPlan, run_sync_checks
+    from megatron_rlhf.trainer.weight_sync_check import SyncCheckPlan, run_sync_checks
 
     results = {}
     for arch, layouts, world in (("llama", DENSE_LAYOUTS, 4), ("qwen3_moe", MOE_LAYOUTS, 2)):

@@ -61,10 +61,6 @@ MODULE_LAYERS = {
     "trainer.actor_critic": "training",
     # per-rank GPU memory / utilisation / MFU of the training phases the workers time
     "trainer.gpu_metrics": "training",
-    # Math-Shepherd step labelling: a pipeline over the engine and the verifiers (like Best-of-N)
-    "data.step_labels": "evaluation",
-    # the `check-weight-sync` command's body: trains a step and syncs, composing training + rollout
-    "rollout.sync_check": "cli",
 }
 """Modules whose layer is not their folder's, with the reason."""
 

@@ -12,7 +12,7 @@ import pytest
 
 from megatron_rlhf.data.jsonl import DatasetError
 from megatron_rlhf.data.reward_data import parse_step_labelled_response
-from megatron_rlhf.data.step_labels import (
+from megatron_rlhf.evaluation.step_labels import (
     Solution,
     StepLabelConfig,
     StepLabelWriter,
