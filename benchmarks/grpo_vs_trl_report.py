@@ -76,7 +76,8 @@ def markdown(title: str, settings: str, command: str, source_text: str, versions
               "Versions: " + "; ".join(f"{side}: " + ", ".join(f"{k} {v}" for k, v in found.items())
                                        for side, found in versions.items()), "",
               "| repeat | side | median step s | min-max s | tokens/step | tokens/s | ended at EOS | reward | "
-              "first step done at s | process s | load avg start/end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "first step done at s | process s | load avg start/end |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for index, runs in enumerate(repeats):
         for side in side_order(index):
             s = runs[side]

@@ -52,7 +52,8 @@ def ensure_trl_python(venv: Path = DEFAULT_VENV, log=print) -> str:
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     with open(venv / "install.log", "w") as install_log:
-        code = subprocess.run([str(python), "-m", "pip", "install", "-r", str(REQUIREMENTS)], stdout=install_log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([str(python), "-m", "pip", "install", "-r", str(REQUIREMENTS)],
+                              stdout=install_log, stderr=subprocess.STDOUT).returncode
     if code != 0 or not _has_trl(python, version):
         raise RuntimeError(f"installing {REQUIREMENTS} into {venv} failed (exit {code}); see {venv}/install.log")
     return str(python)

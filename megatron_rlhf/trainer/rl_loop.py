@@ -159,14 +159,16 @@ def build_components(config: RLConfig, tokenizer: Any):
     try:  # every group (and the disaggregated engines) starts and loads at once
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
                                     optimizer=config.actor_optimizer, threads=config.actor.threads_per_rank, **common)
-        groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,), join=False)
+        groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,),
+                                      join=False)
         rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
                                 max_model_len=config.max_prompt_tokens + config.max_new_tokens,
                                 max_prompt_tokens=config.max_prompt_tokens, overlong_prompts="drop",
                                 seed=config.seed, dtype=engine_dtype(config.precision),
                                 gpu_memory_utilization=config.resources.gpu_memory_utilization,
                                 enable_sleep_mode=not disaggregated and config.resources.uses_gpus)
-        engine_names = [f"rollout{i}" if i else "rollout" for i in range(len(run_placement.engines))] if disaggregated else []
+        engine_names = [f"rollout{i}" if i else "rollout" for i in range(len(run_placement.engines))]
+        engine_names = engine_names if disaggregated else []
         for i, (name, tp) in enumerate(zip(engine_names, config.engine_tensor_parallels)):
             engine_config = replace(rollout, tensor_parallel=tp, seed=config.seed + i)  # one Ray actor per engine
             groups[name] = WorkerGroup(name, RolloutWorker, 1, run_placement.engines[i], (engine_config,), join=False)
@@ -189,7 +191,8 @@ def build_components(config: RLConfig, tokenizer: Any):
         # vLLM sizes its GPU memory from what is free when it starts: a colocated GPU engine starts
         # before the other groups load (as one after another did); elsewhere all load at once
         engine_first = not disaggregated and config.resources.uses_gpus
-        joining = {name: group.begin_join() for name, group in groups.items() if name == "actor" or not engine_first}
+        joining = {name: group.begin_join() for name, group in groups.items()
+                   if name == "actor" or not engine_first}
         ray.get(joining.pop("actor"))
         groups["actor"] = ActorGroup(groups["actor"], config.update.num_minibatches, shares)
         engine_start = threads.submit(groups["actor"].attach_engine, None if disaggregated else rollout,

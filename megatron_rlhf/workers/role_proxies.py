@@ -11,9 +11,9 @@ Data-parallel dispatch (guaranteed): a batch is split into one share per DP repl
 boundaries kept, deterministic); each share is put into the object store once and handed only to
 the ranks of its replica (its TP/PP/CP peers get the same share, no rank receives another
 replica's samples); the shares of a batch are put once per step and reused by every call and
-role that splits it the same way (:mod:`.share_store`); per-sample results are read back only from the rank that holds each
-replica's results (TP 0, CP 0, last pipeline stage; the others return None) and reassembled in
-the original sample order. The same batch always gives the same split, so log-probs, values and
+role that splits it the same way (:mod:`.share_store`); per-sample results are read back only
+from the rank that holds each replica's results (TP 0, CP 0, last pipeline stage; the others
+return None) and reassembled in the original sample order. The same batch always gives the same split, so log-probs, values and
 the update of one step see the same shares.
 
 Not guaranteed: shares are balanced by token count, not by measured time.
