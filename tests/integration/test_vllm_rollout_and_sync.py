@@ -9,8 +9,9 @@ until the next sync, after which they match again (the check is not vacuous).
 
 Rollout wrapper: over-long prompts are truncated or dropped and counted, empty prompts are
 dropped and counted, responses that stop at their first token are handled, padded vocabulary
-rows are never sampled, n samples per prompt carry their group index, and a tokenizer mismatch
-is refused at start-up.
+rows are never sampled, n samples per prompt carry their group index, a tokenizer mismatch
+is refused at start-up, and the response texts the engine sends (vLLM's own where it is provably
+the same) equal the decode of the response ids, with and without stop strings.
 """
 
 from __future__ import annotations
