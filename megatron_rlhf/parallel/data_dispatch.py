@@ -117,6 +117,7 @@ def select_rollout(batch: RolloutBatch, index: Sequence[int]) -> RolloutBatch:
         group_index=batch.group_index[rows],
         prompt_index=batch.prompt_index[rows],
         stats=dict(batch.stats),
+        response_texts=None if batch.response_texts is None else [batch.response_texts[i] for i in rows.tolist()],
     )
 
 

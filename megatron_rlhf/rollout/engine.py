@@ -14,6 +14,9 @@ Guarantees:
 - :meth:`RolloutEngine.generate_stream` yields each prompt group as vLLM finishes it (rewards
   can start before the batch is complete; :mod:`.stream`), and ends with the batch ``generate``
   returns;
+- each response's text (``RolloutBatch.response_texts``, ``FinishedGroup.texts``) equals
+  ``tokenizer.decode(ids, skip_special_tokens=True)``, reusing vLLM's detokenised text where
+  that is provably the same (:mod:`.response_text`), so the controller never decodes;
 - :func:`check_tokenizers_identical` proves at start-up that trainer and engine tokenize alike.
 
 Lifetime: call :meth:`RolloutEngine.shutdown` (or use the engine as a context manager) in a
@@ -32,6 +35,7 @@ import torch
 from megatron_rlhf.config.errors import UserError
 from megatron_rlhf.config.rollout import OVERLONG_POLICIES, RolloutConfig
 from megatron_rlhf.config.sampling import SamplingSettings
+from megatron_rlhf.rollout.response_text import engine_text_reusable, response_text
 from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup, last_item
 from megatron_rlhf.rollout.vllm_plugin import IPC_LEDGER_ENV
 from megatron_rlhf.types import RolloutBatch
@@ -222,6 +226,9 @@ class RolloutEngine:
         yield AdmittedPrompts(tuple(index for index, _ in admitted), settings.n)
         requests = [{"prompt_token_ids": ids} for _, ids in admitted]
         outputs: list[Any] = [None] * len(admitted)
+        texts: list[tuple[str, ...]] = [()] * len(admitted)
+        reusable = engine_text_reusable(self.tokenizer, settings.stop)
+        special_ids = frozenset(self.tokenizer.all_special_ids)
         if requests:
             params = self.sampling_params(settings)
             request_ids = self.llm.enqueue(requests, request_sampling_params(params, [i for i, _ in admitted]),
@@ -238,8 +245,10 @@ class RolloutEngine:
                             continue
                         group = group_of[str(output.request_id)]
                         outputs[group] = output
+                        texts[group] = tuple(response_text(c.text, c.token_ids, self.tokenizer, special_ids, reusable)
+                                             for c in output.outputs)
                         yield FinishedGroup(group, admitted[group][0],
-                                            tuple(tuple(c.token_ids) for c in output.outputs))
+                                            tuple(tuple(c.token_ids) for c in output.outputs), texts[group])
             finally:  # a consumer that stops early leaves no request behind in the engine
                 unfinished = [str(r) for group, r in enumerate(request_ids) if outputs[group] is None]
                 if unfinished and engine.has_unfinished_requests():
@@ -255,7 +264,9 @@ class RolloutEngine:
         stats["responses"] = len(rows)
         stats["responses_empty"] = sum(1 for row in rows if not row[3])
         stats["responses_hit_max_new_tokens"] = sum(1 for row in rows if row[5] == "length")
-        yield _batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
+        batch = _batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
+        batch.response_texts = [text for group_texts in texts for text in group_texts]
+        yield batch
 
 
 def request_sampling_params(params: Any, prompt_indices: Sequence[int]) -> Any:

@@ -88,7 +88,15 @@ def merge_rollout_batches(batches: Sequence[RolloutBatch], prompt_starts: Sequen
         prompt_index=torch.cat(prompt_indices),
         pad_token_id=pad,
         stats=stats,
+        response_texts=merged_texts(batches),
     )
+
+
+def merged_texts(batches: Sequence[RolloutBatch]) -> list[str] | None:
+    """The batches' response texts in merged row order; None unless every batch has them."""
+    if any(batch.response_texts is None for batch in batches):
+        return None
+    return [text for batch in batches for text in batch.response_texts]
 
 
 class EnginePool:
@@ -180,4 +188,4 @@ def _shifted(item: tuple[int, FinishedGroup], offsets: list[int], used: list) ->
     """An engine's finished group renumbered as in the merged batch."""
     position, group = item
     return FinishedGroup(group.group + offsets[position], used[position][1].start + group.prompt_index,
-                         group.responses)
+                         group.responses, group.texts)

@@ -43,6 +43,8 @@ class FinishedGroup:
     """The caller's index of the group's prompt."""
     responses: tuple[tuple[int, ...], ...]
     """Token ids of each response (without padding), in row order."""
+    texts: tuple[str, ...] | None = None
+    """Each response as text (``RolloutBatch.response_texts`` of these rows); None: not provided."""
 
     def rows(self, samples_per_group: int) -> range:
         """This group's rows in the final batch."""

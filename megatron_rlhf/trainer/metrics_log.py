@@ -12,7 +12,8 @@
   installed the config itself raises a ValueError saying so.
 
 :class:`PhaseTimer` times the named phases of a step (``with timer.phase("rollout"):``) and hands
-back ``{"time/<phase>": seconds}`` to log with the step's metrics.
+back ``{"time/<phase>": seconds}`` to log with the step's metrics;
+:func:`seconds_since_process_start` gives ``time/to_first_step``.
 
 Resume: ``MetricsLogger(config, resume_step=k)`` keeps JSONL entries with ``step <= k`` and drops
 later ones (they were written after the checkpoint being resumed), rewriting the file atomically;
@@ -325,6 +326,20 @@ class MetricsLogger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_IMPORTED_AT = time.time()
+
+
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process (the command) started, from the OS's record of its
+    creation (``psutil``); since this module was imported when ``psutil`` is missing. The RL
+    loop logs it after its first step as ``time/to_first_step``."""
+    try:
+        import psutil
+    except ImportError:
+        return time.time() - _IMPORTED_AT
+    return time.time() - psutil.Process().create_time()
 
 
 class PhaseTimer:

@@ -109,7 +109,17 @@ def _start_ray(config: RLConfig) -> bool:
 
 
 def build_components(config: RLConfig, tokenizer: Any):
-    """Worker groups, engine and router; returns ``(components, groups, placement)``."""
+    """Worker groups, engine and router; returns ``(components, groups, placement)``.
+
+    The groups start together (``WorkerGroup(join=False)`` then ``begin_join``): every rank of
+    every group loads its model at the same time, and the engine starts on the actor's rank 0 as
+    soon as the actor is ready, while the other groups are still loading (on GPUs, a colocated
+    engine starts before the other groups load: vLLM sizes its memory from what is free).
+    """
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    import ray
+
     from megatron_rlhf.rewards.reward_config import build_sources
     from megatron_rlhf.rewards.router import HybridRewardRouter
     from megatron_rlhf.config.rollout import RolloutConfig
@@ -126,6 +136,7 @@ def build_components(config: RLConfig, tokenizer: Any):
     )
     from megatron_rlhf.workers.role_proxies import ActorGroup, CriticGroup, ReferenceGroup
     from megatron_rlhf.workers.rollout_worker import RolloutWorker
+    from megatron_rlhf.workers.share_store import ShareStore
 
     algorithm = config.algorithm
     reward = config.reward_config  # parsed once, when the run config was loaded
@@ -143,49 +154,71 @@ def build_components(config: RLConfig, tokenizer: Any):
     common = dict(algorithm=algorithm, update=config.update, temperature=config.temperature, seed=config.seed,
                   precision=config.precision)
     groups: dict[str, Any] = {}
-    try:
+    shares = ShareStore()  # one step's batch shares, put into the object store once for every role
+    threads, engine_start = ThreadPoolExecutor(1, thread_name_prefix="engine-start"), None
+    try:  # every group (and the disaggregated engines) starts and loads at once
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
                                     optimizer=config.actor_optimizer, threads=config.actor.threads_per_rank, **common)
-        groups["actor"] = ActorGroup(WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,)),
-                                     config.update.num_minibatches)
+        groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,),
+                                      join=False)
         rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
                                 max_model_len=config.max_prompt_tokens + config.max_new_tokens,
                                 max_prompt_tokens=config.max_prompt_tokens, overlong_prompts="drop",
                                 seed=config.seed, dtype=engine_dtype(config.precision),
                                 gpu_memory_utilization=config.resources.gpu_memory_utilization,
                                 enable_sleep_mode=not disaggregated and config.resources.uses_gpus)
-        if disaggregated:  # one Ray actor per engine, each on GPUs of its own (its vLLM TP size)
-            names = [f"rollout{i}" if i else "rollout" for i in range(len(run_placement.engines))]
-            for i, (name, tp) in enumerate(zip(names, config.engine_tensor_parallels)):
-                engine_config = replace(rollout, tensor_parallel=tp, seed=config.seed + i)
-                groups[name] = WorkerGroup(name, RolloutWorker, 1, run_placement.engines[i], (engine_config,))
-            groups["actor"].attach_engine(None, [groups[name].workers[0] for name in names],
-                                          config.weight_sync_bucket_bytes)
-        else:
-            groups["actor"].attach_engine(rollout, None, config.weight_sync_bucket_bytes)
+        engine_names = [f"rollout{i}" if i else "rollout" for i in range(len(run_placement.engines))]
+        engine_names = engine_names if disaggregated else []
+        for i, (name, tp) in enumerate(zip(engine_names, config.engine_tensor_parallels)):
+            engine_config = replace(rollout, tensor_parallel=tp, seed=config.seed + i)  # one Ray actor per engine
+            groups[name] = WorkerGroup(name, RolloutWorker, 1, run_placement.engines[i], (engine_config,), join=False)
         if algorithm.kl_mode != "none":
             reference_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.reference.parallel,
                                             threads=config.reference.threads_per_rank, **common)
-            groups["reference"] = ReferenceGroup(WorkerGroup("reference", ReferenceWorker, config.reference.world_size,
-                                                             placement, (reference_spec,)))
+            groups["reference"] = WorkerGroup("reference", ReferenceWorker, config.reference.world_size,
+                                              placement, (reference_spec,), join=False)
         if algorithm.needs_critic:
             critic_spec = RoleWorkerSpec(hf_dir=config.critic_dir or config.policy_dir, parallel=config.critic.parallel,
                                          optimizer=config.critic_optimizer, threads=config.critic.threads_per_rank,
                                          **common)
-            groups["critic"] = CriticGroup(WorkerGroup("critic", CriticWorker, config.critic.world_size, placement,
-                                                       (critic_spec,)), config.update.num_minibatches)
-        sources = {}
+            groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement,
+                                           (critic_spec,), join=False)
         for name, source in reward.sources.items():
             if source.kind == SOURCE_KIND:
-                spec = reward_model_spec(source.config, config.seed)
-                groups[f"reward:{name}"] = WorkerGroup(f"reward:{name}", RewardModelWorker,
-                                                       source.config.tensor_parallel, placement, (spec,))
-                sources[name] = RemoteRewardSource(name, groups[f"reward:{name}"])
+                groups[f"reward:{name}"] = WorkerGroup(f"reward:{name}", RewardModelWorker, source.config.tensor_parallel,
+                                                       placement, (reward_model_spec(source.config, config.seed),),
+                                                       join=False)
+        # vLLM sizes its GPU memory from what is free when it starts: a colocated GPU engine starts
+        # before the other groups load (as one after another did); elsewhere all load at once
+        engine_first = not disaggregated and config.resources.uses_gpus
+        joining = {name: group.begin_join() for name, group in groups.items()
+                   if name == "actor" or not engine_first}
+        ray.get(joining.pop("actor"))
+        groups["actor"] = ActorGroup(groups["actor"], config.update.num_minibatches, shares)
+        engine_start = threads.submit(groups["actor"].attach_engine, None if disaggregated else rollout,
+                                      [groups[name].workers[0] for name in engine_names] or None,
+                                      config.weight_sync_bucket_bytes)
+        if engine_first:
+            engine_start.result()
+            joining = {name: group.begin_join() for name, group in groups.items() if name != "actor"}
+        ray.get([ref for refs in joining.values() for ref in refs])
+        if "reference" in groups:
+            groups["reference"] = ReferenceGroup(groups["reference"], shares=shares)
+        if "critic" in groups:
+            groups["critic"] = CriticGroup(groups["critic"], config.update.num_minibatches, shares)
+        sources = {name: RemoteRewardSource(name, groups[f"reward:{name}"])
+                   for name, source in reward.sources.items() if source.kind == SOURCE_KIND}
         sources.update(build_sources(reward, only={n for n, s in reward.sources.items() if s.kind != SOURCE_KIND}))
         router = HybridRewardRouter(reward.router, sources)
+        engine_start.result()
     except BaseException:
+        if engine_start is not None:
+            engine_start.cancel()
+            wait([engine_start])  # before its groups go (a failed start has nothing to wait for)
         shutdown_groups(groups, run_placement)
         raise
+    finally:
+        threads.shutdown(wait=False)
     parts = RLComponents(actor=groups["actor"], reference=groups.get("reference"), critic=groups.get("critic"),
                          router=router, tokenizer=tokenizer, algorithm=algorithm, sampling=config.sampling)
     return parts, groups, run_placement
@@ -248,7 +281,7 @@ def run_rl(config: RLConfig) -> RLResult:
 
     from megatron_rlhf.algorithms import DomainRewardStats, build_kl_controller
     from megatron_rlhf.planning.fit_check import check_rl_config_fits
-    from megatron_rlhf.trainer.metrics_log import MetricsLogConfig, MetricsLogger
+    from megatron_rlhf.trainer.metrics_log import MetricsLogConfig, MetricsLogger, seconds_since_process_start
     from megatron_rlhf.trainer.rl_step import RLState, rl_step
 
     check_rl_config_fits(config)  # layout and GPU memory, before any process starts
@@ -299,6 +332,8 @@ def run_rl(config: RLConfig) -> RLResult:
                 else:  # the batch generated during the previous step; the next starts in the step
                     metrics, state = rl_step(parts, state, None, rollouts)
                 metrics.update(gpu_metrics(groups))
+                if state.step == first_step + 1:  # start-up included: the command's start to here
+                    metrics["time/to_first_step"] = seconds_since_process_start()
                 alarm = sync_alarm(config, metrics)
                 metrics["ratio/sync_alarms"] = alarms = alarms + bool(alarm)
                 logger.log(state.step - 1, metrics)

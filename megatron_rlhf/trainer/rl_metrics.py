@@ -15,7 +15,9 @@ Names (``/``-separated groups, as they appear in JSONL, TensorBoard and W&B):
   optimizer steps, ``actor/skipped_steps`` summed;
 - ``ratio/engine_mean``, ``ratio/engine_max_abs_logprob_diff``: importance ratio of the trainer's
   log-probs against the engine's sampling log-probs (1 and 0 when both hold the same weights);
-- ``weight_sync/seconds``; ``time/<phase>`` and ``time/step``; ``throughput/tokens_per_second``.
+- ``weight_sync/seconds``; ``time/<phase>`` and ``time/step``; ``throughput/tokens_per_second``;
+  ``time/to_first_step`` (first step of a process only: seconds from the command's start to the
+  end of that step, added by the RL loop).
 """
 
 from __future__ import annotations

@@ -191,7 +191,8 @@ def reward_samples(batch: RolloutBatch, prompts: Sequence[PromptRecord], tokeniz
     samples = []
     lengths = batch.response_lengths.tolist()
     for row, (prompt, length) in enumerate(zip(prompts, lengths)):
-        response = tokenizer.decode(batch.response_ids[row, :length].tolist(), skip_special_tokens=True)
+        response = (batch.response_texts[row] if batch.response_texts is not None  # the engine's text
+                    else tokenizer.decode(batch.response_ids[row, :length].tolist(), skip_special_tokens=True))
         samples.append(RewardSample(
             sample_id=f"{step}:{row}:{prompt.id}",
             domain=prompt.domain,

@@ -9,7 +9,8 @@ step then only waits for the last groups' scores (``stream.results``).
 Guarantee: the reward samples are exactly those :func:`~megatron_rlhf.trainer.rl_step.reward_samples`
 builds from the finished batch (same ids, text, domain, ground truth, row), so the rewards equal
 the non-streamed ``router.score`` of the batch (see :mod:`megatron_rlhf.rewards.streaming` for
-the one caveat, batch-shape effects inside a learned scorer).
+the one caveat, batch-shape effects inside a learned scorer). The response text is the engine's
+(``FinishedGroup.texts``, equal to the decode) when it sent it; the controller decodes otherwise.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ def group_samples(group: Any, samples_per_group: int, prompts: Sequence[Any], to
     from megatron_rlhf.rewards.sample import RewardSample
 
     prompt = prompts[group.prompt_index]
+    texts = group.texts if group.texts is not None else [
+        tokenizer.decode(list(ids), skip_special_tokens=True) for ids in group.responses]
     pairs = []
-    for row, ids in zip(group.rows(samples_per_group), group.responses):
+    for row, text in zip(group.rows(samples_per_group), texts):
         pairs.append((row, RewardSample(
             sample_id=f"{step}:{row}:{prompt.id}",
             domain=prompt.domain,
             prompt=prompt.text,
-            response=tokenizer.decode(list(ids), skip_special_tokens=True),
+            response=text,
             ground_truth=prompt.ground_truth,
         )))
     return pairs

@@ -15,6 +15,10 @@ the actor, critic, reference and reward model of rank ``r`` share its devices (t
 releases its memory while the trainer runs, where the backend supports it).
 ``disaggregated`` gives each group its own placement group (separate devices).
 
+Start-up: groups created with ``join=False`` and then joined (:meth:`WorkerGroup.begin_join`,
+whose results the caller waits for) load at the same time: the RL run starts its actor,
+reference, critic and reward-model groups and the disaggregated engines together.
+
 Not guaranteed: Ray restarts of dead actors (``max_restarts=0``: a dead worker fails the step,
 and the run resumes from its last complete checkpoint).
 """
@@ -111,7 +115,9 @@ class WorkerGroup:
     """``world_size`` Ray actors of ``worker_class`` forming one torch.distributed world."""
 
     def __init__(self, name: str, worker_class: type, world_size: int, placement: Placement,
-                 init_args: tuple[Any, ...] = ()):
+                 init_args: tuple[Any, ...] = (), join: bool = True):
+        """Start the ranks; ``join``: also form their process group now (else :meth:`begin_join`
+        later, so several groups start and join at once: :func:`join_groups`)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -130,15 +136,28 @@ class WorkerGroup:
             ).remote(rank, world_size, *init_args)
             for rank in range(world_size)
         ]
-        address, port = ray.get(self.workers[0].rendezvous_address.remote())
-        log.info("worker group %s: %d ranks, rendezvous %s:%d", name, world_size, address, port)
-        self.all("join_process_group", address, port)
+        self._rendezvous = self.workers[0].rendezvous_address.remote()
+        if join:
+            ray.get(self.begin_join())
+
+    def begin_join(self) -> list[Any]:
+        """Start forming the ranks' process group (waits only for rank 0's rendezvous address);
+        the ranks' pending results (``ray.get`` them: the group is ready when they are)."""
+        import ray
+
+        address, port = ray.get(self._rendezvous)
+        log.info("worker group %s: %d ranks, rendezvous %s:%d", self.name, self.world_size, address, port)
+        return self.all_async("join_process_group", address, port)
+
+    def all_async(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Start ``method`` on every rank; the pending results (Ray object refs) by rank."""
+        return [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
 
     def all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``method`` on every rank concurrently; results by rank."""
         import ray
 
-        return ray.get([getattr(worker, method).remote(*args, **kwargs) for worker in self.workers])
+        return ray.get(self.all_async(method, *args, **kwargs))
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run a collective ``method`` on every rank; the rank-0 result."""

@@ -10,9 +10,10 @@ Data-parallel dispatch (guaranteed): a batch is split into one share per DP repl
 :func:`~megatron_rlhf.parallel.data_dispatch.balanced_shards` (balanced by tokens, PPO minibatch
 boundaries kept, deterministic); each share is put into the object store once and handed only to
 the ranks of its replica (its TP/PP/CP peers get the same share, no rank receives another
-replica's samples); per-sample results are read back only from the rank that holds each
-replica's results (TP 0, CP 0, last pipeline stage; the others return None) and reassembled in
-the original sample order. The same batch always gives the same split, so log-probs, values and
+replica's samples); the shares of a batch are put once per step and reused by every call and
+role that splits it the same way (:mod:`.share_store`); per-sample results are read back only
+from the rank that holds each replica's results (TP 0, CP 0, last pipeline stage; the others
+return None) and reassembled in the original sample order. The same batch always gives the same split, so log-probs, values and
 the update of one step see the same shares.
 
 Not guaranteed: shares are balanced by token count, not by measured time.
@@ -30,16 +31,18 @@ from megatron_rlhf.parallel.data_dispatch import (
     output_ranks,
     reassemble,
     sample_tokens,
-    select_rollout,
 )
 from megatron_rlhf.types import RolloutBatch
+from megatron_rlhf.workers.share_store import ShareStore
 
 
 class RoleGroup:
     """A worker group seen by the controller: dispatch by DP rank, results from output ranks."""
 
-    def __init__(self, group: Any, minibatches: int | None = None):
+    def __init__(self, group: Any, minibatches: int | None = None, shares: ShareStore | None = None):
         self.group = group
+        self.shares = shares if shares is not None else ShareStore()
+        """Where the batch's shares are put once (the run's roles share one: :mod:`.share_store`)."""
         self.name = group.name
         self.layouts: list[RankLayout] = group.all("rank_layout")
         self.minibatches: int = minibatches if minibatches is not None else group.call("ppo_minibatches")
@@ -61,7 +64,7 @@ class RoleGroup:
         """Call ``method(*shares[dp_rank], *common)`` on every rank; the output ranks' results by DP rank."""
         import ray
 
-        stored = [[ray.put(part) for part in share] for share in shares]
+        stored = [[part if isinstance(part, ray.ObjectRef) else ray.put(part) for part in share] for share in shares]
         refs = [
             getattr(worker, method).remote(*stored[layout.dp_rank], *common)
             for worker, layout in zip(self.group.workers, self.layouts)
@@ -72,15 +75,15 @@ class RoleGroup:
     def _per_sample(self, method: str, batch: RolloutBatch) -> list[torch.Tensor]:
         """Per-sample tensor results of ``method(share)``, reassembled in batch order (one per output)."""
         shards = self.shards(batch)
-        held = self._sharded(method, [(select_rollout(batch, shard),) for shard in shards])
+        held = self._sharded(method, [(share,) for share in self.shares.rollout_shares(batch, shards)])
         if isinstance(held[0], torch.Tensor):
             return [reassemble(held, shards)]
         return [reassemble([result[i] for result in held], shards) for i in range(len(held[0]))]
 
     def _update(self, batch: RolloutBatch, experience: Any, *common: Any) -> list[Any]:
         shards = self.shards(batch)
-        shares = [(select_rollout(batch, shard), experience.select(torch.as_tensor(shard, dtype=torch.long)))
-                  for shard in shards]
+        shares = [(share, experience.select(torch.as_tensor(shard, dtype=torch.long)))
+                  for share, shard in zip(self.shares.rollout_shares(batch, shards), shards)]
         return self._sharded("update", shares, *common)[0]  # identical on every rank
 
     def _rank0(self, method: str, *args: Any) -> Any:

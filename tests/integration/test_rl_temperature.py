@@ -43,6 +43,8 @@ def test_train_rl_at_temperature_0_7_trainer_and_engine_logprobs_agree(tmp_path,
 
     rows = read_metrics_jsonl(result.metrics_file)
     assert [row["step"] for row in rows] == [0, 1]
+    assert rows[0]["time/to_first_step"] > rows[0]["time/step"]  # start-up included; logged once
+    assert "time/to_first_step" not in rows[1]
     for row in rows:
         assert abs(row["ratio/engine_mean"] - 1.0) < 1e-3, row
         assert row["ratio/engine_max_abs_logprob_diff"] <= config.sync_alarm_logprob_diff, row

@@ -2,7 +2,8 @@
 group at DP1 (same weights) give the same log-probs in batch order, and the actor update runs
 on the DP shares the proxy hands out.
 
-Checks the Ray side of the dispatch (shares put once per replica, handed to that replica's ranks,
+Checks the Ray side of the dispatch (groups started together, shares put once per replica and
+step for every call and role with the same split, handed to that replica's ranks,
 results read back from the output ranks only); the per-rank contents and the numerical
 equivalence of the update at DP2 and TP2xDP2 are checked in tests/distributed/test_dp_dispatch.py.
 """
@@ -33,6 +34,10 @@ def _batch():
 
 
 def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path, ray_cluster):
+    from dataclasses import replace
+
+    import ray
+
     from megatron_rlhf.algorithms import AlgorithmConfig, Experience
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.trainer.megatron_step import OptimizerSettings
@@ -40,6 +45,7 @@ def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path, ray_cluster):
     from megatron_rlhf.workers.group import Placement, PlacementPlan, WorkerGroup
     from megatron_rlhf.workers.megatron_worker import ActorWorker, ReferenceWorker, RoleWorkerSpec
     from megatron_rlhf.workers.role_proxies import ActorGroup, ReferenceGroup
+    from megatron_rlhf.workers.share_store import ShareStore
 
     hf_dir = str(make_tiny_hf_model("llama", tmp_path / "llama", seed=5, vocab_size=VOCAB,
                                     tokenizer=train_tiny_tokenizer(VOCAB, seed=0)))
@@ -48,13 +54,15 @@ def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path, ray_cluster):
                           algorithm=AlgorithmConfig(kl_mode="none"))
     placement = Placement(PlacementPlan(bundles=2, cpus_per_bundle=1.0))
     groups = []
-    try:
-        actor = ActorGroup(WorkerGroup("actor", ActorWorker, 2, placement, (spec,)), update.num_minibatches)
-        groups.append(actor)
-        reference = ReferenceGroup(WorkerGroup("reference", ReferenceWorker, 1, placement, (spec,)))
-        groups.append(reference)
+    try:  # both groups start and join at once, as the RL run starts them
+        groups.append(WorkerGroup("actor", ActorWorker, 2, placement, (spec,), join=False))
+        groups.append(WorkerGroup("reference", ReferenceWorker, 1, placement, (spec,), join=False))
+        ray.get([ref for group in groups for ref in group.begin_join()])
+        shares = ShareStore()
+        actor = ActorGroup(groups[0], update.num_minibatches, shares)
+        reference = ReferenceGroup(groups[1], shares=shares)
         assert actor.dp_size == 2 and [h.rank for h in actor.holders] == [0, 1]
-        batch = _batch()
+        batch = replace(_batch(), response_texts=[f"text {row}" for row in range(SAMPLES)])
         shards = actor.shards(batch)
         assert sorted(shards[0] + shards[1]) == list(range(SAMPLES)) and len(shards[0]) == 4
         logprobs, entropy = actor.logprobs_and_entropy(batch)
@@ -69,6 +77,7 @@ def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path, ray_cluster):
         steps = actor.update(batch, experience, 0.0)
         assert len(steps) == 2 and all(not step.skipped for step in steps)
         assert steps[0].terms["ratio_deviation_max"] == 0.0  # old log-probs came back in batch order
+        assert shares.puts == 3  # the actor's two shares (log-probs and update) + the reference's one
     finally:
         for group in groups:
             group.shutdown()

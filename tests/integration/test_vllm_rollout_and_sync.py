@@ -9,8 +9,9 @@ until the next sync, after which they match again (the check is not vacuous).
 
 Rollout wrapper: over-long prompts are truncated or dropped and counted, empty prompts are
 dropped and counted, responses that stop at their first token are handled, padded vocabulary
-rows are never sampled, n samples per prompt carry their group index, and a tokenizer mismatch
-is refused at start-up.
+rows are never sampled, n samples per prompt carry their group index, a tokenizer mismatch
+is refused at start-up, and the response texts the engine sends (vLLM's own where it is provably
+the same) equal the decode of the response ids, with and without stop strings.
 """
 
 from __future__ import annotations
@@ -186,3 +187,24 @@ def test_tokenizer_mismatch_is_refused(engine):
     check_tokenizers_identical(engine.tokenizer, engine.llm.get_tokenizer())
     with pytest.raises(TokenizerMismatch, match="tokens"):
         check_tokenizers_identical(train_tiny_tokenizer(500, seed=0), engine.llm.get_tokenizer())
+
+
+@pytest.mark.parametrize("stop", [(), ("e", " 1")], ids=["no-stop-strings", "stop-strings"])
+def test_response_texts_equal_the_decode(engine, stop):
+    """The text the reward phase reads (``response_texts``, ``FinishedGroup.texts``) is exactly the
+    decode of the response ids, with vLLM's text reused where it is the same. At temperature 2
+    the tiny byte-level model emits many partial UTF-8 characters, and stop strings cut vLLM's
+    text mid-token: both cases where vLLM's own text differs (rollout/response_text.py)."""
+    from megatron_rlhf.config.sampling import SamplingSettings
+    from megatron_rlhf.rollout.stream import FinishedGroup
+
+    settings = SamplingSettings(n=8, max_new_tokens=24, temperature=2.0, seed=3, stop=stop)
+    events = list(engine.generate_stream([[7, 8, 9], [10, 11], list(range(30, 40))], settings))
+    batch = events[-1]
+    decoded = [engine.tokenizer.decode(batch.response_ids[row, :length].tolist(), skip_special_tokens=True)
+               for row, length in enumerate(batch.response_lengths.tolist())]
+    assert batch.response_texts == decoded
+    for group in (event for event in events if isinstance(event, FinishedGroup)):
+        assert list(group.texts) == [decoded[row] for row in group.rows(settings.n)]
+    if stop:
+        assert "stop" in batch.finish_reasons  # the stop strings were hit

@@ -62,10 +62,12 @@ def test_select_and_reassemble_round_trip():
         group_index=torch.arange(count),
         prompt_index=torch.arange(count),
         pad_token_id=0,
+        response_texts=[f"text {i}" for i in range(count)],
     )
     shards = balanced_shards((batch.prompt_lengths + 4).tolist(), 3)
     parts = [select_rollout(batch, shard) for shard in shards]
     assert [part.finish_reasons for part in parts] == [[str(i) for i in shard] for shard in shards]
+    assert [part.response_texts for part in parts] == [[f"text {i}" for i in shard] for shard in shards]
     assert torch.equal(reassemble([part.response_ids for part in parts], shards), batch.response_ids)
 
 

@@ -68,6 +68,16 @@ def test_merge_offsets_group_index_past_dropped_prompts():
     assert merged.prompt_index.tolist() == [0, 2, 3] and merged.group_index.tolist() == [0, 1, 2]
 
 
+def test_merge_keeps_the_engines_response_texts_in_row_order():
+    from dataclasses import replace
+
+    first, second = _batch([[1], [2]], 2, 0), _batch([[4]], 2, 1)
+    first = replace(first, response_texts=["a0", "a1", "b0", "b1"])
+    merged = merge_rollout_batches([first, replace(second, response_texts=["c0", "c1"])], [0, 2])
+    assert merged.response_texts == ["a0", "a1", "b0", "b1", "c0", "c1"]
+    assert merge_rollout_batches([first, second], [0, 2]).response_texts is None  # one engine sent none
+
+
 class _StreamingEngine(_Engine):
     """Streams like RolloutEngine.generate_stream: admitted groups (prompts of length 2 are
     "dropped"), groups finishing in reverse order, then the batch of the admitted prompts."""
