@@ -148,6 +148,21 @@ class ActorGroup(RoleGroup):
         """PPO epochs of actor updates; each DP replica trains on its share."""
         return self._update(batch, experience, kl_coef, algorithm)
 
+    def old_logprob_pass_reason(self, algorithm: Any) -> str | None:
+        """Why a step under ``algorithm`` needs the old-policy log-prob pass; None: it may skip it
+        and call :meth:`update_on_policy` (``megatron_rlhf.config.ppo_update.old_logprob_pass_reason``)."""
+        return self._rank0("old_logprob_pass_reason", algorithm)
+
+    def update_on_policy(self, batch: RolloutBatch, experience: Any, kl_coef: float,
+                         algorithm: Any = None) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+        """One on-policy actor step with no old-policy pass before it: ``(stats, logprobs [B, R],
+        entropy [B, R])``, the log-probs and entropy of the update's own forward, in batch order."""
+        shards = self.shards(batch)
+        shares = [(select_rollout(batch, shard), experience.select(torch.as_tensor(shard, dtype=torch.long)))
+                  for shard in shards]
+        held = self._sharded("update_on_policy", shares, kl_coef, algorithm)
+        return held[0][0], reassemble([h[1] for h in held], shards), reassemble([h[2] for h in held], shards)
+
     def sync_weights(self) -> dict[str, float]:
         """Megatron -> engine weight transfer (no disk); the transfer's report."""
         return self._rank0("sync_weights")
