@@ -11,7 +11,8 @@ library function::
     old_lp  = actor.logprobs(batch)                     # + the policy entropy, same pass; skipped
                                                         # when the update is on-policy (see below)
     ref_lp  = reference.logprobs(batch)                 # KL anchor (unless kl_mode == "none")
-    values  = critic.values(batch)                      # PPO only
+    values  = critic.values(batch)                      # PPO only; both issued before the actor's
+                                                        # pass and run alongside it (other groups)
     exp     = make_experience(...)                      # clip -> normalise -> baseline -> shrink, KL, advantages
     actor.update(exp); critic.update(exp)
     actor.sync_weights()                                # Megatron -> vLLM, no disk
@@ -21,6 +22,8 @@ penalty in the rewards, no dropout: :func:`~megatron_rlhf.config.ppo_update.old_
 the old-policy pass is skipped; the update takes its own forward's log-probs (detached) as the old
 ones, and the step's KL, entropy, engine-mismatch and ``rollout_is/*`` metrics come from that
 forward (``actor/old_logprob_pass`` is 0). ``update.force_old_logprob_pass`` keeps the pass.
+The reference and critic passes are issued first and run in their own worker groups while the
+actor's pass runs: ``time/reference_logprobs`` and ``time/critic_values`` are the waits left after it.
 
 Samples whose reward is an infrastructure error (``reward is None``: a crashed sandbox, an
 unparseable GenRM judgement) are never trained on as a 0: their response mask is cleared and
@@ -123,6 +126,9 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     sampled = batch
     batch = replace(batch, response_mask=batch.response_mask * valid.unsqueeze(1).to(batch.response_mask.dtype))
 
+    # the reference's and critic's passes run in their own worker groups while the actor's runs
+    pending_ref = parts.reference.start_logprobs(batch) if algorithm.kl_mode != "none" else None
+    pending_values = parts.critic.start_values(batch) if algorithm.needs_critic else None
     on_policy = parts.actor.old_logprob_pass_reason(algorithm) is None
     if on_policy:  # the update's own forward gives them (placeholder until then)
         old_logprobs = entropy = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
@@ -130,15 +136,13 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
         with phase("actor_logprobs"):
             old_logprobs, entropy = parts.actor.logprobs_and_entropy(batch)
 
-    ref_logprobs = None
-    if algorithm.kl_mode != "none":
-        with phase("reference_logprobs"):
-            ref_logprobs = parts.reference.logprobs(batch)
-
-    values = None
-    if algorithm.needs_critic:
+    ref_logprobs = values = None
+    if pending_ref is not None:
+        with phase("reference_logprobs"):  # the wait left once the actor's pass is done
+            ref_logprobs = pending_ref.result()
+    if pending_values is not None:
         with phase("critic_values"):
-            values = parts.critic.values(batch)
+            values = pending_values.result()
 
     with phase("make_experience"):
         domain_ids, domains = domain_index([p.domain for p in step_prompts], state.domains)
