@@ -19,7 +19,8 @@ bitwise the same whether or not the entropy is computed in the same pass; gradie
 those of ``log_softmax(logits / temperature)`` over the full vocabulary; ids at or beyond
 ``valid_vocab_size`` (padding rows added so the vocab divides TP) get probability exactly zero and
 gradient exactly zero. With ``tp_group`` None or of size 1 the result is plain ``log_softmax``
-gather / entropy.
+gather / entropy. An entropy taken as a metric only (``entropy_grad=False``) costs backward nothing
+and leaves the logits' gradient bitwise that of the log-probs alone.
 
 Not guaranteed / not checked (checks would force a device sync on every call):
 * ``target_ids`` must lie in ``[0, valid_vocab_size)``. An id in the padded range gets log-prob
