@@ -8,6 +8,14 @@ a given batch is checked where the batch is known.
 There is no temperature here: the log-probs of the actor and the reference are computed at the
 sampling temperature of the run (``RLConfig.temperature``), the one the engine samples at, so the
 PPO ratio and the weight-sync check compare the same distribution.
+
+:func:`old_logprob_pass_reason` decides, from the plan alone, whether an RL step needs its
+old-policy log-prob pass: an on-policy update (one epoch, one minibatch) sees the old log-probs
+equal to its own forward's, so the pass is redundant and the update uses its own (detached)
+log-probs as the old ones (ratio exactly 1). The pass stays whenever the update is off-policy,
+whenever something needs the old log-probs before the update (``kl_mode: penalty`` puts their KL
+into the rewards), when dropout makes the update's (training-mode) forward differ from the
+pass's (eval-mode) one, or when the plan forces it.
 """
 
 from __future__ import annotations
@@ -25,8 +33,41 @@ class PPOUpdateConfig:
     """Optimizer steps per epoch; must divide the batch size (>= 1)."""
     micro_batch_size: int = 1
     """Sequences per Megatron microbatch on one DP rank; must divide the per-rank minibatch."""
+    force_old_logprob_pass: bool = False
+    """Run the old-policy log-prob pass even when the update is on-policy (by default an on-policy
+    update skips it and takes the old log-probs from its own forward; see
+    :func:`old_logprob_pass_reason`). For comparisons with the plain path."""
 
     def __post_init__(self) -> None:
         for name in ("ppo_epochs", "num_minibatches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PPOUpdateConfig.{name}={getattr(self, name)} must be >= 1")
+
+
+def update_is_on_policy(update: PPOUpdateConfig) -> bool:
+    """Whether each optimizer step sees the policy that produced the batch (one epoch, one minibatch)."""
+    return update.ppo_epochs == 1 and update.num_minibatches == 1
+
+
+def old_logprob_pass_reason(update: PPOUpdateConfig, kl_mode: str, dropout: float = 0.0) -> str | None:
+    """Why a step must run the old-policy log-prob pass before the update; None when it may skip it.
+
+    ``kl_mode``: the algorithm's (``AlgorithmConfig.kl_mode``); ``dropout``: the actor model's
+    largest dropout probability (hidden or attention). Pure: decided from the plan alone.
+    """
+    if update.force_old_logprob_pass:
+        return "PPOUpdateConfig.force_old_logprob_pass is set"
+    if update.ppo_epochs > 1:
+        return f"ppo_epochs={update.ppo_epochs} > 1: later epochs are off-policy"
+    if update.num_minibatches > 1:
+        return f"num_minibatches={update.num_minibatches} > 1: later minibatches are off-policy"
+    if kl_mode == "penalty":
+        return "kl_mode='penalty' puts the old policy's KL into the rewards before the update"
+    if dropout > 0:
+        return f"dropout={dropout} makes the update's forward differ from the old policy's"
+    return None
+
+
+def skips_old_logprob_pass(update: PPOUpdateConfig, kl_mode: str, dropout: float = 0.0) -> bool:
+    """Whether the step skips its old-policy log-prob pass (:func:`old_logprob_pass_reason` is None)."""
+    return old_logprob_pass_reason(update, kl_mode, dropout) is None

@@ -19,7 +19,8 @@ bitwise the same whether or not the entropy is computed in the same pass; gradie
 those of ``log_softmax(logits / temperature)`` over the full vocabulary; ids at or beyond
 ``valid_vocab_size`` (padding rows added so the vocab divides TP) get probability exactly zero and
 gradient exactly zero. With ``tp_group`` None or of size 1 the result is plain ``log_softmax``
-gather / entropy.
+gather / entropy. An entropy taken as a metric only (``entropy_grad=False``) costs backward nothing
+and leaves the logits' gradient bitwise that of the log-probs alone.
 
 Not guaranteed / not checked (checks would force a device sync on every call):
 * ``target_ids`` must lie in ``[0, valid_vocab_size)``. An id in the padded range gets log-prob
@@ -86,6 +87,7 @@ def logprobs_and_entropy(
     tp_group: ProcessGroup | None,
     temperature: float = 1.0,
     valid_vocab_size: int | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Both ``[B, T]`` fp32 log-probs of ``target_ids`` and the entropy, in one pass.
 
@@ -93,8 +95,12 @@ def logprobs_and_entropy(
     log-probs are bitwise those :func:`vocab_parallel_logprobs` gives for the same inputs (the
     same operations, and the same all-reduce layout), so the actor's log-probs taken with its
     entropy equal the reference's taken without.
+
+    ``entropy_grad=False``: the entropy is a metric only (not differentiable); backward then does
+    the log-probs' work alone, and the logits' gradient is bitwise that of
+    :func:`vocab_parallel_logprobs` (the entropy term of an unused entropy is an exact zero).
     """
-    logprobs, entropy = _apply(logits, target_ids, tp_group, temperature, valid_vocab_size, True)
+    logprobs, entropy = _apply(logits, target_ids, tp_group, temperature, valid_vocab_size, True, entropy_grad)
     return logprobs, entropy
 
 
@@ -105,11 +111,12 @@ def _apply(
     temperature: float,
     valid_vocab_size: int | None,
     with_entropy: bool,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
     tp_size, tp_rank = _group_size_and_rank(tp_group)
     _check_arguments(logits, target_ids, temperature, valid_vocab_size, tp_size)
     outputs = _VocabParallelLogprobsEntropy.apply(
-        logits, target_ids, tp_group, tp_size, tp_rank, temperature, valid_vocab_size, with_entropy
+        logits, target_ids, tp_group, tp_size, tp_rank, temperature, valid_vocab_size, with_entropy, entropy_grad
     )
     logprobs = outputs[0] if target_ids is not None else None
     entropy = outputs[-1] if with_entropy else None
@@ -139,6 +146,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         temperature: float,
         valid_vocab_size: int | None,
         with_entropy: bool,
+        entropy_grad: bool = True,
     ) -> tuple[Tensor, ...]:
         local_vocab = logits.shape[-1]
         vocab_start = tp_rank * local_vocab
@@ -188,8 +196,10 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         ctx.temperature = temperature
         ctx.valid_vocab_size = valid_vocab_size
         ctx.has_target = target_ids is not None
-        ctx.with_entropy = with_entropy
-        entropy = outputs[-1] if with_entropy else None
+        ctx.with_entropy = with_entropy and entropy_grad  # backward's entropy term
+        entropy = outputs[-1] if ctx.with_entropy else None
+        if with_entropy and not entropy_grad:
+            ctx.mark_non_differentiable(outputs[-1])  # a metric: no gradient flows from it
         ctx.save_for_backward(logits, target_ids, logits_max, log_sum_exp, entropy)
         return tuple(outputs)
 
@@ -227,7 +237,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
             grad_target = grad_logprobs * owned.unsqueeze(-1)
             grad_x.scatter_add_(-1, local_target.unsqueeze(-1), grad_target)
         grad_x.div_(ctx.temperature)
-        return grad_x.to(logits.dtype), None, None, None, None, None, None, None
+        return grad_x.to(logits.dtype), None, None, None, None, None, None, None, None
 
 
 def _group_size_and_rank(tp_group: ProcessGroup | None) -> tuple[int, int]:

@@ -53,9 +53,11 @@ def per_response_token(
     batch: RolloutBatch,
     micro_batch_size: int,
     collect: Callable[[Tensor, dict], Tensor],
+    trailing_shape: tuple[int, ...] = (),
 ) -> Tensor:
-    """``[B, R, ...]`` float32 of ``collect(output, microbatch) -> [b, R, ...]`` over the batch, on
-    every rank, 0.0 where ``response_mask`` is 0 (no gradient).
+    """``[B, R, *trailing_shape]`` float32 of ``collect(output, microbatch) -> [b, R, *trailing_shape]``
+    over the batch, on every rank, 0.0 where ``response_mask`` is 0 (no gradient). The stages before
+    the last receive the result in a buffer of that shape.
 
     ``microbatch`` holds ``input_ids [b, L]`` (on the model's device) and ``positions [b, R]``
     (:func:`response_positions`).
@@ -76,7 +78,7 @@ def per_response_token(
     ]
     with torch.no_grad():
         outputs = forward_only(model, microbatches, lambda out, mb: collect(out, mb).float().cpu())
-    result = torch.cat(outputs)[:count] if outputs else torch.zeros(count, positions.shape[1])
+    result = torch.cat(outputs)[:count] if outputs else torch.zeros((count, positions.shape[1]) + trailing_shape)
     result = broadcast_from_last_stage(result)
     mask = batch.response_mask.to(torch.bool)
     mask = mask.reshape(mask.shape + (1,) * (result.dim() - mask.dim()))
@@ -89,11 +91,14 @@ def microbatch_response_logprobs(
     valid_vocab_size: int,
     temperature: float,
     with_entropy: bool,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """``(log-probs [b, R], entropy [b, R] or None)`` fp32 of one microbatch's response tokens.
 
     ``logits``: ``[b, L, V/tp]`` this rank's vocab slice (last pipeline stage); ``microbatch`` as
-    given by :func:`per_response_token`. Differentiable w.r.t. ``logits``.
+    given by :func:`per_response_token`. Differentiable w.r.t. ``logits``; the entropy only when
+    ``entropy_grad`` (False: a metric, and backward skips its term). The log-probs are the same
+    bits whatever ``with_entropy`` and ``entropy_grad`` say.
     """
     from megatron.core import parallel_state
 
@@ -103,7 +108,7 @@ def microbatch_response_logprobs(
     positions = microbatch["positions"]
     if with_entropy:
         logprobs, entropy = logprobs_and_entropy(
-            *arguments, temperature=temperature, valid_vocab_size=valid_vocab_size
+            *arguments, temperature=temperature, valid_vocab_size=valid_vocab_size, entropy_grad=entropy_grad
         )
         return gather_responses(logprobs, positions), gather_responses(entropy, positions)
     logprobs = vocab_parallel_logprobs(*arguments, temperature=temperature, valid_vocab_size=valid_vocab_size)
@@ -140,5 +145,5 @@ def response_logprobs_and_entropy(
         logprobs, entropy = microbatch_response_logprobs(logits, microbatch, valid_vocab_size, temperature, True)
         return torch.stack((logprobs, entropy), dim=-1)
 
-    both = per_response_token(model, batch, micro_batch_size, collect)
+    both = per_response_token(model, batch, micro_batch_size, collect, (2,))
     return both[..., 0], both[..., 1]

@@ -33,6 +33,17 @@ loss or gradient on any rank makes the updater skip the whole step on every rank
 optimizer-state or LR change, so nothing non-finite can reach a checkpoint); it is counted in
 ``skipped_steps`` and reported with ``skipped=True``.
 
+On-policy updates (:meth:`ActorTrainer.update_on_policy`): when the plan is one epoch of one
+minibatch (:func:`~megatron_rlhf.config.ppo_update.old_logprob_pass_reason` is None), the old
+log-probs equal the update forward's, so the caller skips the old-policy pass; each microbatch's
+loss takes its own forward's log-probs, detached, as the old ones (ratio exactly 1, the gradient
+of today's path), and the update returns those log-probs and the entropy per response token, in
+batch order, for the step's KL, entropy and engine-mismatch metrics. Refused (``ValueError``
+naming the reason) whenever the plan is off-policy or something needs the old log-probs first.
+
+Entropy: computed with gradient only when ``entropy_coef > 0``; as a detached metric when an
+on-policy update reports it; not at all otherwise (the log-probs are the same bits either way).
+
 Layout of the code: the shared plan / normalisation / stats live in :mod:`.ppo_update`.
 
 Not covered: packed (THD) sequences -- variable lengths are handled by right padding with the
@@ -41,22 +52,39 @@ response mask; prompts must be non-empty (the first response token needs a prece
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch import Tensor
 
 from megatron_rlhf.algorithms import AlgorithmConfig, Experience, actor_loss, critic_loss
 from megatron_rlhf.config.optimizer import OptimizerSettings
-from megatron_rlhf.config.ppo_update import PPOUpdateConfig
+from megatron_rlhf.config.ppo_update import PPOUpdateConfig, old_logprob_pass_reason
 from megatron_rlhf.models.sequence_logprobs import (
     gather_responses,
     microbatch_response_logprobs,
     response_logprobs,
     response_logprobs_and_entropy,
 )
+from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
 from megatron_rlhf.trainer.ppo_update import OptimizerStepStats, PPOTrainerBase
 from megatron_rlhf.types import RolloutBatch
 
-__all__ = ["ActorTrainer", "CriticTrainer", "OptimizerStepStats", "PPOUpdateConfig"]
+__all__ = ["ActorTrainer", "CriticTrainer", "OnPolicyUpdate", "OptimizerStepStats", "PPOUpdateConfig"]
+
+
+@dataclass
+class OnPolicyUpdate:
+    """:meth:`ActorTrainer.update_on_policy`: its optimizer step and what its forward computed."""
+
+    stats: list[OptimizerStepStats]
+    """The one optimizer step (identical on every rank)."""
+    logprobs: Tensor
+    """``[b, R]`` float32 log pi_old per response token (the update forward's, before the step), 0.0
+    on padding, on every rank; bitwise what :meth:`ActorTrainer.logprobs` gives in eval mode where
+    the kernels do not depend on grad mode."""
+    entropy: Tensor
+    """``[b, R]`` float32 policy entropy per response token (nats), 0.0 on padding, on every rank."""
 
 
 class ActorTrainer(PPOTrainerBase):
@@ -92,10 +120,30 @@ class ActorTrainer(PPOTrainerBase):
         PPO ratio between them) are those of ``softmax(logits / temperature)``, the distribution
         the engine sampled from."""
 
-    def _token_logprobs(self, logits: Tensor, microbatch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The loss's new log-probs and entropy: the same per-microbatch function as the no-grad
-        passes (:func:`~megatron_rlhf.models.sequence_logprobs.microbatch_response_logprobs`)."""
-        return microbatch_response_logprobs(logits, microbatch, self.valid_vocab_size, self.temperature, True)
+    def _token_outputs(self, entropy_metric: bool):
+        """The loss's new log-probs and entropy (None when neither the loss nor a metric needs it):
+        the same per-microbatch function as the no-grad passes
+        (:func:`~megatron_rlhf.models.sequence_logprobs.microbatch_response_logprobs`); the
+        entropy has a gradient only when the loss uses it (``entropy_coef > 0``)."""
+        entropy_grad = self.algorithm.entropy_coef > 0
+
+        def outputs(logits: Tensor, microbatch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+            return microbatch_response_logprobs(logits, microbatch, self.valid_vocab_size, self.temperature,
+                                                entropy_grad or entropy_metric, entropy_grad)
+
+        return outputs
+
+    @property
+    def dropout(self) -> float:
+        """The model's largest dropout probability (hidden or attention)."""
+        config = self.model.config
+        return max(float(getattr(config, "hidden_dropout", 0.0) or 0.0),
+                   float(getattr(config, "attention_dropout", 0.0) or 0.0))
+
+    def old_logprob_pass_reason(self, config: PPOUpdateConfig | None = None) -> str | None:
+        """Why a step needs the old-policy pass before :meth:`update`; None: :meth:`update_on_policy`
+        may replace both (:func:`~megatron_rlhf.config.ppo_update.old_logprob_pass_reason`)."""
+        return old_logprob_pass_reason(config or self.update_config, self.algorithm.kl_mode, self.dropout)
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> Tensor:
@@ -122,9 +170,48 @@ class ActorTrainer(PPOTrainerBase):
 
         ``config`` overrides the trainer's :class:`PPOUpdateConfig` for this call.
         """
+        return self._update(batch, experience, self._terms(kl_coef, False), self._token_outputs(False), config)
 
-        def terms(outputs: tuple[Tensor, Tensor], part: Experience):
+    def update_on_policy(self, batch: RolloutBatch, experience: Experience, kl_coef: float = 0.0) -> OnPolicyUpdate:
+        """One on-policy optimizer step without an old-policy pass before it (module docstring).
+
+        ``experience.old_logprobs`` is not read (a placeholder is fine): each microbatch uses its
+        own forward's log-probs, detached. Raises ``ValueError`` naming the reason when the plan
+        or the algorithm needs the old-policy pass (:meth:`old_logprob_pass_reason`).
+        """
+        reason = self.old_logprob_pass_reason()
+        if reason is not None:
+            raise ValueError(f"update_on_policy refused: {reason}; run the old-policy log-prob pass and update()")
+        microbatches: list[dict[str, Tensor]] = []
+        stats = self._update(batch, experience, self._terms(kl_coef, True), self._token_outputs(True), None,
+                             microbatches)
+        logprobs, entropy = self._forward_outputs(batch, microbatches)
+        return OnPolicyUpdate(stats, logprobs, entropy)
+
+    @staticmethod
+    def _forward_outputs(batch: RolloutBatch, microbatches: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        """``([b, R], [b, R])`` per-token log-probs and entropy the update's microbatches kept, in
+        batch order, on every pipeline stage, 0.0 on padding."""
+        shape = tuple(batch.response_ids.shape) + (2,)
+        if microbatches:  # the last pipeline stage
+            both = torch.cat([torch.stack((m["tokens/logprobs"], m["tokens/entropy"]), dim=-1).float().cpu()
+                              for m in microbatches])
+        else:
+            both = torch.zeros(shape, dtype=torch.float32)
+        both = broadcast_from_last_stage(both)
+        mask = batch.response_mask.to(torch.bool).unsqueeze(-1)
+        both = torch.where(mask, both, torch.zeros((), dtype=both.dtype))
+        return both[..., 0], both[..., 1]
+
+    def _terms(self, kl_coef: float, on_policy: bool):
+        """The actor's loss terms of one microbatch; ``on_policy``: the old log-probs are the
+        forward's own (detached), and the per-token log-probs and entropy are kept."""
+
+        def terms(outputs: tuple[Tensor, Tensor | None], part: Experience):
             logprobs, entropy = outputs
+            if on_policy:
+                part = replace(part, old_logprobs=logprobs.detach())
+            kept = {"tokens/logprobs": logprobs.detach(), "tokens/entropy": entropy.detach()} if on_policy else {}
             entropy = entropy if self.algorithm.entropy_coef > 0 else None
             result = actor_loss(
                 self.algorithm,
@@ -149,9 +236,10 @@ class ActorTrainer(PPOTrainerBase):
                 "approx_kl": m.approx_kl,
                 "ratio_mean": m.ratio_mean,
                 "ratio_deviation_max": deviation.amax() if deviation.numel() else deviation.new_zeros(()),
+                **kept,
             }
 
-        return self._update(batch, experience, terms, self._token_logprobs, config)
+        return terms
 
 
 class CriticTrainer(PPOTrainerBase):

@@ -61,8 +61,9 @@ class OptimizerStepStats:
 def _weighted(name: str, value: Tensor, share: Tensor, token_share: Tensor) -> Tensor:
     """A microbatch metric's contribution to the minibatch value: loss terms by the reduction's
     denominator share, token-mean metrics (``*fraction``, ``ratio_mean``, ``approx_kl``) by the
-    token share; ``*_max`` metrics are reduced with max instead and pass unchanged."""
-    if name.endswith("_max"):
+    token share; ``*_max`` metrics are reduced with max instead and pass unchanged, and so do
+    per-token outputs (``tokens/*``, ``[b, R]``: what the forward computed, kept per sample)."""
+    if name.endswith("_max") or name.startswith("tokens/"):
         return value
     if name.endswith("fraction") or name in ("ratio_mean", "approx_kl"):
         return value * token_share
@@ -147,7 +148,10 @@ class PPOTrainerBase:
         terms_fn: TermsFn,
         model_output: Callable[[Tensor, dict[str, Tensor]], object],
         config: PPOUpdateConfig | None,
+        microbatch_metrics: list[dict[str, Tensor]] | None = None,
     ) -> list[OptimizerStepStats]:
+        """The optimizer steps; ``microbatch_metrics`` (when given) receives every microbatch's
+        metrics in schedule order (epochs, minibatches, microbatches; last pipeline stage only)."""
         from megatron.core import parallel_state
 
         config = config or self.update_config
@@ -182,6 +186,8 @@ class PPOTrainerBase:
                 )
                 loss_fn = partial(self._microbatch_loss, experience, terms_fn, model_output, norm)
                 result = self.updater.step(microbatches, loss_fn)
+                if microbatch_metrics is not None:
+                    microbatch_metrics.extend(result.metrics)
                 stats.append(self._step_stats(epoch, index, result))
         return stats
 

@@ -12,7 +12,9 @@ Names (``/``-separated groups, as they appear in JSONL, TensorBoard and W&B):
 - ``response/length_mean``, ``response/hit_max_tokens``, ``diversity/edit`` (mean pairwise
   normalised edit distance among the n responses of a prompt; absent for n = 1);
 - ``actor/*`` and ``critic/*``: loss, clip fraction, grad norm, ... averaged over the step's
-  optimizer steps, ``actor/skipped_steps`` summed;
+  optimizer steps, ``actor/skipped_steps`` summed; ``actor/old_logprob_pass`` (set by the step) is
+  0 when an on-policy update skipped the old-policy pass: the old log-probs, the KL, the entropy
+  and the ratios below then come from the update's own forward;
 - ``ratio/engine_mean``, ``ratio/engine_max_abs_logprob_diff``: importance ratio of the trainer's
   log-probs against the engine's sampling log-probs (1 and 0 when both hold the same weights);
 - ``weight_sync/seconds``; ``time/<phase>`` and ``time/step``; ``throughput/tokens_per_second``;

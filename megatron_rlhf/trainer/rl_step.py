@@ -8,12 +8,22 @@ library function::
     batch   = rollout(prompts, n)                       # vLLM, colocated with the actor (or disaggregated)
     rewards = router.score(samples)                     # verifiers + RM + GenRM, streamed: each group
                                                         # is scored as the engine finishes it
-    old_lp  = actor.logprobs(batch)                     # + the policy entropy, same pass
+    old_lp  = actor.logprobs(batch)                     # + the policy entropy, same pass; skipped
+                                                        # when the update is on-policy (see below)
     ref_lp  = reference.logprobs(batch)                 # KL anchor (unless kl_mode == "none")
-    values  = critic.values(batch)                      # PPO only
+    values  = critic.values(batch)                      # PPO only; both issued before the actor's
+                                                        # pass and run alongside it (other groups)
     exp     = make_experience(...)                      # clip -> normalise -> baseline -> shrink, KL, advantages
     actor.update(exp); critic.update(exp)
     actor.sync_weights()                                # Megatron -> vLLM, no disk
+
+Only the work a step needs: when the update is on-policy (one epoch, one minibatch, no KL
+penalty in the rewards, no dropout: :func:`~megatron_rlhf.config.ppo_update.old_logprob_pass_reason`),
+the old-policy pass is skipped; the update takes its own forward's log-probs (detached) as the old
+ones, and the step's KL, entropy, engine-mismatch and ``rollout_is/*`` metrics come from that
+forward (``actor/old_logprob_pass`` is 0). ``update.force_old_logprob_pass`` keeps the pass.
+The reference and critic passes are issued first and run in their own worker groups while the
+actor's pass runs: ``time/reference_logprobs`` and ``time/critic_values`` are the waits left after it.
 
 Samples whose reward is an infrastructure error (``reward is None``: a crashed sandbox, an
 unparseable GenRM judgement) are never trained on as a 0: their response mask is cleared and
@@ -116,18 +126,23 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     sampled = batch
     batch = replace(batch, response_mask=batch.response_mask * valid.unsqueeze(1).to(batch.response_mask.dtype))
 
-    with phase("actor_logprobs"):
-        old_logprobs, entropy = parts.actor.logprobs_and_entropy(batch)
+    # the reference's and critic's passes run in their own worker groups while the actor's runs
+    pending_ref = parts.reference.start_logprobs(batch) if algorithm.kl_mode != "none" else None
+    pending_values = parts.critic.start_values(batch) if algorithm.needs_critic else None
+    on_policy = parts.actor.old_logprob_pass_reason(algorithm) is None
+    if on_policy:  # the update's own forward gives them (placeholder until then)
+        old_logprobs = entropy = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+    else:
+        with phase("actor_logprobs"):
+            old_logprobs, entropy = parts.actor.logprobs_and_entropy(batch)
 
-    ref_logprobs = None
-    if algorithm.kl_mode != "none":
-        with phase("reference_logprobs"):
-            ref_logprobs = parts.reference.logprobs(batch)
-
-    values = None
-    if algorithm.needs_critic:
+    ref_logprobs = values = None
+    if pending_ref is not None:
+        with phase("reference_logprobs"):  # the wait left once the actor's pass is done
+            ref_logprobs = pending_ref.result()
+    if pending_values is not None:
         with phase("critic_values"):
-            values = parts.critic.values(batch)
+            values = pending_values.result()
 
     with phase("make_experience"):
         domain_ids, domains = domain_index([p.domain for p in step_prompts], state.domains)
@@ -147,7 +162,11 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
 
     kl_coef = state.kl_controller.value
     with phase("actor_update"):
-        actor_stats = parts.actor.update(batch, experience, kl_coef, algorithm)
+        if on_policy:
+            actor_stats, old_logprobs, entropy = parts.actor.update_on_policy(batch, experience, kl_coef, algorithm)
+            experience = with_old_logprobs(experience, old_logprobs, algorithm)
+        else:
+            actor_stats = parts.actor.update(batch, experience, kl_coef, algorithm)
 
     critic_stats = []
     if algorithm.needs_critic:
@@ -180,8 +199,20 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     )
     metrics.update(rollout_correction_metrics(old_logprobs, sampled, experience.response_mask, algorithm))
     metrics["rollout/staleness"] = float(staleness)
+    metrics["actor/old_logprob_pass"] = float(not on_policy)
     new_state = RLState(step=state.step + 1, kl_controller=controller, domain_stats=domain_stats, domains=domains)
     return metrics, new_state
+
+
+def with_old_logprobs(experience: Any, old_logprobs: torch.Tensor, algorithm: AlgorithmConfig) -> Any:
+    """``experience`` with the old log-probs an on-policy update computed, and the KL to the
+    reference taken from them (as :func:`make_experience` takes it from the old-policy pass's)."""
+    from megatron_rlhf.algorithms.kl import kl_estimate
+
+    kl = experience.kl
+    if algorithm.kl_mode != "none":
+        kl = kl_estimate(old_logprobs, experience.ref_logprobs, experience.response_mask, algorithm.kl_estimator)
+    return replace(experience, old_logprobs=old_logprobs, kl=kl)
 
 
 def reward_samples(batch: RolloutBatch, prompts: Sequence[PromptRecord], tokenizer: Any, step: int) -> list:

@@ -325,6 +325,24 @@ class ActorWorker(MegatronWorker):
         with self.gpu.update("actor_update", self._update_flops_per_gpu(batch), self.weights_dtype):
             return self.trainer.update(batch, experience, kl_coef=kl_coef)
 
+    def old_logprob_pass_reason(self, algorithm: AlgorithmConfig | None = None) -> str | None:
+        """Why the step needs the old-policy log-prob pass under ``algorithm`` (the driver's; the
+        spec's when None); None: :meth:`update_on_policy` replaces it."""
+        if algorithm is not None:
+            self.trainer.algorithm = algorithm
+        return self.trainer.old_logprob_pass_reason()
+
+    def update_on_policy(self, batch: RolloutBatch, experience: Experience, kl_coef: float,
+                         algorithm: AlgorithmConfig | None = None) -> tuple[list[Any], torch.Tensor, torch.Tensor] | None:
+        """One on-policy step without an old-policy pass: ``(stats, logprobs [b, R], entropy [b, R])``
+        of this rank's share, the log-probs and entropy the update's own forward computed; None off
+        the replica's output rank."""
+        if algorithm is not None:
+            self.trainer.algorithm = algorithm
+        with self.gpu.update("actor_update", self._update_flops_per_gpu(batch), self.weights_dtype):
+            result = self.trainer.update_on_policy(batch, experience, kl_coef=kl_coef)
+        return self._held((result.stats, result.logprobs, result.entropy))
+
     def export_hf(self, out_dir: str) -> str | None:
         """Write the current policy as a Hugging Face directory (rank 0 writes; a collective)."""
         from megatron_rlhf.checkpoint.hf_export import save_hf_directory

@@ -3,7 +3,9 @@
 :class:`ActorGroup`, :class:`ReferenceGroup` and :class:`CriticGroup` wrap a
 :class:`~megatron_rlhf.workers.group.WorkerGroup` of the matching worker class and give the
 controller typed calls (``actor.logprobs_and_entropy(batch) -> (Tensor, Tensor)``,
-``reference.logprobs(batch) -> Tensor``, ``critic.values(batch) -> Tensor``,
+``reference.logprobs(batch) -> Tensor``, ``critic.values(batch) -> Tensor``, their issued-now forms
+``reference.start_logprobs(batch)`` / ``critic.start_values(batch)`` (a :class:`PendingResult`, so
+the actor's pass runs meanwhile),
 ``actor.update(batch, experience, kl_coef, algorithm) -> list[OptimizerStepStats]``, ...).
 
 Data-parallel dispatch (guaranteed): a batch is split into one share per DP replica with
@@ -36,6 +38,25 @@ from megatron_rlhf.types import RolloutBatch
 from megatron_rlhf.workers.share_store import ShareStore
 
 
+class PendingResult:
+    """Calls issued to every rank of a group and not waited for yet: the controller can start
+    another group's pass (they run in other processes) before it calls :meth:`result`."""
+
+    def __init__(self, refs: list[Any], finish: Any):
+        self._refs = refs
+        self._finish = finish
+
+    def result(self) -> Any:
+        """Wait for every rank; the call's result, as the blocking call returns it."""
+        import ray
+
+        return self._finish(ray.get(self._refs))
+
+    def then(self, function: Any) -> PendingResult:
+        """These calls, their result passed through ``function``."""
+        return PendingResult(self._refs, lambda results: function(self._finish(results)))
+
+
 class RoleGroup:
     """A worker group seen by the controller: dispatch by DP rank, results from output ranks."""
 
@@ -60,30 +81,48 @@ class RoleGroup:
         groups = self.minibatches if batch.num_samples % (self.minibatches * self.dp_size) == 0 else 1
         return balanced_shards(sample_tokens(batch).tolist(), self.dp_size, groups)
 
+    def _start(self, method: str, shares: Sequence[tuple], *common: Any) -> list[Any]:
+        """Issue ``method(*shares[dp_rank], *common)`` on every rank; the calls' refs by rank."""
+        import ray
+
+        stored = [[part if isinstance(part, ray.ObjectRef) else ray.put(part) for part in share] for share in shares]
+        return [
+            getattr(worker, method).remote(*stored[layout.dp_rank], *common)
+            for worker, layout in zip(self.group.workers, self.layouts)
+        ]
+
     def _sharded(self, method: str, shares: Sequence[tuple], *common: Any) -> list[Any]:
         """Call ``method(*shares[dp_rank], *common)`` on every rank; the output ranks' results by DP rank."""
         import ray
 
-        stored = [[part if isinstance(part, ray.ObjectRef) else ray.put(part) for part in share] for share in shares]
-        refs = [
-            getattr(worker, method).remote(*stored[layout.dp_rank], *common)
-            for worker, layout in zip(self.group.workers, self.layouts)
-        ]
-        results = ray.get(refs)
+        results = ray.get(self._start(method, shares, *common))
         return [results[holder.rank] for holder in self.holders]
+
+    def _start_per_sample(self, method: str, batch: RolloutBatch) -> PendingResult:
+        """:meth:`_per_sample`, issued now and waited for by ``result()``."""
+        shards = self.shards(batch)
+        refs = self._start(method, [(share,) for share in self.shares.rollout_shares(batch, shards)])
+
+        def reassembled(results: list[Any]) -> list[torch.Tensor]:
+            held = [results[holder.rank] for holder in self.holders]
+            if isinstance(held[0], torch.Tensor):
+                return [reassemble(held, shards)]
+            return [reassemble([result[i] for result in held], shards) for i in range(len(held[0]))]
+
+        return PendingResult(refs, reassembled)
 
     def _per_sample(self, method: str, batch: RolloutBatch) -> list[torch.Tensor]:
         """Per-sample tensor results of ``method(share)``, reassembled in batch order (one per output)."""
+        return self._start_per_sample(method, batch).result()
+
+    def _update_shares(self, batch: RolloutBatch, experience: Any) -> tuple[list[list[int]], list[tuple]]:
+        """Each DP replica's ``(rollout share, experience share)`` for an update, and the shards."""
         shards = self.shards(batch)
-        held = self._sharded(method, [(share,) for share in self.shares.rollout_shares(batch, shards)])
-        if isinstance(held[0], torch.Tensor):
-            return [reassemble(held, shards)]
-        return [reassemble([result[i] for result in held], shards) for i in range(len(held[0]))]
+        return shards, [(share, experience.select(torch.as_tensor(shard, dtype=torch.long)))
+                        for share, shard in zip(self.shares.rollout_shares(batch, shards), shards)]
 
     def _update(self, batch: RolloutBatch, experience: Any, *common: Any) -> list[Any]:
-        shards = self.shards(batch)
-        shares = [(share, experience.select(torch.as_tensor(shard, dtype=torch.long)))
-                  for share, shard in zip(self.shares.rollout_shares(batch, shards), shards)]
+        _, shares = self._update_shares(batch, experience)
         return self._sharded("update", shares, *common)[0]  # identical on every rank
 
     def _rank0(self, method: str, *args: Any) -> Any:
@@ -111,6 +150,10 @@ class ReferenceGroup(RoleGroup):
         """``[B, R]`` float32 reference log-probs of the responses (0.0 on padding)."""
         return self._per_sample("logprobs", batch)[0]
 
+    def start_logprobs(self, batch: RolloutBatch) -> PendingResult:
+        """:meth:`logprobs`, issued now: ``result()`` waits for it (another group's pass may run meanwhile)."""
+        return self._start_per_sample("logprobs", batch).then(lambda outputs: outputs[0])
+
 
 class CriticGroup(RoleGroup):
     """The PPO value model."""
@@ -118,6 +161,10 @@ class CriticGroup(RoleGroup):
     def values(self, batch: RolloutBatch) -> torch.Tensor:
         """``[B, R]`` float32 values before each response token (0.0 on padding)."""
         return self._per_sample("values", batch)[0]
+
+    def start_values(self, batch: RolloutBatch) -> PendingResult:
+        """:meth:`values`, issued now: ``result()`` waits for it (another group's pass may run meanwhile)."""
+        return self._start_per_sample("values", batch).then(lambda outputs: outputs[0])
 
     def update(self, batch: RolloutBatch, experience: Any, algorithm: Any = None) -> list[Any]:
         """PPO epochs of critic updates; each DP replica trains on its share."""
@@ -150,6 +197,19 @@ class ActorGroup(RoleGroup):
     def update(self, batch: RolloutBatch, experience: Any, kl_coef: float, algorithm: Any = None) -> list[Any]:
         """PPO epochs of actor updates; each DP replica trains on its share."""
         return self._update(batch, experience, kl_coef, algorithm)
+
+    def old_logprob_pass_reason(self, algorithm: Any) -> str | None:
+        """Why a step under ``algorithm`` needs the old-policy log-prob pass; None: it may skip it
+        and call :meth:`update_on_policy` (``megatron_rlhf.config.ppo_update.old_logprob_pass_reason``)."""
+        return self._rank0("old_logprob_pass_reason", algorithm)
+
+    def update_on_policy(self, batch: RolloutBatch, experience: Any, kl_coef: float,
+                         algorithm: Any = None) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+        """One on-policy actor step with no old-policy pass before it: ``(stats, logprobs [B, R],
+        entropy [B, R])``, the log-probs and entropy of the update's own forward, in batch order."""
+        shards, shares = self._update_shares(batch, experience)
+        held = self._sharded("update_on_policy", shares, kl_coef, algorithm)
+        return held[0][0], reassemble([h[1] for h in held], shards), reassemble([h[2] for h in held], shards)
 
     def sync_weights(self) -> dict[str, float]:
         """Megatron -> engine weight transfer (no disk); the transfer's report."""

@@ -4,7 +4,8 @@
   the actor at TP2 (two Ray actors, one gloo world), the reference and critic at TP1, and the
   engine colocated in the actor's rank 0; every step returns finite metrics, syncs weights
   (the engine's log-probs equal the trainer's for the sampled tokens before the update) and the
-  metrics the issue asks for are present.
+  metrics the issue asks for are present. GRPO (one epoch, one minibatch, KL loss) skips the
+  old-policy pass and takes its metrics from the update's forward; PPO (KL penalty) keeps it.
 - A prompt file with malformed lines, empty prompts and over-long prompts: each reported with
   file and line, and the run proceeds on the valid ones.
 """
@@ -98,6 +99,11 @@ def test_ppo_and_grpo_with_n_1_2_4_8_and_a_tp2_actor(policy_dir, tmp_path, ray_c
                 assert ("critic/loss" in metrics) == algorithm.needs_critic, name
                 # the engine sampled with the weights the trainer holds: ratio 1 up to fp32 noise
                 assert metrics["ratio/engine_max_abs_logprob_diff"] < 1e-3, (name, metrics)
+                # one epoch of one minibatch: GRPO (KL loss) skips the old-policy pass, and its
+                # metrics above came from the update's forward; PPO's KL penalty needs the pass
+                assert metrics["actor/old_logprob_pass"] == float(algorithm.kl_mode == "penalty"), name
+                assert ("time/actor_logprobs" in metrics) == (algorithm.kl_mode == "penalty"), name
+                assert 0.0 < metrics["entropy/mean"] and abs(metrics["ratio/engine_mean"] - 1.0) < 1e-3, name
             assert state.step == 4
     finally:
         parts.router.close()
