@@ -4,7 +4,7 @@ For Llama-style models of a few sizes (fp32), in one process (Megatron TP1 PP1 D
 measures in the same run, interleaved (M, P, M, P, ...) so that load from other processes on a
 shared machine hits both alike:
 
-- ``megatron``: :meth:`megatron_rlhf.trainer.actor_critic.ActorTrainer.update` with the
+- ``megatron``: :meth:`megatron_rlhf.training.actor_critic.ActorTrainer.update` with the
   package's defaults (Megatron DDP with fp32 grad buffers, distributed optimizer, Adam,
   global-norm clip 1.0), the PPO clipped surrogate with token-mean reduction, one minibatch
   split into microbatches;
@@ -190,8 +190,8 @@ def _worker(plan: BenchPlan, result_path: str) -> None:
     )
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.trainer.actor_critic import ActorTrainer, PPOUpdateConfig
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.actor_critic import ActorTrainer, PPOUpdateConfig
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
 
     hidden, layers, intermediate = SIZES[plan.size]
     work = Path(tempfile.mkdtemp(prefix=f"actor_bench_{plan.size}_"))

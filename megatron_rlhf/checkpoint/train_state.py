@@ -121,7 +121,7 @@ def save_train_state(
     """Save a complete, atomically published checkpoint; every rank must call it.
 
     ``models`` maps a name (``actor``, ``critic``...) to a
-    :class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater` (model + optimizer + LR
+    :class:`~megatron_rlhf.training.megatron_step.MegatronUpdater` (model + optimizer + LR
     schedule + counters) or to a bare model (weights only). Returns the published directory.
     """
     extra_state = dict(extra_state or {})

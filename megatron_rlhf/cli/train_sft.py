@@ -67,7 +67,7 @@ def sft_run_config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~megatron_rlhf.trainer.sft_run.SFTRunConfig` the train-sft arguments describe."""
     from megatron_rlhf.config.parallel import ParallelConfig
     from megatron_rlhf.parallel.launch import already_launched
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
     from megatron_rlhf.trainer.sft import SFTConfig
     from megatron_rlhf.trainer.sft_run import SFTRunConfig
 

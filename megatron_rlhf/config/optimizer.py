@@ -1,6 +1,6 @@
 """Optimizer and learning-rate schedule settings of a Megatron trainer (a light value type).
 
-Kept apart from :mod:`megatron_rlhf.trainer.megatron_step` (which builds Megatron's optimizer from
+Kept apart from :mod:`megatron_rlhf.training.megatron_step` (which builds Megatron's optimizer from
 them) so that configs, workers and tools can name the settings without importing the trainer.
 Guarantees: an instance is validated on construction (a bad value raises ``ValueError`` naming
 it); it does not check that the model or Megatron version supports the choice.

@@ -1,6 +1,6 @@
 """How one rollout batch is turned into optimizer steps (a light value type).
 
-Kept apart from :mod:`megatron_rlhf.trainer.ppo_update` (the heavy update machinery) so that
+Kept apart from :mod:`megatron_rlhf.training.ppo_update` (the heavy update machinery) so that
 configs and workers can name the plan without importing the trainer. Guarantees: an instance is
 validated on construction (a bad value raises ``ValueError`` naming it); whether the plan divides
 a given batch is checked where the batch is known.

@@ -15,7 +15,7 @@ the generation prompt and the rendering of ``messages[:i + 1]``, so a turn inclu
 template closes it with (e.g. ``<|eos|>``): the model learns to stop. A token belongs to a turn
 when its first character does. ``loss_mask[t] = 1`` marks token ``t`` as a training target
 (predicted from position ``t - 1``), the convention of
-:func:`megatron_rlhf.trainer.lm_loss.next_token_loss`.
+:func:`megatron_rlhf.training.lm_loss.next_token_loss`.
 
 Guarantees: the mask is 1 only on assistant-turn tokens (never on system/user text, role
 headers, BOS or padding); sequences longer than ``max_length`` are cut on the right and counted

@@ -29,7 +29,7 @@ probabilities (last | min | product). Checkpoints: :func:`~megatron_rlhf.checkpo
 (model weights only; optimizer state is not saved, so a run cannot resume bit-exactly).
 
 Non-finite values: a NaN/Inf loss or gradient on any rank skips the step on every rank (see
-:class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater`); it is reported with ``skipped``.
+:class:`~megatron_rlhf.training.megatron_step.MegatronUpdater`); it is reported with ``skipped``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from megatron_rlhf.evaluation.classification import pairwise_accuracy, roc_auc
 from megatron_rlhf.models.heads import gather_at_positions, last_token_scores
 from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
-from megatron_rlhf.trainer.megatron_step import MegatronUpdater
+from megatron_rlhf.training.megatron_step import MegatronUpdater
 
 # re-exported: the scoring side moved to rewards/scorer.py, the old import path keeps working
 from megatron_rlhf.rewards.scorer import (  # noqa: F401

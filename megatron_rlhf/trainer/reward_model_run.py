@@ -107,7 +107,7 @@ def _section_classes() -> dict[str, type]:
     from megatron_rlhf.config.resources import ResourcesConfig
     from megatron_rlhf.data.reward_data import RewardTokenization
     from megatron_rlhf.planning.fit_check import FitCheckConfig
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
     from megatron_rlhf.trainer.reward_model import RewardTrainingConfig
 
     return {

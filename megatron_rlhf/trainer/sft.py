@@ -5,7 +5,7 @@ examples): it tokenises the conversations with the chat template
 (:mod:`megatron_rlhf.data.chat`), then for each epoch shuffles them deterministically
 (:func:`epoch_order`, from ``seed`` and the epoch) and cuts the order into global batches of
 ``global_batch_size`` conversations, one optimizer step each
-(:class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater`: DDP, Megatron's distributed
+(:class:`~megatron_rlhf.training.megatron_step.MegatronUpdater`: DDP, Megatron's distributed
 optimizer, gradient clipping, LR schedule, 1F1B for PP > 1). DP rank ``d`` takes the ``d``-th
 contiguous shard of each global batch and splits it into microbatches of ``micro_batch_size``,
 right padded to the longest conversation of the global batch.
@@ -14,7 +14,7 @@ Loss: next-token cross-entropy on assistant tokens only (``loss_mask``), average
 target token of the global batch, exactly: a microbatch contributes ``sum(token NLL) /
 global_tokens`` times ``num_microbatches * dp_size`` (undoing Megatron's division by the number
 of microbatches and DDP's average over DP), the same rule as the PPO trainers'
-:class:`~megatron_rlhf.trainer.ppo_update.MinibatchNorm`. The gradient and the reported step
+:class:`~megatron_rlhf.training.ppo_update.MinibatchNorm`. The gradient and the reported step
 loss are therefore the same at every layout and microbatch split. Validation loss is the exact
 token mean over the whole validation set (NLL sums and token counts all-reduced over DP).
 
@@ -55,7 +55,7 @@ from megatron_rlhf.data.chat import (
 )
 from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
-from megatron_rlhf.trainer.megatron_step import MegatronUpdater
+from megatron_rlhf.training.megatron_step import MegatronUpdater
 
 log = logging.getLogger(__name__)
 

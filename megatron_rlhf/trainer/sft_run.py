@@ -51,7 +51,7 @@ class SFTRunConfig:
     sft: Any = None
     """:class:`~megatron_rlhf.trainer.sft.SFTConfig`; None: its defaults."""
     optimizer: Any = None
-    """:class:`~megatron_rlhf.trainer.megatron_step.OptimizerSettings`; None: its defaults."""
+    """:class:`~megatron_rlhf.training.megatron_step.OptimizerSettings`; None: its defaults."""
     params_dtype: str | None = None
     """float32 | bfloat16 | float16 weights; None: the dtype the HF weights are stored in."""
     precision: Any = None
@@ -123,7 +123,7 @@ def plan_sft_run(
     from megatron_rlhf.data.chat import read_chat_jsonl
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir, load_hf_config
     from megatron_rlhf.models.provider import ModelBuildConfig, validate_layout
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
     from megatron_rlhf.trainer.sft import SFTConfig
 
     parallel = config.parallel or ParallelConfig()

@@ -75,9 +75,9 @@ def _check_layout(plan: SyncCheckPlan, parallel: ParallelConfig, engine, sync) -
     from megatron_rlhf.models.sequence_logprobs import response_logprobs
     from megatron_rlhf.parallel.init import initialize_parallel
     from megatron_rlhf.config.sampling import SamplingSettings
-    from megatron_rlhf.trainer.lm_loss import next_token_loss
+    from megatron_rlhf.training.lm_loss import next_token_loss
     from megatron_rlhf.config.optimizer import OptimizerSettings
-    from megatron_rlhf.trainer.megatron_step import MegatronUpdater
+    from megatron_rlhf.training.megatron_step import MegatronUpdater
 
     state = initialize_parallel(parallel, seed=plan.seed)
     arch = arch_spec_from_hf_dir(plan.hf_dir)

@@ -1,9 +1,9 @@
 """Thin Ray workers that hold one Megatron model shard for a role and call library functions.
 
 One class per role of the RL loop: :class:`ActorWorker` (``lm`` model, PPO/GRPO updates through
-:class:`~megatron_rlhf.trainer.actor_critic.ActorTrainer`, weight sync into the rollout engine),
+:class:`~megatron_rlhf.training.actor_critic.ActorTrainer`, weight sync into the rollout engine),
 :class:`ReferenceWorker` (frozen ``lm`` model, log-probs only) and :class:`CriticWorker`
-(``value`` model, :class:`~megatron_rlhf.trainer.actor_critic.CriticTrainer`). Each is one rank of
+(``value`` model, :class:`~megatron_rlhf.training.actor_critic.CriticTrainer`). Each is one rank of
 a :class:`~megatron_rlhf.workers.group.WorkerGroup`; the driver calls a method on every rank of
 the group at once, because the library functions behind them are collectives.
 
@@ -118,7 +118,7 @@ class MegatronWorker:
         from megatron_rlhf.checkpoint.role_model import HFWeights, load_role_model
         from megatron_rlhf.models.arch import arch_spec_from_hf_dir
         from megatron_rlhf.models.provider import ModelBuildConfig
-        from megatron_rlhf.trainer.gpu_metrics import GpuPhaseMonitor
+        from megatron_rlhf.training.gpu_metrics import GpuPhaseMonitor
 
         self.state = state
         self.arch = arch_spec_from_hf_dir(self.spec.hf_dir)
@@ -191,7 +191,7 @@ class MegatronWorker:
         replica's share, whose work its ``world_size / DP`` ranks (TP x PP x CP) share."""
         from megatron.core import parallel_state
 
-        from megatron_rlhf.trainer.gpu_metrics import training_flops
+        from megatron_rlhf.training.gpu_metrics import training_flops
 
         lengths = (batch.prompt_lengths + batch.response_lengths).tolist()
         replica_ranks = self.world_size // parallel_state.get_data_parallel_world_size()
@@ -228,7 +228,7 @@ class ActorWorker(MegatronWorker):
     """The policy: log-probs and entropy, PPO/GRPO updates, weight export into the engine."""
 
     def _after_load(self) -> None:
-        from megatron_rlhf.trainer.actor_critic import ActorTrainer
+        from megatron_rlhf.training.actor_critic import ActorTrainer
 
         if self.spec.optimizer is None:
             raise ValueError("the actor worker needs RoleWorkerSpec.optimizer")
@@ -364,7 +364,7 @@ class CriticWorker(MegatronWorker):
     role = "value"
 
     def _after_load(self) -> None:
-        from megatron_rlhf.trainer.actor_critic import CriticTrainer
+        from megatron_rlhf.training.actor_critic import CriticTrainer
 
         if self.spec.optimizer is None:
             raise ValueError("the critic worker needs RoleWorkerSpec.optimizer")

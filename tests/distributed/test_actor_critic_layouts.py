@@ -95,12 +95,12 @@ def _worker(parallel: ParallelConfig, hf_dir: str, data: dict[str, torch.Tensor]
     )
     from megatron_rlhf.parallel.data_dispatch import balanced_shards, sample_tokens, select_rollout
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.trainer.actor_critic import (
+    from megatron_rlhf.training.actor_critic import (
         ActorTrainer,
         CriticTrainer,
         PPOUpdateConfig,
     )
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
 
     state = initialize_parallel(parallel, seed=1)
     arch = arch_spec_from_hf_dir(hf_dir)

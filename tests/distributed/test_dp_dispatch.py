@@ -91,7 +91,7 @@ def _side_trainer(worker, parallel: ParallelConfig, update=None):
     from megatron_rlhf.checkpoint.hf_io import HFWeightReader
     from megatron_rlhf.mapping.engine import load_hf_weights
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
-    from megatron_rlhf.trainer.actor_critic import ActorTrainer
+    from megatron_rlhf.training.actor_critic import ActorTrainer
 
     build = ModelBuildConfig(role="lm")
     model = build_stage_model(worker.arch, parallel, build)
@@ -107,7 +107,7 @@ def _gradients(trainer) -> dict[str, torch.Tensor]:
 
 def _recompute_checks(worker, share, experience) -> dict[str, float]:
     """Loss and gradient differences of selective / full recompute against none (one step)."""
-    from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.training.ppo_update import PPOUpdateConfig
 
     one_step = PPOUpdateConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=2)
     results = {}
@@ -164,8 +164,8 @@ def _join(worker, rendezvous: str) -> None:
 def _rank(layout: str, hf_dir: str, data: dict[str, torch.Tensor], rendezvous: str) -> dict:
     from megatron_rlhf.algorithms import AlgorithmConfig
     from megatron_rlhf.parallel.data_dispatch import balanced_shards, sample_tokens, select_rollout
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
-    from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.ppo_update import PPOUpdateConfig
     from megatron_rlhf.workers.megatron_worker import ActorWorker, RoleWorkerSpec
 
     parallel = LAYOUTS[layout][0]

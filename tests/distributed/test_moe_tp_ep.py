@@ -40,7 +40,7 @@ LAYOUTS = {
 
 
 def _loss(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
-    from megatron_rlhf.trainer.lm_loss import next_token_loss
+    from megatron_rlhf.training.lm_loss import next_token_loss
 
     return next_token_loss(logits, microbatch, VOCAB)
 
@@ -52,7 +52,7 @@ def _worker(layout: str, models: dict[str, str], tokens: torch.Tensor, microbatc
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.trainer.megatron_step import MegatronUpdater, OptimizerSettings
+    from megatron_rlhf.training.megatron_step import MegatronUpdater, OptimizerSettings
 
     parallel = LAYOUTS[layout][0]
     reports = {}

@@ -3,7 +3,7 @@
 For TP2, PP2 (tied embeddings split over stages), DP2 and EP2 (MoE, experts sharded, expert
 optimizer over the expert-data-parallel group) layouts of tiny models, every rank builds its real
 Megatron-Core stage model, wraps it in Megatron DDP with the distributed optimizer
-(:class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater`, fp32: CPU has no bf16 mixed
+(:class:`~megatron_rlhf.training.megatron_step.MegatronUpdater`, fp32: CPU has no bf16 mixed
 precision optimizer) and takes two optimizer steps. Then, per rank:
 
 - weights = bytes of the DDP buffers' ``param_data`` (every parameter is a view into them),
@@ -83,7 +83,7 @@ def _unpack(handle):
 
 
 def _lm_loss(logits, microbatch):
-    from megatron_rlhf.trainer.lm_loss import next_token_loss
+    from megatron_rlhf.training.lm_loss import next_token_loss
 
     return next_token_loss(logits, microbatch, VOCAB)
 
@@ -124,7 +124,7 @@ def _worker(family: str, parallel: ParallelConfig, tokens: torch.Tensor):
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model
     from megatron_rlhf.models.tiny import tiny_hf_config
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.trainer.megatron_step import MegatronUpdater, OptimizerSettings
+    from megatron_rlhf.training.megatron_step import MegatronUpdater, OptimizerSettings
 
     state = initialize_parallel(parallel, seed=1)
     arch = arch_spec_from_hf_config(tiny_hf_config(family, vocab_size=VOCAB).to_dict())

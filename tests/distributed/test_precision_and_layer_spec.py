@@ -25,7 +25,7 @@ VOCAB = 300
 
 
 def _lm_loss(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
-    from megatron_rlhf.trainer.lm_loss import next_token_loss
+    from megatron_rlhf.training.lm_loss import next_token_loss
 
     return next_token_loss(logits, microbatch, VOCAB)
 
@@ -41,7 +41,7 @@ def _worker(hf_dir: str, tokens: torch.Tensor) -> dict:
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.trainer.megatron_step import MegatronUpdater, OptimizerSettings
+    from megatron_rlhf.training.megatron_step import MegatronUpdater, OptimizerSettings
 
     parallel = ParallelConfig()
     report: dict = {}

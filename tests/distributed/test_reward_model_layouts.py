@@ -85,7 +85,7 @@ def _worker(parallel: ParallelConfig, hf_dir: str, data: dict, ckpt_dir: str | N
     from megatron_rlhf.models.arch import load_hf_config
     from megatron_rlhf.parallel.init import initialize_parallel
     from megatron_rlhf.rewards.learned import write_reward_model_info
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
     from megatron_rlhf.trainer.reward_model import RewardModelTrainer
 
     state = initialize_parallel(parallel, seed=1)

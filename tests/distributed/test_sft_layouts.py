@@ -64,7 +64,7 @@ VALIDATION = _conversations(2, 5)
 
 
 def _settings():
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
     from megatron_rlhf.trainer.sft import SFTConfig
 
     config = SFTConfig(epochs=2, global_batch_size=4, micro_batch_size=2, max_length=MAX_LENGTH,

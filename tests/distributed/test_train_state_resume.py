@@ -57,7 +57,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def lm_loss(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
-    from megatron_rlhf.trainer.lm_loss import next_token_loss
+    from megatron_rlhf.training.lm_loss import next_token_loss
 
     loss, metrics = next_token_loss(logits, microbatch, VOCAB)
     if microbatch.get("poison") is not None:
@@ -76,7 +76,7 @@ def _build_updater(parallel: ParallelConfig, hf_dir: str, seed: int):
         validate_layout,
     )
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.trainer.megatron_step import MegatronUpdater, OptimizerSettings
+    from megatron_rlhf.training.megatron_step import MegatronUpdater, OptimizerSettings
 
     state = initialize_parallel(parallel, seed=seed)
     arch = arch_spec_from_hf_dir(hf_dir)

@@ -37,7 +37,7 @@ VOCAB = 512
 
 
 def _lm_loss(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
-    from megatron_rlhf.trainer.lm_loss import next_token_loss
+    from megatron_rlhf.training.lm_loss import next_token_loss
 
     return next_token_loss(logits, microbatch, VOCAB)
 
@@ -51,8 +51,8 @@ def _train(hf_dir: str, parallel: ParallelConfig, precision: PrecisionConfig, to
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.trainer.gpu_metrics import GpuPhaseMonitor, training_flops
-    from megatron_rlhf.trainer.megatron_step import MegatronUpdater, OptimizerSettings
+    from megatron_rlhf.training.gpu_metrics import GpuPhaseMonitor, training_flops
+    from megatron_rlhf.training.megatron_step import MegatronUpdater, OptimizerSettings
 
     state = initialize_parallel(parallel, seed=1)
     arch = arch_spec_from_hf_dir(hf_dir)

@@ -49,8 +49,8 @@ def _worker(parallel: ParallelConfig, hf_dir: str):
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
     from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.parallel.init import initialize_parallel
-    from megatron_rlhf.trainer.actor_critic import ActorTrainer, PPOUpdateConfig
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.actor_critic import ActorTrainer, PPOUpdateConfig
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
 
     initialize_parallel(parallel, seed=1)
     arch = arch_spec_from_hf_dir(hf_dir)

@@ -40,8 +40,8 @@ def test_actor_dp2_and_reference_dp1_agree_through_ray(tmp_path, ray_cluster):
 
     from megatron_rlhf.algorithms import AlgorithmConfig, Experience
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
-    from megatron_rlhf.trainer.megatron_step import OptimizerSettings
-    from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.training.megatron_step import OptimizerSettings
+    from megatron_rlhf.training.ppo_update import PPOUpdateConfig
     from megatron_rlhf.workers.group import Placement, PlacementPlan, WorkerGroup
     from megatron_rlhf.workers.megatron_worker import ActorWorker, ReferenceWorker, RoleWorkerSpec
     from megatron_rlhf.workers.role_proxies import ActorGroup, ReferenceGroup

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_rlhf.models.arch import ArchSpec
-from megatron_rlhf.trainer.gpu_metrics import (
+from megatron_rlhf.training.gpu_metrics import (
     GpuPhaseMonitor,
     forward_flops_per_sequence,
     peak_flops,

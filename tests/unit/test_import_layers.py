@@ -18,8 +18,8 @@ rollout             the vLLM engine and the weight sync into it
 rewards             reward sources (verifiers, RM / PRM scoring, GenRM) and the router
 evaluation          Best-of-N, held-out evaluation, reports; pipelines over engine + rewards
 preflight           checks every process-starting command runs first (files, routes, scorers, limits)
-training            the Megatron training library the workers run (updater, PPO update, actor /
-                    critic trainers, LM loss); it lives in ``trainer/`` but sits below ``workers``
+training            the Megatron training library the workers run on their ranks (updater, PPO
+                    update, actor / critic trainers, LM loss, per-rank GPU metrics)
 workers             Ray workers holding model shards
 trainer             the loops and controllers (RL loop and step, SFT, reward-model training)
 cli                 entry points: the ``cli`` package (one module per command) and ``__main__``;
@@ -48,21 +48,13 @@ PACKAGE_LAYERS = {
     "config": "config", "types": "types", "running_moments": "types", "parallel": "parallel", "algorithms": "algorithms",
     "models": "models", "mapping": "mapping", "checkpoint": "checkpoint", "data": "data",
     "rollout": "rollout", "rewards": "rewards", "evaluation": "evaluation", "workers": "workers",
-    "planning": "planning", "preflight": "preflight", "trainer": "trainer", "cli": "cli", "__main__": "cli", "demo": "cli",
+    "planning": "planning", "preflight": "preflight", "trainer": "trainer", "training": "training", "cli": "cli", "__main__": "cli", "demo": "cli",
     "demo_stages": "cli", "conversion_demo": "cli",
 }
 """Layer of each top-level package or module of ``megatron_rlhf``."""
 
-MODULE_LAYERS = {
-    # the Megatron training library: what ActorWorker / CriticWorker run on their ranks
-    "trainer.megatron_step": "training",
-    "trainer.lm_loss": "training",
-    "trainer.ppo_update": "training",
-    "trainer.actor_critic": "training",
-    # per-rank GPU memory / utilisation / MFU of the training phases the workers time
-    "trainer.gpu_metrics": "training",
-}
-"""Modules whose layer is not their folder's, with the reason."""
+MODULE_LAYERS: dict[str, str] = {}
+"""Modules whose layer is not their folder's, with the reason (none: every folder is one layer)."""
 
 
 def _module_name(path: Path) -> str:

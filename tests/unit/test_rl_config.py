@@ -47,7 +47,7 @@ def test_yaml_errors_name_the_file_and_key(tmp_path, text, message):
 
 
 def test_batch_must_split_into_minibatches():
-    from megatron_rlhf.trainer.ppo_update import PPOUpdateConfig
+    from megatron_rlhf.training.ppo_update import PPOUpdateConfig
 
     with pytest.raises(ValueError, match="num_minibatches=3"):
         _config(prompts_per_step=2, n=4, update=PPOUpdateConfig(num_minibatches=3))

@@ -1,7 +1,7 @@
 """PPO/GRPO actor and critic training on Megatron-Core, under any TP/PP/DP layout.
 
 :class:`ActorTrainer` (an ``lm``-role model) and :class:`CriticTrainer` (a ``value``-role model)
-each hold a :class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater` (DDP, Megatron's
+each hold a :class:`~megatron_rlhf.training.megatron_step.MegatronUpdater` (DDP, Megatron's
 distributed optimizer, gradient clipping, LR schedule, 1F1B for PP > 1) and provide:
 
 * ``logprobs(batch)`` / ``values(batch)``: ``[b, R]`` per response token of the samples this
@@ -67,7 +67,7 @@ from megatron_rlhf.models.sequence_logprobs import (
     response_logprobs_and_entropy,
 )
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
-from megatron_rlhf.trainer.ppo_update import OptimizerStepStats, PPOTrainerBase
+from megatron_rlhf.training.ppo_update import OptimizerStepStats, PPOTrainerBase
 from megatron_rlhf.types import RolloutBatch
 
 __all__ = ["ActorTrainer", "CriticTrainer", "OnPolicyUpdate", "OptimizerStepStats", "PPOUpdateConfig"]

@@ -12,7 +12,7 @@ def next_token_loss(
 
     ``logits``: ``[B, T, V_padded / TP]`` from the last pipeline stage. An optional ``loss_mask``
     ``[B, T]`` in the microbatch (1 = predict this token) restricts the mean to those targets.
-    Returns ``(loss, {"loss": loss})`` as :class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater`
+    Returns ``(loss, {"loss": loss})`` as :class:`~megatron_rlhf.training.megatron_step.MegatronUpdater`
     expects.
     """
     from megatron.core import parallel_state

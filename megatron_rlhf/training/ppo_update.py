@@ -3,7 +3,7 @@
 :class:`PPOTrainerBase` plans epochs x minibatches x DP shards x microbatches over a rollout batch,
 normalises each microbatch's loss to its exact share of the minibatch reduction (see
 :class:`MinibatchNorm` and the :mod:`.actor_critic` docstring), runs one
-:class:`~megatron_rlhf.trainer.megatron_step.MegatronUpdater` step per minibatch and reduces the
+:class:`~megatron_rlhf.training.megatron_step.MegatronUpdater` step per minibatch and reduces the
 step's metrics over microbatches, DP and PP so that :class:`OptimizerStepStats` is identical on
 every rank. It also runs no-grad forward passes that read one value per response token.
 
@@ -30,7 +30,7 @@ from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.config.ppo_update import PPOUpdateConfig  # re-exported: the old import path keeps working
 from megatron_rlhf.models.sequence_logprobs import per_response_token, response_positions
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
-from megatron_rlhf.trainer.megatron_step import MegatronUpdater
+from megatron_rlhf.training.megatron_step import MegatronUpdater
 from megatron_rlhf.types import RolloutBatch
 
 # loss terms of one microbatch: (response-token outputs [b, R], experience) ->
