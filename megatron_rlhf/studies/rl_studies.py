@@ -1,0 +1,3 @@
+"""The RL studies (placeholder list until they are added)."""
+
+STUDIES = ()
