@@ -55,6 +55,9 @@ class StudyRecipe:
     """Held-out prompts per domain for the accuracy of RL arms."""
     max_new_tokens: int = 32
     rl_lr: float = 2e-4
+    held_out_eval: bool = True
+    """RL arms: evaluate the final policy on held-out prompts (a vLLM engine per arm); False: report
+    the training rollouts' accuracy of the last half of the steps instead."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "vocab_size", "rm_steps", "rm_data_size", "bon_prompts",
@@ -84,6 +87,7 @@ QUICK: dict[str, Any] = dict(
     vocab_size=300, model_sizes=(32, 64), rm_steps=4, rm_data_size=16, rm_data_responses_per_prompt=(1, 4),
     bon_prompts=8, bon_n_max=4, math_operations=2, rl_steps=1, rl_prompts_per_step=2, rl_n=2,
     responses_per_prompt=(1, 4), rl_prompts_per_domain=4, eval_prompts_per_domain=2, max_new_tokens=8,
+    held_out_eval=False,
 )
 """``--quick``: smoke size. Shows that each study runs end to end and writes its report; with
 untrained tiny models and a handful of prompts its trends are noise (reported "inconclusive")."""

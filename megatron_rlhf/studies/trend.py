@@ -172,3 +172,33 @@ def no_difference_verdict(claim: str, first: tuple[str, float], second: tuple[st
     if signed(difference, error) != 0:
         return Verdict(claim, DOES_NOT_HOLD, evidence, numbers)
     return Verdict(claim, HOLDS if Z * error <= PRECISE else INCONCLUSIVE, evidence, numbers)
+
+
+def curve_ranking_verdict(claim: str, higher: tuple[str, Sequence[float]], lower: tuple[str, Sequence[float]]) -> Verdict:
+    """Claim: curve ``higher`` runs above curve ``lower`` (e.g. KL per RL step). Compared over the
+    last half of the steps: the difference of the means against the standard error from the
+    step-to-step spread of each (a single step has no spread: inconclusive)."""
+    def tail(values: Sequence[float]) -> list[float]:
+        finite = [value for value in values if math.isfinite(value)]
+        return finite[len(finite) // 2 :]
+
+    first, second = tail(higher[1]), tail(lower[1])
+    numbers: dict[str, float] = {}
+    if len(first) < 2 or len(second) < 2:
+        return Verdict(claim, INCONCLUSIVE, f"too few steps to estimate the noise ({len(first)} and {len(second)} "
+                       f"in the last half of {higher[0]} and {lower[0]})", numbers)
+
+    def mean_and_error(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        variance = sum((value - mean) ** 2 for value in values) / (len(values) - 1)
+        return mean, math.sqrt(variance / len(values))
+
+    (mean_high, error_high), (mean_low, error_low) = mean_and_error(first), mean_and_error(second)
+    difference, error = mean_high - mean_low, math.hypot(error_high, error_low)
+    numbers = {higher[0]: mean_high, lower[0]: mean_low, "difference": difference, "error": error}
+    evidence = (f"last-half mean {higher[0]} {mean_high:.4g} vs {lower[0]} {mean_low:.4g}: {difference:+.4g} "
+                f"(+/- {Z * error:.4g})")
+    if _all_zero([*first, *second]):
+        return Verdict(claim, INCONCLUSIVE, f"every value is 0 ({evidence})", numbers)
+    sign = signed(difference, error)
+    return Verdict(claim, HOLDS if sign > 0 else DOES_NOT_HOLD if sign < 0 else INCONCLUSIVE, evidence, numbers)
