@@ -110,6 +110,11 @@ def _growth(curve: list[float]) -> float:
     return finite[-1] - finite[0] if finite else float("nan")
 
 
+def _finite_mean(values: tuple[float, ...]) -> float:
+    finite = [value for value in values if value == value]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
 def run_pre_ppo(context: StudyContext) -> StudyResult:
     from megatron_rlhf.data.curriculum import CurriculumConfig
     from megatron_rlhf.trainer.rl_config import grpo_algorithm
@@ -138,7 +143,7 @@ def run_pre_ppo(context: StudyContext) -> StudyResult:
         curves = arm["curves"]
         rows.append([name, *(arm["accuracy"].get(d) or 0.0 for d in VERIFIED),
                      _growth(curves["response/length_mean"]), _growth(curves["score/general"]),
-                     _growth([(a + b) / 2 for a, b in zip(curves["accuracy/math"], curves["accuracy/code"])])])
+                     _growth([_finite_mean(pair) for pair in zip(curves["accuracy/math"], curves["accuracy/code"])])])
     curves = {f"{name} length": (arm["steps"], arm["curves"]["response/length_mean"]) for name, arm in arms.items()}
     curves |= {f"{name} RM score (general)": (arm["steps"], arm["curves"]["score/general"]) for name, arm in arms.items()}
     return StudyResult(
