@@ -1,12 +1,13 @@
-"""`megatron-rlhf study NAME --quick`, run as a user runs it, once per module: the three reward-model
-studies (``rm-data``, ``prm-vs-orm``, ``rm-size``: real `train-rm` runs, real scoring, the real
-math verifier) and one RL study (``responses-per-prompt``: real ``run_rl`` arms on the tier's
-session Ray). Each test checks one property of what the run wrote.
+"""`megatron-rlhf study NAME --quick`, run as a user runs it, once per module: two reward-model
+studies (``rm-data``, ``prm-vs-orm``: real `train-rm` runs, real scoring, the real math verifier)
+and one RL study (``responses-per-prompt``: real ``run_rl`` arms on the tier's session Ray). Each
+test checks one property of what the run wrote.
 
 Not run here, to keep the tier's time budget (each RL arm pays Ray workers and a vLLM engine,
-about 40 s on two cores): ``policy-size`` (2 arms), ``ppo-vs-grpo`` (3 arms) and ``pre-ppo`` (a
-reward model, a selection engine and 2 RL arms with the reward model in the loop). They share
-``rl_arm`` and the report code with ``responses-per-prompt``; run them with
+about 40 s on two idle cores): ``rm-size`` (the code path of ``rm-data`` with two base-model
+sizes), ``policy-size`` (2 RL arms), ``ppo-vs-grpo`` (3 RL arms) and ``pre-ppo`` (a reward model,
+a selection engine and 2 RL arms with the reward model in the loop). They share ``rl_arm``,
+``train_and_evaluate`` and the report code with the studies run here; run them with
 `megatron-rlhf study NAME --quick`.
 """
 
@@ -19,7 +20,7 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
-REWARD_STUDIES = ("rm-data", "prm-vs-orm", "rm-size")
+REWARD_STUDIES = ("rm-data", "prm-vs-orm")
 RUN_HERE = (*REWARD_STUDIES, "responses-per-prompt")
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
