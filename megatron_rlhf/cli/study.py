@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", choices=(*STUDY_NAMES, "all"),
                         help=f"the study: {', '.join(STUDY_NAMES)}, or all")
     parser.add_argument("--quick", action="store_true", help="smoke size (a check that it runs, not of any trend)")
-    parser.add_argument("--out", default="outputs/studies", metavar="DIR", help="output folder (default outputs/studies)")
-    parser.add_argument("--recipe", default=None, metavar="FILE", help="YAML of study recipe fields (overrides the size)")
+    parser.add_argument("--out", default="outputs/studies", metavar="DIR",
+                        help="output folder (default outputs/studies)")
+    parser.add_argument("--recipe", default=None, metavar="FILE",
+                        help="YAML of study recipe fields (overrides the size)")
     parser.add_argument("--restart", action="store_true", help="clear the studies asked for and run them again")
 
 

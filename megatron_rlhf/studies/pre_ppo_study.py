@@ -145,7 +145,8 @@ def run_pre_ppo(context: StudyContext) -> StudyResult:
                      _growth(curves["response/length_mean"]), _growth(curves["score/general"]),
                      _growth([_finite_mean(pair) for pair in zip(curves["accuracy/math"], curves["accuracy/code"])])])
     curves = {f"{name} length": (arm["steps"], arm["curves"]["response/length_mean"]) for name, arm in arms.items()}
-    curves |= {f"{name} RM score (general)": (arm["steps"], arm["curves"]["score/general"]) for name, arm in arms.items()}
+    curves |= {f"{name} RM score (general)": (arm["steps"], arm["curves"]["score/general"])
+               for name, arm in arms.items()}
     return StudyResult(
         "Pre-PPO selection + math/code-first curriculum vs uniform sampling", f"{PAPER}, Pre-PPO and early training",
         ["arm", "math accuracy", "code accuracy", "length growth", "RM score growth (general)",

@@ -101,10 +101,12 @@ def _notes(context: StudyContext, reference: dict[str, Any]) -> list[str]:
     recipe = context.recipe
     return [f"{reference['prompts']} held-out math problems x {recipe.bon_n_max} candidates "
             f"({reference['correct_share']:.0%} graded correct by the math verifier); reward models: "
-            f"{recipe.rm_steps} steps from tiny random-weight llamas (hidden {recipe.hidden_size}, {recipe.num_layers} layers).",
+            f"{recipe.rm_steps} steps from tiny random-weight llamas (hidden {recipe.hidden_size}, "
+            f"{recipe.num_layers} layers).",
             "Candidates come from the synthetic generator (right solutions and solutions with one slipped step), not "
             "from a policy: the study measures the reward models' selection, as Best-of-N does.",
-            f"Differences count only beyond {trend.Z:g} binomial standard errors over the {reference['prompts']} prompts."]
+            f"Differences count only beyond {trend.Z:g} binomial standard errors over the {reference['prompts']} "
+            "prompts."]
 
 
 # --- rm-data --------------------------------------------------------------------------------------
@@ -220,7 +222,8 @@ def run_rm_size(context: StudyContext) -> StudyResult:
 
 
 STUDIES = (
-    Study("rm-data", "reward model trained on more prompts vs more responses per prompt (Best-of-N)", run_rm_data, False),
+    Study("rm-data", "reward model trained on more prompts vs more responses per prompt (Best-of-N)", run_rm_data,
+          False),
     Study("prm-vs-orm", "Best-of-N of a PRM (each aggregate) vs an ORM vs random vs pass@N", run_prm_vs_orm, False),
     Study("rm-size", "Best-of-N accuracy of reward models of two or three sizes", run_rm_size, False),
 )

@@ -38,7 +38,8 @@ def rl_data(context: StudyContext) -> dict[str, str]:
     if marker.is_file():
         return json.loads(marker.read_text())
     sizes = DemoDatasetSizes(
-        sft_per_domain=recipe.rl_prompts_per_domain, sft_eval_per_domain=0, prompts_per_domain=recipe.rl_prompts_per_domain,
+        sft_per_domain=recipe.rl_prompts_per_domain, sft_eval_per_domain=0,
+        prompts_per_domain=recipe.rl_prompts_per_domain,
         eval_prompts_per_domain=recipe.eval_prompts_per_domain, preference_pairs=4 * recipe.rl_prompts_per_domain,
         preference_eval_pairs=0, math=MathDifficulty(operand_min=1, operand_max=5, min_operations=1, max_operations=1,
                                                      multiplication=False), code=CodeDifficulty(constant_max=200))
@@ -50,8 +51,9 @@ def rl_data(context: StudyContext) -> dict[str, str]:
         verified.write_text("".join(json.dumps(row) + "\n" for row in rows if row["domain"] in VERIFIED))
         paths[f"{split}_verified"] = str(verified)
     verifiers = folder / "rewards_verified.yaml"
-    verifiers.write_text(json.dumps({"sources": {"math": {"kind": "math_verifier"}, "code": {"kind": "code_verifier"}},
-                                     "domains": {"math": {"sources": {"math": 1.0}}, "code": {"sources": {"code": 1.0}}}}))
+    verifiers.write_text(json.dumps({
+        "sources": {"math": {"kind": "math_verifier"}, "code": {"kind": "code_verifier"}},
+        "domains": {"math": {"sources": {"math": 1.0}}, "code": {"sources": {"code": 1.0}}}}))
     paths["rewards_verified"] = str(verifiers)
     marker.write_text(json.dumps(paths, indent=2))
     return paths
@@ -89,11 +91,14 @@ def rl_arm(context: StudyContext, arm_dir: Path, arm: str, policy: str, algorith
     late = rows[len(rows) // 2 :]
     training_accuracy = {domain: _mean([row[f"accuracy/{domain}"] for row in late if f"accuracy/{domain}" in row])
                          for domain in VERIFIED}
-    evaluated = held_out_accuracy(context, result.policy_dir, eval_prompts, reward_yaml) if recipe.held_out_eval else None
+    evaluated = None
+    if recipe.held_out_eval:
+        evaluated = held_out_accuracy(context, result.policy_dir, eval_prompts, reward_yaml)
     accuracy = evaluated["accuracy"] if evaluated else training_accuracy
     count = evaluated["count"] if evaluated else recipe.rl_prompts_per_step * n * max(len(late), 1)
     return {"arm": arm, "n": n, "policy": result.policy_dir, "steps": [row["step"] for row in rows], "curves": curves,
-            "accuracy": accuracy, "accuracy_count": count, "accuracy_source": "held-out" if evaluated else "training rollouts",
+            "accuracy": accuracy, "accuracy_count": count,
+            "accuracy_source": "held-out" if evaluated else "training rollouts",
             "training_accuracy": training_accuracy, "first_step_accuracy": {
                 domain: rows[0].get(f"accuracy/{domain}") for domain in VERIFIED} if rows else {}}
 
@@ -137,7 +142,8 @@ def _accuracy_note(arms: dict[str, Any]) -> str:
 def _recipe_note(context: StudyContext, policy_sizes: str = "") -> str:
     recipe = context.recipe
     return (f"{recipe.rl_steps} RL steps x {recipe.rl_prompts_per_step} prompts from a tiny random-weight llama "
-            f"(hidden {policy_sizes or recipe.hidden_size}, {recipe.num_layers} layers), rewards from the math and code "
+            f"(hidden {policy_sizes or recipe.hidden_size}, {recipe.num_layers} layers), rewards from the math and "
+            "code "
             f"verifiers; with no SFT, accuracies near 0 are expected at this size.")
 
 
@@ -190,7 +196,8 @@ def run_policy_size(context: StudyContext) -> StudyResult:
     verdict = trend.increases_verdict("larger policies gain less from RL with a fixed reward", sizes,
                                       [-gain for gain in gains], count)
     verdict = trend.Verdict(verdict.claim, verdict.verdict, f"gains (late minus first-step training accuracy) "
-                            f"{[round(g, 3) for g in gains]}; trend of the negated gain: {verdict.evidence}", verdict.numbers)
+                            f"{[round(g, 3) for g in gains]}; trend of the negated gain: {verdict.evidence}",
+                            verdict.numbers)
     rows = [[size, gains[i], verified_accuracy(arms[size]), arms[size]["curves"]["kl/mean"][-1]]
             for i, size in enumerate(sizes)]
     return StudyResult(
@@ -245,7 +252,8 @@ def _run_pre_ppo(context: StudyContext) -> StudyResult:
 
 
 STUDIES = (
-    Study("responses-per-prompt", "RL with n responses per prompt at fixed prompts per update", run_responses_per_prompt, True),
+    Study("responses-per-prompt", "RL with n responses per prompt at fixed prompts per update",
+          run_responses_per_prompt, True),
     Study("policy-size", "RL gain of policies of two or three sizes with the same reward", run_policy_size, True),
     Study("ppo-vs-grpo", "PPO vs GRPO with and without asymmetric reward shrinking", run_ppo_vs_grpo, True),
     Study("pre-ppo", "Pre-PPO selection + math/code-first curriculum vs uniform sampling (Seed)", _run_pre_ppo, True),

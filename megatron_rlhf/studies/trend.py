@@ -174,7 +174,8 @@ def no_difference_verdict(claim: str, first: tuple[str, float], second: tuple[st
     return Verdict(claim, HOLDS if Z * error <= PRECISE else INCONCLUSIVE, evidence, numbers)
 
 
-def curve_ranking_verdict(claim: str, higher: tuple[str, Sequence[float]], lower: tuple[str, Sequence[float]]) -> Verdict:
+def curve_ranking_verdict(claim: str, higher: tuple[str, Sequence[float]],
+                          lower: tuple[str, Sequence[float]]) -> Verdict:
     """Claim: curve ``higher`` runs above curve ``lower`` (e.g. KL per RL step). Compared over the
     last half of the steps: the difference of the means against the standard error from the
     step-to-step spread of each (a single step has no spread: inconclusive)."""

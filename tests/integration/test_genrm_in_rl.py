@@ -121,7 +121,8 @@ def test_genrm_judges_general_rollouts_against_the_reward_models_best_of_n(setup
     }, "test rewards")
     result = run_rl(RLConfig(
         policy_dir=setup["policy"], out_dir=str(setup["root"] / "rl"), prompt_files=(str(with_references),),
-        algorithm=grpo_algorithm(kl_mode="none"), steps=STEPS, prompts_per_step=4, n=2, max_new_tokens=8, max_prompt_tokens=128,
+        algorithm=grpo_algorithm(kl_mode="none"), steps=STEPS, prompts_per_step=4, n=2, max_new_tokens=8,
+        max_prompt_tokens=128,
         update=PPOUpdateConfig(num_minibatches=1, micro_batch_size=8), actor_optimizer=OptimizerSettings(lr=1e-4),
         reward_config=rewards, checkpoint_every=0, seed=0, tensorboard=False, console=False))
     metrics = read_metrics_jsonl(result.metrics_file)
