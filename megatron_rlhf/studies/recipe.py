@@ -71,8 +71,9 @@ class StudyRecipe:
                 raise ValueError(f"hidden sizes must be multiples of 32 (head_dim 32), got {size}")
         for name in ("model_sizes", "rm_data_responses_per_prompt", "responses_per_prompt"):
             values = getattr(self, name)
-            if not values or any(value < 1 for value in values):
-                raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
+            if len(set(values)) < 2 or any(value < 1 for value in values):
+                raise ValueError(f"{name} must list at least two distinct positive integers (a study compares "
+                                 f"arms), got {values!r}")
         for k in self.rm_data_responses_per_prompt:
             if self.rm_data_size % k or self.rm_data_size // k < 1:
                 raise ValueError(f"rm_data_size={self.rm_data_size} must be a multiple of every "

@@ -20,7 +20,8 @@ def test_quick_recipe_overrides_the_defaults_and_a_file_overrides_quick(tmp_path
 
 
 @pytest.mark.parametrize("text, message", [("rm_step: 3\n", "rm_step"), ("rm_steps: 2.5\n", "rm_steps"),
-                                           ("model_sizes: [48]\n", "multiples of 32")])
+                                           ("model_sizes: [48]\n", "multiples of 32"),
+                                           ("responses_per_prompt: [2]\n", "at least two distinct")])
 def test_a_bad_recipe_file_names_the_key(tmp_path, text, message):
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(text)
