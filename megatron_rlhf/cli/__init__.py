@@ -93,6 +93,9 @@ COMMANDS: tuple[Command, ...] = (
             "report with deltas between two policies", "megatron_rlhf.cli.eval"),
     Command("plan", "fit planner: validate a layout and print GiB per GPU per phase; exit 0 fits, 1 does not, "
             "2 invalid", "megatron_rlhf.cli.plan"),
+    Command("study", "scaling studies of the two papers (rm-data, prm-vs-orm, rm-size, responses-per-prompt, "
+            "policy-size, ppo-vs-grpo, pre-ppo): resumable, seeded; table, plot, JSON and a trend verdict each",
+            "megatron_rlhf.cli.study"),
 )
 """Every subcommand, in the order `megatron-rlhf --help` lists them."""
 

@@ -21,10 +21,12 @@ preflight           checks every process-starting command runs first (files, rou
 training            the Megatron training library the workers run on their ranks (updater, PPO
                     update, actor / critic trainers, LM loss, per-rank GPU metrics)
 workers             Ray workers holding model shards
-trainer             the loops and controllers (RL loop and step, SFT, reward-model training)
+trainer             the loops and controllers (RL loop and step, SFT, reward-model training); also
+                    ``studies``, the scaling studies, which compose those loops with the evaluations
+                    (one layer with the trainers they call, below the ``study`` command)
 cli                 entry points: the ``cli`` package (one module per command) and ``__main__``;
                     command bodies that compose the layers below (``demo``, ``demo_stages``,
-                    ``conversion_demo``, ``rollout.sync_check``)
+                    ``conversion_demo``)
 ==================  ==============================================================================
 
 A module's layer is its package's, except the modules listed in ``MODULE_LAYERS`` (each with the
@@ -48,7 +50,8 @@ PACKAGE_LAYERS = {
     "config": "config", "types": "types", "running_moments": "types", "parallel": "parallel", "algorithms": "algorithms",
     "models": "models", "mapping": "mapping", "checkpoint": "checkpoint", "data": "data",
     "rollout": "rollout", "rewards": "rewards", "evaluation": "evaluation", "workers": "workers",
-    "planning": "planning", "preflight": "preflight", "trainer": "trainer", "training": "training", "cli": "cli", "__main__": "cli", "demo": "cli",
+    "planning": "planning", "preflight": "preflight", "trainer": "trainer", "training": "training", "studies": "trainer",
+    "cli": "cli", "__main__": "cli", "demo": "cli",
     "demo_stages": "cli", "conversion_demo": "cli",
 }
 """Layer of each top-level package or module of ``megatron_rlhf``."""

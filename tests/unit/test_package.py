@@ -21,7 +21,7 @@ from megatron_rlhf import cli
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUBCOMMANDS = (
     "convert-hf", "export-hf", "verify", "check-weight-sync", "conversion-demo", "score", "demo", "train-sft",
-    "train-genrm", "train-rm", "label-steps", "eval-bon", "train-rl", "eval", "plan",
+    "train-genrm", "train-rm", "label-steps", "eval-bon", "train-rl", "eval", "plan", "study",
 )
 HEAVY_MODULES = ("torch", "megatron", "transformers", "vllm", "ray", "transformer_engine")
 BLOCKED_BACKENDS = ("vllm", "ray", "transformer_engine")

@@ -1,0 +1,135 @@
+"""The shared study runner: output layout, resumable arms, shared assets, the study registry.
+
+Layout under ``--out`` (default ``outputs/studies``)::
+
+    recipe.json                  the recipe every study of this folder ran with
+    shared/                      tokenizer, tiny base models, data sets (made once, marked done)
+    <study>/arms/<arm>.json      one arm's measured result: its presence marks the arm done
+    <study>/arms/<arm>/          the arm's own files (reward model, RL run, ...)
+    <study>/report.{md,png,json} the study's report (rewritten from the arm files on every run)
+
+Guarantees: an arm whose result file exists is never rerun (a killed study continues with the
+next arm; a killed RL arm also resumes from its own checkpoints); a result file is written
+atomically (temporary name, then rename), so a half-written one cannot mark an arm done; a folder
+made with another recipe is refused (``--restart`` clears the studies asked for, never
+``shared/`` nor other studies). Every arm is seeded from the recipe's seed and the arm's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_rlhf.studies.recipe import StudyRecipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """What a study function gets: the recipe and where to put things."""
+
+    name: str
+    recipe: StudyRecipe
+    out_dir: Path
+    """This study's folder."""
+    shared_dir: Path
+    """Assets shared by every study of the output folder."""
+
+    def arm(self, arm_name: str, compute: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """The result of arm ``arm_name``: read from its file when done earlier, else
+        ``compute(arm_dir)`` (JSON-able), recorded with its seconds and written atomically."""
+        result_file = self.out_dir / "arms" / f"{arm_name}.json"
+        if result_file.is_file():
+            log.info("study %s: arm %s done earlier (%s)", self.name, arm_name, result_file)
+            return json.loads(result_file.read_text())
+        arm_dir = self.out_dir / "arms" / arm_name
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        log.info("study %s: arm %s starting", self.name, arm_name)
+        started = time.perf_counter()
+        result = dict(compute(arm_dir))
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        temporary = result_file.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(result, indent=2) + "\n")
+        temporary.replace(result_file)
+        log.info("study %s: arm %s done in %.0f s", self.name, arm_name, result["seconds"])
+        return result
+
+    def seed(self, arm_name: str) -> int:
+        """A seed of its own for each arm, stable across runs."""
+        import zlib
+
+        return self.recipe.seed * 1000 + zlib.crc32(f"{self.name}/{arm_name}".encode()) % 1000
+
+
+@dataclass
+class StudyResult:
+    """What a study reports: a table, curves for the plot, and verdicts against the paper."""
+
+    title: str
+    source: str
+    """The paper and section the claim comes from."""
+    columns: list[str]
+    rows: list[list[Any]]
+    plot_x_label: str
+    plot_y_label: str
+    curves: dict[str, tuple[list[float], list[float]]]
+    """Curve name -> (x values, y values)."""
+    verdicts: list[Any]
+    """trend.Verdict per claim."""
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    """Every arm's full result (the JSON report keeps them)."""
+    log_x: bool = True
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    summary: str
+    run: Callable[[StudyContext], StudyResult]
+    uses_rl: bool
+
+
+def studies() -> dict[str, Study]:
+    """Every study, by name, in the order `study all` runs them (cheapest first)."""
+    from megatron_rlhf.studies import reward_studies, rl_studies
+
+    return {study.name: study for study in (*reward_studies.STUDIES, *rl_studies.STUDIES)}
+
+
+def run_studies(names: list[str], recipe: StudyRecipe, out_dir: str | Path, restart: bool = False) -> dict[str, Path]:
+    """Run the studies ``names`` (arms not yet done) and write their reports; returns study ->
+    Markdown report path."""
+    from megatron_rlhf.config.errors import UserError
+    from megatron_rlhf.studies.report import write_study_report
+
+    registry = studies()
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        raise UserError(f"unknown study {unknown} (choose from {', '.join(registry)} or all)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "recipe.json"
+    if restart:
+        for name in names:
+            shutil.rmtree(out / name, ignore_errors=True)
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(asdict(recipe))):
+        if not restart or any((out / name).exists() for name in registry if name not in names):
+            raise UserError(f"{out} holds studies run with another recipe ({saved}): use another --out, "
+                            f"or --restart (which clears the studies asked for)")
+        shutil.rmtree(out / "shared", ignore_errors=True)
+    saved.write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    reports = {}
+    for name in names:
+        context = StudyContext(name, recipe, out / name, out / "shared")
+        context.out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("study %s: %s", name, registry[name].summary)
+        result = registry[name].run(context)
+        reports[name] = write_study_report(name, result, context.out_dir)["md"]
+    return reports
