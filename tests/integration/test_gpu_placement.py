@@ -40,12 +40,10 @@ class DeviceProbe:
 
 
 @pytest.fixture(scope="module")
-def logical_gpu_cluster():
-    ray.init(address="local", num_cpus=8, num_gpus=8, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def logical_gpu_cluster(ray_cluster):
+    """The tier's session Ray, which declares 8 logical GPUs (``tests/integration/conftest.py``)."""
+    assert ray_cluster.cluster_resources().get("GPU") == 8
+    return ray_cluster
 
 
 def _place(run, sizes: dict[str, int], engines: tuple[int, ...] = ()) -> dict[str, list[dict]]:
