@@ -207,21 +207,10 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
 
         result = select_prompts(records, sample, score, selection)
     path = _paths(out)["prompts_rl"]
-    write_jsonl(path, (_prompt_row(record) for record in result.merged))
+    write_jsonl(path, (record.to_row() for record in result.merged))
     return {"prompts": str(path), "candidates": len(records), "selected": len(result.selected),
             "merged": len(result.merged),
             "domains": {d: {"selected": s.selected, "mean_score": s.mean_score} for d, s in result.domains.items()}}
-
-
-def _prompt_row(record: Any) -> dict[str, Any]:
-    row = {"id": record.id, "domain": record.domain, **dict(record.metadata)}
-    if record.messages is not None:
-        row["messages"] = [dict(message) for message in record.messages]
-    else:
-        row["prompt"] = record.prompt
-    if record.ground_truth is not None:
-        row["ground_truth"] = record.ground_truth
-    return row
 
 
 # --- 5/7. evaluation ---------------------------------------------------------------------------------

@@ -83,6 +83,18 @@ class PromptRecord:
             return [dict(message) for message in self.messages]
         return [{"role": "user", "content": self.prompt or ""}]
 
+    def to_row(self) -> dict[str, Any]:
+        """The record as a prompt-file row (``load_prompt_dataset`` reads it back to an equal record,
+        ``source`` aside): id, domain, metadata keys, the prompt or the messages, the ground truth."""
+        row: dict[str, Any] = {"id": self.id, "domain": self.domain, **dict(self.metadata)}
+        if self.messages is not None:
+            row["messages"] = [dict(message) for message in self.messages]
+        else:
+            row["prompt"] = self.prompt
+        if self.ground_truth is not None:
+            row["ground_truth"] = self.ground_truth
+        return row
+
     def engine_input(self, chat_template: bool) -> str | list[dict[str, str]]:
         """What the engine is given for this prompt: chat messages when the run applies the chat
         template, else the raw rollout input. Every caller that generates (RL rollouts, held-out

@@ -84,7 +84,7 @@ def attach_bon_references(records: Sequence[Any], engine: Any, reward_model: Any
     references = iter(pick_references(responses, [[next(flat) for _ in texts] for texts in responses]))
     rows = []
     for record in records:
-        row = prompt_row(record)
+        row = record.to_row()
         if record.domain in config.domains:
             reference = next(references)
             row.pop("ground_truth", None)
@@ -92,15 +92,3 @@ def attach_bon_references(records: Sequence[Any], engine: Any, reward_model: Any
                 row["ground_truth"] = reference
         rows.append(row)
     return rows
-
-
-def prompt_row(record: Any) -> dict[str, Any]:
-    """A PromptRecord back as a prompt-file row."""
-    row = {"id": record.id, "domain": record.domain, **dict(record.metadata)}
-    if record.messages is not None:
-        row["messages"] = [dict(message) for message in record.messages]
-    else:
-        row["prompt"] = record.prompt
-    if record.ground_truth is not None:
-        row["ground_truth"] = record.ground_truth
-    return row

@@ -73,6 +73,22 @@ def test_bad_lines_are_reported_with_file_and_line_and_the_rest_loads(tmp_path, 
         assert f"{path}:{line}:" in logged
 
 
+def test_a_record_written_as_a_row_loads_back_equal(tmp_path, tokenizer) -> None:
+    path = _write(tmp_path / "prompts.jsonl", [
+        json.dumps({"id": "a", "prompt": "What is 3 + 4?", "domain": "math", "ground_truth": "7", "source": "gsm"}),
+        json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                    "domain": "general"}),
+    ])
+    records, _ = load_prompt_dataset(path, PromptDatasetConfig(), tokenizer)
+    again, _ = load_prompt_dataset(_write(tmp_path / "again.jsonl", [json.dumps(r.to_row()) for r in records]),
+                                   PromptDatasetConfig(), tokenizer)
+    def fields(record: PromptRecord) -> dict:
+        return {**record.__dict__, "source": None}  # where a record was read differs
+
+    assert [fields(r) for r in again] == [fields(r) for r in records]
+    assert records[1].to_row()["id"] == "prompts:2"  # a generated id is written out, so it stays stable
+
+
 def test_length_limit_counts_tokens_the_way_the_rollout_engine_encodes(tmp_path, tokenizer) -> None:
     record = PromptRecord("p", "math", "What is 3 + 4?", None)
     raw = len(tokenizer.encode("What is 3 + 4?", add_special_tokens=False))
