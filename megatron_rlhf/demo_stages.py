@@ -191,12 +191,7 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
         def sample(prompts, n):
             batch = engine.generate([p.as_messages() for p in prompts],
                                     SamplingSettings(n=n, max_new_tokens=config.max_new_tokens, seed=config.seed))
-            answers: list[list[str]] = [[] for _ in prompts]
-            for row, index in enumerate(batch.prompt_index.tolist()):
-                length = int(batch.response_lengths[row])
-                answers[index].append(engine.tokenizer.decode(batch.response_ids[row, :length].tolist(),
-                                                              skip_special_tokens=True))
-            return [row or [""] * n for row in answers]
+            return [texts or [""] * n for texts in batch.texts_by_prompt(engine.tokenizer, len(prompts))]
 
         def score(prompts, responses):
             samples = [RewardSample(f"{p.id}:{k}", p.domain, p.text, text) for p, row in zip(prompts, responses)

@@ -7,6 +7,7 @@ of samples (prompts x n), ``P`` the longest prompt and ``R`` the longest respons
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,6 +48,23 @@ class RolloutBatch:
     def response_lengths(self) -> torch.Tensor:
         """[B] long: real response tokens per sample."""
         return self.response_mask.sum(dim=1).to(torch.long)
+
+    def texts(self, tokenizer: Any) -> list[str]:
+        """[B] each response as text: ``response_texts`` when the producer gave them, else
+        ``tokenizer.decode(ids, skip_special_tokens=True)`` (the same text either way)."""
+        if self.response_texts is not None:
+            return list(self.response_texts)
+        lengths = self.response_lengths.tolist()
+        return [tokenizer.decode(self.response_ids[row, :length].tolist(), skip_special_tokens=True)
+                for row, length in enumerate(lengths)]
+
+    def texts_by_prompt(self, tokenizer: Any, num_prompts: int) -> list[list[str]]:
+        """The response texts of each of the caller's ``num_prompts`` prompts, in sample order
+        (an empty list for a prompt the engine dropped)."""
+        grouped: list[list[str]] = [[] for _ in range(num_prompts)]
+        for index, text in zip(self.prompt_index.tolist(), self.texts(tokenizer)):
+            grouped[index].append(text)
+        return grouped
 
     def full_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt and response concatenated without inner padding.

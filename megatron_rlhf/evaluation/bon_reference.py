@@ -73,10 +73,7 @@ def attach_bon_references(records: Sequence[Any], engine: Any, reward_model: Any
         settings = SamplingSettings(n=config.n, temperature=config.temperature,
                                     max_new_tokens=config.max_new_tokens, seed=config.seed)
         batch = engine.generate([record.engine_input(config.chat_template) for record in chosen], settings)
-        lengths = batch.response_lengths.tolist()
-        for row, index in enumerate(batch.prompt_index.tolist()):
-            responses[index].append(engine.tokenizer.decode(batch.response_ids[row, : lengths[row]].tolist(),
-                                                            skip_special_tokens=True))
+        responses = batch.texts_by_prompt(engine.tokenizer, len(chosen))
     samples = [RewardSample(f"{record.id}/{k}", record.domain, record.text, text)
                for record, texts in zip(chosen, responses) for k, text in enumerate(texts)]
     results = reward_model.score(samples) if samples else []

@@ -73,12 +73,7 @@ def _select(context: StudyContext, arm_dir: Path, data: dict[str, str], checkpoi
         def sample(prompts, n):
             batch = engine.generate([p.as_messages() for p in prompts],
                                     SamplingSettings(n=n, max_new_tokens=recipe.max_new_tokens, seed=recipe.seed))
-            answers: list[list[str]] = [[] for _ in prompts]
-            for row, index in enumerate(batch.prompt_index.tolist()):
-                length = int(batch.response_lengths[row])
-                answers[index].append(engine.tokenizer.decode(batch.response_ids[row, :length].tolist(),
-                                                              skip_special_tokens=True))
-            return [row or [""] * n for row in answers]
+            return [texts or [""] * n for texts in batch.texts_by_prompt(engine.tokenizer, len(prompts))]
 
         def score(prompts, responses):
             samples = [RewardSample(f"{p.id}:{k}", p.domain, p.text, text) for p, row in zip(prompts, responses)

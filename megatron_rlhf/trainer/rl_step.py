@@ -220,10 +220,7 @@ def reward_samples(batch: RolloutBatch, prompts: Sequence[PromptRecord], tokeniz
     from megatron_rlhf.rewards.sample import RewardSample
 
     samples = []
-    lengths = batch.response_lengths.tolist()
-    for row, (prompt, length) in enumerate(zip(prompts, lengths)):
-        response = (batch.response_texts[row] if batch.response_texts is not None  # the engine's text
-                    else tokenizer.decode(batch.response_ids[row, :length].tolist(), skip_special_tokens=True))
+    for row, (prompt, response) in enumerate(zip(prompts, batch.texts(tokenizer))):
         samples.append(RewardSample(
             sample_id=f"{step}:{row}:{prompt.id}",
             domain=prompt.domain,
