@@ -115,13 +115,17 @@ class RolloutEngine:
         self.asleep: set[str] = set()
         self.llm = None
         from megatron_rlhf.parallel.ipc_orphans import remove_orphaned_semaphores
+        from megatron_rlhf.rollout.engine_scratch import EngineScratch, remove_orphaned_scratch
         from megatron_rlhf.rollout.vllm_plugin import release_orphaned_ledgers, start_ipc_ledger
 
         release_orphaned_ledgers()  # what engines killed with SIGKILL left on this host
         remove_orphaned_semaphores()  # and the semaphores of every process of such a run
+        remove_orphaned_scratch()  # and their sockets and rendezvous files
         self.ipc_ledger = start_ipc_ledger()  # what vLLM's processes leave, released at shutdown
+        self.scratch = EngineScratch()  # vLLM's socket and temporary files, removed at shutdown
         try:
-            self.llm = LLM(**kwargs)
+            with self.scratch.environment():
+                self.llm = LLM(**kwargs)
         except BaseException:
             self.shutdown()
             raise
@@ -143,6 +147,9 @@ class RolloutEngine:
             from megatron_rlhf.rollout.vllm_plugin import release_ipc_names
 
             release_ipc_names(ledger)
+        scratch, self.scratch = getattr(self, "scratch", None), None
+        if scratch is not None:
+            scratch.remove()
 
     def release_memory(self) -> bool:
         """Sleep (level 1) so the trainer gets the GPU memory; True if anything was released."""
