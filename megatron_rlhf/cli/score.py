@@ -28,4 +28,4 @@ def run(args: argparse.Namespace) -> int:
     from megatron_rlhf.preflight.score import preflight_score
     from megatron_rlhf.rewards.score_file import run_score
 
-    return run_score(args, preflight_score(args.input, args.output, args.config))
+    return run_score(args.input, args.output, preflight_score(args.input, args.output, args.config), args.chunk_size)

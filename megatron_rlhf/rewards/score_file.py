@@ -20,7 +20,6 @@ unroutable still gets its per-line reasons written (exit 1).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import logging
@@ -180,10 +179,12 @@ def _print_summary(entries: list, results: dict[int, RewardResult], counts: dict
 # --- command line ------------------------------------------------------------------------------
 
 
-def run_score(args: argparse.Namespace, config: RewardConfig) -> int:
-    """Score ``args.input`` with ``config`` (checked by ``preflight.score`` before this)."""
+def run_score(input_path: str | Path, output_path: str | Path, config: RewardConfig, chunk_size: int = 256) -> int:
+    """Score ``input_path`` into ``output_path`` with ``config`` (checked by ``preflight.score``
+    before this); the command's exit status: 0 every sample scored, 1 some scored with errors,
+    2 the sandbox is unavailable."""
     try:
-        counts = score_file(Path(args.input), Path(args.output), config, sys.stdout, args.chunk_size)
+        counts = score_file(Path(input_path), Path(output_path), config, sys.stdout, chunk_size)
     except SandboxUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
