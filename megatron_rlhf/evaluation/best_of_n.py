@@ -199,11 +199,9 @@ def sample_and_grade(engine: Any, prompts: Sequence[Any], verifier: Any, config:
         chunk = prompts[start : start + config.prompts_per_call]
         inputs = [record.engine_input(config.chat_template) for record in chunk]
         batch = engine.generate(inputs, settings)
-        lengths = batch.response_lengths.tolist()
         by_prompt: dict[int, list[RewardSample]] = {}
-        for row, index in enumerate(batch.prompt_index.tolist()):
+        for index, text in zip(batch.prompt_index.tolist(), batch.texts(engine.tokenizer)):
             record = chunk[index]
-            text = engine.tokenizer.decode(batch.response_ids[row, : lengths[row]].tolist(), skip_special_tokens=True)
             group = by_prompt.setdefault(index, [])
             group.append(RewardSample(sample_id=f"{start + index}:{record.id}/{len(group)}", domain=record.domain,
                                       prompt=record.text, response=text, ground_truth=record.ground_truth,

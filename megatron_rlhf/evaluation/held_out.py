@@ -97,10 +97,8 @@ def _grade(batch: Any, prompts: Sequence[Any], scorer: Any, tokenizer: Any) -> d
     from megatron_rlhf.rewards.sample import RewardSample
 
     samples = []
-    for row, index in enumerate(batch.prompt_index.tolist()):
+    for row, (index, response) in enumerate(zip(batch.prompt_index.tolist(), batch.texts(tokenizer))):
         prompt = prompts[index]
-        length = int(batch.response_lengths[row])
-        response = tokenizer.decode(batch.response_ids[row, :length].tolist(), skip_special_tokens=True)
         samples.append(RewardSample(sample_id=f"eval:{row}:{prompt.id}", domain=prompt.domain, prompt=prompt.text,
                                     response=response, ground_truth=prompt.ground_truth))
     by_domain: dict[str, list] = defaultdict(list)

@@ -50,8 +50,4 @@ def answer_items(policy_dir: str, items: Sequence[EvalItem], decoding: DecodingC
 
 
 def _decoded(batch: Any, tokenizer: Any) -> list[tuple[int, str]]:
-    lengths = batch.response_lengths.tolist()
-    return [
-        (index, tokenizer.decode(batch.response_ids[row, : lengths[row]].tolist(), skip_special_tokens=True))
-        for row, index in enumerate(batch.prompt_index.tolist())
-    ]
+    return list(zip(batch.prompt_index.tolist(), batch.texts(tokenizer)))
