@@ -63,19 +63,22 @@ def token_budget_microbatches(lengths: Sequence[int], max_tokens: int, micro_bat
 def pack_microbatch(
     input_ids: Tensor,
     lengths: Tensor,
-    positions: Tensor,
+    positions: Tensor | None,
     samples: Tensor,
     multiple: int = 1,
     row_length: int | None = None,
     pad_token_id: int = 0,
+    token_values: dict[str, Tensor] | None = None,
 ) -> dict:
     """The packed micro-batch of rows ``samples`` of ``input_ids [B, L]`` (right-padded, real
-    lengths ``lengths [B]``, response read positions ``positions [B, R]``).
+    lengths ``lengths [B]``, response read positions ``positions [B, R]`` or None).
 
     Returns ``input_ids [1, T]`` and ``position_ids [1, T]`` (CPU), ``packed_seq_params``,
-    ``positions [b, R]`` (indices into the row), ``sample_index [b]`` (= ``samples``) and
-    ``real_tokens`` / ``computed_tokens`` (ints). ``T`` is the real total rounded up to
-    ``multiple``, or ``row_length`` when given (must be a multiple of ``multiple`` and fit).
+    ``positions [b, R]`` (indices into the row; absent when ``positions`` is None),
+    ``sample_index [b]`` (= ``samples``), ``real_tokens`` / ``computed_tokens`` (ints) and each of
+    ``token_values`` (per-token ``[B, L]`` tensors, e.g. a loss mask) packed alike ``[1, T]``
+    (0 in the tail). ``T`` is the real total rounded up to ``multiple``, or ``row_length`` when
+    given (must be a multiple of ``multiple`` and fit).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -99,25 +102,32 @@ def pack_microbatch(
     max_seqlen = max(boundaries)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                              max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
-    return {
+    packed = {
         "input_ids": torch.cat(pieces).unsqueeze(0),
         "position_ids": torch.cat(position_pieces).unsqueeze(0),
         "packed_seq_params": params,
-        "positions": (positions[samples] + starts.unsqueeze(1)).clamp(0, max(total - 2, 0)),
         "sample_index": samples,
         "real_tokens": real,
         "computed_tokens": total,
     }
+    if positions is not None:
+        packed["positions"] = (positions[samples] + starts.unsqueeze(1)).clamp(0, max(total - 2, 0))
+    for name, values in (token_values or {}).items():
+        row = torch.zeros(total, dtype=values.dtype)
+        row[:real] = torch.cat([values[i, :n] for i, n in zip(samples.tolist(), seq_lengths)])
+        packed[name] = row.unsqueeze(0)
+    return packed
 
 
 def packed_microbatches(
     input_ids: Tensor,
     lengths: Tensor,
-    positions: Tensor,
+    positions: Tensor | None,
     plan: list[list[int]],
     multiple: int = 1,
     common_length: bool = False,
     pad_token_id: int = 0,
+    token_values: dict[str, Tensor] | None = None,
 ) -> list[dict]:
     """:func:`pack_microbatch` for each micro-batch of ``plan``; ``common_length``: every row
     padded to the longest one (pipeline parallelism needs one activation shape per call)."""
@@ -126,8 +136,18 @@ def packed_microbatches(
     row_length = None
     if common_length and plan:
         row_length = max(padded_length(sum(int(lengths[i]) for i in members), multiple) for members in plan)
-    return [pack_microbatch(input_ids, lengths, positions, torch.tensor(members), multiple, row_length, pad_token_id)
+    return [pack_microbatch(input_ids, lengths, positions, torch.tensor(members), multiple, row_length, pad_token_id,
+                            token_values)
             for members in plan]
+
+
+def packed_to(microbatch: dict, device: torch.device, names: tuple[str, ...] = ("input_ids", "position_ids")) -> dict:
+    """``microbatch`` with the tensors ``names`` and the ``cu_seqlens`` on ``device`` (in place)."""
+    for name in names:
+        microbatch[name] = microbatch[name].to(device)
+    params = microbatch["packed_seq_params"]
+    params.cu_seqlens_q = params.cu_seqlens_kv = params.cu_seqlens_q.to(device)
+    return microbatch
 
 
 def padding_fraction(real_tokens: float, computed_tokens: float) -> float:

@@ -75,7 +75,7 @@ def packed_response_microbatches(
     what sequence parallelism splits, and to one common length under pipeline parallelism."""
     from megatron.core import parallel_state
 
-    from megatron_rlhf.models.packing import packed_microbatches, token_budget_microbatches
+    from megatron_rlhf.models.packing import packed_microbatches, packed_to, token_budget_microbatches
     from megatron_rlhf.models.sequence_padding import sequence_multiple
 
     config = model.config
@@ -90,12 +90,7 @@ def packed_response_microbatches(
                                        parallel_state.get_pipeline_model_parallel_world_size() > 1,
                                        batch.pad_token_id)
     device = next(model.parameters()).device
-    for microbatch in microbatches:
-        microbatch["input_ids"] = microbatch["input_ids"].to(device)
-        microbatch["position_ids"] = microbatch["position_ids"].to(device)
-        params = microbatch["packed_seq_params"]
-        params.cu_seqlens_q = params.cu_seqlens_kv = params.cu_seqlens_q.to(device)
-    return microbatches
+    return [packed_to(microbatch, device) for microbatch in microbatches]
 
 
 def per_response_token(
