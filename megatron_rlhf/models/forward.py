@@ -55,6 +55,7 @@ def _run_packed(stage_model: torch.nn.Module, microbatch: dict, multiple: int) -
         raise ValueError(f"a packed row of {length} tokens is not a multiple of {multiple} "
                          "(sequence parallelism): pack it with that multiple")
     return stage_model(microbatch["input_ids"], microbatch["position_ids"],
+                       sequence_lengths=microbatch.get("sequence_lengths"),
                        packed_seq_params=microbatch["packed_seq_params"])
 
 
