@@ -68,11 +68,13 @@ def packed_response_microbatches(
     samples: Tensor,
     micro_batch_size: int,
     max_tokens_per_microbatch: int,
+    sequences: tuple[Tensor, Tensor] | None = None,
 ) -> list[dict]:
     """Packed microbatches (:func:`~megatron_rlhf.models.packing.pack_microbatch`, on the
     model's device) of the rows ``samples`` of ``batch``: ``micro_batch_size`` samples each, or
     within ``max_tokens_per_microbatch`` tokens when it is > 0. Rows are padded at their tail to
-    what sequence parallelism splits, and to one common length under pipeline parallelism."""
+    what sequence parallelism splits, and to one common length under pipeline parallelism.
+    ``sequences``: :func:`response_positions` of ``batch`` when the caller already has it."""
     from megatron.core import parallel_state
 
     from megatron_rlhf.models.packing import packed_microbatches, packed_to, token_budget_microbatches
@@ -82,7 +84,7 @@ def packed_response_microbatches(
     if config.context_parallel_size > 1:
         raise ValueError("packed sequences do not cover context parallelism (context_parallel > 1); "
                          "set update.packing: false")
-    input_ids, positions = response_positions(batch)
+    input_ids, positions = sequences if sequences is not None else response_positions(batch)
     lengths = sample_lengths(batch)
     plan = token_budget_microbatches(lengths[samples].tolist(), max_tokens_per_microbatch, micro_batch_size)
     plan = [samples[members].tolist() for members in plan]

@@ -42,6 +42,7 @@ from megatron_rlhf.models.sequence_logprobs import (
     response_positions,
     sample_lengths,
 )
+from megatron_rlhf.models.sequence_padding import schedule_seq_length
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
 from megatron_rlhf.training.megatron_step import MegatronUpdater
 from megatron_rlhf.types import RolloutBatch
@@ -177,8 +178,6 @@ class PPOTrainerBase:
         """The optimizer steps; ``microbatch_metrics`` (when given) receives every microbatch's
         metrics in schedule order (epochs, minibatches, microbatches; last pipeline stage only),
         ``microbatch_samples`` every microbatch's sample indices in the same order (every stage)."""
-        from megatron_rlhf.models.sequence_padding import schedule_seq_length
-
         from megatron.core import parallel_state
 
         config = config or self.update_config
@@ -191,27 +190,13 @@ class PPOTrainerBase:
         local_size = self._plan(batch.num_samples, config)
         dp = parallel_state.get_data_parallel_world_size()
         dp_group = parallel_state.get_data_parallel_group()
-        input_ids, positions = response_positions(batch)
+        sequences = response_positions(batch)
         lengths = sample_lengths(batch)
-        device = next(self.model.parameters()).device
         stats = []
         for epoch in range(config.ppo_epochs):
             for index in range(config.num_minibatches):
                 local = torch.arange(index * local_size, (index + 1) * local_size)
-                if config.packing:
-                    microbatches = packed_response_microbatches(self.model, batch, local, config.micro_batch_size,
-                                                                config.max_tokens_per_microbatch)
-                    computed = sum(microbatch["computed_tokens"] for microbatch in microbatches)
-                else:
-                    microbatches = [
-                        {
-                            "input_ids": input_ids[part].to(device),
-                            "positions": positions[part],
-                            "sample_index": part,
-                        }
-                        for part in local.split(config.micro_batch_size)
-                    ]
-                    computed = local_size * schedule_seq_length(self.model.config, input_ids.shape[1])
+                microbatches, computed = self._microbatches(batch, sequences, local, config)
                 norm = MinibatchNorm.of(
                     experience.response_mask[local],
                     self.algorithm.loss_reduction,
@@ -230,6 +215,22 @@ class PPOTrainerBase:
                 step.terms["padding_fraction"] = norm.padding_fraction
                 stats.append(step)
         return stats
+
+    def _microbatches(self, batch: RolloutBatch, sequences: tuple[Tensor, Tensor], local: Tensor,
+                      config: PPOUpdateConfig) -> tuple[list[dict], int]:
+        """The microbatches of the samples ``local`` of this rank's share (each with ``positions``
+        and ``sample_index``) and the positions their forward computes: packed rows when
+        ``config.packing``, else ``micro_batch_size`` right-padded sequences each. ``sequences``:
+        :func:`~megatron_rlhf.models.sequence_logprobs.response_positions` of ``batch``."""
+        if config.packing:
+            microbatches = packed_response_microbatches(self.model, batch, local, config.micro_batch_size,
+                                                        config.max_tokens_per_microbatch, sequences)
+            return microbatches, sum(microbatch["computed_tokens"] for microbatch in microbatches)
+        input_ids, positions = sequences
+        device = next(self.model.parameters()).device
+        microbatches = [{"input_ids": input_ids[part].to(device), "positions": positions[part], "sample_index": part}
+                        for part in local.split(config.micro_batch_size)]
+        return microbatches, local.numel() * schedule_seq_length(self.model.config, input_ids.shape[1])
 
     @staticmethod
     def _microbatch_loss(
