@@ -1,13 +1,13 @@
 """Packed token-budget microbatches change nothing: same log-probs, values, loss, gradient norm, weights.
 
-In one gloo world of the distributed tier's rank pool, at TP1, TP2 (with sequence parallelism, so
-packed rows are tail-padded to a multiple of 2), PP2 (rows padded to one common length) and DP2
+In one gloo world of the distributed tier's rank pool, at TP1, TP2, TP2 with sequence parallelism
+(packed rows tail-padded to a multiple of 2), PP2 (rows padded to one common length) and DP2
 (each DP replica handed its token-balanced share), two real actor workers and two real critic
 workers are built from the same Hugging Face directory (the critics' fresh value heads made equal
 by copying one into the other): one pair on today's path (right-padded
 microbatches of ``micro_batch_size`` samples), the other with ``packing: true`` and a token
-budget (``max_tokens_per_microbatch``) that groups the samples differently, so DP ranks and
-microbatches hold different sample counts.
+budget (``max_tokens_per_microbatch``) that groups the samples differently: packed microbatches
+hold 1 or 2 samples and are more numerous than the padded ones.
 
 Checked within 1e-6 (fp32): the actor's log-probs and entropy (the old-policy pass), the
 reference path's log-probs (:func:`response_logprobs`, which the reference worker runs), the
@@ -15,8 +15,8 @@ critic's values; an on-policy actor update (its loss, gradient norm, weights, an
 log-probs it returns in batch order against the padded old-policy pass), then a two-epoch actor
 update and a critic update: every step's loss and gradient norm and every parameter of this
 rank's shard afterwards. Also: the
-packed path reports a smaller ``padding_fraction`` than the padded one, and 0.0 at TP1 / DP2
-where no row needs tail padding.
+packed path reports a smaller ``padding_fraction`` than the padded one, and 0.0 at TP1 / TP2 /
+DP2 where no row needs tail padding.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ SAMPLES, PROMPT, RESPONSE = 6, 5, 7
 TOKEN_BUDGET = 13
 LAYOUTS = {
     "TP1": (ParallelConfig(), 1),
-    "TP2": (ParallelConfig(tensor_parallel=2, sequence_parallel=True), 1),
+    "TP2": (ParallelConfig(tensor_parallel=2), 1),
+    "TP2SP": (ParallelConfig(tensor_parallel=2, sequence_parallel=True), 1),
     "PP2": (ParallelConfig(pipeline_parallel=2), 1),
     "DP2": (ParallelConfig(), 2),
 }
@@ -212,7 +213,7 @@ def test_packing_reports_less_padding(layout, results):
     (_, _, padded), (_, _, packed) = report["actor_steps"]["padded"][0], report["actor_steps"]["packed"][0]
     assert 0.0 < padded < 1.0
     assert 0.0 <= packed < padded
-    if layout in ("TP1", "DP2"):
+    if layout in ("TP1", "TP2", "DP2"):
         assert packed == 0.0
 
 
