@@ -33,6 +33,16 @@ class PPOUpdateConfig:
     """Optimizer steps per epoch; must divide the batch size (>= 1)."""
     micro_batch_size: int = 1
     """Sequences per Megatron microbatch on one DP rank; must divide the per-rank minibatch."""
+    packing: bool = False
+    """Pack each microbatch's sequences into one row without padding (THD ``packed_seq_params``;
+    :mod:`megatron_rlhf.models.packing`) for the update and the no-grad passes (actor and critic
+    log-probs/values, reference log-probs). Off: full sequences right-padded to the longest of
+    the share. Same loss, gradient and weights either way up to float summation order."""
+    max_tokens_per_microbatch: int = 0
+    """Token budget (prompt + response tokens) of one microbatch on one DP rank when ``packing``:
+    microbatches are filled first-fit decreasing up to it (a longer sample gets one of its own),
+    and ``micro_batch_size`` is then not used. 0: ``micro_batch_size`` samples per microbatch.
+    Needs ``packing: true`` (>= 0)."""
     force_old_logprob_pass: bool = False
     """Run the old-policy log-prob pass even when the update is on-policy (by default an on-policy
     update skips it and takes the old log-probs from its own forward; see
@@ -42,6 +52,11 @@ class PPOUpdateConfig:
         for name in ("ppo_epochs", "num_minibatches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PPOUpdateConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.max_tokens_per_microbatch < 0:
+            raise ValueError(f"PPOUpdateConfig.max_tokens_per_microbatch={self.max_tokens_per_microbatch} must be >= 0")
+        if self.max_tokens_per_microbatch and not self.packing:
+            raise ValueError(f"PPOUpdateConfig.max_tokens_per_microbatch={self.max_tokens_per_microbatch} needs "
+                             "packing: true (a token budget makes microbatches of different sizes)")
 
 
 def update_is_on_policy(update: PPOUpdateConfig) -> bool:

@@ -21,12 +21,18 @@ def run_microbatch(stage_model: torch.nn.Module, microbatch: dict[str, torch.Ten
     (:mod:`megatron_rlhf.models.context_parallel`) and the last stage's per-token output is
     gathered back to the whole sequence, so callers see the same shapes as without CP. A length
     that sequence/context parallelism cannot split is right-padded and the output cut back
-    (:mod:`megatron_rlhf.models.sequence_padding`)."""
+    (:mod:`megatron_rlhf.models.sequence_padding`).
+
+    A packed microbatch (``packed_seq_params``, :mod:`megatron_rlhf.models.packing`: one row
+    ``[1, T]`` of several sequences) goes to the model as it is: its packer already padded the
+    row's tail to the sequence multiple; context parallelism is refused."""
     from megatron.core import parallel_state
 
     from megatron_rlhf.models.sequence_padding import padded_length, run_padded, sequence_multiple
 
     multiple = sequence_multiple(stage_model.config)  # SP/CP split the sequence: pad it to fit
+    if microbatch.get("packed_seq_params") is not None:
+        return _run_packed(stage_model, microbatch, multiple)
     if microbatch["input_ids"].shape[1] != padded_length(microbatch["input_ids"].shape[1], multiple):
         return run_padded(lambda padded: run_microbatch(stage_model, padded), microbatch, multiple,
                           parallel_state.is_pipeline_last_stage())
@@ -37,6 +43,20 @@ def run_microbatch(stage_model: torch.nn.Module, microbatch: dict[str, torch.Ten
         microbatch.get("position_ids"),
         sequence_lengths=microbatch.get("sequence_lengths"),
     )
+
+
+def _run_packed(stage_model: torch.nn.Module, microbatch: dict, multiple: int) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    length = microbatch["input_ids"].shape[1]
+    if parallel_state.get_context_parallel_world_size() > 1:
+        raise ValueError("packed sequences do not cover context parallelism; use context_parallel=1")
+    if length % multiple:
+        raise ValueError(f"a packed row of {length} tokens is not a multiple of {multiple} "
+                         "(sequence parallelism): pack it with that multiple")
+    return stage_model(microbatch["input_ids"], microbatch["position_ids"],
+                       sequence_lengths=microbatch.get("sequence_lengths"),
+                       packed_seq_params=microbatch["packed_seq_params"])
 
 
 def _run_context_parallel(stage_model: torch.nn.Module, microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,9 +84,12 @@ def forward_only(
 ) -> list[Any]:
     """Run ``model`` on each microbatch; return ``collect(output, microbatch)`` per microbatch.
 
-    Every microbatch holds ``input_ids`` ``[B, T]`` (same B and T for all) and optionally
-    ``position_ids`` and ``sequence_lengths``; all ranks must pass the same shapes.
+    Every microbatch holds ``input_ids`` ``[B, T]`` and optionally ``position_ids``,
+    ``sequence_lengths`` and ``packed_seq_params``; all ranks must pass the same shapes. Under
+    pipeline parallelism every microbatch has the same B and T (one activation shape per call);
+    without it, shapes may differ (packed rows of different lengths).
     """
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rlhf.models.sequence_padding import schedule_seq_length
@@ -74,8 +97,9 @@ def forward_only(
     if not microbatches:
         return []
     batch_size, seq_length = microbatches[0]["input_ids"].shape
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     for index, microbatch in enumerate(microbatches):
-        if tuple(microbatch["input_ids"].shape) != (batch_size, seq_length):
+        if pipelined and tuple(microbatch["input_ids"].shape) != (batch_size, seq_length):
             raise ValueError(
                 f"microbatch {index} has input_ids shape {tuple(microbatch['input_ids'].shape)}, "
                 f"expected {(batch_size, seq_length)} like microbatch 0"
@@ -106,8 +130,6 @@ def forward_only(
         )
     finally:
         model.train(was_training)
-    from megatron.core import parallel_state
-
     return list(collected) if parallel_state.is_pipeline_last_stage() else []
 
 

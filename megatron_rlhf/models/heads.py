@@ -117,7 +117,10 @@ class RoleModel(torch.nn.Module):
         """Role output on the last stage (see module docstring); activations elsewhere.
 
         ``input_ids`` ``[B, T]``, right-padded; attention is causal, so padding after a
-        sequence never changes the outputs of its real tokens.
+        sequence never changes the outputs of its real tokens. Packed (``packed_seq_params``, THD:
+        ``input_ids [1, T]`` holding several sequences, ``position_ids`` restarting per sequence),
+        per-token outputs are ``[1, T]`` and the reward head reads ``[b]`` scores at
+        ``sequence_lengths``, then each sequence's end in the row.
         """
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -131,6 +134,8 @@ class RoleModel(torch.nn.Module):
         if self.role == "reward":
             if sequence_lengths is None:
                 raise ValueError("the reward head needs sequence_lengths to find the last token")
+            if packed_seq_params is not None:  # one packed row serves every sequence in it
+                token_scores = token_scores.expand(sequence_lengths.shape[0], -1)
             return last_token_scores(token_scores, sequence_lengths)
         return token_scores
 

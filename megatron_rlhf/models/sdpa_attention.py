@@ -38,8 +38,16 @@ Not guaranteed / not supported:
 - query rows whose keys are all masked out: Megatron (``masked_fill`` with -10000) returns the
   mean of all values there, SDPA returns zeros;
 - rejected at construction or call with a clear error, as Megatron's module also rejects them:
-  context parallelism, packed sequences (``packed_seq_params``), ``attention_bias``, sliding
-  windows, and the ``off-by-one`` / ``learnable`` softmax types.
+  context parallelism, ``attention_bias``, sliding windows, and the ``off-by-one`` /
+  ``learnable`` softmax types; packed sequences in any format but ``thd``, padded
+  ``cu_seqlens_*_padded`` that differ from ``cu_seqlens_*``, or with an attention mask.
+
+Packed sequences (``packed_seq_params.qkv_format == 'thd'``, as built by
+:mod:`megatron_rlhf.models.packing`): Megatron's attention squeezes the batch dimension, so the
+inputs are ``query [t, np, hn]``, ``key``/``value [t, ng, hn]`` and the output is
+``[t, np * hn]``; each segment ``cu_seqlens[i]:cu_seqlens[i + 1]`` attends causally to itself
+only (a block-diagonal causal mask, computed segment by segment), so a packed sequence's outputs
+are those of the sequence alone.
 """
 
 from __future__ import annotations
@@ -118,13 +126,10 @@ class SDPACoreAttention(MegatronModule):
         packed_seq_params: Any = None,
     ) -> Tensor:
         """``[sq, b, np * hn]`` attention output of this rank's heads (see module docstring)."""
-        if packed_seq_params is not None:
-            raise ValueError(
-                "SDPACoreAttention: packed sequences (packed_seq_params) are not supported; "
-                "use the Transformer Engine spec"
-            )
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention: attention_bias is not supported")
+        if packed_seq_params is not None:
+            return self._forward_packed(query, key, value, attention_mask, packed_seq_params)
         sq, batch, heads, _ = query.shape
         sk = key.shape[0]
         is_causal = False
@@ -147,6 +152,36 @@ class SDPACoreAttention(MegatronModule):
         context = self._attend(query, key, value, sdpa_mask, is_causal, dropout_p)
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, batch, heads * context.shape[-1])
+
+    def _forward_packed(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                        params: Any) -> Tensor:
+        """``[t, np * hn]``: causal attention within each ``thd`` segment (module docstring)."""
+        if params.qkv_format != "thd":
+            raise ValueError(f"SDPACoreAttention: packed qkv_format={params.qkv_format!r} (only 'thd')")
+        if attention_mask is not None:
+            raise ValueError("SDPACoreAttention: packed (thd) sequences take no attention_mask")
+        cu_seqlens = params.cu_seqlens_q
+        for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            padded = getattr(params, name, None)
+            if padded is not None and not torch.equal(padded.cpu(), cu_seqlens.cpu()):
+                raise ValueError(f"SDPACoreAttention: {name} differs from cu_seqlens_q (not supported)")
+        if not torch.equal(params.cu_seqlens_kv.cpu(), cu_seqlens.cpu()):
+            raise ValueError("SDPACoreAttention: packed self-attention needs cu_seqlens_kv == cu_seqlens_q")
+        if query.dim() != 3 or int(cu_seqlens[-1]) != query.shape[0]:
+            raise ValueError(f"SDPACoreAttention: thd query {tuple(query.shape)} does not match "
+                             f"cu_seqlens ending at {int(cu_seqlens[-1])}")
+        causal = self._is_causal_type()
+        dropout_p = self.dropout_p if self.training else 0.0
+        bounds = cu_seqlens.tolist()
+        contexts = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            segment = slice(start, end)
+            # [s, heads, d] -> [s, b=1, heads, d]; output [1, heads, s, d]
+            context = self._attend(query[segment].unsqueeze(1), key[segment].unsqueeze(1),
+                                   value[segment].unsqueeze(1), None, causal and end - start > 1, dropout_p)
+            contexts.append(context[0].permute(1, 0, 2))  # [s, heads, d]
+        context = torch.cat(contexts)
+        return context.reshape(context.shape[0], -1)
 
     def _is_causal_type(self) -> bool:
         from megatron.core.transformer.enums import AttnMaskType

@@ -15,6 +15,12 @@ bitwise identical log-probs and the KL between actor and reference at step 0 is 
   ``[B, R]`` float32, 0.0 where ``response_mask`` is 0. Computing the entropy does not change a
   bit of the log-probs (see :func:`megatron_rlhf.models.logprobs.logprobs_and_entropy`).
 
+Packing (``packing=True``, :mod:`megatron_rlhf.models.packing`): each microbatch is one row of
+its samples' sequences concatenated without padding (THD, ``packed_seq_params``), holding
+``micro_batch_size`` samples or, with ``max_tokens_per_microbatch > 0``, as many as fit that
+token budget; the read positions move into the row (:func:`packed_response_microbatches`) and the
+results are put back in batch order. Same values as the padded path up to float summation order.
+
 Alignment: the logits at position ``p`` predict token ``p + 1``, so response token ``t`` of a
 sample whose prompt has ``P`` tokens is read at position ``P - 1 + t``.
 
@@ -44,8 +50,49 @@ def response_positions(batch: RolloutBatch) -> tuple[Tensor, Tensor]:
 
 
 def gather_responses(token_outputs: Tensor, positions: Tensor) -> Tensor:
-    """``[b, L']`` per-position outputs -> ``[b, R]`` at the response positions."""
+    """``[b, L']`` per-position outputs -> ``[b, R]`` at the response positions; a packed row
+    (``[1, L']``) serves every sample of its microbatch (``positions [b, R]`` index into it)."""
+    if token_outputs.shape[0] == 1 and positions.shape[0] != 1:
+        token_outputs = token_outputs.expand((positions.shape[0],) + tuple(token_outputs.shape[1:]))
     return token_outputs.gather(1, positions.to(token_outputs.device))
+
+
+def sample_lengths(batch: RolloutBatch) -> Tensor:
+    """``[B]`` long: prompt + response tokens of each sample (its real positions)."""
+    return batch.prompt_lengths.to(torch.long) + batch.response_lengths.to(torch.long)
+
+
+def packed_response_microbatches(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    samples: Tensor,
+    micro_batch_size: int,
+    max_tokens_per_microbatch: int,
+    sequences: tuple[Tensor, Tensor] | None = None,
+) -> list[dict]:
+    """Packed microbatches (:func:`~megatron_rlhf.models.packing.pack_microbatch`, on the
+    model's device) of the rows ``samples`` of ``batch``: ``micro_batch_size`` samples each, or
+    within ``max_tokens_per_microbatch`` tokens when it is > 0. Rows are padded at their tail to
+    what sequence parallelism splits, and to one common length under pipeline parallelism.
+    ``sequences``: :func:`response_positions` of ``batch`` when the caller already has it."""
+    from megatron.core import parallel_state
+
+    from megatron_rlhf.models.packing import packed_microbatches, packed_to, token_budget_microbatches
+    from megatron_rlhf.models.sequence_padding import sequence_multiple
+
+    config = model.config
+    if config.context_parallel_size > 1:
+        raise ValueError("packed sequences do not cover context parallelism (context_parallel > 1); "
+                         "set update.packing: false")
+    input_ids, positions = sequences if sequences is not None else response_positions(batch)
+    lengths = sample_lengths(batch)
+    plan = token_budget_microbatches(lengths[samples].tolist(), max_tokens_per_microbatch, micro_batch_size)
+    plan = [samples[members].tolist() for members in plan]
+    microbatches = packed_microbatches(input_ids, lengths, positions, plan, sequence_multiple(config),
+                                       parallel_state.get_pipeline_model_parallel_world_size() > 1,
+                                       batch.pad_token_id)
+    device = next(model.parameters()).device
+    return [packed_to(microbatch, device) for microbatch in microbatches]
 
 
 def per_response_token(
@@ -54,17 +101,23 @@ def per_response_token(
     micro_batch_size: int,
     collect: Callable[[Tensor, dict], Tensor],
     trailing_shape: tuple[int, ...] = (),
+    packing: bool = False,
+    max_tokens_per_microbatch: int = 0,
 ) -> Tensor:
     """``[B, R, *trailing_shape]`` float32 of ``collect(output, microbatch) -> [b, R, *trailing_shape]``
     over the batch, on every rank, 0.0 where ``response_mask`` is 0 (no gradient). The stages before
     the last receive the result in a buffer of that shape.
 
     ``microbatch`` holds ``input_ids [b, L]`` (on the model's device) and ``positions [b, R]``
-    (:func:`response_positions`).
+    (:func:`response_positions`); packed (``packing``), ``input_ids [1, T]`` and the THD entries
+    of :func:`packed_response_microbatches`.
     """
     from megatron_rlhf.models.forward import forward_only
     from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
 
+    if packing:
+        return _per_response_token_packed(model, batch, micro_batch_size, collect, trailing_shape,
+                                          max_tokens_per_microbatch)
     input_ids, positions = response_positions(batch)
     count = batch.num_samples
     padded = -(-count // micro_batch_size) * micro_batch_size
@@ -80,9 +133,28 @@ def per_response_token(
         outputs = forward_only(model, microbatches, lambda out, mb: collect(out, mb).float().cpu())
     result = torch.cat(outputs)[:count] if outputs else torch.zeros((count, positions.shape[1]) + trailing_shape)
     result = broadcast_from_last_stage(result)
+    return _masked(batch, result)
+
+
+def _masked(batch: RolloutBatch, result: Tensor) -> Tensor:
     mask = batch.response_mask.to(torch.bool)
     mask = mask.reshape(mask.shape + (1,) * (result.dim() - mask.dim()))
     return torch.where(mask, result, torch.zeros((), dtype=result.dtype))  # no NaN from -inf * 0
+
+
+def _per_response_token_packed(model, batch, micro_batch_size, collect, trailing_shape, max_tokens) -> Tensor:
+    """:func:`per_response_token` over packed microbatches, results put back in batch order."""
+    from megatron_rlhf.models.forward import forward_only
+    from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
+
+    count = batch.num_samples
+    result = torch.zeros((count, batch.response_ids.shape[1]) + trailing_shape)
+    microbatches = packed_response_microbatches(model, batch, torch.arange(count), micro_batch_size, max_tokens)
+    with torch.no_grad():
+        outputs = forward_only(model, microbatches, lambda out, mb: collect(out, mb).float().cpu())
+    if outputs:
+        result[torch.cat([microbatch["sample_index"] for microbatch in microbatches])] = torch.cat(outputs)
+    return _masked(batch, broadcast_from_last_stage(result))
 
 
 def microbatch_response_logprobs(
@@ -121,14 +193,16 @@ def response_logprobs(
     valid_vocab_size: int,
     temperature: float = 1.0,
     micro_batch_size: int = 4,
+    packing: bool = False,
+    max_tokens_per_microbatch: int = 0,
 ) -> Tensor:
     """``[B, R]`` float32 ``log softmax(logits / temperature)`` of ``batch.response_ids`` (0.0 on
-    padding), on every rank."""
+    padding), on every rank. ``packing`` / ``max_tokens_per_microbatch``: see the module docstring."""
 
     def collect(logits: Tensor, microbatch: dict) -> Tensor:
         return microbatch_response_logprobs(logits, microbatch, valid_vocab_size, temperature, False)[0]
 
-    return per_response_token(model, batch, micro_batch_size, collect)
+    return per_response_token(model, batch, micro_batch_size, collect, (), packing, max_tokens_per_microbatch)
 
 
 def response_logprobs_and_entropy(
@@ -137,6 +211,8 @@ def response_logprobs_and_entropy(
     valid_vocab_size: int,
     temperature: float = 1.0,
     micro_batch_size: int = 4,
+    packing: bool = False,
+    max_tokens_per_microbatch: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`response_logprobs` (bitwise the same) and the policy entropy per response token
     (nats, ``[B, R]`` float32, 0.0 on padding), in one pass."""
@@ -145,5 +221,5 @@ def response_logprobs_and_entropy(
         logprobs, entropy = microbatch_response_logprobs(logits, microbatch, valid_vocab_size, temperature, True)
         return torch.stack((logprobs, entropy), dim=-1)
 
-    both = per_response_token(model, batch, micro_batch_size, collect, (2,))
+    both = per_response_token(model, batch, micro_batch_size, collect, (2,), packing, max_tokens_per_microbatch)
     return both[..., 0], both[..., 1]

@@ -22,6 +22,12 @@ the whole global batch, known locally), times ``m * dp`` to undo Megatron's divi
 number of microbatches and DDP's average over DP. The reported step loss is the exact global
 value (summed over microbatches and DP, broadcast over PP).
 
+Packing (``RewardTrainingConfig.packing``): each training microbatch's rows (the same rows as
+padded) are concatenated into one THD row without padding (:mod:`megatron_rlhf.models.packing`);
+final-token scores are read at each row's end in the pack and PRM boundaries are moved into it,
+so the loss, gradient and weights are those of the padded path up to float summation order. The
+step reports ``padding_fraction`` either way. Scoring and evaluation stay padded.
+
 Scoring (:class:`~megatron_rlhf.rewards.scorer.RewardScorer`, re-exported here): the rows are sharded over DP, scored with Megatron's forward
 schedules and gathered, so every rank gets every score. ORM: one logit per response. PRM: a logit
 per step boundary (the last is the final token) and :func:`aggregate_step_scores` of the step
@@ -46,6 +52,7 @@ from megatron_rlhf.data.reward_data import LabelledBatch, PreferenceBatch, Seque
 from megatron_rlhf.evaluation.classification import pairwise_accuracy, roc_auc
 from megatron_rlhf.models.heads import gather_at_positions, last_token_scores
 from megatron_rlhf.config.optimizer import OptimizerSettings
+from megatron_rlhf.models.sequence_padding import schedule_seq_length
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
 from megatron_rlhf.training.megatron_step import MegatronUpdater
 
@@ -75,6 +82,9 @@ class RewardTrainingConfig:
     """Weight of the mean BCE over the step's supervised targets. >= 0."""
     score_micro_batch_size: int = 8
     """Rows per forward microbatch when scoring / validating. >= 1."""
+    packing: bool = False
+    """Pack each training microbatch's rows into one row without padding (THD); see the module
+    docstring. The rows per microbatch stay ``2 * pairs_per_microbatch + responses_per_microbatch``."""
 
     def __post_init__(self) -> None:
         for name in ("pairs_per_microbatch", "responses_per_microbatch"):
@@ -129,6 +139,8 @@ class RewardStepStats:
     grad_norm: float | None
     learning_rate: float
     skipped: bool
+    padding_fraction: float = 0.0
+    """1 - real / computed positions of the step's forward, over all DP ranks."""
 
 
 @dataclass(frozen=True)
@@ -207,34 +219,59 @@ class RewardModelTrainer:
         first = parallel_state.get_data_parallel_rank() * local
         pairs_each, responses_each = config.pairs_per_microbatch, config.responses_per_microbatch
         device = next(self.model.parameters()).device
-        microbatches = []
+        plan = []
         for index in range(first, first + local):
             pair_rows = torch.arange(index * pairs_each, (index + 1) * pairs_each)
             response_rows = torch.arange(index * responses_each, (index + 1) * responses_each)
-            rows = torch.cat([pair_rows, num_pairs + pair_rows, 2 * num_pairs + response_rows])
-            microbatches.append(
-                {
-                    "input_ids": sequences.input_ids[rows].to(device),
-                    "sequence_lengths": sequences.lengths[rows].to(device),
-                    "rows": rows,
-                }
-            )
+            plan.append(torch.cat([pair_rows, num_pairs + pair_rows, 2 * num_pairs + response_rows]))
+        if config.packing:
+            microbatches = self._packed(sequences, plan, device)
+            computed = sum(microbatch["computed_tokens"] for microbatch in microbatches)
+        else:
+            microbatches = [{"input_ids": sequences.input_ids[rows].to(device),
+                             "sequence_lengths": sequences.lengths[rows].to(device), "rows": rows} for rows in plan]
+            computed = sum(rows.numel() for rows in plan) * schedule_seq_length(self.model.config,
+                                                                                 sequences.input_ids.shape[1])
+        real = sum(int(sequences.lengths[rows].sum()) for rows in plan)
         norm = (max(num_pairs, 1), max(int(supervised.sum()), 1), local * dp)
         loss_fn = partial(self._microbatch_loss, sequences, targets, supervised, norm)
-        return self._stats(self.updater.step(microbatches, loss_fn))
+        return self._stats(self.updater.step(microbatches, loss_fn), real, computed)
+
+    def _packed(self, sequences: SequenceBatch, plan: list[Tensor], device) -> list[dict]:
+        """One THD row per microbatch; ``sequence_lengths`` are each row's end in the pack."""
+        from megatron.core import parallel_state
+
+        from megatron_rlhf.models.packing import packed_microbatches, packed_to
+        from megatron_rlhf.models.sequence_padding import sequence_multiple
+
+        if self.model.config.context_parallel_size > 1:
+            raise ValueError("RewardTrainingConfig.packing does not cover context parallelism")
+        microbatches = packed_microbatches(sequences.input_ids, sequences.lengths, None, [rows.tolist() for rows in plan],
+                                           sequence_multiple(self.model.config),
+                                           parallel_state.get_pipeline_model_parallel_world_size() > 1)
+        for microbatch, rows in zip(microbatches, plan):
+            bounds = microbatch["packed_seq_params"].cu_seqlens_q.long()
+            microbatch.update(rows=rows, row_starts=bounds[: rows.numel()],
+                              sequence_lengths=bounds[1 : rows.numel() + 1].to(device))
+        return [packed_to(microbatch, device) for microbatch in microbatches]
 
     def _microbatch_loss(self, sequences, targets, supervised, norm, output: Tensor, microbatch: dict):
         """The microbatch's exact share of the global loss, scaled for Megatron and DDP."""
         num_pairs, num_targets, scale = norm
         rows, p = microbatch["rows"], self.config.pairs_per_microbatch
-        lengths = microbatch["sequence_lengths"]
+        lengths = microbatch["sequence_lengths"]  # packed: each row's end in the pack
+        if self.role != "reward" and output.shape[0] != rows.numel():  # a packed [1, T] serves every row
+            output = output.expand(rows.numel(), -1)
         final = output if self.role == "reward" else last_token_scores(output, lengths)
         preference = bradley_terry_loss_sum(final[:p], final[p : 2 * p])
         labelled_rows = rows[2 * p :]
         if self.role == "reward":
             logits = final[2 * p :].unsqueeze(1).expand(-1, targets.shape[1])
         else:
-            positions = sequences.boundary_positions[labelled_rows].to(output.device)
+            positions = sequences.boundary_positions[labelled_rows]
+            if "row_starts" in microbatch:  # packed: boundaries move to the row's place in the pack
+                positions = torch.where(positions >= 0, positions + microbatch["row_starts"][2 * p :, None], positions)
+            positions = positions.to(output.device)
             logits = gather_at_positions(output[2 * p :], positions)
         classification = classification_loss_sum(
             logits, targets[labelled_rows].to(logits.device), supervised[labelled_rows].to(logits.device)
@@ -253,21 +290,25 @@ class RewardModelTrainer:
             "pair_accuracy": wins / num_pairs,
         }
 
-    def _stats(self, result) -> RewardStepStats:
+    def _stats(self, result, real_positions: int, computed_positions: int) -> RewardStepStats:
         """Sum the microbatch shares over microbatches and DP; broadcast from the last stage."""
         from megatron.core import parallel_state
 
+        from megatron_rlhf.models.packing import padding_fraction
+
         device = next(self.model.parameters()).device
-        totals = torch.zeros(len(self.metric_names), dtype=torch.float64, device=device)
+        totals = torch.zeros(len(self.metric_names) + 2, dtype=torch.float64, device=device)
+        totals[-2:] = torch.tensor([real_positions, computed_positions], dtype=torch.float64)
         for metrics in result.metrics:
-            totals += torch.stack([metrics[name].double().reshape(()) for name in self.metric_names]).to(device)
+            totals[:-2] += torch.stack([metrics[name].double().reshape(()) for name in self.metric_names]).to(device)
         torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        values = broadcast_from_last_stage(totals).tolist()
+        *values, real, computed = broadcast_from_last_stage(totals).tolist()
         return RewardStepStats(
             *values,
             grad_norm=None if result.skipped else float(result.grad_norm),
             learning_rate=result.learning_rate,
             skipped=result.skipped,
+            padding_fraction=padding_fraction(real, computed),
         )
 
     def evaluate(self, pairs: PreferenceBatch | None, labelled: LabelledBatch | None) -> ValidationMetrics:

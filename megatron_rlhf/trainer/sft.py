@@ -8,7 +8,10 @@ examples): it tokenises the conversations with the chat template
 (:class:`~megatron_rlhf.training.megatron_step.MegatronUpdater`: DDP, Megatron's distributed
 optimizer, gradient clipping, LR schedule, 1F1B for PP > 1). DP rank ``d`` takes the ``d``-th
 contiguous shard of each global batch and splits it into microbatches of ``micro_batch_size``,
-right padded to the longest conversation of the global batch.
+right padded to the longest conversation of the global batch; with ``packing``, into packed rows
+without padding (:mod:`megatron_rlhf.models.packing`: ``micro_batch_size`` conversations or a
+``max_tokens_per_microbatch`` budget per row; the first token of each packed conversation is no
+target, as position 0 of a padded row is none). Every step reports ``padding_fraction``.
 
 Loss: next-token cross-entropy on assistant tokens only (``loss_mask``), averaged over every
 target token of the global batch, exactly: a microbatch contributes ``sum(token NLL) /
@@ -24,7 +27,7 @@ by ``max_length`` are dropped and counted; the last ``len % global_batch_size`` 
 each epoch's order are not used in that epoch (a different remainder each epoch).
 
 Not guaranteed: every rank tokenises the whole dataset (fine for SFT sets, not for pre-training
-corpora); no sequence packing (right padding only); the model stays wrapped by Megatron DDP's
+corpora); packing under context parallelism (refused); the model stays wrapped by Megatron DDP's
 gradient hooks after training, so train it further with a fresh model or reload its export.
 
 The trained model is written for transformers / vLLM with
@@ -54,6 +57,7 @@ from megatron_rlhf.data.chat import (
     tokenize_chat,
 )
 from megatron_rlhf.config.optimizer import OptimizerSettings
+from megatron_rlhf.models.packing import padding_fraction
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
 from megatron_rlhf.training.megatron_step import MegatronUpdater
 
@@ -70,6 +74,13 @@ class SFTConfig:
     """Conversations per optimizer step, over all DP ranks; a multiple of DP x micro_batch_size."""
     micro_batch_size: int = 1
     """Conversations per Megatron microbatch on one DP rank (>= 1)."""
+    packing: bool = False
+    """Pack each microbatch's conversations into one row without padding (THD); the same loss,
+    gradient and weights as right padding, up to float summation order."""
+    max_tokens_per_microbatch: int = 0
+    """With ``packing``: tokens per packed microbatch on one DP rank (first-fit decreasing; a
+    longer conversation gets a row of its own); ``micro_batch_size`` is then not used. 0: rows of
+    ``micro_batch_size`` conversations. >= 0; needs ``packing: true``."""
     max_length: int | None = None
     """Tokens kept per conversation (longer ones are cut on the right and counted); None: the
     model's max_position_embeddings."""
@@ -89,6 +100,9 @@ class SFTConfig:
         for name in ("epochs", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.max_tokens_per_microbatch < 0 or (self.max_tokens_per_microbatch and not self.packing):
+            raise ValueError(f"SFTConfig.max_tokens_per_microbatch={self.max_tokens_per_microbatch} must be >= 0 "
+                             "and needs packing: true")
         if self.eval_interval < 0:
             raise ValueError(f"SFTConfig.eval_interval={self.eval_interval} must be >= 0")
         if self.max_length is not None and self.max_length < 2:
@@ -116,6 +130,8 @@ class SFTStepStats:
     tokens: int
     """Target (assistant) tokens in the global batch."""
     skipped: bool
+    padding_fraction: float = 0.0
+    """1 - real / computed positions of the step's forward, over all DP ranks."""
 
 
 @dataclass(frozen=True)
@@ -222,10 +238,37 @@ class SFTTrainer:
     def _microbatches(self, chats: Sequence[TokenizedChat], length: int) -> list[dict[str, Tensor]]:
         batch = collate_chats(chats, self.pad_token_id, length)
         size = self.config.micro_batch_size
+        if self.config.packing:
+            return self._packed(batch)
         return [
             {"input_ids": ids.to(self.device), "loss_mask": mask.to(self.device)}
             for ids, mask in zip(batch.input_ids.split(size), batch.loss_mask.split(size))
         ]
+
+    def _packed(self, batch) -> list[dict[str, Tensor]]:
+        """Packed rows of ``batch`` (a ``ChatBatch``); no target at any conversation's first token."""
+        from megatron.core import parallel_state
+
+        from megatron_rlhf.models.packing import packed_microbatches, packed_to, token_budget_microbatches
+        from megatron_rlhf.models.sequence_padding import sequence_multiple
+
+        if self.model.config.context_parallel_size > 1:
+            raise ValueError("SFTConfig.packing does not cover context parallelism; use context_parallel=1")
+        plan = token_budget_microbatches(batch.sequence_lengths.tolist(), self.config.max_tokens_per_microbatch,
+                                         self.config.micro_batch_size)
+        rows = packed_microbatches(batch.input_ids, batch.sequence_lengths, None, plan, sequence_multiple(self.model.config),
+                                   parallel_state.get_pipeline_model_parallel_world_size() > 1, self.pad_token_id,
+                                   {"loss_mask": batch.loss_mask})
+        for row in rows:
+            row["loss_mask"][0, row["packed_seq_params"].cu_seqlens_q[:-1].long()] = 0.0
+        return [packed_to(row, self.device, ("input_ids", "position_ids", "loss_mask")) for row in rows]
+
+    def _computed_positions(self, microbatches: list[dict], length: int, rows: int) -> int:
+        from megatron_rlhf.models.sequence_padding import schedule_seq_length
+
+        if self.config.packing:
+            return sum(microbatch["computed_tokens"] for microbatch in microbatches)
+        return rows * schedule_seq_length(self.model.config, length)
 
     def step(self, chats: Sequence[TokenizedChat], step: int, epoch: int) -> SFTStepStats:
         """One optimizer step on a global batch (the same ``chats`` on every rank)."""
@@ -233,7 +276,7 @@ class SFTTrainer:
 
         dp = parallel_state.get_data_parallel_world_size()
         shard = len(chats) // dp
-        if shard * dp != len(chats) or shard % self.config.micro_batch_size:
+        if shard * dp != len(chats) or (shard % self.config.micro_batch_size and not self.config.packing):
             raise ValueError(
                 f"a global batch of {len(chats)} conversations does not split into {dp} DP shards "
                 f"of whole microbatches of micro_batch_size={self.config.micro_batch_size}"
@@ -241,15 +284,18 @@ class SFTTrainer:
         rank = parallel_state.get_data_parallel_rank()
         length = max(len(chat.token_ids) for chat in chats)
         tokens = sum(chat.num_loss_tokens for chat in chats)
-        microbatches = self._microbatches(chats[rank * shard : (rank + 1) * shard], length)
+        mine = chats[rank * shard : (rank + 1) * shard]
+        microbatches = self._microbatches(mine, length)
         loss_fn = partial(
             _microbatch_loss, self.valid_vocab_size, float(max(tokens, 1)), len(microbatches) * dp
         )
         result = self.updater.step(microbatches, loss_fn)
         local = sum(float(metrics["loss_share"]) for metrics in result.metrics)
-        loss = float(_sum_over_dp_and_share(torch.tensor([local], dtype=torch.float64))[0])
+        positions = (sum(len(chat.token_ids) for chat in mine), self._computed_positions(microbatches, length, shard))
+        totals = _sum_over_dp_and_share(torch.tensor([local, *positions], dtype=torch.float64))
         grad_norm = None if result.skipped or result.grad_norm is None else float(result.grad_norm)
-        return SFTStepStats(step, epoch, loss, grad_norm, result.learning_rate, tokens, result.skipped)
+        return SFTStepStats(step, epoch, float(totals[0]), grad_norm, result.learning_rate, tokens, result.skipped,
+                            padding_fraction(float(totals[1]), float(totals[2])))
 
     @torch.no_grad()
     def validation_loss(self, chats: Sequence[TokenizedChat], step: int) -> ValidationPoint:
@@ -264,7 +310,8 @@ class SFTTrainer:
         if local:
             size = self.config.micro_batch_size
             filler = TokenizedChat(local[0].token_ids, (0,) * len(local[0].token_ids), False)
-            local += [filler] * (-len(local) % size)  # equal microbatches; no targets in fillers
+            if not self.config.packing:  # packed rows need no equal microbatches
+                local += [filler] * (-len(local) % size)  # equal microbatches; no targets in fillers
             length = max(len(chat.token_ids) for chat in chats)
 
             def collect(logits: Tensor, microbatch: dict[str, Tensor]) -> Tensor:
@@ -370,9 +417,9 @@ def _train_epochs(
             progress.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
             if is_logger and step % config.log_interval == 0:
                 log.info(
-                    "step %d/%d epoch %d loss %.4f grad_norm %s lr %.3g tokens %d%s", step, total,
+                    "step %d/%d epoch %d loss %.4f grad_norm %s lr %.3g tokens %d padding %.3f%s", step, total,
                     epoch, stats.loss, "-" if stats.grad_norm is None else f"{stats.grad_norm:.3f}",
-                    stats.learning_rate, stats.tokens, " SKIPPED" if stats.skipped else "",
+                    stats.learning_rate, stats.tokens, stats.padding_fraction, " SKIPPED" if stats.skipped else "",
                 )
             last_of_epoch = index == report.steps_per_epoch - 1
             if last_of_epoch or (config.eval_interval and step % config.eval_interval == 0):

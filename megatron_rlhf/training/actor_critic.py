@@ -46,8 +46,13 @@ on-policy update reports it; not at all otherwise (the log-probs are the same bi
 
 Layout of the code: the shared plan / normalisation / stats live in :mod:`.ppo_update`.
 
-Not covered: packed (THD) sequences -- variable lengths are handled by right padding with the
-response mask; prompts must be non-empty (the first response token needs a preceding position).
+Packing (``PPOUpdateConfig.packing``, optionally with ``max_tokens_per_microbatch``): the update
+and the no-grad passes run packed rows without padding (:mod:`.ppo_update`); the on-policy
+update's per-token outputs are put back in batch order whatever the microbatch split. Every step
+reports ``padding_fraction``.
+
+Not covered: prompts must be non-empty (the first response token needs a preceding position);
+packing under context parallelism (refused with a clear error).
 """
 
 from __future__ import annotations
@@ -149,15 +154,18 @@ class ActorTrainer(PPOTrainerBase):
     def logprobs(self, batch: RolloutBatch) -> Tensor:
         """``[B, R]`` float32 log pi(response token | prefix), 0.0 on padding, on every rank: the
         path the reference takes too (:func:`~megatron_rlhf.models.sequence_logprobs.response_logprobs`)."""
+        config = self.update_config
         return response_logprobs(self.model, batch, self.valid_vocab_size, self.temperature,
-                                 self.update_config.micro_batch_size)
+                                 config.micro_batch_size, config.packing, config.max_tokens_per_microbatch)
 
     @torch.no_grad()
     def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """``([B, R], [B, R])`` float32 log-probs (bitwise those of :meth:`logprobs`) and policy
         entropy per response position, in one pass."""
+        config = self.update_config
         return response_logprobs_and_entropy(self.model, batch, self.valid_vocab_size, self.temperature,
-                                             self.update_config.micro_batch_size)
+                                             config.micro_batch_size, config.packing,
+                                             config.max_tokens_per_microbatch)
 
     def update(
         self,
@@ -183,21 +191,22 @@ class ActorTrainer(PPOTrainerBase):
         if reason is not None:
             raise ValueError(f"update_on_policy refused: {reason}; run the old-policy log-prob pass and update()")
         microbatches: list[dict[str, Tensor]] = []
+        samples: list[Tensor] = []
         stats = self._update(batch, experience, self._terms(kl_coef, True), self._token_outputs(True), None,
-                             microbatches)
-        logprobs, entropy = self._forward_outputs(batch, microbatches)
+                             microbatches, samples)
+        logprobs, entropy = self._forward_outputs(batch, microbatches, samples)
         return OnPolicyUpdate(stats, logprobs, entropy)
 
     @staticmethod
-    def _forward_outputs(batch: RolloutBatch, microbatches: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
-        """``([b, R], [b, R])`` per-token log-probs and entropy the update's microbatches kept, in
-        batch order, on every pipeline stage, 0.0 on padding."""
+    def _forward_outputs(batch: RolloutBatch, microbatches: list[dict[str, Tensor]],
+                         samples: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """``([b, R], [b, R])`` per-token log-probs and entropy the update's microbatches kept
+        (``samples``: their sample indices), in batch order, on every pipeline stage, 0.0 on padding."""
         shape = tuple(batch.response_ids.shape) + (2,)
+        both = torch.zeros(shape, dtype=torch.float32)
         if microbatches:  # the last pipeline stage
-            both = torch.cat([torch.stack((m["tokens/logprobs"], m["tokens/entropy"]), dim=-1).float().cpu()
-                              for m in microbatches])
-        else:
-            both = torch.zeros(shape, dtype=torch.float32)
+            both[torch.cat(samples)] = torch.cat(
+                [torch.stack((m["tokens/logprobs"], m["tokens/entropy"]), dim=-1).float().cpu() for m in microbatches])
         both = broadcast_from_last_stage(both)
         mask = batch.response_mask.to(torch.bool).unsqueeze(-1)
         both = torch.where(mask, both, torch.zeros((), dtype=both.dtype))

@@ -14,6 +14,13 @@ replica receive the same share), laid out as ``num_minibatches`` contiguous equa
 is the sum of the DP ranks' local denominators (one all-reduce per minibatch), so the loss and
 gradient are those of the exact reduction over the whole minibatch. A share that does not split
 into whole microbatches raises ``ValueError`` naming the sizes. At DP=1 the share is the batch.
+
+Packing (``PPOUpdateConfig.packing``): a minibatch part is split into packed rows
+(:func:`~megatron_rlhf.models.sequence_logprobs.packed_response_microbatches`) of
+``micro_batch_size`` samples or of a token budget (``max_tokens_per_microbatch``); DP ranks may then
+run different numbers of microbatches, each normalised by its own count (the gradients are
+reduced once, after the last microbatch). Every step reports ``padding_fraction`` (1 - real /
+computed positions over the minibatch, all DP ranks) in its terms, packed or not.
 """
 
 from __future__ import annotations
@@ -28,7 +35,14 @@ from torch import Tensor
 from megatron_rlhf.algorithms import AlgorithmConfig, Experience, reduction_parts
 from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.config.ppo_update import PPOUpdateConfig  # re-exported: the old import path keeps working
-from megatron_rlhf.models.sequence_logprobs import per_response_token, response_positions
+from megatron_rlhf.models.packing import padding_fraction
+from megatron_rlhf.models.sequence_logprobs import (
+    packed_response_microbatches,
+    per_response_token,
+    response_positions,
+    sample_lengths,
+)
+from megatron_rlhf.models.sequence_padding import schedule_seq_length
 from megatron_rlhf.parallel.pipeline import broadcast_from_last_stage
 from megatron_rlhf.training.megatron_step import MegatronUpdater
 from megatron_rlhf.types import RolloutBatch
@@ -80,16 +94,24 @@ class MinibatchNorm:
     tokens: float
     """Response tokens in the whole minibatch, at least 1 (for token-mean metrics)."""
     scale: int
-    """num_microbatches * dp_size: undoes Megatron's per-microbatch and DDP's DP averaging."""
+    """num_microbatches * dp_size (this rank's count): undoes Megatron's per-microbatch and DDP's
+    DP averaging."""
+    padding_fraction: float = 0.0
+    """1 - real / computed positions of the minibatch's forward, over all DP shares."""
 
     @classmethod
-    def of(cls, response_mask: Tensor, reduction: str, scale: int, group=None) -> MinibatchNorm:
-        """From this rank's share of the minibatch; ``group`` (the DP group) sums the shares."""
+    def of(cls, response_mask: Tensor, reduction: str, scale: int, group=None,
+           real_positions: int = 0, computed_positions: int = 0) -> MinibatchNorm:
+        """From this rank's share of the minibatch; ``group`` (the DP group) sums the shares
+        (and this rank's real / computed positions, in the same all-reduce)."""
         parts = reduction_parts(torch.zeros(response_mask.shape), response_mask, reduction)
-        counts = torch.stack([parts.denominator.double(), response_mask.to(torch.bool).sum().double()])
+        counts = torch.stack([parts.denominator.double(), response_mask.to(torch.bool).sum().double(),
+                              torch.tensor(float(real_positions), dtype=torch.float64),
+                              torch.tensor(float(computed_positions), dtype=torch.float64)])
         if group is not None and group.size() > 1:
             torch.distributed.all_reduce(counts, group=group)
-        return cls(reduction, float(counts[0].clamp(min=1)), float(counts[1].clamp(min=1)), scale)
+        return cls(reduction, float(counts[0].clamp(min=1)), float(counts[1].clamp(min=1)), scale,
+                   padding_fraction(float(counts[2]), float(counts[3])))
 
 
 class PPOTrainerBase:
@@ -123,7 +145,9 @@ class PPOTrainerBase:
     def _per_position(self, batch: RolloutBatch, collect: Callable[[Tensor, dict], Tensor]) -> Tensor:
         """``[B, R]`` of ``collect(output, microbatch) -> [b, R]`` over the batch, on every rank
         (:func:`~megatron_rlhf.models.sequence_logprobs.per_response_token`)."""
-        return per_response_token(self.model, batch, self.update_config.micro_batch_size, collect)
+        config = self.update_config
+        return per_response_token(self.model, batch, config.micro_batch_size, collect, (), config.packing,
+                                  config.max_tokens_per_microbatch)
 
     @staticmethod
     def _plan(count: int, config: PPOUpdateConfig) -> int:
@@ -134,7 +158,7 @@ class PPOTrainerBase:
                 f"num_minibatches={config.num_minibatches}"
             )
         local = count // config.num_minibatches
-        if local % config.micro_batch_size:
+        if not config.packing and local % config.micro_batch_size:
             raise ValueError(
                 f"this rank's part of a minibatch ({local} samples) does not split into whole "
                 f"microbatches of micro_batch_size={config.micro_batch_size}"
@@ -149,9 +173,11 @@ class PPOTrainerBase:
         model_output: Callable[[Tensor, dict[str, Tensor]], object],
         config: PPOUpdateConfig | None,
         microbatch_metrics: list[dict[str, Tensor]] | None = None,
+        microbatch_samples: list[Tensor] | None = None,
     ) -> list[OptimizerStepStats]:
         """The optimizer steps; ``microbatch_metrics`` (when given) receives every microbatch's
-        metrics in schedule order (epochs, minibatches, microbatches; last pipeline stage only)."""
+        metrics in schedule order (epochs, minibatches, microbatches; last pipeline stage only),
+        ``microbatch_samples`` every microbatch's sample indices in the same order (every stage)."""
         from megatron.core import parallel_state
 
         config = config or self.update_config
@@ -164,32 +190,47 @@ class PPOTrainerBase:
         local_size = self._plan(batch.num_samples, config)
         dp = parallel_state.get_data_parallel_world_size()
         dp_group = parallel_state.get_data_parallel_group()
-        input_ids, positions = response_positions(batch)
-        device = next(self.model.parameters()).device
+        sequences = response_positions(batch)
+        lengths = sample_lengths(batch)
         stats = []
         for epoch in range(config.ppo_epochs):
             for index in range(config.num_minibatches):
                 local = torch.arange(index * local_size, (index + 1) * local_size)
-                microbatches = [
-                    {
-                        "input_ids": input_ids[part].to(device),
-                        "positions": positions[part],
-                        "sample_index": part,
-                    }
-                    for part in local.split(config.micro_batch_size)
-                ]
+                microbatches, computed = self._microbatches(batch, sequences, local, config)
                 norm = MinibatchNorm.of(
                     experience.response_mask[local],
                     self.algorithm.loss_reduction,
                     len(microbatches) * dp,
                     dp_group,
+                    int(lengths[local].sum()),
+                    computed,
                 )
                 loss_fn = partial(self._microbatch_loss, experience, terms_fn, model_output, norm)
                 result = self.updater.step(microbatches, loss_fn)
                 if microbatch_metrics is not None:
                     microbatch_metrics.extend(result.metrics)
-                stats.append(self._step_stats(epoch, index, result))
+                if microbatch_samples is not None:
+                    microbatch_samples.extend(microbatch["sample_index"] for microbatch in microbatches)
+                step = self._step_stats(epoch, index, result)
+                step.terms["padding_fraction"] = norm.padding_fraction
+                stats.append(step)
         return stats
+
+    def _microbatches(self, batch: RolloutBatch, sequences: tuple[Tensor, Tensor], local: Tensor,
+                      config: PPOUpdateConfig) -> tuple[list[dict], int]:
+        """The microbatches of the samples ``local`` of this rank's share (each with ``positions``
+        and ``sample_index``) and the positions their forward computes: packed rows when
+        ``config.packing``, else ``micro_batch_size`` right-padded sequences each. ``sequences``:
+        :func:`~megatron_rlhf.models.sequence_logprobs.response_positions` of ``batch``."""
+        if config.packing:
+            microbatches = packed_response_microbatches(self.model, batch, local, config.micro_batch_size,
+                                                        config.max_tokens_per_microbatch, sequences)
+            return microbatches, sum(microbatch["computed_tokens"] for microbatch in microbatches)
+        input_ids, positions = sequences
+        device = next(self.model.parameters()).device
+        microbatches = [{"input_ids": input_ids[part].to(device), "positions": positions[part], "sample_index": part}
+                        for part in local.split(config.micro_batch_size)]
+        return microbatches, local.numel() * schedule_seq_length(self.model.config, input_ids.shape[1])
 
     @staticmethod
     def _microbatch_loss(

@@ -220,8 +220,10 @@ class ReferenceWorker(MegatronWorker):
         from megatron_rlhf.models.sequence_logprobs import response_logprobs
 
         with self.gpu.phase("reference_logprobs"):
+            update = self.spec.update
             return self._held(response_logprobs(self.model, batch, self.valid_vocab_size, self.spec.temperature,
-                                                self.spec.update.micro_batch_size))
+                                                update.micro_batch_size, update.packing,
+                                                update.max_tokens_per_microbatch))
 
 
 class ActorWorker(MegatronWorker):
