@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="conversations per optimizer step over all DP ranks (default: 8)")
     add("--micro-batch-size", type=positive_int, default=1, metavar="B",
         help="conversations per microbatch on one DP rank (default: 1)")
+    add("--packing", action="store_true",
+        help="pack each microbatch's conversations into one row without padding (exact: the same loss "
+             "and gradients as padded rows)")
+    add("--max-tokens-per-microbatch", type=int, default=0, metavar="T",
+        help="with --packing: tokens per packed microbatch on one DP rank instead of --micro-batch-size "
+             "conversations (default: 0, off)")
     add("--max-length", type=positive_int, default=None, metavar="T",
         help="tokens kept per conversation (default: the model's max positions)")
     add("--lr", type=non_negative_float, default=1e-5, help="peak learning rate (default: 1e-5)")
@@ -71,6 +77,11 @@ def sft_run_config_from_args(args: argparse.Namespace) -> Any:
     from megatron_rlhf.trainer.sft import SFTConfig
     from megatron_rlhf.trainer.sft_run import SFTRunConfig
 
+    from megatron_rlhf.config.errors import UserError
+
+    budget = getattr(args, "max_tokens_per_microbatch", 0)
+    if budget < 0 or (budget and not getattr(args, "packing", False)):
+        raise UserError(f"--max-tokens-per-microbatch={budget}: must be >= 0 and needs --packing")
     nproc = args.nproc or (int(os.environ["WORLD_SIZE"]) if already_launched() else None)
     return SFTRunConfig(
         hf_dir=args.hf,
@@ -84,6 +95,8 @@ def sft_run_config_from_args(args: argparse.Namespace) -> Any:
             epochs=args.epochs,
             global_batch_size=args.global_batch_size,
             micro_batch_size=args.micro_batch_size,
+            packing=getattr(args, "packing", False),
+            max_tokens_per_microbatch=getattr(args, "max_tokens_per_microbatch", 0),
             max_length=args.max_length,
             seed=args.seed,
             eval_interval=args.eval_interval,
