@@ -23,6 +23,11 @@ def run_microbatch(stage_model: torch.nn.Module, microbatch: dict[str, torch.Ten
     that sequence/context parallelism cannot split is right-padded and the output cut back
     (:mod:`megatron_rlhf.models.sequence_padding`).
 
+    A microbatch with ``positions`` ``[b, R]`` (a log-prob pass's read positions) gets, from an
+    ``lm``-role model's last stage, the logits at those positions only, ``[b, R, V / TP]``
+    (:mod:`megatron_rlhf.models.logit_positions`; under context parallelism, read from the
+    gathered logits). Other roles ignore them.
+
     A packed microbatch (``packed_seq_params``, :mod:`megatron_rlhf.models.packing`: one row
     ``[1, T]`` of several sequences) goes to the model as it is: its packer already padded the
     row's tail to the sequence multiple; context parallelism is refused."""
@@ -42,6 +47,7 @@ def run_microbatch(stage_model: torch.nn.Module, microbatch: dict[str, torch.Ten
         microbatch["input_ids"],
         microbatch.get("position_ids"),
         sequence_lengths=microbatch.get("sequence_lengths"),
+        logit_positions=microbatch.get("positions"),
     )
 
 
@@ -56,7 +62,8 @@ def _run_packed(stage_model: torch.nn.Module, microbatch: dict, multiple: int) -
                          "(sequence parallelism): pack it with that multiple")
     return stage_model(microbatch["input_ids"], microbatch["position_ids"],
                        sequence_lengths=microbatch.get("sequence_lengths"),
-                       packed_seq_params=microbatch["packed_seq_params"])
+                       packed_seq_params=microbatch["packed_seq_params"],
+                       logit_positions=microbatch.get("positions"))
 
 
 def _run_context_parallel(stage_model: torch.nn.Module, microbatch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -73,7 +80,20 @@ def _run_context_parallel(stage_model: torch.nn.Module, microbatch: dict[str, to
     output = stage_model(input_ids, position_ids)
     if not parallel_state.is_pipeline_last_stage():
         return output  # activations travel to the next stage in CP layout
-    return gather_output(output, length, parallel_state.get_context_parallel_group())
+    output = gather_output(output, length, parallel_state.get_context_parallel_group())
+    positions = microbatch.get("positions")
+    if positions is not None and _role(stage_model) == "lm":  # the logits a log-prob pass reads
+        from megatron_rlhf.models.logit_positions import rows_of
+
+        output = output[rows_of(positions, False).to(output.device), positions.to(output.device)]
+    return output
+
+
+def _role(stage_model: torch.nn.Module) -> str | None:
+    """The role of a (possibly DDP-wrapped) :class:`~megatron_rlhf.models.heads.RoleModel`."""
+    while not hasattr(stage_model, "role") and isinstance(getattr(stage_model, "module", None), torch.nn.Module):
+        stage_model = stage_model.module
+    return getattr(stage_model, "role", None)
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 Roles:
 
 - ``lm``: the language-model head of Megatron's ``GPTModel`` (actor, reference, GenRM). Output:
-  vocab-parallel logits ``[B, T, V_padded / TP]``.
+  vocab-parallel logits ``[B, T, V_padded / TP]``, or ``[b, R, V_padded / TP]`` at the
+  ``logit_positions`` a log-prob pass reads.
 - ``value``: one scalar per token (PPO critic). Output ``[B, T]``.
 - ``reward``: one scalar per sequence, read at the last non-padding token (outcome reward model,
   Bradley-Terry / BCE). Output ``[B]``; needs ``sequence_lengths``.
@@ -113,8 +114,13 @@ class RoleModel(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
         sequence_lengths: torch.Tensor | None = None,
         packed_seq_params: Any = None,
+        logit_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Role output on the last stage (see module docstring); activations elsewhere.
+
+        ``logit_positions`` (``[b, R]``, ``lm`` role only, ignored by the others): the output layer
+        runs at those positions only and the logits are ``[b, R, V / TP]``
+        (:mod:`megatron_rlhf.models.logit_positions`; into the packed row when packed).
 
         ``input_ids`` ``[B, T]``, right-padded; attention is causal, so padding after a
         sequence never changes the outputs of its real tokens. Packed (``packed_seq_params``, THD:
@@ -125,6 +131,11 @@ class RoleModel(torch.nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
+        if logit_positions is not None and self.role == "lm" and self.is_last_stage:
+            from megatron_rlhf.models.logit_positions import logits_at, rows_of
+
+            with logits_at(self.module, logit_positions, rows_of(logit_positions, packed_seq_params is not None)):
+                return self.module(input_ids, position_ids, None, packed_seq_params=packed_seq_params)
         output = self.module(
             input_ids, position_ids, None, packed_seq_params=packed_seq_params
         )

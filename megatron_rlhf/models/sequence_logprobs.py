@@ -6,7 +6,8 @@ bitwise identical log-probs and the KL between actor and reference at step 0 is 
 
 * :func:`microbatch_response_logprobs`: the per-microbatch computation (the vocab-parallel
   log-softmax of :mod:`megatron_rlhf.models.logprobs` at one temperature, over the tokens the
-  tokenizer defines, gathered at the response positions), used by the no-grad passes below and
+  tokenizer defines, of the logits at the response positions: the model runs its output layer
+  there only, :mod:`megatron_rlhf.models.logit_positions`), used by the no-grad passes below and
   by the actor's loss (with gradients).
 * :func:`response_logprobs` (reference, weight-sync check) and
   :func:`response_logprobs_and_entropy` (actor, entropy in the same pass): one forward-only pass
@@ -167,24 +168,29 @@ def microbatch_response_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """``(log-probs [b, R], entropy [b, R] or None)`` fp32 of one microbatch's response tokens.
 
-    ``logits``: ``[b, L, V/tp]`` this rank's vocab slice (last pipeline stage); ``microbatch`` as
-    given by :func:`per_response_token`. Differentiable w.r.t. ``logits``; the entropy only when
-    ``entropy_grad`` (False: a metric, and backward skips its term). The log-probs are the same
-    bits whatever ``with_entropy`` and ``entropy_grad`` say.
+    ``logits``: ``[b, R, V/tp]`` this rank's vocab slice at the microbatch's ``positions`` (the
+    model computes its output layer there only: :func:`megatron_rlhf.models.forward.run_microbatch`),
+    on the last pipeline stage; ``microbatch`` as given by :func:`per_response_token`.
+    Differentiable w.r.t. ``logits``; the entropy only when ``entropy_grad`` (False: a metric,
+    and backward skips its term). The log-probs are the same bits whatever ``with_entropy`` and
+    ``entropy_grad`` say.
     """
     from megatron.core import parallel_state
 
+    from megatron_rlhf.models.logit_positions import next_tokens
     from megatron_rlhf.models.logprobs import logprobs_and_entropy, vocab_parallel_logprobs
 
-    arguments = (logits[:, :-1], microbatch["input_ids"][:, 1:], parallel_state.get_tensor_model_parallel_group())
     positions = microbatch["positions"]
+    if tuple(logits.shape[:2]) != tuple(positions.shape):
+        raise ValueError(f"logits {tuple(logits.shape)} are not at the microbatch's response positions "
+                         f"{tuple(positions.shape)}: run the model with them (forward.run_microbatch)")
+    targets = next_tokens(microbatch["input_ids"], positions, microbatch.get("packed_seq_params") is not None)
+    arguments = (logits, targets.to(logits.device), parallel_state.get_tensor_model_parallel_group())
     if with_entropy:
-        logprobs, entropy = logprobs_and_entropy(
+        return logprobs_and_entropy(
             *arguments, temperature=temperature, valid_vocab_size=valid_vocab_size, entropy_grad=entropy_grad
         )
-        return gather_responses(logprobs, positions), gather_responses(entropy, positions)
-    logprobs = vocab_parallel_logprobs(*arguments, temperature=temperature, valid_vocab_size=valid_vocab_size)
-    return gather_responses(logprobs, positions), None
+    return vocab_parallel_logprobs(*arguments, temperature=temperature, valid_vocab_size=valid_vocab_size), None
 
 
 def response_logprobs(
