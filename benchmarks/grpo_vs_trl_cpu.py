@@ -118,7 +118,8 @@ def _our_side(spec: dict, result_path: str) -> None:
         policy_dir=spec["policy_dir"], out_dir=out_dir, prompt_files=(spec["prompts"],),
         algorithm=algorithm, steps=spec["steps"], **mode,
         prompts_per_step=spec["prompts_per_step"], n=spec["n"], max_new_tokens=spec["max_new_tokens"],
-        update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=spec["micro_batch"]),
+        update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=spec["micro_batch"],
+                               packing=spec.get("packing", True)),
         actor_optimizer=OptimizerSettings(lr=spec["lr"]), actor=group, reference=group,
         checkpoint_every=0, seed=spec["seed"], tensorboard=False, console=False,
     )
@@ -343,7 +344,7 @@ def _settings_text(args: argparse.Namespace) -> str:
             f"at EOS ({args.eos_steps} fine-tuning steps), {args.prompts_per_step} prompts x {args.n} responses per "
             f"step, max_new_tokens={args.max_new_tokens}, temperature 1, lr {args.lr} (Adam, clip 1.0, constant), KL "
             f"beta {args.beta} (k3, in the loss), 1 PPO epoch, 1 optimizer step per step, micro-batch "
-            f"{args.micro_batch}, {args.threads} torch thread(s) per process (machine: {os.cpu_count()} cores), "
+            f"{args.micro_batch} ({'right-padded' if args.no_packing else 'packed rows'} for ours), {args.threads} torch thread(s) per process (machine: {os.cpu_count()} cores), "
             f"{args.steps} steps, first {args.warmup} dropped, medians over the rest, {args.repeats} repeat(s) in "
             f"ABBA order. TRL gradient checkpointing: "
             f"{'on (TRL default)' if args.trl_gradient_checkpointing else 'off (TRL defaults to on)'}. vLLM CPU "
@@ -370,6 +371,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads per process (default: every core: each side has the whole machine)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-packing", action="store_true",
+                        help="ours with right-padded microbatches (default: packed rows of --micro-batch samples, "
+                             "no padding; the same loss and gradients)")
     parser.add_argument("--eos-steps", type=int, default=150, help="fine-tuning steps teaching the policy to stop")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
@@ -413,7 +417,8 @@ def main() -> int:
     base = dict(policy_dir=policy, prompts=prompts, workdir=str(workdir), steps=args.steps, n=args.n,
                 prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
                 micro_batch=args.micro_batch, lr=args.lr, beta=args.beta, threads=args.threads, seed=args.seed,
-                trl_gradient_checkpointing=args.trl_gradient_checkpointing, vllm_bind=args.vllm_bind)
+                trl_gradient_checkpointing=args.trl_gradient_checkpointing, vllm_bind=args.vllm_bind,
+                packing=not args.no_packing)
     repeats, versions = [], {}
     for repeat in range(args.repeats):
         done = {}
