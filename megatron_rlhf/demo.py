@@ -20,7 +20,14 @@ killed demo continues where it stopped, and the RL stage resumes from its own ch
    (math and code verifiers, the reward model for chat) and a curriculum that trains math and
    code first;
 7. ``eval_rl``: the same evaluation of the RL policy;
-8. ``report``: ``report.md`` and PNG plots (reward, accuracy, KL, entropy, diversity, length).
+8. ``report``: ``report.md`` and PNG plots (reward, accuracy, KL, entropy, diversity, length),
+   with each reward source's samples and mean raw reward over the RL run.
+
+``--with-genrm`` (:mod:`megatron_rlhf.demo_genrm`) adds ``genrm`` (a generative judge trained by
+`train-genrm`'s job, after ``reward_model``) and ``bon_reference`` (the reward model's Best-of-N
+answer as each general RL prompt's reference, after ``pre_ppo``), and the RL stage's general chat
+reward becomes the GenRM's verdict against that reference plus the reward model's score: the
+hybrid reward of the ByteDance Seed study (verifiers + GenRM + BT RM).
 
 The summary line printed last reads ``math_accuracy_sft=<v> math_accuracy_rl=<v> report=<path>``.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +44,8 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 STAGES = ("prepare", "sft", "reward_model", "pre_ppo", "eval_sft", "rl", "eval_rl", "report")
+GENRM_STAGES = {"genrm": "reward_model", "bon_reference": "pre_ppo"}
+"""``--with-genrm``: stage -> the stage it runs after."""
 
 
 @dataclass(frozen=True)
@@ -67,22 +77,55 @@ class DemoConfig:
     eval_samples: int = 4
     curriculum_fraction: float = 0.34
     """Share of the RL steps that train on math and code only (then every domain)."""
+    with_genrm: bool = False
+    """Train a GenRM judge and reward general chat in RL with it (against the reward model's
+    Best-of-N reference) plus the reward model: :mod:`megatron_rlhf.demo_genrm`."""
+    genrm_epochs: int = 4
+    """Epochs of the judge's training (``--with-genrm``). >= 1."""
+    genrm_records: int = 0
+    """Judge training records kept (the first ones, reasoning then chat); 0: all of them. >= 0."""
+    bon_n: int = 4
+    """Answers the SFT policy samples per general prompt; the reward model's best is the reference. >= 1."""
+    genrm_max_new_tokens: int = 16
+    """Longest judgement in RL, in tokens (the verdict line is about 11). >= 1."""
+    genrm_weight: float = 1.0
+    """Weight of the GenRM's (z-scored) verdict in the general chat reward. Finite."""
+    genrm_rm_weight: float = 0.5
+    """Weight of the reward model's (z-scored) score in the general chat reward with the GenRM. Finite."""
 
     def __post_init__(self) -> None:
         if self.algo not in ("grpo", "ppo"):
             raise ValueError(f"algo={self.algo!r} (grpo or ppo)")
         if not 0 <= self.curriculum_fraction < 1:
             raise ValueError(f"curriculum_fraction={self.curriculum_fraction} must be in [0, 1)")
+        for name, low in (("genrm_epochs", 1), ("genrm_records", 0), ("bon_n", 1), ("genrm_max_new_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        for name in ("genrm_weight", "genrm_rm_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number")
+
+    def stages(self) -> tuple[str, ...]:
+        """The stages this run goes through, in order."""
+        order: list[str] = []
+        for name in STAGES:
+            order.append(name)
+            if self.with_genrm:
+                order += [extra for extra, after in GENRM_STAGES.items() if after == name]
+        return tuple(order)
 
 
 QUICK = dict(hidden_size=64, num_layers=2, sft_per_domain=96, prompts_per_domain=16, eval_prompts_per_domain=8,
-             rm_steps=4, rl_steps=2, prompts_per_step=4, n=2, max_new_tokens=24, eval_samples=1)
+             rm_steps=4, rl_steps=2, prompts_per_step=4, n=2, max_new_tokens=24, eval_samples=1,
+             genrm_epochs=3, bon_n=2)
 """``--quick``: every stage at toy size (a smoke test of the pipeline, not of learning)."""
 
 
 def run_demo_pipeline(config: DemoConfig) -> dict[str, Any]:
     """Run the stages not yet done; returns the summary (also in ``<out>/stages/report.json``)."""
-    from megatron_rlhf import demo_stages
+    from megatron_rlhf import demo_genrm, demo_stages
 
     out = Path(config.out_dir)
     (out / "stages").mkdir(parents=True, exist_ok=True)
@@ -91,13 +134,14 @@ def run_demo_pipeline(config: DemoConfig) -> dict[str, Any]:
         raise ValueError(f"{out} holds a demo run with other settings ({saved}); use --restart or another --out")
     saved.write_text(json.dumps(asdict(config), indent=2))
     results: dict[str, Any] = {}
-    for name in STAGES:
+    for name in config.stages():
         marker = out / "stages" / f"{name}.json"
         if marker.is_file():
             results[name] = json.loads(marker.read_text())
             log.info("stage %s: done earlier (%s)", name, marker)
             continue
-        stage: Callable[..., dict[str, Any]] = getattr(demo_stages, f"stage_{name}")
+        module = demo_genrm if name in GENRM_STAGES else demo_stages
+        stage: Callable[..., dict[str, Any]] = getattr(module, f"stage_{name}")
         started = time.perf_counter()
         log.info("stage %s: starting", name)
         result = stage(config, out, results)

@@ -245,18 +245,16 @@ def stage_rl(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.trainer.rl_config import RLConfig, grpo_algorithm, ppo_algorithm
     from megatron_rlhf.trainer.rl_loop import run_rl
 
+    from megatron_rlhf.demo_genrm import hybrid_reward
+
     paths = _paths(out)
-    paths["reward_yaml"].write_text(json.dumps({
-        "sources": {"math": {"kind": "math_verifier"}, "code": {"kind": "code_verifier"},
-                    "reward_model": {"kind": "reward_model", "ckpt_dir": results["reward_model"]["checkpoint"]}},
-        "domains": {"math": {"sources": {"math": 1.0}}, "code": {"sources": {"code": 1.0}},
-                    "general": {"sources": {"reward_model": 1.0}, "normalization": "batch_zscore"}},
-    }, indent=2))
+    paths["reward_yaml"].write_text(json.dumps(hybrid_reward(config, results), indent=2))
+    prompts = results["bon_reference"]["prompts"] if config.with_genrm else results["pre_ppo"]["prompts"]
     algorithm = ppo_algorithm() if config.algo == "ppo" else grpo_algorithm(reward_shrink_alpha=0.5)
     switch = max(1, round(config.rl_steps * config.curriculum_fraction))
     samples = config.prompts_per_step * config.n
     rl = RLConfig(
-        policy_dir=results["sft"]["policy"], out_dir=str(paths["rl"]), prompt_files=(results["pre_ppo"]["prompts"],),
+        policy_dir=results["sft"]["policy"], out_dir=str(paths["rl"]), prompt_files=(prompts,),
         algorithm=algorithm, steps=config.rl_steps, prompts_per_step=config.prompts_per_step, n=config.n,
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=128,
         update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=2, micro_batch_size=samples // 2),
@@ -276,6 +274,8 @@ def stage_rl(config, out: Path, results: dict) -> dict[str, Any]:
 def stage_report(config, out: Path, results: dict) -> dict[str, Any]:
     from dataclasses import asdict
 
+    from megatron_rlhf.demo_genrm import contributions_markdown, source_contributions
+    from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
     from megatron_rlhf.evaluation.report import write_report
 
     def accuracies(stage: str) -> dict[str, float]:
@@ -284,10 +284,14 @@ def stage_report(config, out: Path, results: dict) -> dict[str, Any]:
 
     evaluations = {"SFT": accuracies("eval_sft"), f"RL ({config.algo.upper()})": accuracies("eval_rl")}
     report = write_report(out, results["rl"]["metrics"], evaluations, {"demo": asdict(config)})
+    sources = source_contributions(read_metrics_jsonl(results["rl"]["metrics"]))
+    with open(report.markdown, "a") as markdown:
+        markdown.write(contributions_markdown(sources))
     summary = {
         "report": str(report.markdown),
         "math_accuracy_sft": evaluations["SFT"].get("math", 0.0),
         "math_accuracy_rl": evaluations[f"RL ({config.algo.upper()})"].get("math", 0.0),
+        "reward_sources": sources,
         "held_out": {stage: results[stage]["domains"] for stage in ("eval_sft", "eval_rl")},
         "stage_seconds": {name: results[name].get("seconds") for name in results},
     }
