@@ -13,7 +13,8 @@ killed demo continues where it stopped, and the RL stage resumes from its own ch
    preference pairs + BCE on correctness-labelled math/code answers), started from the SFT model;
 4. ``pre_ppo``: Pre-PPO prompt selection (ByteDance Seed): the SFT policy answers every training
    prompt, the reward model scores the answers, scores are normalised per domain and the hardest
-   fraction is added again to the prompt set;
+   fraction is added again to the prompt set (the answers and scores are kept in
+   ``data/pre_ppo_samples.jsonl``);
 5. ``eval_sft``: held-out accuracy per domain of the SFT policy (sampled with vLLM, graded by the
    verifiers; the reward model's mean score for general chat);
 6. ``rl``: GRPO (or PPO with ``--algo ppo``) on Ray with vLLM rollouts, the hybrid reward
@@ -25,7 +26,7 @@ killed demo continues where it stopped, and the RL stage resumes from its own ch
 
 ``--with-genrm`` (:mod:`megatron_rlhf.demo_genrm`) adds ``genrm`` (a generative judge trained by
 `train-genrm`'s job, after ``reward_model``) and ``bon_reference`` (the reward model's Best-of-N
-answer as each general RL prompt's reference, after ``pre_ppo``), and the RL stage's general chat
+among Pre-PPO's answers as each general RL prompt's reference, after ``pre_ppo``), and the RL stage's general chat
 reward becomes the GenRM's verdict against that reference plus the reward model's score: the
 hybrid reward of the ByteDance Seed study (verifiers + GenRM + BT RM).
 
@@ -69,6 +70,9 @@ class DemoConfig:
     eval_prompts_per_domain: int = 48
     rm_steps: int = 120
     pre_ppo_keep_fraction: float = 0.5
+    pre_ppo_samples: int = 2
+    """Answers the SFT policy samples per training prompt for Pre-PPO (scored by the reward model);
+    with ``with_genrm`` also the N of the general prompts' Best-of-N references. >= 1."""
     rl_steps: int = 30
     prompts_per_step: int = 16
     n: int = 8
@@ -82,10 +86,10 @@ class DemoConfig:
     Best-of-N reference) plus the reward model: :mod:`megatron_rlhf.demo_genrm`."""
     genrm_epochs: int = 4
     """Epochs of the judge's training (``--with-genrm``). >= 1."""
-    genrm_records: int = 0
-    """Judge training records kept (the first ones, reasoning then chat); 0: all of them. >= 0."""
-    bon_n: int = 4
-    """Answers the SFT policy samples per general prompt; the reward model's best is the reference. >= 1."""
+    genrm_records_per_domain: int = 0
+    """Judge training records kept per domain (math, code, general; the first ones); 0: all. >= 0."""
+    genrm_batch_size: int = 32
+    """Judge conversations per optimizer step. >= 1."""
     genrm_max_new_tokens: int = 16
     """Longest judgement in RL, in tokens (the verdict line is about 11). >= 1."""
     genrm_weight: float = 1.0
@@ -98,7 +102,8 @@ class DemoConfig:
             raise ValueError(f"algo={self.algo!r} (grpo or ppo)")
         if not 0 <= self.curriculum_fraction < 1:
             raise ValueError(f"curriculum_fraction={self.curriculum_fraction} must be in [0, 1)")
-        for name, low in (("genrm_epochs", 1), ("genrm_records", 0), ("bon_n", 1), ("genrm_max_new_tokens", 1)):
+        for name, low in (("pre_ppo_samples", 1), ("genrm_epochs", 1), ("genrm_records_per_domain", 0),
+                          ("genrm_batch_size", 1), ("genrm_max_new_tokens", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
@@ -117,9 +122,10 @@ class DemoConfig:
         return tuple(order)
 
 
-QUICK = dict(hidden_size=64, num_layers=2, sft_per_domain=96, prompts_per_domain=16, eval_prompts_per_domain=8,
+QUICK = dict(hidden_size=64, num_layers=2, sft_per_domain=48, sft_epochs=4, prompts_per_domain=16,
+             eval_prompts_per_domain=8,
              rm_steps=4, rl_steps=2, prompts_per_step=4, n=2, max_new_tokens=24, eval_samples=1,
-             genrm_epochs=3, bon_n=2)
+             genrm_records_per_domain=64, genrm_batch_size=16, genrm_epochs=3)
 """``--quick``: every stage at toy size (a smoke test of the pipeline, not of learning)."""
 
 

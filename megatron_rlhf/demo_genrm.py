@@ -10,10 +10,12 @@ reward model's own score. Two stages are added (see :mod:`megatron_rlhf.demo`):
   (label 1) and its wrong (label 0) solution; a chat preference pair's chosen response is the
   reference for itself (1) and for the rejected one (0). The judge is the SFT policy fine-tuned on
   them by :func:`~megatron_rlhf.trainer.genrm.run_genrm`, the body of `train-genrm`;
-- ``bon_reference``: the SFT policy samples ``bon_n`` answers to each general prompt of the RL
-  prompt set, the reward model scores them and its best becomes the prompt's ``ground_truth``
-  (:func:`~megatron_rlhf.evaluation.bon_reference.attach_bon_references`); the RL stage trains on
-  that file.
+- ``bon_reference``: the reward model's Best-of-N answer becomes each general RL prompt's
+  ``ground_truth`` (:func:`bon_reference_rows`, the selection rule of
+  :func:`~megatron_rlhf.evaluation.bon_reference.pick_references`). The N answers are those the
+  ``pre_ppo`` stage already sampled from the SFT policy and scored with the reward model (Pre-PPO
+  selection needs exactly that: ``pre_ppo_samples`` per prompt), so the references cost no
+  second engine and no second scoring pass; the RL stage trains on the file written here.
 
 The RL stage then routes ``general`` to ``{genrm: genrm_weight, reward_model: genrm_rm_weight}``
 (``reference: required``: a general prompt without a reference is an infra error, never judged
@@ -65,6 +67,44 @@ def judge_records(labelled: Iterable[Mapping[str, Any]], preferences: Iterable[M
     return records
 
 
+def cap_per_domain(records: Iterable[Mapping[str, Any]], per_domain: int) -> list[dict]:
+    """The first ``per_domain`` records of each ``domain`` (input order kept); 0: all of them."""
+    kept, counts = [], {}
+    for record in records:
+        counts[record["domain"]] = counts.get(record["domain"], 0) + 1
+        if not per_domain or counts[record["domain"]] <= per_domain:
+            kept.append(dict(record))
+    return kept
+
+
+def bon_reference_rows(records: Iterable[Any], samples: Iterable[Mapping[str, Any]],
+                       domains: tuple[str, ...] = ("general",)) -> list[dict[str, Any]]:
+    """Prompt rows of ``records`` (PromptRecords) whose ``ground_truth``, for the prompts of
+    ``domains``, is the best-scored of the prompt's sampled answers.
+
+    ``samples``: rows ``{id, responses, scores}``; an answer the reward model could not score
+    (score None) or that is blank never wins (a blank reference is no reference). Ties go to the first answer; a prompt of ``domains`` with
+    no row or no scored answer gets no reference (a ``required`` GenRM then reports an error).
+    Other prompts keep their row unchanged.
+    """
+    from megatron_rlhf.evaluation.bon_reference import pick_references
+
+    by_id = {row["id"]: row for row in samples}
+    rows = []
+    for record in records:
+        row = record.to_row()
+        if record.domain in domains:
+            row.pop("ground_truth", None)
+            sampled = by_id.get(record.id, {"responses": [], "scores": []})
+            scores = [math.nan if value is None or not text.strip() else float(value)
+                      for text, value in zip(sampled["responses"], sampled["scores"])]
+            picked = pick_references([sampled["responses"]], [scores])[0]
+            if picked is not None:
+                row["ground_truth"] = picked
+        rows.append(row)
+    return rows
+
+
 def _require(row: Mapping[str, Any], fields: tuple[str, ...], where: str) -> None:
     missing = [name for name in fields if name not in row]
     if missing:
@@ -89,15 +129,15 @@ def stage_genrm(config, out: Path, results: dict) -> dict[str, Any]:
     prepared = results["prepare"]
     records = judge_records(_read_rows(prepared["reasoning_labelled"]), _read_rows(prepared["preference_train"]))
     validation = judge_records([], _read_rows(prepared["preference_eval"]))
-    records = records[: config.genrm_records] if config.genrm_records else records
+    records = cap_per_domain(records, config.genrm_records_per_domain)
     data_dir = out / "data"
     write_jsonl(data_dir / "genrm_train.jsonl", records)
     write_jsonl(data_dir / "genrm_eval.jsonl", validation[:64])
     judge_dir = out / "genrm"
     optimizer = OptimizerSettings(lr=config.sft_lr, min_lr=config.sft_lr / 10, lr_warmup_steps=5,
                                   lr_decay_style="cosine", clip_grad=1.0)
-    sft = SFTConfig(epochs=config.genrm_epochs, global_batch_size=config.sft_batch_size,
-                    micro_batch_size=config.sft_batch_size, max_length=JUDGE_MAX_TOKENS, seed=config.seed + 5,
+    sft = SFTConfig(epochs=config.genrm_epochs, global_batch_size=config.genrm_batch_size,
+                    micro_batch_size=config.genrm_batch_size, max_length=JUDGE_MAX_TOKENS, seed=config.seed + 5,
                     log_interval=25, progress_bar=False)
     report = run_genrm(SFTRunConfig(hf_dir=results["sft"]["policy"], train_path=str(data_dir / "genrm_train.jsonl"),
                                     validation_path=str(data_dir / "genrm_eval.jsonl"), out_dir=str(judge_dir),
@@ -113,24 +153,15 @@ def stage_genrm(config, out: Path, results: dict) -> dict[str, Any]:
 
 def stage_bon_reference(config, out: Path, results: dict) -> dict[str, Any]:
     """The RL prompt set with the reward model's Best-of-N answer as each general prompt's reference."""
-    from megatron_rlhf.config.rollout import RolloutConfig
     from megatron_rlhf.data.jsonl import write_jsonl
     from megatron_rlhf.data.prompts import load_prompt_dataset
-    from megatron_rlhf.demo_stages import SpawnedRewardModel
-    from megatron_rlhf.evaluation.bon_reference import BoNReferenceConfig, attach_bon_references
-    from megatron_rlhf.rollout.engine import RolloutEngine
 
     records, _ = load_prompt_dataset(results["pre_ppo"]["prompts"])
-    engine_config = RolloutConfig(model_dir=results["sft"]["policy"], max_model_len=256, overlong_prompts="drop",
-                                  seed=config.seed, weight_transfer_backend=None)
-    reward_model = SpawnedRewardModel(results["reward_model"]["checkpoint"])
-    settings = BoNReferenceConfig(n=config.bon_n, max_new_tokens=config.max_new_tokens, seed=config.seed + 6)
-    with RolloutEngine(engine_config) as engine:
-        rows = attach_bon_references(records, engine, reward_model, settings)
+    rows = bon_reference_rows(records, _read_rows(results["pre_ppo"]["samples"]))
     path = out / "data" / "prompts_rl_bon.jsonl"
     write_jsonl(path, rows)
-    general = [row for row in rows if row["domain"] in settings.domains]
-    return {"prompts": str(path), "general_prompts": len(general),
+    general = [row for row in rows if row["domain"] == "general"]
+    return {"prompts": str(path), "n": config.pre_ppo_samples, "general_prompts": len(general),
             "with_reference": sum(isinstance(row.get("ground_truth"), str) for row in general)}
 
 

@@ -23,6 +23,7 @@ def _paths(out: Path) -> dict[str, Path]:
     return {
         "base": out / "base_model", "data": data, "sft": out / "sft", "rm": out / "reward_model",
         "rl": out / "rl", "prompts_rl": data / "prompts_rl.jsonl", "reward_yaml": out / "rl_reward.yaml",
+        "pre_ppo_samples": data / "pre_ppo_samples.jsonl",
     }
 
 
@@ -182,8 +183,9 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.config.sampling import SamplingSettings
 
     records, _ = load_prompt_dataset(results["prepare"]["prompts_train"])
-    selection = PrePPOConfig(keep_fraction=config.pre_ppo_keep_fraction, samples_per_prompt=2,
+    selection = PrePPOConfig(keep_fraction=config.pre_ppo_keep_fraction, samples_per_prompt=config.pre_ppo_samples,
                              chunk_size=max(len(records), 1))
+    scored: list[dict[str, Any]] = []  # every prompt's responses and reward-model scores (None: unscored)
     engine_config = RolloutConfig(model_dir=results["sft"]["policy"], max_model_len=256, overlong_prompts="drop",
                                   seed=config.seed, weight_transfer_backend=None)
     reward_model = SpawnedRewardModel(results["reward_model"]["checkpoint"])
@@ -196,14 +198,18 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
         def score(prompts, responses):
             samples = [RewardSample(f"{p.id}:{k}", p.domain, p.text, text) for p, row in zip(prompts, responses)
                        for k, text in enumerate(row)]
-            flat = [r.reward if r.reward is not None else 0.0 for r in reward_model.score(samples)]
-            widths = [len(row) for row in responses]
-            return [flat[sum(widths[:i]):sum(widths[:i + 1])] for i in range(len(widths))]
+            rewards = iter([r.reward for r in reward_model.score(samples)])
+            rows = [[next(rewards) for _ in row] for row in responses]
+            scored.extend({"id": p.id, "domain": p.domain, "responses": list(texts), "scores": values}
+                          for p, texts, values in zip(prompts, responses, rows))
+            return [[0.0 if value is None else value for value in values] for values in rows]
 
         result = select_prompts(records, sample, score, selection)
     path = _paths(out)["prompts_rl"]
     write_jsonl(path, (record.to_row() for record in result.merged))
-    return {"prompts": str(path), "candidates": len(records), "selected": len(result.selected),
+    write_jsonl(_paths(out)["pre_ppo_samples"], scored)
+    return {"prompts": str(path), "samples": str(_paths(out)["pre_ppo_samples"]), "candidates": len(records),
+            "selected": len(result.selected),
             "merged": len(result.merged),
             "domains": {d: {"selected": s.selected, "mean_score": s.mean_score} for d, s in result.domains.items()}}
 
