@@ -136,7 +136,8 @@ def run_demo_pipeline(config: DemoConfig) -> dict[str, Any]:
     out = Path(config.out_dir)
     (out / "stages").mkdir(parents=True, exist_ok=True)
     saved = out / "demo_config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != asdict(config):
+    # a run saved before a field existed ran with that field's default
+    if saved.is_file() and {**asdict(DemoConfig()), **json.loads(saved.read_text())} != asdict(config):
         raise ValueError(f"{out} holds a demo run with other settings ({saved}); use --restart or another --out")
     saved.write_text(json.dumps(asdict(config), indent=2))
     results: dict[str, Any] = {}

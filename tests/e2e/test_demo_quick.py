@@ -17,8 +17,9 @@ Properties (one run, checked in turn):
 - the GenRM judged samples in RL (its count > 0, next to the verifiers and the reward model),
   against the reward model's Best-of-N references (every general RL prompt has one), and no
   sample was an infra error (an unreadable judgement would be one);
-- nothing is left running: no process carries the run's tag once the command returned, and no
-  shared-memory segment, semaphore or vLLM IPC ledger the run created is orphaned.
+- nothing is left running: no process carries the run's tag once the command returned, no
+  shared-memory segment or semaphore appeared that no live process maps, and no vLLM IPC ledger
+  of an engine the run started (its owner pid carried the tag) outlived it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -52,8 +54,10 @@ def _tagged_processes(tag: str) -> list[int]:
     return found
 
 
-def _orphaned_ipc_objects() -> set[str]:
-    """Shared-memory segments and semaphores no live process maps, and IPC ledgers of dead engines."""
+def _orphaned_ipc_objects(ledger_owners: set[int] | None = None) -> set[str]:
+    """Shared-memory segments and semaphores no live process maps, and IPC ledgers of dead engines
+    (only those started by ``ledger_owners`` when given: other jobs on a shared machine start and
+    kill engines of their own meanwhile)."""
     import glob
     import tempfile
 
@@ -70,9 +74,22 @@ def _orphaned_ipc_objects() -> set[str]:
         if (stat.st_dev, stat.st_ino) not in mapped:
             orphans.add(path)
     for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{LEDGER_PREFIX}*")):
-        if not pid_alive(int(os.path.basename(path)[len(LEDGER_PREFIX):].split("_")[0])):
+        owner = int(os.path.basename(path)[len(LEDGER_PREFIX):].split("_")[0])
+        if not pid_alive(owner) and (ledger_owners is None or owner in ledger_owners):
             orphans.add(path)
     return orphans
+
+
+class _TaggedPids(threading.Thread):
+    """Every pid that carried the run's tag while the run lasted (polled): who may own its ledgers."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(daemon=True)
+        self.tag, self.pids, self.done = tag, set(), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            self.pids.update(_tagged_processes(self.tag))
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +102,18 @@ def demo_run(tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "megatron_rlhf", "demo", "--quick", "--with-genrm", "--out", str(out)],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tagged = _TaggedPids(env[TAG_ENV])
+    tagged.start()
     try:
         output, _ = process.communicate(timeout=TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
+    finally:
+        tagged.done.set()
+        tagged.join()
     left = [pid for pid in _tagged_processes(env[TAG_ENV]) if pid != process.pid]
-    orphans = _orphaned_ipc_objects() - before
+    orphans = _orphaned_ipc_objects(tagged.pids | {process.pid}) - before
     for pid in left:  # checked below; not left for the next test
         try:
             os.kill(pid, signal.SIGKILL)

@@ -159,3 +159,20 @@ def test_router_results_carry_each_sources_raw_reward_into_the_step_metrics() ->
     assert metrics["source/genrm/count"] == 2.0 and metrics["source/genrm/mean"] == 1.0
     assert metrics["source/rm/count"] == 2.0 and metrics["source/rm/mean"] == pytest.approx(0.3)
     assert metrics["source/verifier/count"] == 1.0
+
+
+def test_a_demo_folder_refuses_other_settings_but_takes_older_saves_as_defaults(tmp_path) -> None:
+    from dataclasses import asdict
+
+    from megatron_rlhf.demo import run_demo_pipeline
+
+    out = tmp_path / "demo"
+    (out / "stages").mkdir(parents=True)
+    saved = {k: v for k, v in asdict(DemoConfig(out_dir=str(out))).items() if not k.startswith("genrm")}
+    saved.pop("with_genrm")
+    (out / "demo_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="holds a demo run with other settings"):
+        run_demo_pipeline(DemoConfig(out_dir=str(out), with_genrm=True))
+    for name in DemoConfig().stages():  # a finished run: nothing left to do
+        (out / "stages" / f"{name}.json").write_text(json.dumps({"stage": name}))
+    assert run_demo_pipeline(DemoConfig(out_dir=str(out))) == {"stage": "report"}
