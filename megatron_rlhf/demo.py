@@ -123,9 +123,8 @@ class DemoConfig:
 
 
 QUICK = dict(hidden_size=64, num_layers=2, sft_per_domain=48, sft_epochs=4, prompts_per_domain=16,
-             eval_prompts_per_domain=8,
-             rm_steps=4, rl_steps=2, prompts_per_step=4, n=2, max_new_tokens=24, eval_samples=1,
-             genrm_records_per_domain=64, genrm_batch_size=16, genrm_epochs=3)
+             eval_prompts_per_domain=8, rm_steps=4, rl_steps=2, prompts_per_step=4, n=2, max_new_tokens=24,
+             eval_samples=1, genrm_records_per_domain=64, genrm_batch_size=16, genrm_epochs=3)
 """``--quick``: every stage at toy size (a smoke test of the pipeline, not of learning)."""
 
 

@@ -144,6 +144,7 @@ def stage_genrm(config, out: Path, results: dict) -> dict[str, Any]:
                                     sft=sft, optimizer=optimizer, save_checkpoint=False, overwrite=True),
                        GenRMDataConfig(with_reference=True, verdict_format="binary"))
     return {"judge": str(judge_dir / "hf"), "records": len(records), "steps": len(report.steps),
+            "truncated": report.num_truncated,
             "initial_validation_loss": report.initial_validation_loss,
             "final_validation_loss": report.final_validation_loss}
 
