@@ -209,8 +209,7 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
     write_jsonl(path, (record.to_row() for record in result.merged))
     write_jsonl(_paths(out)["pre_ppo_samples"], scored)
     return {"prompts": str(path), "samples": str(_paths(out)["pre_ppo_samples"]), "candidates": len(records),
-            "selected": len(result.selected),
-            "merged": len(result.merged),
+            "selected": len(result.selected), "merged": len(result.merged),
             "domains": {d: {"selected": s.selected, "mean_score": s.mean_score} for d, s in result.domains.items()}}
 
 
@@ -249,9 +248,8 @@ def stage_rl(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.data.curriculum import CurriculumConfig
     from megatron_rlhf.rewards.reward_config import load_reward_config
     from megatron_rlhf.trainer.rl_config import RLConfig, grpo_algorithm, ppo_algorithm
-    from megatron_rlhf.trainer.rl_loop import run_rl
-
     from megatron_rlhf.demo_genrm import hybrid_reward
+    from megatron_rlhf.trainer.rl_loop import run_rl
 
     paths = _paths(out)
     paths["reward_yaml"].write_text(json.dumps(hybrid_reward(config, results), indent=2))
