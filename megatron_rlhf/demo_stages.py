@@ -23,6 +23,7 @@ def _paths(out: Path) -> dict[str, Path]:
     return {
         "base": out / "base_model", "data": data, "sft": out / "sft", "rm": out / "reward_model",
         "rl": out / "rl", "prompts_rl": data / "prompts_rl.jsonl", "reward_yaml": out / "rl_reward.yaml",
+        "pre_ppo_samples": data / "pre_ppo_samples.jsonl",
     }
 
 
@@ -182,8 +183,9 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.config.sampling import SamplingSettings
 
     records, _ = load_prompt_dataset(results["prepare"]["prompts_train"])
-    selection = PrePPOConfig(keep_fraction=config.pre_ppo_keep_fraction, samples_per_prompt=2,
+    selection = PrePPOConfig(keep_fraction=config.pre_ppo_keep_fraction, samples_per_prompt=config.pre_ppo_samples,
                              chunk_size=max(len(records), 1))
+    scored: list[dict[str, Any]] = []  # every prompt's responses and reward-model scores (None: unscored)
     engine_config = RolloutConfig(model_dir=results["sft"]["policy"], max_model_len=256, overlong_prompts="drop",
                                   seed=config.seed, weight_transfer_backend=None)
     reward_model = SpawnedRewardModel(results["reward_model"]["checkpoint"])
@@ -196,15 +198,18 @@ def stage_pre_ppo(config, out: Path, results: dict) -> dict[str, Any]:
         def score(prompts, responses):
             samples = [RewardSample(f"{p.id}:{k}", p.domain, p.text, text) for p, row in zip(prompts, responses)
                        for k, text in enumerate(row)]
-            flat = [r.reward if r.reward is not None else 0.0 for r in reward_model.score(samples)]
-            widths = [len(row) for row in responses]
-            return [flat[sum(widths[:i]):sum(widths[:i + 1])] for i in range(len(widths))]
+            rewards = iter([r.reward for r in reward_model.score(samples)])
+            rows = [[next(rewards) for _ in row] for row in responses]
+            scored.extend({"id": p.id, "domain": p.domain, "responses": list(texts), "scores": values}
+                          for p, texts, values in zip(prompts, responses, rows))
+            return [[0.0 if value is None else value for value in values] for values in rows]
 
         result = select_prompts(records, sample, score, selection)
     path = _paths(out)["prompts_rl"]
     write_jsonl(path, (record.to_row() for record in result.merged))
-    return {"prompts": str(path), "candidates": len(records), "selected": len(result.selected),
-            "merged": len(result.merged),
+    write_jsonl(_paths(out)["pre_ppo_samples"], scored)
+    return {"prompts": str(path), "samples": str(_paths(out)["pre_ppo_samples"]), "candidates": len(records),
+            "selected": len(result.selected), "merged": len(result.merged),
             "domains": {d: {"selected": s.selected, "mean_score": s.mean_score} for d, s in result.domains.items()}}
 
 
@@ -243,20 +248,17 @@ def stage_rl(config, out: Path, results: dict) -> dict[str, Any]:
     from megatron_rlhf.data.curriculum import CurriculumConfig
     from megatron_rlhf.rewards.reward_config import load_reward_config
     from megatron_rlhf.trainer.rl_config import RLConfig, grpo_algorithm, ppo_algorithm
+    from megatron_rlhf.demo_genrm import hybrid_reward
     from megatron_rlhf.trainer.rl_loop import run_rl
 
     paths = _paths(out)
-    paths["reward_yaml"].write_text(json.dumps({
-        "sources": {"math": {"kind": "math_verifier"}, "code": {"kind": "code_verifier"},
-                    "reward_model": {"kind": "reward_model", "ckpt_dir": results["reward_model"]["checkpoint"]}},
-        "domains": {"math": {"sources": {"math": 1.0}}, "code": {"sources": {"code": 1.0}},
-                    "general": {"sources": {"reward_model": 1.0}, "normalization": "batch_zscore"}},
-    }, indent=2))
+    paths["reward_yaml"].write_text(json.dumps(hybrid_reward(config, results), indent=2))
+    prompts = results["bon_reference"]["prompts"] if config.with_genrm else results["pre_ppo"]["prompts"]
     algorithm = ppo_algorithm() if config.algo == "ppo" else grpo_algorithm(reward_shrink_alpha=0.5)
     switch = max(1, round(config.rl_steps * config.curriculum_fraction))
     samples = config.prompts_per_step * config.n
     rl = RLConfig(
-        policy_dir=results["sft"]["policy"], out_dir=str(paths["rl"]), prompt_files=(results["pre_ppo"]["prompts"],),
+        policy_dir=results["sft"]["policy"], out_dir=str(paths["rl"]), prompt_files=(prompts,),
         algorithm=algorithm, steps=config.rl_steps, prompts_per_step=config.prompts_per_step, n=config.n,
         max_new_tokens=config.max_new_tokens, max_prompt_tokens=128,
         update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=2, micro_batch_size=samples // 2),
@@ -276,6 +278,8 @@ def stage_rl(config, out: Path, results: dict) -> dict[str, Any]:
 def stage_report(config, out: Path, results: dict) -> dict[str, Any]:
     from dataclasses import asdict
 
+    from megatron_rlhf.demo_genrm import contributions_markdown, source_contributions
+    from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
     from megatron_rlhf.evaluation.report import write_report
 
     def accuracies(stage: str) -> dict[str, float]:
@@ -284,10 +288,14 @@ def stage_report(config, out: Path, results: dict) -> dict[str, Any]:
 
     evaluations = {"SFT": accuracies("eval_sft"), f"RL ({config.algo.upper()})": accuracies("eval_rl")}
     report = write_report(out, results["rl"]["metrics"], evaluations, {"demo": asdict(config)})
+    sources = source_contributions(read_metrics_jsonl(results["rl"]["metrics"]))
+    with open(report.markdown, "a") as markdown:
+        markdown.write(contributions_markdown(sources))
     summary = {
         "report": str(report.markdown),
         "math_accuracy_sft": evaluations["SFT"].get("math", 0.0),
         "math_accuracy_rl": evaluations[f"RL ({config.algo.upper()})"].get("math", 0.0),
+        "reward_sources": sources,
         "held_out": {stage: results[stage]["domains"] for stage in ("eval_sft", "eval_rl")},
         "stage_seconds": {name: results[name].get("seconds") for name in results},
     }

@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"RL steps (default: {DemoConfig.rl_steps}; {QUICK['rl_steps']} with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the pipeline runs, not that it learns")
+    parser.add_argument("--with-genrm", action="store_true",
+                        help="also train a generative reward model (GenRM) judge and reward general chat in RL with "
+                        "its verdict against the reward model's Best-of-N reference, plus the reward model: the "
+                        "verifiers + GenRM + BT RM hybrid reward of the ByteDance Seed study")
     parser.add_argument("--restart", action="store_true", help="delete the output folder first")
 
 
@@ -30,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.rl_steps is not None:
         overrides["rl_steps"] = args.rl_steps
-    config = DemoConfig(out_dir=args.out, algo=args.algo, seed=args.seed, **overrides)
+    config = DemoConfig(out_dir=args.out, algo=args.algo, seed=args.seed, with_genrm=args.with_genrm, **overrides)
     if args.restart and Path(args.out).exists():
         shutil.rmtree(args.out)
     summary = run_demo_pipeline(config)

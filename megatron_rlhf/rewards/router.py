@@ -10,7 +10,8 @@ every source once with all the samples routed to it (sources run concurrently), 
    (mean/std of this batch's rewards of that domain) or ``running_zscore`` (running mean/variance
    of everything seen so far, updated with this batch first; population std);
 3. the weighted sum is clipped to the domain's ``clip`` range (the weighted sum of the raw,
-   unnormalised, unclipped rewards is kept as ``RewardResult.raw_score``, for metrics and plots);
+   unnormalised, unclipped rewards is kept as ``RewardResult.raw_score``, and each source's raw
+   reward as ``RewardResult.source_rewards``, for metrics and plots);
 4. status: FAILED_VERIFICATION if any source failed the sample, else SCORED; verdict and detail
    come from the domain's first source (the others' details are appended); step rewards are the
    weighted sum of those of the sources that have them.
@@ -198,7 +199,8 @@ class HybridRewardRouter:
         failing = [r for _, _, r in results if r.status is RewardStatus.FAILED_VERIFICATION]
         status = RewardStatus.FAILED_VERIFICATION if failing else RewardStatus.SCORED
         verdict = failing[0].verdict if failing else results[0][2].verdict
-        return RewardResult(reward, status, verdict, detail, seconds, _combined_steps(results), raw_score)
+        return RewardResult(reward, status, verdict, detail, seconds, _combined_steps(results), raw_score,
+                            tuple((name, float(result.reward)) for name, _, result in results))
 
     def state_dict(self) -> dict:
         """What the next batches' rewards depend on, as plain data: the ``running_zscore`` moments

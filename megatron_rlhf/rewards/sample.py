@@ -90,6 +90,9 @@ class RewardResult:
     """Router results: the domain's weighted sum of its sources' rewards before normalisation and
     clipping (what a user reads as the score; ``reward`` is what training uses). None elsewhere,
     and for INFRA_ERROR results."""
+    source_rewards: tuple[tuple[str, float], ...] | None = None
+    """Router results: ``(source name, its raw reward)`` for each source of the domain's route,
+    in route order (what each source contributed). None elsewhere, and for INFRA_ERROR results."""
 
     def __post_init__(self) -> None:
         if (self.reward is None) != (self.status is RewardStatus.INFRA_ERROR):

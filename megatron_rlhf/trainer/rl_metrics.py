@@ -7,7 +7,9 @@ Names (``/``-separated groups, as they appear in JSONL, TensorBoard and W&B):
   weighted sum of its sources' rewards before normalisation, e.g. a reward model's output);
   ``accuracy/<domain>``:
   fraction of samples a verifier passed (domains whose rewards are all 0 or 1, i.e. pass/fail
-  verifiers; learned scores have no accuracy); ``reward/infra_errors``;
+  verifiers; learned scores have no accuracy); ``reward/infra_errors``; ``source/<name>/mean`` and
+  ``source/<name>/count``: each reward source's raw reward over the valid samples it scored (its
+  contribution to the hybrid reward; from the router's ``source_rewards``);
 - ``kl/mean`` (per token, rollout policy vs reference), ``kl/coef``; ``entropy/mean`` (per token);
 - ``response/length_mean``, ``response/hit_max_tokens``, ``diversity/edit`` (mean pairwise
   normalised edit distance among the n responses of a prompt; absent for n = 1);
@@ -75,6 +77,11 @@ def _reward_metrics(prompts: Sequence[Any], results: Sequence[Any]) -> dict[str,
         by_domain[prompt.domain].append(float(result.reward))
         scores[prompt.domain].append(score)
         passed[prompt.domain].append(float(result.status.value == "scored" and score > 0))
+    by_source: dict[str, list[float]] = defaultdict(list)
+    for result in results:
+        if result.reward is not None:
+            for name, value in result.source_rewards or ():
+                by_source[name].append(value)
     every = [value for values in by_domain.values() for value in values]
     metrics = {"reward/mean": sum(every) / len(every) if every else 0.0, "reward/infra_errors": float(errors)}
     for domain, values in sorted(by_domain.items()):
@@ -82,6 +89,9 @@ def _reward_metrics(prompts: Sequence[Any], results: Sequence[Any]) -> dict[str,
         metrics[f"score/{domain}"] = sum(scores[domain]) / len(scores[domain])
         if all(value in (0.0, 1.0) for value in scores[domain]):  # a verifier's pass/fail, not a learned score
             metrics[f"accuracy/{domain}"] = sum(passed[domain]) / len(passed[domain])
+    for name, values in sorted(by_source.items()):
+        metrics[f"source/{name}/mean"] = sum(values) / len(values)
+        metrics[f"source/{name}/count"] = float(len(values))
     return metrics
 
 

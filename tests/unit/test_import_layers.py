@@ -26,7 +26,7 @@ trainer             the loops and controllers (RL loop and step, SFT, reward-mod
                     (one layer with the trainers they call, below the ``study`` command)
 cli                 entry points: the ``cli`` package (one module per command) and ``__main__``;
                     command bodies that compose the layers below (``demo``, ``demo_stages``,
-                    ``conversion_demo``)
+                    ``demo_genrm``, ``conversion_demo``)
 ==================  ==============================================================================
 
 A module's layer is its package's, except the modules listed in ``MODULE_LAYERS`` (each with the
@@ -52,7 +52,7 @@ PACKAGE_LAYERS = {
     "rollout": "rollout", "rewards": "rewards", "evaluation": "evaluation", "workers": "workers",
     "planning": "planning", "preflight": "preflight", "trainer": "trainer", "training": "training", "studies": "trainer",
     "cli": "cli", "__main__": "cli", "demo": "cli",
-    "demo_stages": "cli", "conversion_demo": "cli",
+    "demo_stages": "cli", "demo_genrm": "cli", "conversion_demo": "cli",
 }
 """Layer of each top-level package or module of ``megatron_rlhf``."""
 
