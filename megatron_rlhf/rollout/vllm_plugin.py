@@ -76,7 +76,14 @@ def start_ipc_ledger(directory: str | None = None) -> str:
 
 
 def _append(path: str, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as ledger:  # one short line per write: appends stay whole
+    """Append one line to the ledger at ``path`` if it still exists. Never creates it: the process
+    that starts an engine loads this plugin too, and its hooks outlive the engine; a lock it makes
+    after the engine released (and removed) the ledger must not bring the file back."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except FileNotFoundError:
+        return
+    with os.fdopen(descriptor, "a", encoding="utf-8") as ledger:  # one short line per write: appends stay whole
         ledger.write(line + "\n")
 
 

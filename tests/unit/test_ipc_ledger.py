@@ -47,3 +47,18 @@ def test_ledgers_of_dead_engines_are_released_and_live_ones_kept(tmp_path):
         for name in (leaked, released_by_owner, live_segment):
             if os.path.exists("/dev/shm" + name):
                 os.unlink("/dev/shm" + name)
+
+
+def test_a_released_ledger_is_never_written_again(tmp_path):
+    """The process that started an engine keeps the plugin's hooks after the engine's ledger was
+    released and removed; a lock it makes later must not bring the file back (it did: a ledger of
+    released names was left after every demo that scored with the reward model after RL)."""
+    from megatron_rlhf.rollout.vllm_plugin import _append
+
+    path = _ledger(tmp_path, os.getpid(), ["+ semaphore /mp-a"])
+    _append(path, "- semaphore /mp-a")
+    with open(path, encoding="utf-8") as ledger:
+        assert ledger.read().splitlines() == ["+ semaphore /mp-a", "- semaphore /mp-a"]
+    os.unlink(path)
+    _append(path, "+ semaphore /mp-b")
+    assert not os.path.exists(path)
