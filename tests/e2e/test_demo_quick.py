@@ -56,34 +56,18 @@ def _tagged_processes(tag: str) -> list[int]:
     return found
 
 
-def _unreleased_names(ledger: str) -> list[str]:
-    """Names a vLLM IPC ledger shows registered and never unregistered."""
-    live: dict[str, None] = {}
-    with open(ledger, encoding="utf-8") as lines:
-        for line in lines:
-            sign, _, name = line.rstrip("\n").split(" ", 2)
-            if sign == "+":
-                live[name] = None
-            else:
-                live.pop(name, None)
-    return list(live)
-
-
 def _orphaned_ipc_objects(ledger_owners: set[int] | None = None) -> set[str]:
     """Shared-memory segments and semaphores no live process maps, and IPC ledgers of dead engines
-    that still list an unreleased name (only ledgers started by ``ledger_owners`` when given: other
-    jobs on a shared machine start and kill engines of their own meanwhile).
-
-    A ledger whose every name was released is not counted: the process that started an engine
-    keeps recording into the ledger's path after the engine released it (vLLM loads the plugin
-    that records, :func:`~megatron_rlhf.rollout.vllm_plugin.record_ipc_names`, in that process
-    too), so a later multiprocessing lock of that process (the reward model's scoring processes
-    after an evaluation) writes a balanced ledger file again; it holds no object, and the next
-    engine started on the host removes it."""
+    (only ledgers started by ``ledger_owners`` when given: other jobs on a shared machine start and
+    kill engines of their own meanwhile), and engine scratch folders of the run's dead processes
+(:mod:`megatron_rlhf.rollout.engine_scratch`). A released ledger is never written again
+    (:func:`~megatron_rlhf.rollout.vllm_plugin._append`), so any ledger of the run that is left
+    is a leak."""
     import glob
     import tempfile
 
     from megatron_rlhf.parallel.ipc_orphans import mapped_inodes, pid_alive
+    from megatron_rlhf.rollout.engine_scratch import SCRATCH_PREFIX
     from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX
 
     mapped = mapped_inodes()
@@ -95,14 +79,11 @@ def _orphaned_ipc_objects(ledger_owners: set[int] | None = None) -> set[str]:
             continue
         if (stat.st_dev, stat.st_ino) not in mapped:
             orphans.add(path)
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{LEDGER_PREFIX}*")):
-        owner = int(os.path.basename(path)[len(LEDGER_PREFIX):].split("_")[0])
-        if not pid_alive(owner) and (ledger_owners is None or owner in ledger_owners):
-            try:
-                if _unreleased_names(path):
-                    orphans.add(path)
-            except FileNotFoundError:  # released meanwhile by an engine starting elsewhere
-                continue
+    for prefix in (LEDGER_PREFIX, SCRATCH_PREFIX):  # engines' IPC ledgers and scratch folders
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}*")):
+            owner = int(os.path.basename(path)[len(prefix):].split("_")[0])
+            if not pid_alive(owner) and (ledger_owners is None or owner in ledger_owners):
+                orphans.add(path)
     return orphans
 
 
