@@ -39,11 +39,8 @@ def _orphaned(names: set[str]) -> set[str]:
     return orphans
 
 
-def test_check_weight_sync_leaks_no_shared_memory(tmp_path):
-    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
-
-    model = make_tiny_hf_model("llama", tmp_path / "llama", seed=1, vocab_size=500,
-                               tokenizer=train_tiny_tokenizer(500, seed=0))
+def test_check_weight_sync_leaks_no_shared_memory(tiny_hf_model):
+    model = tiny_hf_model("llama", seed=1, vocab_size=500)
     before = _segments()
     ledgers = set(Path(tempfile.gettempdir()).glob("megatron_rlhf_ipc_*"))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
