@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_rlhf.config.parallel import ParallelConfig
+from megatron_rlhf.parallel.launch import Launcher
 
 DEFAULT_TOLERANCE = 1e-3
 
@@ -145,8 +146,12 @@ def _check_worker(plan: SyncCheckPlan, layouts: list[ParallelConfig]) -> list[Sy
             engine.shutdown()
 
 
-def run_sync_checks(plan: SyncCheckPlan, layouts: list[ParallelConfig], world_size: int) -> list[SyncCheckResult]:
-    """Check several layouts in one set of ``world_size`` processes (DP takes the remainder)."""
+def run_sync_checks(plan: SyncCheckPlan, layouts: list[ParallelConfig], world_size: int,
+                    launcher: Launcher | None = None) -> list[SyncCheckResult]:
+    """Check several layouts in one set of ``world_size`` processes (DP takes the remainder).
+
+    ``launcher`` runs the worker on those ranks (default: ``spawn``, fresh processes; tests pass a
+    rank pool's ``run``)."""
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
     from megatron_rlhf.models.provider import ModelBuildConfig, validate_layout
     from megatron_rlhf.parallel.launch import spawn
@@ -155,7 +160,7 @@ def run_sync_checks(plan: SyncCheckPlan, layouts: list[ParallelConfig], world_si
     for parallel in layouts:
         validate_layout(arch, parallel, ModelBuildConfig())
         parallel.data_parallel(world_size)  # raises when the layout does not fit
-    return spawn(_check_worker, world_size, plan, layouts)[0]
+    return (launcher or spawn)(_check_worker, world_size, plan, layouts)[0]
 
 
 def run_sync_check(plan: SyncCheckPlan) -> SyncCheckResult:

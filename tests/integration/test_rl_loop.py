@@ -30,12 +30,8 @@ def _write_prompts(path, count: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("rl_loop")
-    return str(make_tiny_hf_model("llama", root / "policy", seed=3, vocab_size=VOCAB,
-                                  tokenizer=train_tiny_tokenizer(VOCAB, seed=0)))
+def policy_dir(tiny_hf_model):
+    return tiny_hf_model("llama", seed=3, vocab_size=VOCAB)
 
 
 def test_bad_prompt_lines_are_reported_and_skipped(policy_dir, tmp_path, caplog):

@@ -22,14 +22,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 TEMPERATURE = 0.7
 
 
-def test_train_rl_at_temperature_0_7_trainer_and_engine_logprobs_agree(tmp_path, ray_cluster):
+def test_train_rl_at_temperature_0_7_trainer_and_engine_logprobs_agree(tmp_path, ray_cluster, tiny_hf_model):
     from megatron_rlhf.evaluation.metrics_file import read_metrics_jsonl
-    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.cli.train_rl import rl_config_from_mapping
     from megatron_rlhf.trainer.rl_loop import run_rl
 
-    policy = make_tiny_hf_model("llama", tmp_path / "policy", seed=3, vocab_size=500,
-                                tokenizer=train_tiny_tokenizer(500, seed=0))
+    policy = tiny_hf_model("llama", seed=3, vocab_size=500)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?", "domain": "math", "ground_truth": str(i + 2)})
                                + "\n" for i in range(4)))

@@ -19,18 +19,16 @@ pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 VOCAB = 500
 
 
-def test_two_engines_share_rollouts_and_both_receive_weight_syncs(tmp_path, ray_cluster):
+def test_two_engines_share_rollouts_and_both_receive_weight_syncs(tmp_path, ray_cluster, tiny_hf_model):
     from transformers import AutoTokenizer
 
     from megatron_rlhf.algorithms import DomainRewardStats, build_kl_controller
     from megatron_rlhf.data.prompts import load_prompt_dataset
-    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.trainer.rl_config import RLConfig, grpo_algorithm
     from megatron_rlhf.trainer.rl_loop import build_components, shutdown_groups
     from megatron_rlhf.trainer.rl_step import RLState, rl_step
 
-    policy_dir = str(make_tiny_hf_model("llama", tmp_path / "policy", seed=3, vocab_size=VOCAB,
-                                        tokenizer=train_tiny_tokenizer(VOCAB, seed=0)))
+    policy_dir = tiny_hf_model("llama", seed=3, vocab_size=VOCAB)
     prompts_file = tmp_path / "prompts.jsonl"
     with open(prompts_file, "w") as handle:
         for index in range(4):

@@ -6,7 +6,9 @@ vLLM's log-probs of its own sampled responses equal the Megatron actor's within 
 second optimizer step leaves vLLM stale until the next sync, after which outputs change and match
 again. Buckets are 64 KiB, below the embedding's 128 KB, so the segment-growth path (new segment,
 workers re-map) runs too. The segment lives in /dev/shm during a sync and is gone after
-``WeightSync.shutdown``, after a failed sync, and after the processes exit.
+``WeightSync.shutdown``, after a failed sync, and after the processes exit. The ranks are the
+tier's rank pool (tests/integration/conftest.py), which outlive each job: a segment a pool rank
+still holds after its job is counted as left behind, as one whose creator exited is.
 """
 
 from __future__ import annotations
@@ -25,40 +27,44 @@ pytestmark = [pytest.mark.vllm, pytest.mark.distributed]
 TOLERANCE = 1e-3
 VOCAB = 500
 LAYOUTS = {"TP1": ParallelConfig(), "TP2": ParallelConfig(tensor_parallel=2)}
+RANKS = 2
 
 
 def sync_segments() -> set[str]:
     return {path.name for path in Path(shm_transfer.SHM_DIR).glob(f"{shm_transfer.SEGMENT_PREFIX}*")}
 
 
-def orphaned_segments(before: set[str]) -> set[str]:
-    """New segments whose creating process has exited (other jobs on the host may hold live ones)."""
+def orphaned_segments(before: set[str], idle_pids: set[int]) -> set[str]:
+    """New segments whose creating process has exited or is one of ``idle_pids``, the rank pool's
+    processes, which hold no segment between jobs (other jobs on the host may hold live ones)."""
     orphans = set()
     for name in sync_segments() - before:
         pid = int(name[len(shm_transfer.SEGMENT_PREFIX):].split("_")[0])
-        if not Path(f"/proc/{pid}").exists():
+        if pid in idle_pids or not Path(f"/proc/{pid}").exists():
             orphans.add(name)
     return orphans
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("shm_models")
-    return str(make_tiny_hf_model("llama", root / "llama", seed=1, vocab_size=VOCAB,
-                                  tokenizer=train_tiny_tokenizer(VOCAB, seed=0)))
+def pool_pids(rank_pool) -> set[int]:
+    """The rank pool's processes (fresh ones per job under ``MEGATRON_RLHF_FRESH_RANKS=1``)."""
+    return set(rank_pool.run(os.getpid, RANKS))
 
 
 @pytest.fixture(scope="module")
-def sync_results(hf_dir):
+def hf_dir(tiny_hf_model):
+    return tiny_hf_model("llama", seed=1, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def sync_results(hf_dir, rank_pool):
     from megatron_rlhf.trainer.weight_sync_check import SyncCheckPlan, run_sync_checks
 
     before = sync_segments()
     plan = SyncCheckPlan(hf_dir=hf_dir, parallel=ParallelConfig(), bucket_bytes=64 * 1024,
                          weight_transfer_backend="shm")
-    results = dict(zip(LAYOUTS, run_sync_checks(plan, list(LAYOUTS.values()), world_size=2)))
-    return results, orphaned_segments(before)
+    results = dict(zip(LAYOUTS, run_sync_checks(plan, list(LAYOUTS.values()), world_size=RANKS,
+                                                 launcher=rank_pool.run)))
+    return results, orphaned_segments(before, pool_pids(rank_pool))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -117,11 +123,9 @@ def _lifecycle_worker(hf_dir: str) -> dict:
     return seen
 
 
-def test_segment_lives_while_connected_and_is_unlinked_by_shutdown_and_by_a_failed_sync(hf_dir):
-    from megatron_rlhf.parallel.launch import spawn
-
+def test_segment_lives_while_connected_and_is_unlinked_by_shutdown_and_by_a_failed_sync(hf_dir, rank_pool):
     before = sync_segments()
-    seen = spawn(_lifecycle_worker, 1, hf_dir)[0]
+    seen = rank_pool.run(_lifecycle_worker, 1, hf_dir)[0]
     assert seen["backend"] == "shm"  # 'auto' on a CPU host shared with the trainer
     assert seen["exists_connected"] and seen["exists_after_sync"]
     assert seen["buckets"] >= 1 and seen["largest"] <= 1024**2
@@ -129,7 +133,7 @@ def test_segment_lives_while_connected_and_is_unlinked_by_shutdown_and_by_a_fail
     assert "failure" in seen, seen
     assert not seen["exists_after_failure"] and not seen["connected_after_failure"]
     assert not any(os.path.exists(path) for path in seen["paths"])
-    assert orphaned_segments(before) == set()
+    assert orphaned_segments(before, pool_pids(rank_pool)) == set()
 
 
 def test_pack_and_unpack_round_trip_mixed_dtypes_bitwise():

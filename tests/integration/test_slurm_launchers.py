@@ -9,6 +9,11 @@ two slurmd on this machine (Debian's slurm-wlm + munge, as root), jobs are submi
   rank through srun): completes, writes its checkpoint and metrics for every step, leaves nothing
   running.
 
+One cluster for the module. Its nodes declare 4 CPUs each (``local_cluster.sh --cpus``), so the
+torchrun job (2 per node) is submitted first and runs beside the RL jobs (2 per node) instead of
+after them: the jobs share the machine's cores, as jobs of different users share a real cluster's
+nodes, and no check depends on a job having the machine to itself.
+
 Skipped where Slurm/munge are missing or not root, except under CI (``CI`` set), where that fails.
 The recipes are examples/tiny-cpu's, inherited (``base:``) with their paths moved to a temporary
 folder and fewer steps; the policy and data come from its prepare.py.
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,6 +44,9 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "PREEMPTED")
 RL_STEPS = 3
 RM_STEPS = 2
+NODE_CPUS = 4
+"""CPUs each node declares: room for one RL job and the torchrun job (2 CPUs per node each)."""
+POLL_SECONDS = 1.0
 
 
 def _require_slurm() -> None:
@@ -77,16 +86,17 @@ class Cluster:
         self.env["MRLHF_RAY_CLIENT_PORT"] = str(int(self.env["MRLHF_RAY_PORT"]) + 1)
         self.env["MASTER_PORT"] = str(_free_port_block(1, start=int(self.env["MRLHF_RAY_PORT"]) + 2))
 
-    def run(self, *command: str, check: bool = True) -> str:
-        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120)
+    def run(self, *command: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+        result = subprocess.run(command, env=env or self.env, capture_output=True, text=True, timeout=120)
         if check and result.returncode != 0:
             raise AssertionError(f"{command} failed: {result.stdout}\n{result.stderr}")
         return result.stdout
 
-    def submit(self, script: str, *args: str, workdir: Path) -> str:
+    def submit(self, script: str, *args: str, workdir: Path, **job_env: str) -> str:
+        """sbatch on both nodes, 2 CPUs per node; ``job_env`` adds environment for this job only."""
         workdir.mkdir(parents=True, exist_ok=True)
         return self.run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=2", f"--chdir={workdir}",
-                        str(SLURM_SCRIPTS / script), *args).strip().split(";")[0]
+                        str(SLURM_SCRIPTS / script), *args, env={**self.env, **job_env}).strip().split(";")[0]
 
     def job(self, job_id: str) -> dict[str, str]:
         text = self.run("scontrol", "show", "job", "-o", job_id)
@@ -99,7 +109,7 @@ class Cluster:
             if info["JobState"] in TERMINAL:
                 self.wait_steps_gone(job_id)
                 return info
-            time.sleep(3)
+            time.sleep(POLL_SECONDS)
         raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout} s")
 
     def wait_steps_gone(self, job_id: str) -> None:
@@ -148,8 +158,8 @@ def slurm_cluster():
     _require_slurm()
     directory = Path(tempfile.mkdtemp(prefix="mrlhf-", dir="/tmp"))  # short: socket paths live under it
     cluster = Cluster(directory)
-    up = subprocess.run(["bash", str(SLURM_SCRIPTS / "local_cluster.sh"), "up", "--dir", str(directory), "--nodes", "2"],
-                        env=cluster.env, capture_output=True, text=True, timeout=300)
+    up = subprocess.run(["bash", str(SLURM_SCRIPTS / "local_cluster.sh"), "up", "--dir", str(directory), "--nodes", "2",
+                         "--cpus", str(NODE_CPUS)], env=cluster.env, capture_output=True, text=True, timeout=300)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         nodes = cluster.run("sinfo", "-h", "-N", "-o", "%N").split()
@@ -199,8 +209,30 @@ def _metric_steps(out_dir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def rl_runs(slurm_cluster, tiny_inputs):
-    """A 2-node RL job cancelled after its first checkpoint, then the same sbatch again."""
+def torchrun_job(slurm_cluster, tiny_inputs):
+    """The torchrun job, submitted first and watched from a thread while the RL jobs run: its final
+    state and what it left running are read as soon as it ends (Slurm forgets a job MinJobAge
+    seconds after it ends)."""
+    root, tiny = tiny_inputs
+    out_dir = root / "orm"
+    config = _tiny_recipe(root / "orm.yaml", "orm.yaml", model=str(tiny / "policy"), output=str(out_dir),
+                          train_files=[str(tiny / "rm_pairs.jsonl"), str(tiny / "rm_labelled.jsonl")], steps=RM_STEPS)
+    job_id = slurm_cluster.submit("torchrun_job.sbatch", "train-rm", "--config", str(config), workdir=root / "work",
+                                  NPROC_PER_NODE="1")
+
+    def finish() -> dict:
+        info = slurm_cluster.wait(job_id)
+        return dict(info=info, left=_job_processes(slurm_cluster, job_id),
+                    output=slurm_cluster.output(job_id) if info["JobState"] != "COMPLETED" else "")
+
+    with ThreadPoolExecutor(max_workers=1) as watcher:
+        yield job_id, out_dir, watcher.submit(finish)
+
+
+@pytest.fixture(scope="module")
+def rl_runs(slurm_cluster, tiny_inputs, torchrun_job):
+    """A 2-node RL job cancelled after its first checkpoint, then the same sbatch again (both while
+    the torchrun job, submitted first, may still run)."""
     root, tiny = tiny_inputs
     out_dir = root / "rl"
     recipe = _tiny_recipe(root / "grpo.yaml", "grpo.yaml", policy_dir=str(tiny / "policy"),
@@ -214,7 +246,7 @@ def rl_runs(slurm_cluster, tiny_inputs):
         assert state in ("PENDING", "RUNNING", "CONFIGURING"), (
             f"job {first} ended ({state}) before a checkpoint:\n{slurm_cluster.output(first)}")
         assert time.monotonic() < deadline, "no checkpoint after 1200 s"
-        time.sleep(2)
+        time.sleep(POLL_SECONDS)
     slurm_cluster.run("scancel", first)
     cancelled = slurm_cluster.wait(first)
     left_after_cancel = _job_processes(slurm_cluster, first)
@@ -260,18 +292,14 @@ def test_finished_rl_job_leaves_nothing_running(rl_runs):
         assert not marker.read_text().strip().endswith(f":{rl_runs['head_port']}")
 
 
-def test_torchrun_training_over_srun(slurm_cluster, tiny_inputs):
-    root, tiny = tiny_inputs
-    out_dir = root / "orm"
-    config = _tiny_recipe(root / "orm.yaml", "orm.yaml", model=str(tiny / "policy"), output=str(out_dir),
-                          train_files=[str(tiny / "rm_pairs.jsonl"), str(tiny / "rm_labelled.jsonl")], steps=RM_STEPS)
-    slurm_cluster.env["NPROC_PER_NODE"] = "1"
-    job_id = slurm_cluster.submit("torchrun_job.sbatch", "train-rm", "--config", str(config), workdir=root / "work")
-    info = slurm_cluster.wait(job_id)
+def test_torchrun_training_over_srun(slurm_cluster, torchrun_job):
+    job_id, out_dir, finished = torchrun_job
+    ended = finished.result()
+    info = ended["info"]
     logs = slurm_cluster.log_dir(job_id, "mrlhf-torchrun")
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), slurm_cluster.output(job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), ended["output"]
     assert sorted(path.name for path in logs.glob("torchrun-*.log")) == ["torchrun-0.log", "torchrun-1.log"]
-    assert _job_processes(slurm_cluster, job_id) == []
+    assert ended["left"] == []
     assert (out_dir / "checkpoint").is_dir(), sorted(os.listdir(out_dir))
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(rows) == RM_STEPS, rows

@@ -16,6 +16,7 @@ the same) equal the decode of the response ids, with and without stop strings.
 
 from __future__ import annotations
 
+import os
 
 import pytest
 
@@ -28,21 +29,16 @@ VOCAB = 500
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("vllm_models")
-    tokenizer = train_tiny_tokenizer(VOCAB, seed=0)
-    padded = make_tiny_hf_model("llama", root / "llama_padded", seed=4, vocab_size=512, tokenizer=train_tiny_tokenizer(480, seed=0))
+def models(tiny_hf_model):
     return {
-        "llama": str(make_tiny_hf_model("llama", root / "llama", seed=1, vocab_size=VOCAB, tokenizer=tokenizer)),
-        "qwen3_moe": str(make_tiny_hf_model("qwen3_moe", root / "qwen3_moe", seed=2, vocab_size=VOCAB, tokenizer=tokenizer)),
-        "llama_padded_vocab": str(padded),
+        "llama": tiny_hf_model("llama", seed=1, vocab_size=VOCAB),
+        "qwen3_moe": tiny_hf_model("qwen3_moe", seed=2, vocab_size=VOCAB),
+        "llama_padded_vocab": tiny_hf_model("llama", seed=4, vocab_size=512, tokenizer_vocab=480),
     }
 
 
-# One set of 4 processes and one vLLM engine per model; Megatron is re-initialised per layout
-# (data parallelism takes the remaining ranks).
+# One job on the tier's rank pool and one vLLM engine per model; Megatron is re-initialised per
+# layout (data parallelism takes the remaining ranks).
 DENSE_LAYOUTS = {
     "TP1PP1": ParallelConfig(),
     "TP2PP1": ParallelConfig(tensor_parallel=2),
@@ -55,15 +51,16 @@ SYNC_CASES = [pytest.param("llama", name, id=f"llama-{name}") for name in DENSE_
 ]
 
 
-def orphaned_engine_pids() -> set[int]:
-    """PIDs of vLLM engine-core processes whose parent has exited (re-parented to PID 1)."""
+def orphaned_engine_pids(idle_pids: frozenset[int] = frozenset()) -> set[int]:
+    """PIDs of vLLM engine-core processes whose parent has exited (re-parented to PID 1) or is one
+    of ``idle_pids``, the rank pool's processes, which own no engine between jobs."""
     import subprocess
 
     listing = subprocess.run(["ps", "-eo", "pid,ppid,cmd"], capture_output=True, text=True).stdout
     found = set()
     for line in listing.splitlines()[1:]:
         pid, ppid, *command = line.split()
-        if ppid == "1" and "VLLM::EngineCore" in " ".join(command):
+        if (ppid == "1" or int(ppid) in idle_pids) and "VLLM::EngineCore" in " ".join(command):
             found.add(int(pid))
     return found
 
@@ -74,13 +71,13 @@ def orphans_before() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def sync_results(models, orphans_before):
+def sync_results(models, orphans_before, rank_pool):
     from megatron_rlhf.trainer.weight_sync_check import SyncCheckPlan, run_sync_checks
 
     results = {}
     for arch, layouts, world in (("llama", DENSE_LAYOUTS, 4), ("qwen3_moe", MOE_LAYOUTS, 2)):
         plan = SyncCheckPlan(hf_dir=models[arch], parallel=ParallelConfig(), bucket_bytes=256 * 1024)
-        for name, result in zip(layouts, run_sync_checks(plan, list(layouts.values()), world)):
+        for name, result in zip(layouts, run_sync_checks(plan, list(layouts.values()), world, launcher=rank_pool.run)):
             results[(arch, name)] = result
     return results
 
@@ -96,9 +93,10 @@ def test_synced_vllm_logprobs_match_megatron(arch, layout, sync_results):
     assert result.changed_after_second_sync, result
 
 
-def test_no_engine_process_is_left_behind(sync_results, orphans_before):
-    # Engines started by the trainer ranks (spawned children) were shut down explicitly.
-    assert orphaned_engine_pids() - orphans_before == set()
+def test_no_engine_process_is_left_behind(sync_results, orphans_before, rank_pool):
+    # Engines started by the trainer ranks (the pool's children) were shut down explicitly.
+    pool = frozenset(rank_pool.run(os.getpid, 4))
+    assert orphaned_engine_pids(pool) - orphans_before == set()
 
 
 @pytest.fixture(scope="module")

