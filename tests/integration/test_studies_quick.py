@@ -1,14 +1,15 @@
-"""`megatron-rlhf study NAME --quick`, run as a user runs it, once per module: two reward-model
-studies (``rm-data``, ``prm-vs-orm``: real `train-rm` runs, real scoring, the real math verifier)
-and one RL study (``responses-per-prompt``: real ``run_rl`` arms on the tier's session Ray). Each
-test checks one property of what the run wrote.
+"""`megatron-rlhf study NAME --quick`, run as a user runs it, for each of the seven studies, once
+per module into one output folder (as `study all --quick` runs them): three reward-model studies
+(``rm-data``, ``prm-vs-orm``, ``rm-size``: real `train-rm` runs, real scoring, the real math
+verifier) and four RL studies (``responses-per-prompt``, ``policy-size``, ``ppo-vs-grpo``,
+``pre-ppo``: real ``run_rl`` arms on the tier's session Ray, real vLLM engines, a real reward
+model in the loop and a real Pre-PPO selection engine for ``pre-ppo``). Each test checks one
+property of what the runs wrote.
 
-Not run here, to keep the tier's time budget (each RL arm pays Ray workers and a vLLM engine,
-about 40 s on two idle cores): ``rm-size`` (the code path of ``rm-data`` with two base-model
-sizes), ``policy-size`` (2 RL arms), ``ppo-vs-grpo`` (3 RL arms) and ``pre-ppo`` (a reward model,
-a selection engine and 2 RL arms with the reward model in the loop). They share ``rl_arm``,
-``train_and_evaluate`` and the report code with the studies run here; run them with
-`megatron-rlhf study NAME --quick`.
+Cost: every RL arm pays its Ray workers and its vLLM engine (about 40 s on two idle cores). The
+three GRPO arms that ``responses-per-prompt`` (n = rl_n), ``policy-size`` (default size) and
+``ppo-vs-grpo`` (``grpo``) ask for are one keyed run (``StudyContext.shared_arm``), so the module
+runs 7 RL arms, not 9. ``study_seconds.json`` in the output folder records each study's seconds.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
-REWARD_STUDIES = ("rm-data", "prm-vs-orm")
-RUN_HERE = (*REWARD_STUDIES, "responses-per-prompt")
+REWARD_STUDIES = ("rm-data", "prm-vs-orm", "rm-size")
+RL_STUDIES = ("responses-per-prompt", "policy-size", "ppo-vs-grpo", "pre-ppo")
+RUN_HERE = (*REWARD_STUDIES, *RL_STUDIES)
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
 
@@ -30,9 +32,17 @@ def studies_out(tmp_path_factory, ray_cluster):
     from megatron_rlhf.cli import main
 
     out = tmp_path_factory.mktemp("studies")
+    seconds = {}
     for name in RUN_HERE:
+        started = time.perf_counter()
         assert main(["study", name, "--quick", "--out", str(out)]) == 0
+        seconds[name] = round(time.perf_counter() - started, 1)
+    (out / "study_seconds.json").write_text(json.dumps(seconds, indent=2))
     return out
+
+
+def _report(studies_out, name):
+    return json.loads((studies_out / name / "report.json").read_text())
 
 
 @pytest.mark.parametrize("name", RUN_HERE)
@@ -76,6 +86,64 @@ def test_responses_per_prompt_runs_one_rl_arm_per_n(studies_out):
         arm = report["arms"][str(n)]
         assert arm["n"] == n and arm["steps"] == list(range(QUICK["rl_steps"]))
         assert all(len(curve) == QUICK["rl_steps"] for curve in arm["curves"].values())
+
+
+def test_policy_size_runs_one_rl_arm_per_size(studies_out):
+    from megatron_rlhf.studies.recipe import QUICK
+
+    report = _report(studies_out, "policy-size")
+    assert [row[0] for row in report["rows"]] == list(QUICK["model_sizes"])
+    assert set(report["arms"]) == {str(size) for size in QUICK["model_sizes"]}
+    for arm in report["arms"].values():
+        assert arm["steps"] == list(range(QUICK["rl_steps"])) and arm["n"] == QUICK["rl_n"]
+
+
+def test_ppo_vs_grpo_runs_three_arms_with_reward_kl_and_length_curves_and_final_accuracy(studies_out):
+    from megatron_rlhf.studies.recipe import QUICK
+
+    report = _report(studies_out, "ppo-vs-grpo")
+    arms = ("ppo", "grpo", "grpo-shrink")
+    assert set(report["arms"]) == set(arms) and [row[0] for row in report["rows"]] == list(arms)
+    for name in arms:
+        curves = report["arms"][name]["curves"]
+        assert all(len(curves[key]) == QUICK["rl_steps"] for key in ("reward/mean", "kl/mean", "response/length_mean"))
+        assert {f"{name} reward", f"{name} KL"} <= set(report["curves"])
+    accuracy = report["columns"].index("accuracy")
+    assert all(0.0 <= row[accuracy] <= 1.0 for row in report["rows"])
+    assert len(report["verdicts"]) == 3  # accuracy, KL, length
+
+
+def test_pre_ppo_compares_selection_with_uniform_per_domain_and_for_reward_hacking(studies_out):
+    report = _report(studies_out, "pre-ppo")
+    assert [row[0] for row in report["rows"]] == ["uniform", "pre-ppo"]
+    assert report["columns"] == ["arm", "math accuracy", "code accuracy", "length growth",
+                                 "RM score growth (general)", "verifier accuracy growth"]
+    selection = report["arms"]["selection"]
+    assert 0 < selection["selected"] < selection["candidates"]  # Pre-PPO kept part of the prompts
+    assert report["arms"]["reward_model"]["checkpoint"]  # a real reward model, in the loop of both arms
+    for name in ("uniform", "pre-ppo"):
+        assert set(report["arms"][name]["accuracy"]) == {"math", "code"}
+        assert "score/general" in report["arms"][name]["curves"]
+
+
+def test_rm_size_trains_one_reward_model_per_size(studies_out):
+    from megatron_rlhf.studies.recipe import QUICK
+
+    report = _report(studies_out, "rm-size")
+    assert set(report["arms"]) - {"reference"} == {str(size) for size in QUICK["model_sizes"]}
+    assert [row[0] for row in report["rows"][: len(QUICK["model_sizes"])]] == list(QUICK["model_sizes"])
+
+
+def test_the_grpo_arm_three_studies_share_is_run_once(studies_out):
+    from megatron_rlhf.studies.recipe import load_study_recipe
+
+    recipe = load_study_recipe(quick=True)
+    shared = {_report(studies_out, "responses-per-prompt")["arms"][str(recipe.rl_n)]["shared_arm"],
+              _report(studies_out, "policy-size")["arms"][str(recipe.hidden_size)]["shared_arm"],
+              _report(studies_out, "ppo-vs-grpo")["arms"]["grpo"]["shared_arm"]}
+    assert len(shared) == 1
+    runs = [path for path in (studies_out / "shared" / "arms").glob("*.json") if not path.name.endswith(".key.json")]
+    assert len(runs) == 7  # 2 + 1 + 2 (one shared) + 2 RL arms: 9 arms asked for, 7 runs
 
 
 def test_a_rerun_resumes_every_finished_arm_without_rerunning_it(studies_out, capsys):
