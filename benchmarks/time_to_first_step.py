@@ -55,20 +55,22 @@ def sample_cpu(root_pid: int, stop: threading.Event, seen: dict[int, tuple[str, 
     import psutil
 
     root = psutil.Process(root_pid)
-    while not stop.is_set():
+    while not stop.is_set() and root.is_running():
         try:
-            for process in root.children(recursive=True):
-                try:
-                    times = process.cpu_times()
-                    kind = process_kind(process.name(), " ".join(process.cmdline()[:3]))
-                    earlier = seen.get(process.pid, (GENERIC[-1], 0.0))[0]
-                    if kind in GENERIC and GENERIC.index(kind) >= GENERIC.index(earlier) or earlier not in GENERIC:
-                        kind = earlier  # a Ray worker process is named by its class once it holds an actor
-                    seen[process.pid] = (kind, times.user + times.system)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-        except psutil.NoSuchProcess:
-            return
+            children = root.children(recursive=True)
+        except psutil.Error:  # a process of the tree went away while it was listed: list again
+            stop.wait(0.05)
+            continue
+        for process in children:
+            try:
+                times = process.cpu_times()
+                kind = process_kind(process.name(), " ".join(process.cmdline()[:3]))
+            except psutil.Error:
+                continue
+            earlier = seen.get(process.pid, (GENERIC[-1], 0.0))[0]
+            if kind in GENERIC and GENERIC.index(kind) >= GENERIC.index(earlier) or earlier not in GENERIC:
+                kind = earlier  # a Ray worker process is named by its class once it holds an actor
+            seen[process.pid] = (kind, times.user + times.system)
         stop.wait(0.2)
 
 

@@ -260,7 +260,7 @@ class ActorWorker(MegatronWorker):
         # half-imported by one thread is missing for the other): this thread imports first what
         # either side uses (the tokenizer and config classes by loading them, vLLM, the model code).
         from transformers import AutoConfig, AutoTokenizer
-        import vllm  # noqa: F401
+        from vllm import LLM  # noqa: F401 - vllm.entrypoints.llm and what it imports from transformers
 
         import megatron_rlhf.checkpoint.role_model  # noqa: F401
         import megatron_rlhf.training.actor_critic  # noqa: F401

@@ -25,29 +25,41 @@ REWARD_STUDIES = ("rm-data", "prm-vs-orm", "rm-size")
 RL_STUDIES = ("responses-per-prompt", "policy-size", "ppo-vs-grpo", "pre-ppo")
 RUN_HERE = (*REWARD_STUDIES, *RL_STUDIES)
 VERDICTS = ("holds", "does not hold", "inconclusive")
+PRE_PPO_STEPS = ("reward_model", "selection")
+"""pre-ppo's arms that are not RL runs."""
+
+
+class QuickStudies:
+    """The module's output folder; :meth:`run` runs a study there once (the first test that needs
+    it pays for it, so the per-test timeout bounds one study, not all seven)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str):
+        from megatron_rlhf.cli import main
+
+        if name not in self.seconds:
+            started = time.perf_counter()
+            assert main(["study", name, "--quick", "--out", str(self.folder)]) == 0
+            self.seconds[name] = round(time.perf_counter() - started, 1)
+            (self.folder / "study_seconds.json").write_text(json.dumps(self.seconds, indent=2))
+        return self.folder
 
 
 @pytest.fixture(scope="module")
-def studies_out(tmp_path_factory, ray_cluster):
-    from megatron_rlhf.cli import main
-
-    out = tmp_path_factory.mktemp("studies")
-    seconds = {}
-    for name in RUN_HERE:
-        started = time.perf_counter()
-        assert main(["study", name, "--quick", "--out", str(out)]) == 0
-        seconds[name] = round(time.perf_counter() - started, 1)
-    (out / "study_seconds.json").write_text(json.dumps(seconds, indent=2))
-    return out
+def studies(tmp_path_factory, ray_cluster):
+    return QuickStudies(tmp_path_factory.mktemp("studies"))
 
 
-def _report(studies_out, name):
-    return json.loads((studies_out / name / "report.json").read_text())
+def _report(studies, name):
+    return json.loads((studies.run(name) / name / "report.json").read_text())
 
 
 @pytest.mark.parametrize("name", RUN_HERE)
-def test_each_study_writes_a_table_a_plot_and_a_verdict(studies_out, name):
-    folder = studies_out / name
+def test_each_study_writes_a_table_a_plot_and_a_verdict(studies, name):
+    folder = studies.run(name) / name
     markdown = (folder / "report.md").read_text()
     assert markdown.count("\n|") >= 3, markdown  # header, rule and at least one row
     assert "## Trend against the paper's claim" in markdown
@@ -58,8 +70,8 @@ def test_each_study_writes_a_table_a_plot_and_a_verdict(studies_out, name):
 
 
 @pytest.mark.parametrize("name", REWARD_STUDIES)
-def test_best_of_n_curves_lie_between_zero_and_pass_at_n(studies_out, name):
-    report = json.loads((studies_out / name / "report.json").read_text())
+def test_best_of_n_curves_lie_between_zero_and_pass_at_n(studies, name):
+    report = _report(studies, name)
     reference = report["arms"]["reference"]
     assert reference["pass@N"][0] == pytest.approx(reference["random"][0])  # N = 1: the oracle is the first pick
     for arm_name, arm in report["arms"].items():
@@ -71,16 +83,16 @@ def test_best_of_n_curves_lie_between_zero_and_pass_at_n(studies_out, name):
             assert all(0.0 <= value <= oracle + 1e-9 for value, oracle in zip(curve, reference["pass@N"]))
 
 
-def test_prm_vs_orm_reports_every_aggregate(studies_out):
-    report = json.loads((studies_out / "prm-vs-orm" / "report.json").read_text())
+def test_prm_vs_orm_reports_every_aggregate(studies):
+    report = _report(studies, "prm-vs-orm")
     assert set(report["arms"]["prm"]["curves"]) == {"last", "min", "product", "mean"}
     assert {"ORM", "PRM (last)", "pass@N", "random"} <= set(report["curves"])
 
 
-def test_responses_per_prompt_runs_one_rl_arm_per_n(studies_out):
+def test_responses_per_prompt_runs_one_rl_arm_per_n(studies):
     from megatron_rlhf.studies.recipe import QUICK
 
-    report = json.loads((studies_out / "responses-per-prompt" / "report.json").read_text())
+    report = _report(studies, "responses-per-prompt")
     assert [row[0] for row in report["rows"]] == list(QUICK["responses_per_prompt"])
     for n in QUICK["responses_per_prompt"]:
         arm = report["arms"][str(n)]
@@ -88,20 +100,20 @@ def test_responses_per_prompt_runs_one_rl_arm_per_n(studies_out):
         assert all(len(curve) == QUICK["rl_steps"] for curve in arm["curves"].values())
 
 
-def test_policy_size_runs_one_rl_arm_per_size(studies_out):
+def test_policy_size_runs_one_rl_arm_per_size(studies):
     from megatron_rlhf.studies.recipe import QUICK
 
-    report = _report(studies_out, "policy-size")
+    report = _report(studies, "policy-size")
     assert [row[0] for row in report["rows"]] == list(QUICK["model_sizes"])
     assert set(report["arms"]) == {str(size) for size in QUICK["model_sizes"]}
     for arm in report["arms"].values():
         assert arm["steps"] == list(range(QUICK["rl_steps"])) and arm["n"] == QUICK["rl_n"]
 
 
-def test_ppo_vs_grpo_runs_three_arms_with_reward_kl_and_length_curves_and_final_accuracy(studies_out):
+def test_ppo_vs_grpo_runs_three_arms_with_reward_kl_and_length_curves_and_final_accuracy(studies):
     from megatron_rlhf.studies.recipe import QUICK
 
-    report = _report(studies_out, "ppo-vs-grpo")
+    report = _report(studies, "ppo-vs-grpo")
     arms = ("ppo", "grpo", "grpo-shrink")
     assert set(report["arms"]) == set(arms) and [row[0] for row in report["rows"]] == list(arms)
     for name in arms:
@@ -113,8 +125,8 @@ def test_ppo_vs_grpo_runs_three_arms_with_reward_kl_and_length_curves_and_final_
     assert len(report["verdicts"]) == 3  # accuracy, KL, length
 
 
-def test_pre_ppo_compares_selection_with_uniform_per_domain_and_for_reward_hacking(studies_out):
-    report = _report(studies_out, "pre-ppo")
+def test_pre_ppo_compares_selection_with_uniform_per_domain_and_for_reward_hacking(studies):
+    report = _report(studies, "pre-ppo")
     assert [row[0] for row in report["rows"]] == ["uniform", "pre-ppo"]
     assert report["columns"] == ["arm", "math accuracy", "code accuracy", "length growth",
                                  "RM score growth (general)", "verifier accuracy growth"]
@@ -126,29 +138,32 @@ def test_pre_ppo_compares_selection_with_uniform_per_domain_and_for_reward_hacki
         assert "score/general" in report["arms"][name]["curves"]
 
 
-def test_rm_size_trains_one_reward_model_per_size(studies_out):
+def test_rm_size_trains_one_reward_model_per_size(studies):
     from megatron_rlhf.studies.recipe import QUICK
 
-    report = _report(studies_out, "rm-size")
+    report = _report(studies, "rm-size")
     assert set(report["arms"]) - {"reference"} == {str(size) for size in QUICK["model_sizes"]}
     assert [row[0] for row in report["rows"][: len(QUICK["model_sizes"])]] == list(QUICK["model_sizes"])
 
 
-def test_the_grpo_arm_three_studies_share_is_run_once(studies_out):
+def test_the_grpo_arm_three_studies_share_is_run_once(studies):
     from megatron_rlhf.studies.recipe import load_study_recipe
 
     recipe = load_study_recipe(quick=True)
-    shared = {_report(studies_out, "responses-per-prompt")["arms"][str(recipe.rl_n)]["shared_arm"],
-              _report(studies_out, "policy-size")["arms"][str(recipe.hidden_size)]["shared_arm"],
-              _report(studies_out, "ppo-vs-grpo")["arms"]["grpo"]["shared_arm"]}
+    shared = {_report(studies, "responses-per-prompt")["arms"][str(recipe.rl_n)]["shared_arm"],
+              _report(studies, "policy-size")["arms"][str(recipe.hidden_size)]["shared_arm"],
+              _report(studies, "ppo-vs-grpo")["arms"]["grpo"]["shared_arm"]}
     assert len(shared) == 1
-    runs = [path for path in (studies_out / "shared" / "arms").glob("*.json") if not path.name.endswith(".key.json")]
-    assert len(runs) == 7  # 2 + 1 + 2 (one shared) + 2 RL arms: 9 arms asked for, 7 runs
+    asked = [json.loads(path.read_text())["shared_arm"] for name in RL_STUDIES
+             for path in (studies.run(name) / name / "arms").glob("*.json") if path.stem not in PRE_PPO_STEPS]
+    runs = [path for path in (studies.folder / "shared" / "arms").glob("*.json") if not path.name.endswith(".key.json")]
+    assert len(runs) == len(set(asked)) == len(asked) - 2  # three arms asked for, one run
 
 
-def test_a_rerun_resumes_every_finished_arm_without_rerunning_it(studies_out, capsys):
+def test_a_rerun_resumes_every_finished_arm_without_rerunning_it(studies, capsys):
     from megatron_rlhf.cli import main
 
+    studies_out = studies.run("rm-data")
     arm_files = sorted((studies_out / "rm-data" / "arms").glob("*.json"))
     before = {path: path.read_text() for path in arm_files}
     started = time.perf_counter()
@@ -158,9 +173,9 @@ def test_a_rerun_resumes_every_finished_arm_without_rerunning_it(studies_out, ca
     assert "study=rm-data verdict=" in capsys.readouterr().out
 
 
-def test_a_folder_of_another_recipe_is_refused(studies_out, tmp_path):
+def test_a_folder_of_another_recipe_is_refused(studies, tmp_path):
     from megatron_rlhf.cli import EXIT_USER_ERROR, main
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("rm_steps: 5\n")
-    assert main(["study", "rm-data", "--quick", "--recipe", str(recipe), "--out", str(studies_out)]) == EXIT_USER_ERROR
+    assert main(["study", "rm-data", "--quick", "--recipe", str(recipe), "--out", str(studies.run("rm-data"))]) == EXIT_USER_ERROR
