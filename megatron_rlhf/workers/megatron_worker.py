@@ -257,7 +257,7 @@ class ActorWorker(MegatronWorker):
         if config is None:
             return
         # Both threads import from transformers, whose lazy module is not thread-safe (a name
-        # half-imported by one thread is missing for the other): this thread imports first what
+        # half-imported by one thread is missing for the other): the rank's thread imports first what
         # either side uses (the tokenizer and config classes by loading them, vLLM, the model code).
         from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM  # noqa: F401 - vllm.entrypoints.llm and what it imports from transformers
