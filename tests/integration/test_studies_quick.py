@@ -10,9 +10,9 @@ GRPO arm that ``responses-per-prompt`` (n = rl_n), ``policy-size`` (default size
 asked for, 5 runs. ``study_seconds.json`` in the output folder records each study's seconds.
 
 Not run here, to keep the tier's time budget: ``pre-ppo`` (a reward model, a Pre-PPO selection
-engine and 2 RL arms with the reward model in the loop: about as long as the three RL studies
-above together). It shares ``rl_arm_result`` and the report code with them; run it with
-`megatron-rlhf study pre-ppo --quick`.
+engine and 2 RL arms with the reward model in the loop: 226 s in a run where the three RL studies
+above took 478 s; benchmarks/results/time_to_first_step.md). It shares ``rl_arm_result`` and the
+report code with them; run it with `megatron-rlhf study pre-ppo --quick`.
 """
 
 from __future__ import annotations
