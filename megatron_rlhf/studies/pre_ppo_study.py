@@ -28,7 +28,7 @@ from typing import Any
 
 from megatron_rlhf.studies import trend
 from megatron_rlhf.studies.assets import base_model
-from megatron_rlhf.studies.rl_studies import VERIFIED, rl_arm, rl_data, verified_accuracy
+from megatron_rlhf.studies.rl_studies import VERIFIED, rl_arm_result, rl_data, verified_accuracy
 from megatron_rlhf.studies.runner import StudyContext, StudyResult
 
 PAPER = '"Exploring Data Scaling Trends and Effects in Reinforcement Learning from Human Feedback" (ByteDance Seed)'
@@ -121,13 +121,11 @@ def run_pre_ppo(context: StudyContext) -> StudyResult:
     rewards = _hybrid_reward_yaml(context.out_dir / "arms" / "uniform", rm["checkpoint"])
     switch = max(1, round(recipe.rl_steps / 3))
     arms = {
-        "uniform": context.arm("uniform", lambda arm_dir: rl_arm(
-            context, arm_dir, "uniform", policy, grpo_algorithm(), recipe.rl_n, data["prompts_train"],
-            data["prompts_eval"], rewards)),
-        "pre-ppo": context.arm("pre-ppo", lambda arm_dir: rl_arm(
-            context, arm_dir, "pre-ppo", policy, grpo_algorithm(), recipe.rl_n, selected["prompts"],
-            data["prompts_eval"], rewards, curriculum=CurriculumConfig.first_then_all(VERIFIED, switch,
-                                                                                      seed=recipe.seed))),
+        "uniform": rl_arm_result(context, "uniform", policy, grpo_algorithm(), recipe.rl_n, data["prompts_train"],
+                                 data["prompts_eval"], rewards),
+        "pre-ppo": rl_arm_result(context, "pre-ppo", policy, grpo_algorithm(), recipe.rl_n, selected["prompts"],
+                                 data["prompts_eval"], rewards,
+                                 curriculum=CurriculumConfig.first_then_all(VERIFIED, switch, seed=recipe.seed)),
     }
     count = min(arm["accuracy_count"] for arm in arms.values())
     verdict = trend.ranking_verdict("Pre-PPO selection with math/code first reaches a higher verified accuracy than "

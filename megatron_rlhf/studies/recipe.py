@@ -87,11 +87,13 @@ class StudyRecipe:
 QUICK: dict[str, Any] = dict(
     vocab_size=300, model_sizes=(32, 64), rm_steps=4, rm_data_size=16, rm_data_responses_per_prompt=(1, 4),
     bon_prompts=8, bon_n_max=4, math_operations=2, rl_steps=1, rl_prompts_per_step=2, rl_n=2,
-    responses_per_prompt=(1, 4), rl_prompts_per_domain=4, eval_prompts_per_domain=2, max_new_tokens=8,
+    responses_per_prompt=(1, 2), rl_prompts_per_domain=4, eval_prompts_per_domain=2, max_new_tokens=8,
     held_out_eval=False,
 )
 """``--quick``: smoke size. Shows that each study runs end to end and writes its report; with
-untrained tiny models and a handful of prompts its trends are noise (reported "inconclusive")."""
+untrained tiny models and a handful of prompts its trends are noise (reported "inconclusive").
+``responses_per_prompt`` holds ``rl_n`` and ``model_sizes`` the default hidden size, so that
+``responses-per-prompt``, ``policy-size`` and ``ppo-vs-grpo`` share one GRPO arm (one run)."""
 
 
 def load_study_recipe(path: str | Path | None = None, quick: bool = False) -> StudyRecipe:

@@ -10,6 +10,11 @@ vLLM, graded by the verifiers) when ``recipe.held_out_eval``; otherwise (``--qui
 training-rollout accuracy of the last half of the steps, and the report says so.
 
 A killed arm with ``checkpoint_every`` > 0 resumes from its last checkpoint (run_rl's own resume).
+
+Arms are keyed by their run (:func:`rl_arm_result`: policy, algorithm, n, prompts, rewards,
+curriculum; seeded from that key), so an output folder runs an arm two studies share once: with
+the default recipe, ``policy-size`` at the default hidden size, ``ppo-vs-grpo``'s ``grpo`` and
+``responses-per-prompt`` at ``n = rl_n`` are one run.
 """
 
 from __future__ import annotations
@@ -59,8 +64,21 @@ def rl_data(context: StudyContext) -> dict[str, str]:
     return paths
 
 
-def rl_arm(context: StudyContext, arm_dir: Path, arm: str, policy: str, algorithm: Any, n: int, prompts: str,
-           eval_prompts: str, reward_yaml: str, curriculum: Any = None) -> dict[str, Any]:
+def rl_arm_result(context: StudyContext, arm: str, policy: str, algorithm: Any, n: int, prompts: str,
+                  eval_prompts: str, reward_yaml: str, curriculum: Any = None) -> dict[str, Any]:
+    """The result of RL arm ``arm`` of this study: the run of these inputs (run once per output
+    folder, whichever study asks first; see the module docstring)."""
+    from dataclasses import asdict
+
+    key = {"kind": "rl", "policy": policy, "algorithm": asdict(algorithm), "n": n, "prompts": prompts,
+           "eval_prompts": eval_prompts, "rewards": reward_yaml,
+           "curriculum": asdict(curriculum) if curriculum is not None else None}
+    return context.shared_arm(arm, json.loads(json.dumps(key, default=str)), lambda arm_dir, seed: rl_arm(
+        context, arm_dir, policy, algorithm, n, prompts, eval_prompts, reward_yaml, curriculum, seed))
+
+
+def rl_arm(context: StudyContext, arm_dir: Path, policy: str, algorithm: Any, n: int, prompts: str,
+           eval_prompts: str, reward_yaml: str, curriculum: Any, seed: int) -> dict[str, Any]:
     """One RL run and its evaluation (see the module docstring)."""
     from megatron_rlhf.config.optimizer import OptimizerSettings
     from megatron_rlhf.config.ppo_update import PPOUpdateConfig
@@ -81,7 +99,7 @@ def rl_arm(context: StudyContext, arm_dir: Path, arm: str, policy: str, algorith
         max_prompt_tokens=128, update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=samples),
         actor_optimizer=OptimizerSettings(lr=recipe.rl_lr, clip_grad=1.0),
         critic_optimizer=OptimizerSettings(lr=1e-3, clip_grad=1.0), reward_config=load_reward_config(reward_yaml),
-        curriculum=curriculum, checkpoint_every=checkpoint_every, seed=context.seed(arm), tensorboard=False,
+        curriculum=curriculum, checkpoint_every=checkpoint_every, seed=seed, tensorboard=False,
         console=False)
     result = run_rl(config)
     rows = read_metrics_jsonl(result.metrics_file)
@@ -96,7 +114,7 @@ def rl_arm(context: StudyContext, arm_dir: Path, arm: str, policy: str, algorith
         evaluated = held_out_accuracy(context, result.policy_dir, eval_prompts, reward_yaml)
     accuracy = evaluated["accuracy"] if evaluated else training_accuracy
     count = evaluated["count"] if evaluated else recipe.rl_prompts_per_step * n * max(len(late), 1)
-    return {"arm": arm, "n": n, "policy": result.policy_dir, "steps": [row["step"] for row in rows], "curves": curves,
+    return {"n": n, "policy": result.policy_dir, "steps": [row["step"] for row in rows], "curves": curves,
             "accuracy": accuracy, "accuracy_count": count,
             "accuracy_source": "held-out" if evaluated else "training rollouts",
             "training_accuracy": training_accuracy, "first_step_accuracy": {
@@ -158,9 +176,8 @@ def run_responses_per_prompt(context: StudyContext) -> StudyResult:
     arms = {}
     for n in recipe.responses_per_prompt:
         algorithm = grpo_algorithm(kl_mode="none") if n == 1 else grpo_algorithm()
-        arms[n] = context.arm(f"n{n}", lambda arm_dir, n=n, algorithm=algorithm: rl_arm(
-            context, arm_dir, f"n{n}", policy, algorithm, n, data["prompts_train_verified"],
-            data["prompts_eval_verified"], data["rewards_verified"]))
+        arms[n] = rl_arm_result(context, f"n{n}", policy, algorithm, n, data["prompts_train_verified"],
+                                data["prompts_eval_verified"], data["rewards_verified"])
     ns = list(arms)
     accuracy = [verified_accuracy(arms[n]) for n in ns]
     count = min(arm["accuracy_count"] for arm in arms.values())
@@ -186,9 +203,9 @@ def run_policy_size(context: StudyContext) -> StudyResult:
     arms = {}
     for size in recipe.model_sizes:
         policy = base_model(context.shared_dir, recipe, size)
-        arms[size] = context.arm(f"hidden{size}", lambda arm_dir, size=size, policy=policy: rl_arm(
-            context, arm_dir, f"hidden{size}", policy, grpo_algorithm(), recipe.rl_n, data["prompts_train_verified"],
-            data["prompts_eval_verified"], data["rewards_verified"]))
+        arms[size] = rl_arm_result(context, f"hidden{size}", policy, grpo_algorithm(), recipe.rl_n,
+                                   data["prompts_train_verified"], data["prompts_eval_verified"],
+                                   data["rewards_verified"])
     sizes = list(arms)
     gains = [_mean([arms[s]["training_accuracy"][d] - (arms[s]["first_step_accuracy"].get(d) or 0.0)
                     for d in VERIFIED]) for s in sizes]
@@ -218,9 +235,9 @@ def run_ppo_vs_grpo(context: StudyContext) -> StudyResult:
     policy = base_model(context.shared_dir, recipe)
     algorithms = {"ppo": ppo_algorithm(), "grpo": grpo_algorithm(reward_shrink_alpha=1.0),
                   "grpo-shrink": grpo_algorithm(reward_shrink_alpha=0.5)}
-    arms = {name: context.arm(name, lambda arm_dir, name=name, algorithm=algorithm: rl_arm(
-        context, arm_dir, name, policy, algorithm, recipe.rl_n, data["prompts_train_verified"],
-        data["prompts_eval_verified"], data["rewards_verified"])) for name, algorithm in algorithms.items()}
+    arms = {name: rl_arm_result(context, name, policy, algorithm, recipe.rl_n, data["prompts_train_verified"],
+                                data["prompts_eval_verified"], data["rewards_verified"])
+            for name, algorithm in algorithms.items()}
     count = min(arm["accuracy_count"] for arm in arms.values())
     verdicts = [
         trend.no_difference_verdict("PPO and GRPO (with asymmetric reward shrinking) reach similar accuracy",

@@ -8,15 +8,21 @@ Layout under ``--out`` (default ``outputs/studies``)::
     <study>/arms/<arm>/          the arm's own files (reward model, RL run, ...)
     <study>/report.{md,png,json} the study's report (rewritten from the arm files on every run)
 
+    shared/arms/<digest>.json    a keyed arm's result (:meth:`StudyContext.shared_arm`), its files
+    shared/arms/<digest>/        beside it and its key in ``<digest>.key.json``
+
 Guarantees: an arm whose result file exists is never rerun (a killed study continues with the
 next arm; a killed RL arm also resumes from its own checkpoints); a result file is written
 atomically (temporary name, then rename), so a half-written one cannot mark an arm done; a folder
-made with another recipe is refused (``--restart`` clears the studies asked for, never
-``shared/`` nor other studies). Every arm is seeded from the recipe's seed and the arm's name.
+made with another recipe is refused (``--restart`` clears the studies asked for and the keyed arms
+they ran, never the rest of ``shared/`` nor other studies). Every arm is seeded from the recipe's
+seed and the arm's name, a keyed arm from the recipe's seed and its key: studies of one folder
+that ask for the same keyed arm (same key, hence the same run, seed included) run it once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -48,15 +54,43 @@ class StudyContext:
         if result_file.is_file():
             log.info("study %s: arm %s done earlier (%s)", self.name, arm_name, result_file)
             return json.loads(result_file.read_text())
-        arm_dir = self.out_dir / "arms" / arm_name
+        return self._compute(arm_name, result_file, self.out_dir / "arms" / arm_name, compute)
+
+    def shared_arm(self, arm_name: str, key: dict[str, Any], compute: Callable[[Path, int], dict[str, Any]]
+                   ) -> dict[str, Any]:
+        """:meth:`arm`, for an arm whose result is fixed by the recipe and ``key`` (JSON-able: every
+        input of the run besides the recipe), seeded from the key: read from this study's result
+        file, else from the folder's result of the same key (another study ran the same arm), else
+        ``compute(arm_dir, seed)`` in ``shared/arms/<digest>/``. This study's result file is a copy."""
+        result_file = self.out_dir / "arms" / f"{arm_name}.json"
+        if result_file.is_file():
+            log.info("study %s: arm %s done earlier (%s)", self.name, arm_name, result_file)
+            return json.loads(result_file.read_text())
+        canonical = json.dumps(key, sort_keys=True)
+        digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        shared_file = self.shared_dir / "arms" / f"{digest}.json"
+        if shared_file.is_file():
+            log.info("study %s: arm %s is the run %s another study made (%s)", self.name, arm_name, digest, shared_file)
+            result = json.loads(shared_file.read_text())
+        else:
+            shared_file.parent.mkdir(parents=True, exist_ok=True)
+            shared_file.with_suffix(".key.json").write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+            seed = self.key_seed(canonical)
+            result = self._compute(arm_name, shared_file, shared_file.with_suffix(""),
+                                   lambda arm_dir: compute(arm_dir, seed))
+        result = {**result, "shared_arm": digest}
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(result_file, result)
+        return result
+
+    def _compute(self, arm_name: str, result_file: Path, arm_dir: Path,
+                 compute: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         arm_dir.mkdir(parents=True, exist_ok=True)
         log.info("study %s: arm %s starting", self.name, arm_name)
         started = time.perf_counter()
         result = dict(compute(arm_dir))
         result["seconds"] = round(time.perf_counter() - started, 1)
-        temporary = result_file.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(result, indent=2) + "\n")
-        temporary.replace(result_file)
+        _write_json_atomically(result_file, result)
         log.info("study %s: arm %s done in %.0f s", self.name, arm_name, result["seconds"])
         return result
 
@@ -65,6 +99,29 @@ class StudyContext:
         import zlib
 
         return self.recipe.seed * 1000 + zlib.crc32(f"{self.name}/{arm_name}".encode()) % 1000
+
+    def key_seed(self, canonical_key: str) -> int:
+        """The seed of a keyed arm (:meth:`shared_arm`): the same for the same key in every study."""
+        import zlib
+
+        return self.recipe.seed * 1000 + zlib.crc32(f"keyed/{canonical_key}".encode()) % 1000
+
+
+def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def _forget_shared_arms(study_dir: Path, shared_dir: Path) -> None:
+    """Remove the keyed arms (results and files) a study's result files point to, so that a
+    restarted study runs them again."""
+    for result_file in (study_dir / "arms").glob("*.json"):
+        digest = json.loads(result_file.read_text()).get("shared_arm")
+        if digest:
+            for path in (shared_dir / "arms" / f"{digest}.json", shared_dir / "arms" / f"{digest}.key.json"):
+                path.unlink(missing_ok=True)
+            shutil.rmtree(shared_dir / "arms" / digest, ignore_errors=True)
 
 
 @dataclass
@@ -118,6 +175,8 @@ def run_studies(names: list[str], recipe: StudyRecipe, out_dir: str | Path, rest
     saved = out / "recipe.json"
     if restart:
         for name in names:
+            if (out / name).is_dir():
+                _forget_shared_arms(out / name, out / "shared")
             shutil.rmtree(out / name, ignore_errors=True)
     if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(asdict(recipe))):
         if not restart or any((out / name).exists() for name in registry if name not in names):

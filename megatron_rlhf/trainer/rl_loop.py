@@ -27,6 +27,13 @@ one-step-off run is not bit-identical to an uninterrupted one).
 
 Checkpoint order: the critic (PPO) is saved before the actor, and the actor's checkpoint carries
 the loop state; resume takes the actor's newest complete step and loads the critic at that step.
+
+Start-up timeline: the first step's metrics carry ``startup/<phase>``, the seconds from the
+command's start to the end of each start-up phase (``prompts``: config, tokenizer and prompt set;
+``ray``; ``workers``: every group's rank 0 up, its process started and its class imported;
+``actor``: the actor's model built and loaded; ``engine``: the rollout engine started and the
+weight-transfer group open; ``groups``: every group loaded), next to ``time/to_first_step``; each
+is also logged.
 """
 
 from __future__ import annotations
@@ -90,6 +97,22 @@ def fault_hook_from_env() -> Any:
     return hook
 
 
+class StartupTimeline:
+    """When each start-up phase ended, in seconds since the command started (module docstring)."""
+
+    def __init__(self) -> None:
+        self.ends: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        from megatron_rlhf.trainer.metrics_log import seconds_since_process_start
+
+        self.ends[phase] = seconds_since_process_start()
+        log.info("start-up: %s done at %.1f s", phase, self.ends[phase])
+
+    def metrics(self) -> dict[str, float]:
+        return {f"startup/{phase}": seconds for phase, seconds in self.ends.items()}
+
+
 def _start_ray(config: RLConfig) -> bool:
     """Join ``config.ray_address`` (else the cluster named by RAY_ADDRESS, as set by
     scripts/slurm/ray_job.sbatch), or start a private local Ray instance (``address="local"``:
@@ -108,13 +131,16 @@ def _start_ray(config: RLConfig) -> bool:
     return True
 
 
-def build_components(config: RLConfig, tokenizer: Any):
-    """Worker groups, engine and router; returns ``(components, groups, placement)``.
+def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline | None = None):
+    """Worker groups, engine and router; returns ``(components, groups, placement)``; marks the
+    ``workers``, ``actor``, ``engine`` and ``groups`` phases on ``timeline`` (if given).
 
     The groups start together (``WorkerGroup(join=False)`` then ``begin_join``): every rank of
-    every group loads its model at the same time, and the engine starts on the actor's rank 0 as
-    soon as the actor is ready, while the other groups are still loading (on GPUs, a colocated
-    engine starts before the other groups load: vLLM sizes its memory from what is free).
+    every group loads its model at the same time. A colocated CPU engine starts on the actor's
+    rank 0 as soon as that rank has joined its process group, while the models load
+    (:meth:`~megatron_rlhf.workers.megatron_worker.ActorWorker.stage_engine`); a colocated GPU
+    engine starts once the actor is loaded and before the other groups load (vLLM sizes its
+    memory from what is free); disaggregated engines start with the groups.
     """
     from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -189,19 +215,26 @@ def build_components(config: RLConfig, tokenizer: Any):
                                                        placement, (reward_model_spec(source.config, config.seed),),
                                                        join=False)
         # vLLM sizes its GPU memory from what is free when it starts: a colocated GPU engine starts
-        # before the other groups load (as one after another did); elsewhere all load at once
+        # before the other groups load (as one after another did); elsewhere all load at once, and
+        # a colocated CPU engine starts on the actor's rank 0 while that rank loads its model
         engine_first = not disaggregated and config.resources.uses_gpus
+        staged = groups["actor"].all_async("stage_engine", rollout) if not disaggregated and not engine_first else []
+        timeline = timeline or StartupTimeline()
         joining = {name: group.begin_join() for name, group in groups.items()
                    if name == "actor" or not engine_first}
-        ray.get(joining.pop("actor"))
+        timeline.mark("workers")
+        ray.get(staged + joining.pop("actor"))
+        timeline.mark("actor")
         groups["actor"] = ActorGroup(groups["actor"], config.update.num_minibatches, shares)
         engine_start = threads.submit(groups["actor"].attach_engine, None if disaggregated else rollout,
                                       [groups[name].workers[0] for name in engine_names] or None,
                                       config.weight_sync_bucket_bytes)
         if engine_first:
             engine_start.result()
+            timeline.mark("engine")
             joining = {name: group.begin_join() for name, group in groups.items() if name != "actor"}
         ray.get([ref for refs in joining.values() for ref in refs])
+        timeline.mark("groups")
         if "reference" in groups:
             groups["reference"] = ReferenceGroup(groups["reference"], shares=shares)
         if "critic" in groups:
@@ -210,7 +243,9 @@ def build_components(config: RLConfig, tokenizer: Any):
                    for name, source in reward.sources.items() if source.kind == SOURCE_KIND}
         sources.update(build_sources(reward, only={n for n, s in reward.sources.items() if s.kind != SOURCE_KIND}))
         router = HybridRewardRouter(reward.router, sources)
-        engine_start.result()
+        if not engine_first:
+            engine_start.result()
+            timeline.mark("engine")
     except BaseException:
         if engine_start is not None:
             engine_start.cancel()
@@ -292,9 +327,12 @@ def run_rl(config: RLConfig) -> RLResult:
     from megatron_rlhf.config.precision import validate_precision_environment
 
     validate_precision_environment(config.precision)  # before any process starts
+    timeline = StartupTimeline()
+    timeline.mark("prompts")
     started_ray = _start_ray(config)
+    timeline.mark("ray")
     try:
-        parts, groups, placement = build_components(config, tokenizer)  # shuts its groups down if it fails
+        parts, groups, placement = build_components(config, tokenizer, timeline)  # shuts its groups down if it fails
     except BaseException:
         if started_ray:
             import ray
@@ -334,6 +372,7 @@ def run_rl(config: RLConfig) -> RLResult:
                 metrics.update(gpu_metrics(groups))
                 if state.step == first_step + 1:  # start-up included: the command's start to here
                     metrics["time/to_first_step"] = seconds_since_process_start()
+                    metrics.update(timeline.metrics())
                 alarm = sync_alarm(config, metrics)
                 metrics["ratio/sync_alarms"] = alarms = alarms + bool(alarm)
                 logger.log(state.step - 1, metrics)

@@ -109,7 +109,11 @@ class MegatronWorker:
         torch.set_num_threads(self.spec.threads)
         state = initialize_parallel(self.spec.parallel, seed=self.spec.seed,
                                     store=self.rendezvous_store(address, port))
+        self._joined()
         self.load_model(state)
+
+    def _joined(self) -> None:
+        """Hook: the process group is up, the model not yet built."""
 
     def load_model(self, state: Any) -> None:
         """Build this rank's stage for the role and fill it from ``spec.hf_dir``, in the parallel
@@ -240,6 +244,47 @@ class ActorWorker(MegatronWorker):
         self.weight_sync = None
 
     # --- rollout engine (colocated on rank 0, or a remote engine) ---------------------------
+    def stage_engine(self, rollout_config: Any) -> None:
+        """Start the colocated engine of ``rollout_config`` on rank 0 as soon as this rank has
+        joined its process group, in a thread of its own, while the rank builds and loads its
+        model (CPU machines: vLLM's engine-core and worker processes start on the cores the
+        load leaves idle); :meth:`attach_engine` then takes it. The engine sees the environment
+        it saw when started after the load (rank variables set by the join). Call before the join."""
+        self._staged_engine = rollout_config if self.rank == 0 else None
+
+    def _joined(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        config = getattr(self, "_staged_engine", None)
+        if config is None:
+            return
+        # Both threads import from transformers, whose lazy module is not thread-safe (a name
+        # half-imported by one thread is missing for the other): the rank's thread imports first what
+        # either side uses (the tokenizer and config classes by loading them, vLLM, the model code).
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import LLM  # noqa: F401 - vllm.entrypoints.llm and what it imports from transformers
+
+        import megatron_rlhf.checkpoint.role_model  # noqa: F401
+        import megatron_rlhf.training.actor_critic  # noqa: F401
+        from megatron_rlhf.rollout.engine import RolloutEngine
+
+        AutoConfig.from_pretrained(config.model_dir)
+        AutoTokenizer.from_pretrained(config.model_dir)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="engine-start")
+        self._engine_starting = pool.submit(RolloutEngine, config)
+        pool.shutdown(wait=False)
+
+    def _started_engine(self, rollout_config: Any) -> Any:
+        """The engine :meth:`stage_engine` started (waits for it), or None when none was staged."""
+        starting, self._engine_starting = getattr(self, "_engine_starting", None), None
+        if starting is None:
+            return None
+        engine = starting.result()
+        if self._staged_engine != rollout_config:
+            engine.shutdown()
+            raise ValueError(f"attach_engine({rollout_config}) differs from the staged engine {self._staged_engine}")
+        return engine
+
     def attach_engine(self, rollout_config: Any | None, remote: Any | None = None,
                       bucket_bytes: int = 64 * 1024**2) -> None:
         """Start the colocated engine on rank 0 (``rollout_config``) or use remote ones (a handle
@@ -257,7 +302,7 @@ class ActorWorker(MegatronWorker):
             else:
                 from megatron_rlhf.rollout.engine import RolloutEngine
 
-                engines = [RolloutEngine(rollout_config)]
+                engines = [self._started_engine(rollout_config) or RolloutEngine(rollout_config)]
             if len(engines) == 1:
                 self.engine = engines[0]
             else:
@@ -352,6 +397,12 @@ class ActorWorker(MegatronWorker):
         return save_hf_directory(self.model, self.arch, self.spec.hf_dir, out_dir, role="lm")
 
     def shutdown(self) -> None:
+        starting, self._engine_starting = getattr(self, "_engine_starting", None), None
+        if starting is not None:  # staged, never attached (a failed start-up): stop it too
+            try:
+                starting.result().shutdown()
+            except Exception as error:  # noqa: BLE001 - its failure is reported by the start-up
+                log.warning("the staged engine did not start: %s", error)
         if getattr(self, "weight_sync", None) is not None:
             self.weight_sync.shutdown()  # releases the shared-memory segment of the shm transport
         if getattr(self, "engine", None) is not None and hasattr(self.engine, "shutdown"):

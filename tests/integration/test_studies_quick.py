@@ -1,14 +1,18 @@
-"""`megatron-rlhf study NAME --quick`, run as a user runs it, once per module: two reward-model
-studies (``rm-data``, ``prm-vs-orm``: real `train-rm` runs, real scoring, the real math verifier)
-and one RL study (``responses-per-prompt``: real ``run_rl`` arms on the tier's session Ray). Each
-test checks one property of what the run wrote.
+"""`megatron-rlhf study NAME --quick`, run as a user runs it, into one output folder per module:
+three reward-model studies (``rm-data``, ``prm-vs-orm``, ``rm-size``: real `train-rm` runs, real
+scoring, the real math verifier) and three RL studies (``responses-per-prompt``, ``policy-size``,
+``ppo-vs-grpo``: real ``run_rl`` arms on the tier's session Ray, with real vLLM engines). A study
+runs once, for the first test that needs it; each test checks one property of what it wrote.
 
-Not run here, to keep the tier's time budget (each RL arm pays Ray workers and a vLLM engine,
-about 40 s on two idle cores): ``rm-size`` (the code path of ``rm-data`` with two base-model
-sizes), ``policy-size`` (2 RL arms), ``ppo-vs-grpo`` (3 RL arms) and ``pre-ppo`` (a reward model,
-a selection engine and 2 RL arms with the reward model in the loop). They share ``rl_arm``,
-``train_and_evaluate`` and the report code with the studies run here; run them with
-`megatron-rlhf study NAME --quick`.
+Cost: every RL arm pays its Ray workers and its vLLM engine (about 40 s on two idle cores). The
+GRPO arm that ``responses-per-prompt`` (n = rl_n), ``policy-size`` (default size) and
+``ppo-vs-grpo`` (``grpo``) each ask for is one keyed run (``StudyContext.shared_arm``): 7 RL arms
+asked for, 5 runs. ``study_seconds.json`` in the output folder records each study's seconds.
+
+Not run here, to keep the tier's time budget: ``pre-ppo`` (a reward model, a Pre-PPO selection
+engine and 2 RL arms with the reward model in the loop: 226 s in a run where the three RL studies
+above took 478 s; benchmarks/results/time_to_first_step.md). It shares ``rl_arm_result`` and the
+report code with them; run it with `megatron-rlhf study pre-ppo --quick`.
 """
 
 from __future__ import annotations
@@ -20,24 +24,43 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
-REWARD_STUDIES = ("rm-data", "prm-vs-orm")
-RUN_HERE = (*REWARD_STUDIES, "responses-per-prompt")
+REWARD_STUDIES = ("rm-data", "prm-vs-orm", "rm-size")
+RL_STUDIES = ("responses-per-prompt", "policy-size", "ppo-vs-grpo")
+RUN_HERE = (*REWARD_STUDIES, *RL_STUDIES)
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
 
-@pytest.fixture(scope="module")
-def studies_out(tmp_path_factory, ray_cluster):
-    from megatron_rlhf.cli import main
+class QuickStudies:
+    """The module's output folder; :meth:`run` runs a study there once (the first test that needs
+    it pays for it, so the per-test timeout bounds one study, not all seven)."""
 
-    out = tmp_path_factory.mktemp("studies")
-    for name in RUN_HERE:
-        assert main(["study", name, "--quick", "--out", str(out)]) == 0
-    return out
+    def __init__(self, folder):
+        self.folder = folder
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str):
+        from megatron_rlhf.cli import main
+
+        if name not in self.seconds:
+            started = time.perf_counter()
+            assert main(["study", name, "--quick", "--out", str(self.folder)]) == 0
+            self.seconds[name] = round(time.perf_counter() - started, 1)
+            (self.folder / "study_seconds.json").write_text(json.dumps(self.seconds, indent=2))
+        return self.folder
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, ray_cluster):
+    return QuickStudies(tmp_path_factory.mktemp("studies"))
+
+
+def _report(studies, name):
+    return json.loads((studies.run(name) / name / "report.json").read_text())
 
 
 @pytest.mark.parametrize("name", RUN_HERE)
-def test_each_study_writes_a_table_a_plot_and_a_verdict(studies_out, name):
-    folder = studies_out / name
+def test_each_study_writes_a_table_a_plot_and_a_verdict(studies, name):
+    folder = studies.run(name) / name
     markdown = (folder / "report.md").read_text()
     assert markdown.count("\n|") >= 3, markdown  # header, rule and at least one row
     assert "## Trend against the paper's claim" in markdown
@@ -48,8 +71,8 @@ def test_each_study_writes_a_table_a_plot_and_a_verdict(studies_out, name):
 
 
 @pytest.mark.parametrize("name", REWARD_STUDIES)
-def test_best_of_n_curves_lie_between_zero_and_pass_at_n(studies_out, name):
-    report = json.loads((studies_out / name / "report.json").read_text())
+def test_best_of_n_curves_lie_between_zero_and_pass_at_n(studies, name):
+    report = _report(studies, name)
     reference = report["arms"]["reference"]
     assert reference["pass@N"][0] == pytest.approx(reference["random"][0])  # N = 1: the oracle is the first pick
     for arm_name, arm in report["arms"].items():
@@ -61,16 +84,16 @@ def test_best_of_n_curves_lie_between_zero_and_pass_at_n(studies_out, name):
             assert all(0.0 <= value <= oracle + 1e-9 for value, oracle in zip(curve, reference["pass@N"]))
 
 
-def test_prm_vs_orm_reports_every_aggregate(studies_out):
-    report = json.loads((studies_out / "prm-vs-orm" / "report.json").read_text())
+def test_prm_vs_orm_reports_every_aggregate(studies):
+    report = _report(studies, "prm-vs-orm")
     assert set(report["arms"]["prm"]["curves"]) == {"last", "min", "product", "mean"}
     assert {"ORM", "PRM (last)", "pass@N", "random"} <= set(report["curves"])
 
 
-def test_responses_per_prompt_runs_one_rl_arm_per_n(studies_out):
+def test_responses_per_prompt_runs_one_rl_arm_per_n(studies):
     from megatron_rlhf.studies.recipe import QUICK
 
-    report = json.loads((studies_out / "responses-per-prompt" / "report.json").read_text())
+    report = _report(studies, "responses-per-prompt")
     assert [row[0] for row in report["rows"]] == list(QUICK["responses_per_prompt"])
     for n in QUICK["responses_per_prompt"]:
         arm = report["arms"][str(n)]
@@ -78,9 +101,57 @@ def test_responses_per_prompt_runs_one_rl_arm_per_n(studies_out):
         assert all(len(curve) == QUICK["rl_steps"] for curve in arm["curves"].values())
 
 
-def test_a_rerun_resumes_every_finished_arm_without_rerunning_it(studies_out, capsys):
+def test_policy_size_runs_one_rl_arm_per_size(studies):
+    from megatron_rlhf.studies.recipe import QUICK
+
+    report = _report(studies, "policy-size")
+    assert [row[0] for row in report["rows"]] == list(QUICK["model_sizes"])
+    assert set(report["arms"]) == {str(size) for size in QUICK["model_sizes"]}
+    for arm in report["arms"].values():
+        assert arm["steps"] == list(range(QUICK["rl_steps"])) and arm["n"] == QUICK["rl_n"]
+
+
+def test_ppo_vs_grpo_runs_three_arms_with_reward_kl_and_length_curves_and_final_accuracy(studies):
+    from megatron_rlhf.studies.recipe import QUICK
+
+    report = _report(studies, "ppo-vs-grpo")
+    arms = ("ppo", "grpo", "grpo-shrink")
+    assert set(report["arms"]) == set(arms) and [row[0] for row in report["rows"]] == list(arms)
+    for name in arms:
+        curves = report["arms"][name]["curves"]
+        assert all(len(curves[key]) == QUICK["rl_steps"] for key in ("reward/mean", "kl/mean", "response/length_mean"))
+        assert {f"{name} reward", f"{name} KL"} <= set(report["curves"])
+    accuracy = report["columns"].index("accuracy")
+    assert all(0.0 <= row[accuracy] <= 1.0 for row in report["rows"])
+    assert len(report["verdicts"]) == 3  # accuracy, KL, length
+
+
+def test_rm_size_trains_one_reward_model_per_size(studies):
+    from megatron_rlhf.studies.recipe import QUICK
+
+    report = _report(studies, "rm-size")
+    assert set(report["arms"]) - {"reference"} == {str(size) for size in QUICK["model_sizes"]}
+    assert [row[0] for row in report["rows"][: len(QUICK["model_sizes"])]] == list(QUICK["model_sizes"])
+
+
+def test_the_grpo_arm_three_studies_share_is_run_once(studies):
+    from megatron_rlhf.studies.recipe import load_study_recipe
+
+    recipe = load_study_recipe(quick=True)
+    shared = {_report(studies, "responses-per-prompt")["arms"][str(recipe.rl_n)]["shared_arm"],
+              _report(studies, "policy-size")["arms"][str(recipe.hidden_size)]["shared_arm"],
+              _report(studies, "ppo-vs-grpo")["arms"]["grpo"]["shared_arm"]}
+    assert len(shared) == 1
+    asked = [json.loads(path.read_text())["shared_arm"] for name in RL_STUDIES
+             for path in (studies.run(name) / name / "arms").glob("*.json")]
+    runs = [path for path in (studies.folder / "shared" / "arms").glob("*.json") if not path.name.endswith(".key.json")]
+    assert len(runs) == len(set(asked)) == len(asked) - 2 == 5  # three of the 7 arms asked for are one run
+
+
+def test_a_rerun_resumes_every_finished_arm_without_rerunning_it(studies, capsys):
     from megatron_rlhf.cli import main
 
+    studies_out = studies.run("rm-data")
     arm_files = sorted((studies_out / "rm-data" / "arms").glob("*.json"))
     before = {path: path.read_text() for path in arm_files}
     started = time.perf_counter()
@@ -90,9 +161,9 @@ def test_a_rerun_resumes_every_finished_arm_without_rerunning_it(studies_out, ca
     assert "study=rm-data verdict=" in capsys.readouterr().out
 
 
-def test_a_folder_of_another_recipe_is_refused(studies_out, tmp_path):
+def test_a_folder_of_another_recipe_is_refused(studies, tmp_path):
     from megatron_rlhf.cli import EXIT_USER_ERROR, main
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("rm_steps: 5\n")
-    assert main(["study", "rm-data", "--quick", "--recipe", str(recipe), "--out", str(studies_out)]) == EXIT_USER_ERROR
+    assert main(["study", "rm-data", "--quick", "--recipe", str(recipe), "--out", str(studies.run("rm-data"))]) == EXIT_USER_ERROR

@@ -40,6 +40,41 @@ def test_a_failed_arm_leaves_no_result_file(tmp_path):
     assert not (tmp_path / "s" / "arms" / "a.json").exists()
 
 
+def test_a_keyed_arm_two_studies_ask_for_runs_once_with_one_seed(tmp_path):
+    first = StudyContext("s1", StudyRecipe(), tmp_path / "s1", tmp_path / "shared")
+    second = StudyContext("s2", StudyRecipe(), tmp_path / "s2", tmp_path / "shared")
+    calls = []
+
+    def compute(arm_dir, seed):
+        calls.append((arm_dir, seed))
+        return {"seed": seed}
+
+    a = first.shared_arm("x", {"n": 2}, compute)
+    b = second.shared_arm("y", {"n": 2}, compute)
+    c = second.shared_arm("z", {"n": 4}, compute)
+    assert len(calls) == 2 and calls[0][0].parent == tmp_path / "shared" / "arms"
+    assert a == b and a["shared_arm"] == b["shared_arm"] != c["shared_arm"]
+    assert a["seed"] != c["seed"]  # seeded from the key, not from the study or arm name
+    assert json.loads((tmp_path / "s2" / "arms" / "y.json").read_text()) == b  # each study keeps its copy
+
+
+def test_a_restarted_study_reruns_its_keyed_arms(tmp_path, monkeypatch):
+    calls = []
+
+    def study(context):
+        context.shared_arm("x", {"n": 2}, lambda arm_dir, seed: calls.append(seed) or {"seed": seed})
+        return StudyResult("t", "p", ["a"], [[1]], "x", "y", {"a": ([1, 2], [0.5, 0.6])}, [])
+
+    from megatron_rlhf.studies import runner
+
+    monkeypatch.setattr(runner, "studies", lambda: {"toy": runner.Study("toy", "a toy study", study, False)})
+    run_studies(["toy"], StudyRecipe(), tmp_path)
+    run_studies(["toy"], StudyRecipe(), tmp_path)
+    assert len(calls) == 1
+    run_studies(["toy"], StudyRecipe(), tmp_path, restart=True)
+    assert len(calls) == 2
+
+
 def test_arm_seeds_differ_by_arm_and_follow_the_recipe_seed(tmp_path):
     context = StudyContext("s", StudyRecipe(seed=1), tmp_path, tmp_path)
     assert context.seed("a") != context.seed("b")
