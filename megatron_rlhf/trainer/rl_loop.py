@@ -28,12 +28,8 @@ one-step-off run is not bit-identical to an uninterrupted one).
 Checkpoint order: the critic (PPO) is saved before the actor, and the actor's checkpoint carries
 the loop state; resume takes the actor's newest complete step and loads the critic at that step.
 
-Start-up timeline: the first step's metrics carry ``startup/<phase>``, the seconds from the
-command's start to the end of each start-up phase (``prompts``: config, tokenizer and prompt set;
-``ray``; ``workers``: every group's rank 0 up, its process started and its class imported;
-``actor``: the actor's model built and loaded; ``engine``: the rollout engine started and the
-weight-transfer group open; ``groups``: every group loaded), next to ``time/to_first_step``; each
-is also logged.
+Start-up timeline: :mod:`.startup_timeline`. Fault injection for the resume tests:
+:mod:`.fault_injection`.
 """
 
 from __future__ import annotations
@@ -44,7 +40,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from megatron_rlhf.trainer.fault_injection import fault_hook_from_env
 from megatron_rlhf.trainer.rl_config import RLConfig
+from megatron_rlhf.trainer.startup_timeline import StartupTimeline
 
 log = logging.getLogger(__name__)
 SEED_STRIDE = 1_000_003
@@ -57,60 +55,6 @@ class RLResult:
     metrics_file: str
     steps_run: int
     resumed_from: int | None
-
-
-FAULT_ENV = "MEGATRON_RLHF_FAULT"
-"""Fault injection for resume tests: ``<phase>@<step>[+<seconds>]`` SIGKILLs this process group
-``seconds`` after ``phase`` (a step phase, or ``checkpoint``) first starts at a step >= ``step``
-(a resumed run may start past ``step``). Never set it in a real run: it kills every process of
-the group, as a crash of the node would."""
-
-
-def fault_hook_from_env() -> Any:
-    """The phase hook :data:`FAULT_ENV` asks for, or None."""
-    import signal
-    import threading
-    import time
-
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return None
-    try:
-        phase, rest = spec.split("@")
-        step_text, _, delay_text = rest.partition("+")
-        target, delay = int(step_text), float(delay_text or 0.0)
-    except ValueError:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <phase>@<step>[+<seconds>]") from None
-
-    def kill() -> None:
-        time.sleep(delay)
-        log.warning("%s: killing process group %d", FAULT_ENV, os.getpgrp())
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-
-    fired = []
-
-    def hook(name: str, step: int) -> None:
-        if name == phase and step >= target and not fired:
-            fired.append(step)
-            threading.Thread(target=kill, daemon=True).start()
-
-    return hook
-
-
-class StartupTimeline:
-    """When each start-up phase ended, in seconds since the command started (module docstring)."""
-
-    def __init__(self) -> None:
-        self.ends: dict[str, float] = {}
-
-    def mark(self, phase: str) -> None:
-        from megatron_rlhf.trainer.metrics_log import seconds_since_process_start
-
-        self.ends[phase] = seconds_since_process_start()
-        log.info("start-up: %s done at %.1f s", phase, self.ends[phase])
-
-    def metrics(self) -> dict[str, float]:
-        return {f"startup/{phase}": seconds for phase, seconds in self.ends.items()}
 
 
 def _start_ray(config: RLConfig) -> bool:

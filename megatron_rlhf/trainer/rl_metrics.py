@@ -21,7 +21,10 @@ Names (``/``-separated groups, as they appear in JSONL, TensorBoard and W&B):
   log-probs against the engine's sampling log-probs (1 and 0 when both hold the same weights);
 - ``weight_sync/seconds``; ``time/<phase>`` and ``time/step``; ``throughput/tokens_per_second``;
   ``time/to_first_step`` (first step of a process only: seconds from the command's start to the
-  end of that step, added by the RL loop).
+  end of that step, added by the RL loop) and ``startup/<phase>`` beside it
+  (:mod:`megatron_rlhf.trainer.startup_timeline`);
+- ``actor/padding_fraction``, ``critic/padding_fraction``: 1 - real / computed positions of the
+  update's forward (packed or padded).
 """
 
 from __future__ import annotations

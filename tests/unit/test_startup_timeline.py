@@ -1,11 +1,11 @@
-"""trainer/rl_loop.StartupTimeline: when each start-up phase ended, as first-step metrics."""
+"""trainer/startup_timeline.StartupTimeline: when each start-up phase ended, as first-step metrics."""
 
 from __future__ import annotations
 
 
 def test_phases_are_marked_in_order_as_seconds_since_the_command_started():
     from megatron_rlhf.trainer.metrics_log import seconds_since_process_start
-    from megatron_rlhf.trainer.rl_loop import StartupTimeline
+    from megatron_rlhf.trainer.startup_timeline import StartupTimeline
 
     timeline = StartupTimeline()
     timeline.mark("ray")
