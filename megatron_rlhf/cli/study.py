@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from megatron_rlhf.studies.recipe import load_study_recipe
-    from megatron_rlhf.studies.runner import run_studies, studies
+    from megatron_rlhf.studies.lab import run_studies, studies
 
     recipe = load_study_recipe(args.recipe, quick=args.quick)
     names = list(studies()) if args.name == "all" else [args.name]

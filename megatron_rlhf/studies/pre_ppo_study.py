@@ -29,7 +29,7 @@ from typing import Any
 from megatron_rlhf.studies import trend
 from megatron_rlhf.studies.assets import base_model
 from megatron_rlhf.studies.rl_studies import VERIFIED, rl_arm_result, rl_data, verified_accuracy
-from megatron_rlhf.studies.runner import StudyContext, StudyResult
+from megatron_rlhf.studies.runner import Study, StudyContext, StudyResult
 
 PAPER = '"Exploring Data Scaling Trends and Effects in Reinforcement Learning from Human Feedback" (ByteDance Seed)'
 
@@ -150,3 +150,6 @@ def run_pre_ppo(context: StudyContext) -> StudyResult:
          f"Accuracy: {arms['uniform']['accuracy_source']}; about {count} graded answers per arm.",
          "A first or last step without general prompts gives NaN for the general RM score."],
         {"reward_model": rm, "selection": selected, **arms}, log_x=False)
+
+
+STUDY = Study("pre-ppo", "Pre-PPO selection + math/code-first curriculum vs uniform sampling (Seed)", run_pre_ppo, True)

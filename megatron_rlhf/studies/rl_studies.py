@@ -262,16 +262,9 @@ def run_ppo_vs_grpo(context: StudyContext) -> StudyResult:
         arms, log_x=False)
 
 
-def _run_pre_ppo(context: StudyContext) -> StudyResult:
-    from megatron_rlhf.studies.pre_ppo_study import run_pre_ppo
-
-    return run_pre_ppo(context)
-
-
 STUDIES = (
     Study("responses-per-prompt", "RL with n responses per prompt at fixed prompts per update",
           run_responses_per_prompt, True),
     Study("policy-size", "RL gain of policies of two or three sizes with the same reward", run_policy_size, True),
     Study("ppo-vs-grpo", "PPO vs GRPO with and without asymmetric reward shrinking", run_ppo_vs_grpo, True),
-    Study("pre-ppo", "Pre-PPO selection + math/code-first curriculum vs uniform sampling (Seed)", _run_pre_ppo, True),
 )

@@ -11,7 +11,8 @@ from megatron_rlhf.config.errors import UserError
 from megatron_rlhf.studies import trend
 from megatron_rlhf.studies.recipe import StudyRecipe
 from megatron_rlhf.studies.report import write_study_report
-from megatron_rlhf.studies.runner import StudyContext, StudyResult, run_studies
+from megatron_rlhf.studies.lab import run_studies
+from megatron_rlhf.studies.runner import StudyContext, StudyResult
 
 
 def test_an_arm_is_computed_once_and_then_read_back(tmp_path):
@@ -65,9 +66,9 @@ def test_a_restarted_study_reruns_its_keyed_arms(tmp_path, monkeypatch):
         context.shared_arm("x", {"n": 2}, lambda arm_dir, seed: calls.append(seed) or {"seed": seed})
         return StudyResult("t", "p", ["a"], [[1]], "x", "y", {"a": ([1, 2], [0.5, 0.6])}, [])
 
-    from megatron_rlhf.studies import runner
+    from megatron_rlhf.studies import lab, runner
 
-    monkeypatch.setattr(runner, "studies", lambda: {"toy": runner.Study("toy", "a toy study", study, False)})
+    monkeypatch.setattr(lab, "studies", lambda: {"toy": runner.Study("toy", "a toy study", study, False)})
     run_studies(["toy"], StudyRecipe(), tmp_path)
     run_studies(["toy"], StudyRecipe(), tmp_path)
     assert len(calls) == 1
