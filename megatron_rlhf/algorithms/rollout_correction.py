@@ -98,7 +98,6 @@ def rollout_correction_stats(old_logprobs: Tensor, rollout_logprobs: Tensor, res
     mask = as_bool_mask(response_mask)
     log_ratio = rollout_log_ratio(old_logprobs, rollout_logprobs, mask)
     weights = truncated_is_weights(old_logprobs, rollout_logprobs, mask, level, threshold)
-    ratio = torch.exp(log_ratio)
     one = log_ratio.new_ones(())
     any_token = mask.any()
     if level == "sequence":
@@ -110,7 +109,9 @@ def rollout_correction_stats(old_logprobs: Tensor, rollout_logprobs: Tensor, res
         over = torch.zeros_like(mask)
     big, small = torch.finfo(weights.dtype).max, torch.finfo(weights.dtype).min
     return RolloutCorrectionStats(
-        mismatch_kl=token_mean(ratio - 1.0 - log_ratio, mask),
+        # k3 = r - 1 - log r >= 0; expm1 keeps r - 1 exact for r near 1, and the clamp removes the
+        # rounding below 0 (a policy and engine that agree to ~1e-7 in log-prob gave -1e-9)
+        mismatch_kl=token_mean((torch.expm1(log_ratio) - log_ratio).clamp_min(0.0), mask),
         log_ratio_abs_max=torch.where(mask, log_ratio.abs(), torch.zeros_like(log_ratio)).amax()
         if log_ratio.numel() else log_ratio.new_zeros(()),
         weight_mean=torch.where(any_token, token_mean(weights, mask), one),

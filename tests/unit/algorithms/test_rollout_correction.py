@@ -149,3 +149,16 @@ def test_bad_settings_name_the_field() -> None:
         AlgorithmConfig(rollout_is="tokens")
     with pytest.raises(AlgorithmConfigError, match="rollout_is_threshold"):
         AlgorithmConfig(rollout_is="token", rollout_is_threshold=0.0)
+
+
+def test_mismatch_kl_is_never_negative_when_the_policies_nearly_agree() -> None:
+    """k3 = r - 1 - log r >= 0: computed as exp(x) - 1 - x in fp32 it rounded to -1e-9 at
+    |x| ~ 1e-7 (a resumed engine holding the trainer's exact weights), failing the >= 0 promise."""
+    generator = torch.Generator().manual_seed(3)
+    old = -torch.rand(64, 16, generator=generator) * 5
+    for scale in (1e-8, 1e-7, 1e-6, 3e-6):
+        rollout = old + scale * torch.randn(64, 16, generator=generator)
+        mask = torch.ones(64, 16, dtype=torch.bool)
+        stats = rollout_correction_stats(old, rollout, mask, "token", 2.0)
+        assert stats.mismatch_kl.item() >= 0.0, scale
+        assert stats.mismatch_kl.item() <= 10 * scale**2 + 1e-12, scale
