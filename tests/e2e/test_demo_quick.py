@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.leaks import orphaned_ipc_objects
+
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
 TAG_ENV = "MEGATRON_RLHF_TEST_RUN"
@@ -56,37 +58,6 @@ def _tagged_processes(tag: str) -> list[int]:
     return found
 
 
-def _orphaned_ipc_objects(ledger_owners: set[int] | None = None) -> set[str]:
-    """Shared-memory segments and semaphores no live process maps, and IPC ledgers of dead engines
-    (only ledgers started by ``ledger_owners`` when given: other jobs on a shared machine start and
-    kill engines of their own meanwhile), and engine scratch folders of the run's dead processes
-(:mod:`megatron_rlhf.rollout.engine_scratch`). A released ledger is never written again
-    (:func:`~megatron_rlhf.rollout.vllm_plugin._append`), so any ledger of the run that is left
-    is a leak."""
-    import glob
-    import tempfile
-
-    from megatron_rlhf.parallel.ipc_orphans import mapped_inodes, pid_alive
-    from megatron_rlhf.rollout.engine_scratch import SCRATCH_PREFIX
-    from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX
-
-    mapped = mapped_inodes()
-    orphans = set()
-    for path in (*glob.glob("/dev/shm/psm_*"), *glob.glob("/dev/shm/sem.mp-*")):
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            continue
-        if (stat.st_dev, stat.st_ino) not in mapped:
-            orphans.add(path)
-    for prefix in (LEDGER_PREFIX, SCRATCH_PREFIX):  # engines' IPC ledgers and scratch folders
-        for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}*")):
-            owner = int(os.path.basename(path)[len(prefix):].split("_")[0])
-            if not pid_alive(owner) and (ledger_owners is None or owner in ledger_owners):
-                orphans.add(path)
-    return orphans
-
-
 class _TaggedPids(threading.Thread):
     """Every pid that carried the run's tag while the run lasted (polled): who may own its ledgers."""
 
@@ -103,7 +74,7 @@ class _TaggedPids(threading.Thread):
 def demo_run(tmp_path_factory):
     """Run the demo once; yields (output folder, printed output, processes left, orphaned IPC objects)."""
     out = tmp_path_factory.mktemp("demo_quick") / "demo"
-    before = _orphaned_ipc_objects()
+    before = orphaned_ipc_objects()
     env = dict(os.environ)
     env[TAG_ENV] = uuid.uuid4().hex  # inherited by every process the demo starts
     process = subprocess.Popen(
@@ -120,7 +91,7 @@ def demo_run(tmp_path_factory):
         tagged.done.set()
         tagged.join()
     left = [pid for pid in _tagged_processes(env[TAG_ENV]) if pid != process.pid]
-    orphans = _orphaned_ipc_objects(tagged.pids | {process.pid}) - before
+    orphans = orphaned_ipc_objects(tagged.pids | {process.pid}) - before
     for pid in left:  # checked below; not left for the next test
         try:
             os.kill(pid, signal.SIGKILL)

@@ -39,6 +39,8 @@ import uuid
 
 import pytest
 
+from tests.e2e.leaks import orphaned_ipc_objects
+
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 2
@@ -157,32 +159,9 @@ def _config(root, policy, prompts, rewards, name: str):
     return config, out_dir
 
 
-def _orphaned_ipc_objects() -> set[str]:
-    """Shared-memory segments and semaphores no live process maps, and IPC ledgers of dead engines."""
-    import glob
-    import tempfile
-
-    from megatron_rlhf.parallel.ipc_orphans import mapped_inodes, pid_alive
-    from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX
-
-    mapped = mapped_inodes()
-    orphans = set()
-    for path in (*glob.glob("/dev/shm/psm_*"), *glob.glob("/dev/shm/sem.mp-*")):
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            continue
-        if (stat.st_dev, stat.st_ino) not in mapped:
-            orphans.add(path)
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{LEDGER_PREFIX}*")):
-        if not pid_alive(int(os.path.basename(path)[len(LEDGER_PREFIX):].split("_")[0])):
-            orphans.add(path)
-    return orphans
-
-
 def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(setup):
     root, policy, prompts, rewards = setup
-    before = _orphaned_ipc_objects()
+    before = orphaned_ipc_objects()
     reference_config, reference_dir = _config(root, policy, prompts, rewards, "uninterrupted")
     config, out_dir = _config(root, policy, prompts, rewards, "interrupted")
     reference = _start(reference_config, None)
@@ -199,7 +178,7 @@ def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(s
         _wait(reference, None)
     # what each killed run's engine left (segments, semaphores, its ledger) was released by the
     # next run's engine; the last two runs shut down cleanly
-    assert _orphaned_ipc_objects() - before == set()
+    assert orphaned_ipc_objects() - before == set()
     expected = _metrics(reference_dir)
     assert sorted(expected) == list(range(STEPS))
     missing = [(step, key) for step in expected for key in COMPARED if expected[step].get(key) is None]

@@ -1,0 +1,37 @@
+"""What a finished or killed run may leave on the host, for the e2e tests' "nothing is left" checks.
+
+:func:`orphaned_ipc_objects`: shared-memory segments and semaphores no live process maps, and the
+IPC ledgers and scratch folders (:mod:`megatron_rlhf.rollout.engine_scratch`) of engines whose
+starting process is dead, optionally only those started by ``owners`` (other jobs on a shared
+machine start and kill engines of their own meanwhile). A released ledger is never written again
+(:func:`megatron_rlhf.rollout.vllm_plugin._append`), so any one of a run that is left is a leak.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+
+
+def orphaned_ipc_objects(owners: set[int] | None = None) -> set[str]:
+    """Paths of what no live process holds (see module docstring)."""
+    from megatron_rlhf.parallel.ipc_orphans import mapped_inodes, pid_alive
+    from megatron_rlhf.rollout.engine_scratch import SCRATCH_PREFIX
+    from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX
+
+    mapped = mapped_inodes()
+    orphans = set()
+    for path in (*glob.glob("/dev/shm/psm_*"), *glob.glob("/dev/shm/sem.mp-*")):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if (stat.st_dev, stat.st_ino) not in mapped:
+            orphans.add(path)
+    for prefix in (LEDGER_PREFIX, SCRATCH_PREFIX):
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}*")):
+            owner = int(os.path.basename(path)[len(prefix):].split("_")[0])
+            if not pid_alive(owner) and (owners is None or owner in owners):
+                orphans.add(path)
+    return orphans
