@@ -46,7 +46,7 @@ MARGIN = 0.2
 FIRST_STEPS = 2
 LAST_STEPS = 5
 ALGORITHMS = ("grpo", "ppo")
-STEPS = 12  # see the module docstring: the curve has plateaued by then
+STEPS = 12  # see the module docstring (the measured curves; not to be cut further)
 
 
 def _algorithm_config(name: str):
