@@ -19,6 +19,10 @@ test's failure from a pool effect.
 ``tiny_hf_model``: the tiny models and tokenizers tests build, built once per session and keyed
 by everything that makes them (family, seed, vocabulary, config overrides): several modules use
 the same ones. Tests only read a model directory; they write their outputs elsewhere.
+
+``target_token_inputs``: the policy, prompts and target-token reward of the RL learning tests
+(:mod:`tests.integration.target_token_reward`), built and probed once per session for the
+synchronous (``test_rl_improves_reward``) and one-step-off (``test_rl_async``) modules.
 """
 
 from __future__ import annotations
@@ -93,3 +97,11 @@ def tiny_hf_model(tmp_path_factory) -> Callable[..., str]:
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def target_token_inputs(tmp_path_factory, tiny_hf_model) -> dict[str, Any]:
+    """:func:`tests.integration.target_token_reward.make_run_inputs`, once per session."""
+    from tests.integration.target_token_reward import make_run_inputs
+
+    return make_run_inputs(tmp_path_factory.mktemp("rl_reward"), tiny_hf_model)
