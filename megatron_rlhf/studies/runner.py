@@ -70,9 +70,9 @@ class StudyContext:
                    ) -> dict[str, Any]:
         """:meth:`arm`, for an arm whose result is fixed by the recipe and ``key`` (JSON-able: every
         input of the run besides the recipe, named logically: see :meth:`check_key_is_path_free`),
-        seeded from the key: read from this study's result
-        file, else from the folder's result of the same key (another study ran the same arm), else
-        ``compute(arm_dir, seed)`` in ``shared/arms/<digest>/``. This study's result file is a copy."""
+        seeded from the key: read from this study's result file, else from the folder's result of
+        the same key (another study ran the same arm), else ``compute(arm_dir, seed)`` in
+        ``shared/arms/<digest>/``. This study's result file is a copy."""
         result_file = self.out_dir / "arms" / f"{arm_name}.json"
         if result_file.is_file():
             log.info("study %s: arm %s done earlier (%s)", self.name, arm_name, result_file)
@@ -108,7 +108,8 @@ class StudyContext:
         return result
 
     def seed(self, arm_name: str) -> int:
-        """A seed of its own for each arm, stable across runs."""
+        """A seed of its own for each arm, stable across runs and output folders: from the recipe's
+        seed and the study's and arm's names only."""
         import zlib
 
         return self.recipe.seed * 1000 + zlib.crc32(f"{self.name}/{arm_name}".encode()) % 1000
