@@ -3,7 +3,8 @@
 :func:`studies` is the registry (the reward-model studies, then the RL studies: `study all` runs
 them in that order, cheapest first); :func:`run_studies` runs the asked studies in one output
 folder with one recipe (the layout and the resume guarantees of :mod:`.runner`) and writes each
-study's report (:mod:`.report`).
+study's report (:mod:`.report`). A folder holding shared arms of the older layout (keyed, hence
+seeded, by file paths) is refused with what to do; its studies' finished arms are not reused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from megatron_rlhf.studies.recipe import StudyRecipe
-from megatron_rlhf.studies.runner import Study, StudyContext
+from megatron_rlhf.studies.runner import Study, StudyContext, is_current_key_file
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ def run_studies(names: list[str], recipe: StudyRecipe, out_dir: str | Path, rest
             raise UserError(f"{out} holds studies run with another recipe ({saved}): use another --out, "
                             f"or --restart (which clears the studies asked for)")
         shutil.rmtree(out / "shared", ignore_errors=True)
+    older = sorted(path for path in (out / "shared" / "arms").glob("*.key.json") if not is_current_key_file(path))
+    if older:
+        raise UserError(f"{out} holds shared arms of an older megatron-rlhf, keyed and seeded by file paths "
+                        f"({older[0]}): use another --out, or --restart the studies that ran them (or delete "
+                        f"{out / 'shared' / 'arms'} and those studies' folders)")
     saved.write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     reports = {}
     for name in names:

@@ -28,7 +28,8 @@ from typing import Any
 
 from megatron_rlhf.studies import trend
 from megatron_rlhf.studies.assets import base_model
-from megatron_rlhf.studies.rl_studies import VERIFIED, rl_arm_result, rl_data, verified_accuracy
+from megatron_rlhf.studies.rl_studies import (VERIFIED, RLInput, base_policy, data_input, rl_arm_result, rl_data,
+                                              verified_accuracy)
 from megatron_rlhf.studies.runner import Study, StudyContext, StudyResult
 
 PAPER = '"Exploring Data Scaling Trends and Effects in Reinforcement Learning from Human Feedback" (ByteDance Seed)'
@@ -115,16 +116,19 @@ def run_pre_ppo(context: StudyContext) -> StudyResult:
     from megatron_rlhf.trainer.rl_config import grpo_algorithm
 
     recipe, data = context.recipe, rl_data(context)
-    policy = base_model(context.shared_dir, recipe)
+    policy = base_policy(context)
     rm = context.arm("reward_model", lambda arm_dir: _train_rm(context, arm_dir, data))
     selected = context.arm("selection", lambda arm_dir: _select(context, arm_dir, data, rm["checkpoint"]))
-    rewards = _hybrid_reward_yaml(context.out_dir / "arms" / "uniform", rm["checkpoint"])
+    # named by the arms that made them (this study's, one per folder), not by their paths
+    rewards = RLInput(f"rewards_hybrid:{context.name}:reward_model",
+                      _hybrid_reward_yaml(context.out_dir / "arms" / "uniform", rm["checkpoint"]))
+    selected_prompts = RLInput(f"{context.name}:selection", selected["prompts"])
+    train, held_out = data_input(data, "prompts_train"), data_input(data, "prompts_eval")
     switch = max(1, round(recipe.rl_steps / 3))
     arms = {
-        "uniform": rl_arm_result(context, "uniform", policy, grpo_algorithm(), recipe.rl_n, data["prompts_train"],
-                                 data["prompts_eval"], rewards),
-        "pre-ppo": rl_arm_result(context, "pre-ppo", policy, grpo_algorithm(), recipe.rl_n, selected["prompts"],
-                                 data["prompts_eval"], rewards,
+        "uniform": rl_arm_result(context, "uniform", policy, grpo_algorithm(), recipe.rl_n, train, held_out, rewards),
+        "pre-ppo": rl_arm_result(context, "pre-ppo", policy, grpo_algorithm(), recipe.rl_n, selected_prompts,
+                                 held_out, rewards,
                                  curriculum=CurriculumConfig.first_then_all(VERIFIED, switch, seed=recipe.seed)),
     }
     count = min(arm["accuracy_count"] for arm in arms.values())

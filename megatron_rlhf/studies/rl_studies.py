@@ -14,13 +14,16 @@ A killed arm with ``checkpoint_every`` > 0 resumes from its last checkpoint (run
 Arms are keyed by their run (:func:`rl_arm_result`: policy, algorithm, n, prompts, rewards,
 curriculum; seeded from that key), so an output folder runs an arm two studies share once: with
 the default recipe, ``policy-size`` at the default hidden size, ``ppo-vs-grpo``'s ``grpo`` and
-``responses-per-prompt`` at ``n = rl_n`` are one run.
+``responses-per-prompt`` at ``n = rl_n`` are one run. The key names each input file logically
+(:class:`RLInput`: a data role, the base model's size, the arm that made it), never by path, so an
+arm's seed and numbers do not depend on ``--out``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +67,38 @@ def rl_data(context: StudyContext) -> dict[str, str]:
     return paths
 
 
-def rl_arm_result(context: StudyContext, arm: str, policy: str, algorithm: Any, n: int, prompts: str,
-                  eval_prompts: str, reward_yaml: str, curriculum: Any = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RLInput:
+    """A file an RL arm reads: ``name``, what the arm's key (hence its seed) sees, says what it is
+    (a data role such as ``prompts_train_verified``, ``llama_h64``, ``pre-ppo:selection``; ``:``
+    joins parts), ``path`` where it is in this output folder. One name is one file per folder."""
+
+    name: str
+    path: str
+
+
+def data_input(data: dict[str, str], role: str) -> RLInput:
+    """The file of role ``role`` of :func:`rl_data`."""
+    return RLInput(role, data[role])
+
+
+def base_policy(context: StudyContext, hidden_size: int | None = None) -> RLInput:
+    """The tiny base model of ``hidden_size`` (default: the recipe's) as a policy."""
+    hidden_size = hidden_size or context.recipe.hidden_size
+    return RLInput(f"llama_h{hidden_size}", base_model(context.shared_dir, context.recipe, hidden_size))
+
+
+def rl_arm_result(context: StudyContext, arm: str, policy: RLInput, algorithm: Any, n: int, prompts: RLInput,
+                  eval_prompts: RLInput, rewards: RLInput, curriculum: Any = None) -> dict[str, Any]:
     """The result of RL arm ``arm`` of this study: the run of these inputs (run once per output
     folder, whichever study asks first; see the module docstring)."""
     from dataclasses import asdict
 
-    key = {"kind": "rl", "policy": policy, "algorithm": asdict(algorithm), "n": n, "prompts": prompts,
-           "eval_prompts": eval_prompts, "rewards": reward_yaml,
+    key = {"kind": "rl", "policy": policy.name, "algorithm": asdict(algorithm), "n": n, "prompts": prompts.name,
+           "eval_prompts": eval_prompts.name, "rewards": rewards.name,
            "curriculum": asdict(curriculum) if curriculum is not None else None}
     return context.shared_arm(arm, json.loads(json.dumps(key, default=str)), lambda arm_dir, seed: rl_arm(
-        context, arm_dir, policy, algorithm, n, prompts, eval_prompts, reward_yaml, curriculum, seed))
+        context, arm_dir, policy.path, algorithm, n, prompts.path, eval_prompts.path, rewards.path, curriculum, seed))
 
 
 def rl_arm(context: StudyContext, arm_dir: Path, policy: str, algorithm: Any, n: int, prompts: str,
@@ -142,6 +166,12 @@ def held_out_accuracy(context: StudyContext, policy: str, eval_prompts: str, rew
             "domains": domains}
 
 
+def _verified_inputs(data: dict[str, str]) -> tuple[RLInput, RLInput, RLInput]:
+    """(training prompts, held-out prompts, rewards) of the verified domains (math and code)."""
+    return (data_input(data, "prompts_train_verified"), data_input(data, "prompts_eval_verified"),
+            data_input(data, "rewards_verified"))
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -172,12 +202,11 @@ def run_responses_per_prompt(context: StudyContext) -> StudyResult:
     from megatron_rlhf.trainer.rl_config import grpo_algorithm
 
     recipe, data = context.recipe, rl_data(context)
-    policy = base_model(context.shared_dir, recipe)
+    policy = base_policy(context)
     arms = {}
     for n in recipe.responses_per_prompt:
         algorithm = grpo_algorithm(kl_mode="none") if n == 1 else grpo_algorithm()
-        arms[n] = rl_arm_result(context, f"n{n}", policy, algorithm, n, data["prompts_train_verified"],
-                                data["prompts_eval_verified"], data["rewards_verified"])
+        arms[n] = rl_arm_result(context, f"n{n}", policy, algorithm, n, *_verified_inputs(data))
     ns = list(arms)
     accuracy = [verified_accuracy(arms[n]) for n in ns]
     count = min(arm["accuracy_count"] for arm in arms.values())
@@ -202,10 +231,8 @@ def run_policy_size(context: StudyContext) -> StudyResult:
     recipe, data = context.recipe, rl_data(context)
     arms = {}
     for size in recipe.model_sizes:
-        policy = base_model(context.shared_dir, recipe, size)
-        arms[size] = rl_arm_result(context, f"hidden{size}", policy, grpo_algorithm(), recipe.rl_n,
-                                   data["prompts_train_verified"], data["prompts_eval_verified"],
-                                   data["rewards_verified"])
+        arms[size] = rl_arm_result(context, f"hidden{size}", base_policy(context, size), grpo_algorithm(),
+                                   recipe.rl_n, *_verified_inputs(data))
     sizes = list(arms)
     gains = [_mean([arms[s]["training_accuracy"][d] - (arms[s]["first_step_accuracy"].get(d) or 0.0)
                     for d in VERIFIED]) for s in sizes]
@@ -232,11 +259,10 @@ def run_ppo_vs_grpo(context: StudyContext) -> StudyResult:
     from megatron_rlhf.trainer.rl_config import grpo_algorithm, ppo_algorithm
 
     recipe, data = context.recipe, rl_data(context)
-    policy = base_model(context.shared_dir, recipe)
+    policy = base_policy(context)
     algorithms = {"ppo": ppo_algorithm(), "grpo": grpo_algorithm(reward_shrink_alpha=1.0),
                   "grpo-shrink": grpo_algorithm(reward_shrink_alpha=0.5)}
-    arms = {name: rl_arm_result(context, name, policy, algorithm, recipe.rl_n, data["prompts_train_verified"],
-                                data["prompts_eval_verified"], data["rewards_verified"])
+    arms = {name: rl_arm_result(context, name, policy, algorithm, recipe.rl_n, *_verified_inputs(data))
             for name, algorithm in algorithms.items()}
     count = min(arm["accuracy_count"] for arm in arms.values())
     verdicts = [

@@ -1,24 +1,31 @@
 """`megatron-rlhf study NAME --quick`, run as a user runs it, into one output folder per module:
-three reward-model studies (``rm-data``, ``prm-vs-orm``, ``rm-size``: real `train-rm` runs, real
-scoring, the real math verifier) and three RL studies (``responses-per-prompt``, ``policy-size``,
-``ppo-vs-grpo``: real ``run_rl`` arms on the tier's session Ray, with real vLLM engines). A study
-runs once, for the first test that needs it; each test checks one property of what it wrote.
+all seven studies. Three reward-model studies (``rm-data``, ``prm-vs-orm``, ``rm-size``: real
+`train-rm` runs, real scoring, the real math verifier), three RL studies (``responses-per-prompt``,
+``policy-size``, ``ppo-vs-grpo``: real ``run_rl`` arms on the tier's session Ray, with real vLLM
+engines) and ``pre-ppo`` (a real multi-task reward model, a real Pre-PPO selection: a vLLM engine
+samples every training prompt, the reward model scores the answers in a spawned rank; then two
+real RL arms with the reward model in the loop). A study runs once, for the first test that needs
+it; each test checks one property of what it wrote.
 
 Cost: every RL arm pays its Ray workers and its vLLM engine (about 40 s on two idle cores). The
 GRPO arm that ``responses-per-prompt`` (n = rl_n), ``policy-size`` (default size) and
 ``ppo-vs-grpo`` (``grpo``) each ask for is one keyed run (``StudyContext.shared_arm``): 7 RL arms
-asked for, 5 runs. ``study_seconds.json`` in the output folder records each study's seconds.
-
-Not run here, to keep the tier's time budget: ``pre-ppo`` (a reward model, a Pre-PPO selection
-engine and 2 RL arms with the reward model in the loop: 226 s in a run where the three RL studies
-above took 478 s; benchmarks/results/time_to_first_step.md). It shares ``rl_arm_result`` and the
-report code with them; run it with `megatron-rlhf study pre-ppo --quick`.
+asked for, 5 runs. ``pre-ppo`` reuses the folder's base model and RL data (``shared/``) but none
+of those runs (its arms train on every domain with the reward model in the loop), so it adds its
+reward model, its selection engine and 2 RL runs, all at the smoke size of
+``megatron_rlhf.studies.recipe.QUICK``: 282 s in a run (2026-12-07, load 14-33 on two cores) where
+the six other studies took 723 s and the module 1020 s (699 s without ``pre-ppo``, load 15-64).
+At that size the study's work is negligible; its time is start-up (3 vLLM engines, 2 spawned
+Megatron ranks, 2 x 3 Ray worker groups). ``study_seconds.json`` in the output folder records
+each study's seconds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +33,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
 REWARD_STUDIES = ("rm-data", "prm-vs-orm", "rm-size")
 RL_STUDIES = ("responses-per-prompt", "policy-size", "ppo-vs-grpo")
-RUN_HERE = (*REWARD_STUDIES, *RL_STUDIES)
+RUN_HERE = (*REWARD_STUDIES, *RL_STUDIES, "pre-ppo")
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
 
@@ -142,10 +149,68 @@ def test_the_grpo_arm_three_studies_share_is_run_once(studies):
               _report(studies, "policy-size")["arms"][str(recipe.hidden_size)]["shared_arm"],
               _report(studies, "ppo-vs-grpo")["arms"]["grpo"]["shared_arm"]}
     assert len(shared) == 1
-    asked = [json.loads(path.read_text())["shared_arm"] for name in RL_STUDIES
-             for path in (studies.run(name) / name / "arms").glob("*.json")]
+    arm_files = [path for name in (*RL_STUDIES, "pre-ppo") for path in (studies.run(name) / name / "arms").glob("*.json")]
+    asked = [result["shared_arm"] for result in map(json.loads, (path.read_text() for path in arm_files))
+             if "shared_arm" in result]  # RL arms; pre-ppo's reward model and selection are its own
     runs = [path for path in (studies.folder / "shared" / "arms").glob("*.json") if not path.name.endswith(".key.json")]
-    assert len(runs) == len(set(asked)) == len(asked) - 2 == 5  # three of the 7 arms asked for are one run
+    assert len(runs) == len(set(asked)) == len(asked) - 2 == 7  # three of the 9 RL arms asked for are one run
+
+
+def test_pre_ppo_trains_a_reward_model_selects_the_hardest_half_and_runs_both_rl_arms(studies):
+    from megatron_rlhf.studies.recipe import load_study_recipe
+
+    recipe = load_study_recipe(quick=True)
+    report = _report(studies, "pre-ppo")
+    arms = report["arms"]
+    assert set(arms) == {"reward_model", "selection", "uniform", "pre-ppo"}
+    assert arms["reward_model"]["seconds"] > 0 and Path(arms["reward_model"]["checkpoint"]).is_dir()
+
+    selection = arms["selection"]  # every domain's lowest-scoring half (keep_fraction 0.5)
+    domains = ("code", "general", "math")
+    assert selection["candidates"] == len(domains) * recipe.rl_prompts_per_domain
+    assert sorted(selection["domains"]) == list(domains)
+    half = math.ceil(recipe.rl_prompts_per_domain / 2)
+    assert all(d["selected"] == half and math.isfinite(d["mean_score"]) for d in selection["domains"].values())
+    rows = [json.loads(line) for line in Path(selection["prompts"]).read_text().splitlines()]
+    assert len(rows) == selection["selected"] == len(domains) * half
+    assert sorted(row["domain"] for row in rows) == sorted(domains * half)
+
+    uniform, pre_ppo = arms["uniform"], arms["pre-ppo"]
+    assert uniform["shared_arm"] != pre_ppo["shared_arm"]  # two RL runs
+    for arm in (uniform, pre_ppo):
+        assert arm["steps"] == list(range(recipe.rl_steps)) and arm["n"] == recipe.rl_n
+        assert all(len(curve) == recipe.rl_steps for curve in arm["curves"].values())
+        assert Path(arm["policy"]).is_dir()
+    # The curriculum's first phase is math and code only: no general prompt, and with 2 prompts per
+    # step one of each verified domain.
+    switch = max(1, round(recipe.rl_steps / 3))
+    curves = pre_ppo["curves"]
+    assert all(math.isnan(score) for score in curves["score/general"][:switch])
+    assert all(math.isfinite(value) for d in ("math", "code") for value in curves[f"accuracy/{d}"][:switch])
+
+    # The reward-hacking measures: growth of the length, of the RM's raw score on general chat and
+    # of the verifiers' accuracy, each the last minus the first finite point of its curve.
+    def finite(values):
+        return [value for value in values if math.isfinite(value)]
+
+    def growth(curve):
+        return finite(curve)[-1] - finite(curve)[0] if finite(curve) else math.nan
+
+    columns = report["columns"]
+    assert [row[0] for row in report["rows"]] == ["uniform", "pre-ppo"]
+    for row in report["rows"]:
+        arm_curves = arms[row[0]]["curves"]
+        verified = [sum(finite(pair)) / len(finite(pair)) if finite(pair) else math.nan
+                    for pair in zip(arm_curves["accuracy/math"], arm_curves["accuracy/code"])]
+        expected = {"length growth": growth(arm_curves["response/length_mean"]),
+                    "RM score growth (general)": growth(arm_curves["score/general"]),
+                    "verifier accuracy growth": growth(verified)}
+        for column, value in expected.items():
+            measured = row[columns.index(column)]
+            assert measured == pytest.approx(value, nan_ok=True), (row[0], column)
+        assert math.isfinite(row[columns.index("length growth")])  # every step has responses
+    assert {"uniform length", "pre-ppo length", "uniform RM score (general)",
+            "pre-ppo RM score (general)"} <= set(report["curves"])
 
 
 def test_a_rerun_resumes_every_finished_arm_without_rerunning_it(studies, capsys):
