@@ -4,9 +4,11 @@ Why: on the CPU platform every process of a run computes with OpenMP threads: ea
 (its threads bound to cores, ``VLLM_CPU_OMP_THREADS_BIND``) and each Megatron rank (torch's
 intra-op pool). vLLM's engine-core process (the scheduler, a busy loop while requests run) and the
 process that drives the engine (it polls and detokenises each step) need a core besides. Given
-every core each (``OMP_NUM_THREADS=nproc``), they oversubscribe the machine: measured on 2 cores,
-generation took 2.0 s per GRPO step instead of 0.13 s
-(``benchmarks/results/grpo_vs_trl_cpu_097ef1c.md``). So the stack divides the cores itself.
+every core each (``OMP_NUM_THREADS=MKL_NUM_THREADS=nproc``), they oversubscribe the machine:
+measured on 2 cores, generation took 2.0 s per GRPO step instead of 0.13 s
+(``benchmarks/results/grpo_vs_trl_cpu_097ef1c.md``; the worst of it: vLLM's worker, bound to one
+core, inherited ``MKL_NUM_THREADS=2``, see :func:`engine_process_environment`). So the stack
+divides the cores itself.
 
 The rule (:func:`split_cpu_cores`), for the ``C`` cores this process may run on:
 
@@ -150,11 +152,16 @@ def resolve_engine_bind(requested: str, computed: str, environment_value: str | 
     return computed, "core split"
 
 
-def engine_process_environment(bind: str) -> dict[str, str]:
-    """The variables vLLM's processes of a CPU engine with ``bind`` start with: the bind itself and,
-    unless ``nobind`` (where the workers take ``OMP_NUM_THREADS`` threads wherever the OS puts
-    them), one torch thread for the engine-core process, which only schedules (vLLM keeps an
-    inherited ``OMP_NUM_THREADS`` there; each bound worker sets its own from its block)."""
+def engine_process_environment(bind: str) -> dict[str, str | None]:
+    """The variables vLLM's processes of a CPU engine with ``bind`` start with (None: absent).
+
+    The bind itself and, unless ``nobind`` (where the workers take ``OMP_NUM_THREADS`` threads
+    wherever the OS puts them): one torch thread for the engine-core process, which only schedules
+    (vLLM keeps an inherited ``OMP_NUM_THREADS`` there), and no ``MKL_NUM_THREADS``. vLLM sets a
+    bound worker's ``OMP_NUM_THREADS`` to its block's size but passes ``MKL_NUM_THREADS`` on: MKL's
+    matrix products would run that many threads on the worker's cores (measured on 2 cores, with
+    ``MKL_NUM_THREADS=2`` inherited: 64 responses of 32 tokens in 6.4-10.5 s instead of 0.27-0.55 s,
+    two MKL threads taking turns on the one bound core); unset, MKL follows OpenMP's count."""
     if bind == NOBIND:
         return {BIND_ENV: bind}
-    return {BIND_ENV: bind, "OMP_NUM_THREADS": "1"}
+    return {BIND_ENV: bind, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": None}

@@ -17,7 +17,11 @@ Guarantees:
 - each response's text (``RolloutBatch.response_texts``, ``FinishedGroup.texts``) equals
   ``tokenizer.decode(ids, skip_special_tokens=True)``, reusing vLLM's detokenised text where
   that is provably the same (:mod:`.response_text`), so the controller never decodes;
-- :func:`check_tokenizers_identical` proves at start-up that trainer and engine tokenize alike.
+- :func:`check_tokenizers_identical` proves at start-up that trainer and engine tokenize alike;
+- on CPU, vLLM's workers compute on the cores of ``config.cpu_threads_bind`` (default: the split
+  of :mod:`megatron_rlhf.config.cpu_split`) and its engine-core process on one torch thread; those
+  variables, and the engine's scratch folder and IPC ledger, reach vLLM's processes only
+  (:mod:`.engine_environment`), not this process's later work.
 
 Lifetime: call :meth:`RolloutEngine.shutdown` (or use the engine as a context manager) in a
 process that leaves through ``os._exit`` (multiprocessing children do): vLLM's atexit clean-up
@@ -279,7 +283,7 @@ class RolloutEngine:
         yield batch
 
 
-def cpu_process_environment(config: RolloutConfig) -> dict[str, str]:
+def cpu_process_environment(config: RolloutConfig) -> dict[str, str | None]:
     """The variables a CPU engine's processes start with: its KV cache size (unless the user's
     ``VLLM_CPU_KVCACHE_SPACE`` is set) and its workers' core binding (``config.cpu_threads_bind``,
     resolved by :func:`~megatron_rlhf.config.cpu_split.resolve_engine_bind`; auto on its own: the
@@ -289,8 +293,9 @@ def cpu_process_environment(config: RolloutConfig) -> dict[str, str]:
     variables = engine_process_environment(bind)
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         variables["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
-    log.info("vLLM CPU engine (TP %d): workers' OpenMP threads bound to %s (%s)%s", config.tensor_parallel,
-             bind, source, "; engine-core process: 1 torch thread" if "OMP_NUM_THREADS" in variables else "")
+    log.info("vLLM CPU engine (TP %d): workers' OpenMP threads bound to %s (%s)%s", config.tensor_parallel, bind,
+             source, "; engine-core process: 1 torch thread; MKL threads follow OpenMP's" if "OMP_NUM_THREADS" in variables
+             else "")
     return variables
 
 

@@ -1,7 +1,7 @@
 """The environment vLLM's processes start with, set in this process only while they start.
 
 vLLM reads its CPU settings (``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_CPU_KVCACHE_SPACE``, the
-engine-core's ``OMP_NUM_THREADS``), the folders of its sockets and temporary files
+engine-core's ``OMP_NUM_THREADS``, the workers' ``MKL_NUM_THREADS``), the folders of its sockets and temporary files
 (:mod:`.engine_scratch`) and our IPC ledger's path (:mod:`.vllm_plugin`) from environment
 variables; its engine-core process is started with ``multiprocessing`` (spawn), which gives a
 child this process's environment and has no per-child option, and the engine-core passes them on
@@ -35,13 +35,18 @@ _STARTING = threading.Lock()
 
 
 @contextlib.contextmanager
-def engine_environment(variables: Mapping[str, str]) -> Iterator[None]:
-    """While inside: ``variables`` are in this process's environment (processes started here
-    inherit them); on leaving, the previous values are back (see the module docstring)."""
+def engine_environment(variables: Mapping[str, str | None]) -> Iterator[None]:
+    """While inside: ``variables`` are in this process's environment (a None value: the variable
+    is absent), so processes started here inherit them; on leaving, the previous values are back
+    (see the module docstring)."""
     tempfile.gettempdir()  # cached from now on: TMPDIR below changes no temporary file of this process
     with _STARTING:
         saved = {name: os.environ.get(name) for name in variables}
-        os.environ.update(variables)
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         try:
             yield
         finally:

@@ -128,7 +128,8 @@ def _allowed_cores(pid: int) -> list[int]:
 
 def test_default_engine_binds_its_worker_to_the_split_cores_and_leaves_the_caller_alone(engine):
     """auto (RolloutConfig.cpu_threads_bind): on 2 cores the worker computes on core 0 (core 1 is
-    left to the engine-core and this process), the engine-core runs one torch thread, and this
+    left to the engine-core and this process), the engine-core runs one torch thread, the worker's
+    MKL threads follow its OpenMP count (no inherited MKL_NUM_THREADS), and this
     process's environment keeps none of the variables the engine's processes started with."""
     from megatron_rlhf.config.cpu_split import BIND_ENV, parse_cores, resolve_engine_bind, split_cpu_cores, usable_cores
 
@@ -137,7 +138,7 @@ def test_default_engine_binds_its_worker_to_the_split_cores_and_leaves_the_calle
     assert engine.process_environment[BIND_ENV] == bind
     if bind in ("auto", "nobind"):
         pytest.skip(f"the environment sets {BIND_ENV}={bind}: vLLM chooses the cores")
-    assert engine.process_environment["OMP_NUM_THREADS"] == "1"
+    assert engine.process_environment["OMP_NUM_THREADS"] == "1" and engine.process_environment["MKL_NUM_THREADS"] is None
     workers = [worker for core in _children(os.getpid(), "VLLM::EngineCor") for worker in _children(core, "VLLM::Worker")]
     assert workers and all(_allowed_cores(worker) == parse_cores(bind) for worker in workers)
     assert source != "core split" or BIND_ENV not in os.environ

@@ -81,8 +81,9 @@ def test_explicit_config_wins_then_the_environment_then_the_split():
     assert resolve_engine_bind("auto", "0", None) == ("0", "core split")
 
 
-def test_engine_core_gets_one_thread_unless_nobind():
-    assert engine_process_environment("0") == {"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1"}
+def test_engine_core_gets_one_thread_and_bound_workers_no_mkl_count_unless_nobind():
+    assert engine_process_environment("0") == {"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1",
+                                               "MKL_NUM_THREADS": None}
     assert engine_process_environment("nobind") == {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
@@ -124,14 +125,18 @@ def test_gpu_runs_keep_one_thread_per_rank():
 
 def test_engine_environment_is_given_to_processes_started_inside_and_restored(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     before = tempfile.gettempdir()
-    with engine_environment({"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "0", "TMPDIR": "/nonexistent"}):
+    with engine_environment({"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "0", "MKL_NUM_THREADS": None,
+                             "TMPDIR": "/nonexistent"}):
         child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'], "
-                                "os.environ['VLLM_CPU_OMP_THREADS_BIND'])"], capture_output=True, text=True, check=True)
-        assert child.stdout.split() == ["1", "0"]
+                                "os.environ['VLLM_CPU_OMP_THREADS_BIND'], 'MKL_NUM_THREADS' in os.environ)"],
+                               capture_output=True, text=True, check=True)
+        assert child.stdout.split() == ["1", "0", "False"]
         assert tempfile.gettempdir() == before  # another thread's temporary files stay in the user's folder
-    assert os.environ["OMP_NUM_THREADS"] == "2" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    assert os.environ["OMP_NUM_THREADS"] == "2" and os.environ["MKL_NUM_THREADS"] == "2"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
 
 
 def test_engines_starting_at_once_in_one_process_each_see_their_own_variables():
