@@ -293,9 +293,9 @@ def cpu_process_environment(config: RolloutConfig) -> dict[str, str | None]:
     variables = engine_process_environment(bind)
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         variables["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+    extra = "; engine-core process: 1 torch thread; MKL threads follow OpenMP's" if bind != "nobind" else ""
     log.info("vLLM CPU engine (TP %d): workers' OpenMP threads bound to %s (%s)%s", config.tensor_parallel, bind,
-             source, "; engine-core process: 1 torch thread; MKL threads follow OpenMP's" if "OMP_NUM_THREADS" in variables
-             else "")
+             source, extra)
     return variables
 
 

@@ -14,9 +14,9 @@ with SIGKILL, a cancelled job), called at every engine start, as the IPC ledgers
 (:mod:`megatron_rlhf.rollout.vllm_plugin`).
 
 Guarantees: the variables are restored to what they were once the engine has started (a later
-engine or tool in the same process sees the user's values; :mod:`.engine_environment`); only folders with this prefix whose
-owner pid is not running in this pid namespace are removed by the sweep; a folder this user
-cannot remove is left and logged, never raised.
+engine or tool in the same process sees the user's values; :mod:`.engine_environment`); only
+folders with this prefix whose owner pid is not running in this pid namespace are removed by the
+sweep; a folder this user cannot remove is left and logged, never raised.
 """
 
 from __future__ import annotations

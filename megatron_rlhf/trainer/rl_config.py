@@ -100,7 +100,8 @@ class RunThreads:
             return f"GPU run: torch threads per rank: {groups}"
         engines = "; ".join(f"engine {i} workers bound to cores {bind} ({source})"
                             for i, (bind, source) in enumerate(self.engine_binds))
-        core_threads = "" if all(bind == NOBIND for bind, _ in self.engine_binds) else "; each engine-core process 1 torch thread; workers' MKL threads follow OpenMP's"
+        core_threads = ("" if all(bind == NOBIND for bind, _ in self.engine_binds)
+                        else "; each engine-core process 1 torch thread; workers' MKL threads follow OpenMP's")
         return (f"{len(self.split.cores)} cores: torch threads per rank: {groups}; {engines}{core_threads}"
                 + (" (oversubscribed: more vLLM workers than cores)" if self.split.oversubscribed else ""))
 

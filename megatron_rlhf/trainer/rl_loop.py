@@ -132,7 +132,8 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
     threads, engine_start = ThreadPoolExecutor(1, thread_name_prefix="engine-start"), None
     try:  # every group (and the disaggregated engines) starts and loads at once
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
-                                    optimizer=config.actor_optimizer, threads=threads_of.group_threads["actor"], **common)
+                                    optimizer=config.actor_optimizer, threads=threads_of.group_threads["actor"],
+                                    **common)
         groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,),
                                       join=False)
         rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
@@ -161,10 +162,9 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
                                            (critic_spec,), join=False)
         for name, source in reward.sources.items():
             if source.kind == SOURCE_KIND:
+                spec = reward_model_spec(source.config, config.seed, threads_of.group_threads[f"reward:{name}"])
                 groups[f"reward:{name}"] = WorkerGroup(f"reward:{name}", RewardModelWorker, source.config.tensor_parallel,
-                                                       placement, (reward_model_spec(source.config, config.seed,
-                                                                                    threads_of.group_threads[f"reward:{name}"]),),
-                                                       join=False)
+                                                       placement, (spec,), join=False)
         # vLLM sizes its GPU memory from what is free when it starts: a colocated GPU engine starts
         # before the other groups load (as one after another did); elsewhere all load at once, and
         # a colocated CPU engine starts on the actor's rank 0 while that rank loads its model
