@@ -6,8 +6,10 @@ the project's tiny size or d512-L8) fine-tuned briefly to answer and stop at EOS
 (:mod:`benchmarks.eos_policy`: a fresh random policy almost never samples EOS, so every response
 ran to ``max_new_tokens``), and one math prompt JSONL; takes megatron_rlhf from a ``git archive``
 of ``--source`` (default HEAD; other sessions may edit the checkout meanwhile); then runs each side
-in its own process group, one at a time, each given the whole machine (``--threads`` defaults to
-every core), in ABBA order over ``--repeats`` (default 5), and prints Markdown tables (medians,
+in its own process group, one at a time, each given the whole machine (``OMP_NUM_THREADS`` =
+``--threads``, default every core; TRL's process takes that many torch threads, ours splits the
+cores between its processes itself: ``threads_per_rank`` and the engine's core binding default to
+``auto``, :mod:`megatron_rlhf.config.cpu_split`), in ABBA order over ``--repeats`` (default 5), and prints Markdown tables (medians,
 per-phase times, paired ratios; :mod:`benchmarks.grpo_vs_trl_report`). The last line is
 ``ours_over_trl_step_time=<sync ratio> async_over_trl_step_time=<one-step-off ratio>`` (medians
 of the per-repeat paired ratios).
@@ -106,7 +108,8 @@ def _our_side(spec: dict, result_path: str) -> None:
     from megatron_rlhf.trainer.rl_loop import run_rl
 
     _limit_threads(spec["threads"])
-    group = WorkerGroupConfig(world_size=1, threads_per_rank=spec["threads"])
+    threads_per_rank = spec["our_threads"] if spec["our_threads"] == "auto" else int(spec["our_threads"])
+    group = WorkerGroupConfig(world_size=1, threads_per_rank=threads_per_rank)
     out_dir = os.path.join(spec["workdir"], f"{spec['side']}-{spec['tag']}")
     algorithm = grpo_algorithm(kl_coef=spec["beta"])
     mode = {}
@@ -123,6 +126,9 @@ def _our_side(spec: dict, result_path: str) -> None:
         actor_optimizer=OptimizerSettings(lr=spec["lr"]), actor=group, reference=group,
         checkpoint_every=0, seed=spec["seed"], tensorboard=False, console=False,
     )
+    from megatron_rlhf.config.cpu_split import BIND_ENV, usable_cores
+
+    threads = config.run_threads({"actor": 1, "reference": 1}, usable_cores(), os.environ.get(BIND_ENV)).describe()
     started = time.perf_counter()
     result = run_rl(config)
     total = time.perf_counter() - started
@@ -138,7 +144,7 @@ def _our_side(spec: dict, result_path: str) -> None:
     import megatron_rlhf
 
     Path(result_path).write_text(json.dumps({"steps": steps, "process_s": total, "versions": _versions(),
-                                             "first_step_s": rows[0].get("time/to_first_step"),
+                                             "first_step_s": rows[0].get("time/to_first_step"), "threads": threads,
                                              "package": megatron_rlhf.__file__}))
 
 
@@ -312,8 +318,10 @@ def _run_side(side: str, python: str, spec: dict, workdir: Path, timeout: float,
     spec_path, result_path = workdir / f"{side}-{spec['tag']}.spec.json", workdir / f"{side}-{spec['tag']}.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(source),
-               VLLM_CPU_OMP_THREADS_BIND=spec["vllm_bind"])
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(source))
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    if spec["vllm_bind"] is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = spec["vllm_bind"]
     log_path = workdir / f"{side}-{spec['tag']}.log"
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -339,16 +347,26 @@ def _run_side(side: str, python: str, spec: dict, workdir: Path, timeout: float,
     return result
 
 
-def _settings_text(args: argparse.Namespace) -> str:
+def _settings_text(args: argparse.Namespace, our_threads: dict[str, str]) -> str:
     return (f"Settings: Llama {args.model} (vocab {VOCAB}, fp32; {MODELS[args.model][0]}), taught to answer and stop "
             f"at EOS ({args.eos_steps} fine-tuning steps), {args.prompts_per_step} prompts x {args.n} responses per "
             f"step, max_new_tokens={args.max_new_tokens}, temperature 1, lr {args.lr} (Adam, clip 1.0, constant), KL "
             f"beta {args.beta} (k3, in the loss), 1 PPO epoch, 1 optimizer step per step, micro-batch "
-            f"{args.micro_batch} ({'right-padded' if args.no_packing else 'packed rows'} for ours), {args.threads} torch thread(s) per process (machine: {os.cpu_count()} cores), "
+            f"{args.micro_batch} ({'right-padded' if args.no_packing else 'packed rows'} for ours), every side started with "
+            f"OMP_NUM_THREADS={args.threads} (machine: {os.cpu_count()} cores): TRL {args.threads} torch thread(s), "
+            f"ours threads_per_rank={args.our_threads} ({_our_threads_text(our_threads)}), "
             f"{args.steps} steps, first {args.warmup} dropped, medians over the rest, {args.repeats} repeat(s) in "
             f"ABBA order. TRL gradient checkpointing: "
             f"{'on (TRL default)' if args.trl_gradient_checkpointing else 'off (TRL defaults to on)'}. vLLM CPU "
-            f"thread binding (VLLM_CPU_OMP_THREADS_BIND): {args.vllm_bind}.")
+            f"thread binding: {args.vllm_bind or 'the stack default (engine_cpu_bind: auto)'}.")
+
+
+def _our_threads_text(our_threads: dict[str, str]) -> str:
+    """What our side's start-up chose, per mode (the same line run_rl logs)."""
+    texts = sorted(set(our_threads.values()))
+    if len(texts) == 1:
+        return texts[0]
+    return "; ".join(f"{side}: {text}" for side, text in sorted(our_threads.items()))
 
 
 def _arguments() -> argparse.Namespace:
@@ -369,7 +387,11 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads per process (default: every core: each side has the whole machine)")
+                        help="OMP_NUM_THREADS of every side and TRL's torch threads (default: every core: each side "
+                             "has the whole machine)")
+    parser.add_argument("--our-threads", default="auto",
+                        help="threads_per_rank of our actor and reference (default auto: the stack splits the cores "
+                             "between its ranks and its vLLM engine itself)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-packing", action="store_true",
                         help="ours with right-padded microbatches (default: packed rows of --micro-batch samples, "
@@ -385,14 +407,17 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--out", help="Markdown file to write")
     parser.add_argument("--append", action="store_true", help="append this run's section to --out")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-    parser.add_argument("--vllm-bind", default="auto",
-                        help="VLLM_CPU_OMP_THREADS_BIND for ours: auto (vLLM's default: pins its worker to a core) "
-                             "or nobind (the OS places its OMP_NUM_THREADS=--threads threads, as for TRL)")
+    parser.add_argument("--vllm-bind", default=None,
+                        help="VLLM_CPU_OMP_THREADS_BIND for ours (default: unset, the stack's core split): auto "
+                             "(vLLM's own choice), nobind (the OS places OMP_NUM_THREADS=--threads threads, as for "
+                             "TRL) or core lists")
     args = parser.parse_args()
     if args.smoke:
         args.repeats, args.steps, args.warmup, args.prompts_per_step, args.n = 1, 2, 0, 4, 4
         args.max_new_tokens, args.micro_batch, args.eos_steps = 16, 8, 60
     samples = args.prompts_per_step * args.n
+    if args.our_threads != "auto" and not (args.our_threads.isdigit() and int(args.our_threads) >= 1):
+        parser.error(f"--our-threads={args.our_threads!r}: an integer >= 1 or auto")
     if samples % args.micro_batch or args.micro_batch % args.n:
         parser.error(f"--micro-batch={args.micro_batch} must divide prompts x n = {samples} and be a "
                      f"multiple of n={args.n} (TRL keeps whole groups in a micro-batch)")
@@ -418,8 +443,9 @@ def main() -> int:
                 prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
                 micro_batch=args.micro_batch, lr=args.lr, beta=args.beta, threads=args.threads, seed=args.seed,
                 trl_gradient_checkpointing=args.trl_gradient_checkpointing, vllm_bind=args.vllm_bind,
+                our_threads=args.our_threads,
                 packing=not args.no_packing)
-    repeats, versions = [], {}
+    repeats, versions, our_threads = [], {}, {}
     for repeat in range(args.repeats):
         done = {}
         for side in side_order(repeat):
@@ -427,6 +453,8 @@ def main() -> int:
             print(f"repeat {repeat + 1}: running {side} ...", flush=True)
             result = _run_side(side, pythons[side], spec, workdir, args.timeout, source)
             versions[side] = result["versions"]
+            if "threads" in result:
+                our_threads[side] = result["threads"]
             done[side] = summarise(result, args.warmup)
             print(f"  {side}: median step {done[side]['step_s']:.2f} s, {done[side]['tok_s']:.0f} tokens/s, "
                   f"ended at EOS {done[side]['eos']:.2f}, process {result['process_s']:.0f} s", flush=True)
@@ -434,7 +462,7 @@ def main() -> int:
     python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
     command = " ".join([python, os.path.relpath(__file__, ROOT)] + sys.argv[1:])
     title = f"Model {args.model}" + (" (SMOKE)" if args.smoke else "")
-    text = markdown(title, _settings_text(args), command, source_text, versions, repeats, args.smoke)
+    text = markdown(title, _settings_text(args, our_threads), command, source_text, versions, repeats, args.smoke)
     (workdir / "repeats.json").write_text(json.dumps(repeats))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

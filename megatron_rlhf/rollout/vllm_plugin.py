@@ -58,7 +58,8 @@ def register_trainer_engines() -> None:
 
 
 IPC_LEDGER_ENV = "MEGATRON_RLHF_IPC_LEDGER"
-"""Path of the ledger file; set by the engine while it starts vLLM's processes."""
+"""Path of the ledger file; set by the engine while it starts vLLM's processes
+(:mod:`megatron_rlhf.rollout.engine_environment`)."""
 
 LEDGER_PREFIX = "megatron_rlhf_ipc_"
 LEDGER_SUFFIX = ".ledger"
@@ -66,12 +67,12 @@ LEDGER_SUFFIX = ".ledger"
 
 def start_ipc_ledger(directory: str | None = None) -> str:
     """A fresh ledger file ``<directory>/megatron_rlhf_ipc_<pid>_<random>.ledger`` (the system
-    temporary directory by default), named in the environment vLLM's processes inherit."""
+    temporary directory by default); the engine names it in :data:`IPC_LEDGER_ENV` for vLLM's
+    processes while they start."""
     import tempfile
 
     handle, path = tempfile.mkstemp(prefix=f"{LEDGER_PREFIX}{os.getpid()}_", suffix=LEDGER_SUFFIX, dir=directory)
     os.close(handle)
-    os.environ[IPC_LEDGER_ENV] = path
     return path
 
 

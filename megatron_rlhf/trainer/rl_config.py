@@ -20,11 +20,12 @@ have reward routes, or that the curriculum's domains have prompts (``megatron_rl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from megatron_rlhf.algorithms import AlgorithmConfig
+from megatron_rlhf.config.cpu_split import NOBIND, CpuSplit, check_engine_bind, resolve_engine_bind, split_cpu_cores
 from megatron_rlhf.config.errors import ConfigError
 from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.config.parallel import ParallelConfig
@@ -66,13 +67,43 @@ class WorkerGroupConfig:
     world_size: int = 1
     """Ranks (Ray actors); data parallelism takes what the layout leaves."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    threads_per_rank: int = 1
-    """torch intra-op threads per rank on CPU machines (>= 1)."""
+    threads_per_rank: int | Literal["auto"] = "auto"
+    """torch intra-op threads per rank: an integer >= 1, or auto: on a CPU run the run's split of
+    the machine's cores (``megatron_rlhf.config.cpu_split``: the cores divided among all Megatron
+    ranks of the run, less the engines' share when rollouts overlap training), on a GPU run 1."""
 
     def __post_init__(self) -> None:
-        if self.world_size < 1 or self.threads_per_rank < 1:
-            raise ValueError("world_size and threads_per_rank must be >= 1")
+        if self.world_size < 1:
+            raise ValueError(f"world_size={self.world_size} must be >= 1")
+        if self.threads_per_rank != "auto" and (not isinstance(self.threads_per_rank, int)
+                                                or isinstance(self.threads_per_rank, bool) or self.threads_per_rank < 1):
+            raise ValueError(f"threads_per_rank={self.threads_per_rank!r} must be an integer >= 1 or 'auto'")
         self.parallel.data_parallel(self.world_size)  # raises when the layout does not fit
+
+
+@dataclass(frozen=True)
+class RunThreads:
+    """The CPU threads of an RL run's processes, chosen at start-up (:meth:`RLConfig.run_threads`)."""
+
+    group_threads: dict[str, int]
+    """torch intra-op threads per rank of each Megatron group (actor, reference, critic, reward:<name>)."""
+    engine_binds: tuple[tuple[str, str], ...]
+    """``(VLLM_CPU_OMP_THREADS_BIND, where it came from)`` of each engine (CPU runs)."""
+    split: CpuSplit
+    """The core split behind the auto values."""
+    on_gpu: bool = False
+
+    def describe(self) -> str:
+        """One line for the start-up log and the benchmark report."""
+        groups = ", ".join(f"{name} {threads}" for name, threads in self.group_threads.items())
+        if self.on_gpu:
+            return f"GPU run: torch threads per rank: {groups}"
+        engines = "; ".join(f"engine {i} workers bound to cores {bind} ({source})"
+                            for i, (bind, source) in enumerate(self.engine_binds))
+        core_threads = ("" if all(bind == NOBIND for bind, _ in self.engine_binds)
+                        else "; each engine-core process 1 torch thread; workers' MKL threads follow OpenMP's")
+        return (f"{len(self.split.cores)} cores: torch threads per rank: {groups}; {engines}{core_threads}"
+                + (" (oversubscribed: more vLLM workers than cores)" if self.split.oversubscribed else ""))
 
 
 @dataclass(frozen=True)
@@ -105,6 +136,12 @@ class RLConfig:
     reference: WorkerGroupConfig = field(default_factory=WorkerGroupConfig)
     engine_tensor_parallel: int = 1
     """vLLM's own TP size."""
+    engine_cpu_bind: str = "auto"
+    """CPU runs: the cores of each engine's vLLM workers (``VLLM_CPU_OMP_THREADS_BIND``, given to
+    vLLM's processes only). auto: the user's ``VLLM_CPU_OMP_THREADS_BIND`` if set, else the run's
+    core split (``megatron_rlhf.config.cpu_split``: one core per engine-core process and one for the
+    controller reserved, the rest in blocks, one per vLLM worker) | nobind | one core list per
+    worker, ``|``-separated (``0-3|4-7``), for every engine."""
     rollout_engines: tuple[int, ...] = ()
     """Disaggregated placement: the vLLM TP size of each rollout engine (rollout data
     parallelism: prompts are split over them and every engine receives every weight sync), e.g.
@@ -179,6 +216,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.rollout_mode='one_step_off' needs placement: disaggregated (got "
                              f"{self.placement!r}): the engines generate while the actor trains, so they "
                              "cannot live inside the actor")
+        for tp in set(self.engine_tensor_parallels):
+            check_engine_bind(self.engine_cpu_bind, tp, "RLConfig.engine_cpu_bind")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if self.sync_alarm_action not in SYNC_ALARM_ACTIONS:
@@ -225,6 +264,23 @@ class RLConfig:
     def engine_tensor_parallels(self) -> tuple[int, ...]:
         """vLLM TP size of each rollout engine of the run."""
         return tuple(self.rollout_engines) or (self.engine_tensor_parallel,)
+
+    def run_threads(self, trainer_sizes: Mapping[str, int], cores: Sequence[int],
+                    environment_bind: str | None) -> RunThreads:
+        """The threads of the run's processes: its Megatron groups of ``trainer_sizes`` ranks and
+        its engines on ``cores`` (``config.cpu_split``; ``environment_bind``: the user's
+        ``VLLM_CPU_OMP_THREADS_BIND``). Explicit ``threads_per_rank`` and ``engine_cpu_bind`` win."""
+        split = split_cpu_cores(cores, sum(trainer_sizes.values()), self.engine_tensor_parallels,
+                                overlapped=self.rollout_mode == "one_step_off")
+        on_gpu = self.resources.uses_gpus
+        groups = {"actor": self.actor, "reference": self.reference, "critic": self.critic}
+        threads = {}
+        for name in trainer_sizes:
+            chosen = groups[name].threads_per_rank if name in groups else "auto"
+            threads[name] = chosen if chosen != "auto" else 1 if on_gpu else split.rank_threads
+        binds = tuple(resolve_engine_bind(self.engine_cpu_bind, computed, environment_bind)
+                      for computed in split.engine_binds)
+        return RunThreads(threads, binds, split, on_gpu)
 
     @property
     def algorithm_name(self) -> str:

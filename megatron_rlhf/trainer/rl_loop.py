@@ -92,6 +92,7 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
 
     from megatron_rlhf.rewards.reward_config import build_sources
     from megatron_rlhf.rewards.router import HybridRewardRouter
+    from megatron_rlhf.config.cpu_split import BIND_ENV, usable_cores
     from megatron_rlhf.config.rollout import RolloutConfig
     from megatron_rlhf.trainer.rl_step import RLComponents
     from megatron_rlhf.config.precision import engine_dtype
@@ -121,6 +122,9 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
     run_placement = plan_run_placement(config.resources, config.placement, sizes,
                                        config.engine_tensor_parallels if disaggregated else ())
     placement = run_placement.trainers
+    threads_of = config.run_threads(sizes, usable_cores(), os.environ.get(BIND_ENV))
+    log.info("threads: %s", threads_of.describe())  # once, at start-up
+    binds = [bind for bind, _ in threads_of.engine_binds]
     common = dict(algorithm=algorithm, update=config.update, temperature=config.temperature, seed=config.seed,
                   precision=config.precision)
     groups: dict[str, Any] = {}
@@ -128,7 +132,8 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
     threads, engine_start = ThreadPoolExecutor(1, thread_name_prefix="engine-start"), None
     try:  # every group (and the disaggregated engines) starts and loads at once
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
-                                    optimizer=config.actor_optimizer, threads=config.actor.threads_per_rank, **common)
+                                    optimizer=config.actor_optimizer, threads=threads_of.group_threads["actor"],
+                                    **common)
         groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,),
                                       join=False)
         rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
@@ -136,28 +141,30 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
                                 max_prompt_tokens=config.max_prompt_tokens, overlong_prompts="drop",
                                 seed=config.seed, dtype=engine_dtype(config.precision),
                                 gpu_memory_utilization=config.resources.gpu_memory_utilization,
-                                enable_sleep_mode=not disaggregated and config.resources.uses_gpus)
+                                enable_sleep_mode=not disaggregated and config.resources.uses_gpus,
+                                cpu_threads_bind="auto" if disaggregated else binds[0])
         engine_names = [f"rollout{i}" if i else "rollout" for i in range(len(run_placement.engines))]
         engine_names = engine_names if disaggregated else []
         for i, (name, tp) in enumerate(zip(engine_names, config.engine_tensor_parallels)):
-            engine_config = replace(rollout, tensor_parallel=tp, seed=config.seed + i)  # one Ray actor per engine
+            engine_config = replace(rollout, tensor_parallel=tp, seed=config.seed + i,  # one Ray actor per engine
+                                    cpu_threads_bind=binds[i])
             groups[name] = WorkerGroup(name, RolloutWorker, 1, run_placement.engines[i], (engine_config,), join=False)
         if algorithm.kl_mode != "none":
             reference_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.reference.parallel,
-                                            threads=config.reference.threads_per_rank, **common)
+                                            threads=threads_of.group_threads["reference"], **common)
             groups["reference"] = WorkerGroup("reference", ReferenceWorker, config.reference.world_size,
                                               placement, (reference_spec,), join=False)
         if algorithm.needs_critic:
             critic_spec = RoleWorkerSpec(hf_dir=config.critic_dir or config.policy_dir, parallel=config.critic.parallel,
-                                         optimizer=config.critic_optimizer, threads=config.critic.threads_per_rank,
+                                         optimizer=config.critic_optimizer, threads=threads_of.group_threads["critic"],
                                          **common)
             groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement,
                                            (critic_spec,), join=False)
         for name, source in reward.sources.items():
             if source.kind == SOURCE_KIND:
+                spec = reward_model_spec(source.config, config.seed, threads_of.group_threads[f"reward:{name}"])
                 groups[f"reward:{name}"] = WorkerGroup(f"reward:{name}", RewardModelWorker, source.config.tensor_parallel,
-                                                       placement, (reward_model_spec(source.config, config.seed),),
-                                                       join=False)
+                                                       placement, (spec,), join=False)
         # vLLM sizes its GPU memory from what is free when it starts: a colocated GPU engine starts
         # before the other groups load (as one after another did); elsewhere all load at once, and
         # a colocated CPU engine starts on the actor's rank 0 while that rank loads its model

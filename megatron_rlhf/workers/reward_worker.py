@@ -24,10 +24,11 @@ from megatron_rlhf.workers.megatron_worker import MegatronWorker
 __all__ = ["SOURCE_KIND", "RewardModelSourceConfig", "RewardModelWorker", "RemoteRewardSource", "reward_model_spec"]
 
 
-def reward_model_spec(config: RewardModelSourceConfig, seed: int) -> "RewardModelSpec":
+def reward_model_spec(config: RewardModelSourceConfig, seed: int, threads: int = 1) -> "RewardModelSpec":
+    """The spec of a reward-model group; ``threads``: torch intra-op threads per rank."""
     return RewardModelSpec(ckpt_dir=config.ckpt_dir, parallel=ParallelConfig(tensor_parallel=config.tensor_parallel),
                            aggregate=config.aggregate, output=config.output,
-                           micro_batch_size=config.micro_batch_size, seed=seed)
+                           micro_batch_size=config.micro_batch_size, threads=threads, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class RewardModelSpec:
     """ORM: logit | probability."""
     micro_batch_size: int = 8
     threads: int = 1
+    """torch intra-op threads per rank (the run's split: ``RLConfig.run_threads``)."""
     seed: int = 1234
 
 

@@ -109,6 +109,42 @@ def engine(models):
         yield rollout
 
 
+def _children(pid: int, name: str) -> list[int]:
+    """Pids of the child processes of ``pid`` whose name (``/proc/<pid>/status``) is ``name``."""
+    found = []
+    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
+        status = dict(line.split(":\t", 1) for line in open(f"/proc/{child}/status").read().splitlines() if ":\t" in line)
+        if status.get("Name", "").strip() == name:
+            found.append(int(child))
+    return found
+
+
+def _allowed_cores(pid: int) -> list[int]:
+    from megatron_rlhf.config.cpu_split import parse_cores
+
+    status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    return parse_cores(status["Cpus_allowed_list"].strip())
+
+
+def test_default_engine_binds_its_worker_to_the_split_cores_and_leaves_the_caller_alone(engine):
+    """auto (RolloutConfig.cpu_threads_bind): on 2 cores the worker computes on core 0 (core 1 is
+    left to the engine-core and this process), the engine-core runs one torch thread, the worker's
+    MKL threads follow its OpenMP count (no inherited MKL_NUM_THREADS), and this
+    process's environment keeps none of the variables the engine's processes started with."""
+    from megatron_rlhf.config.cpu_split import BIND_ENV, parse_cores, resolve_engine_bind, split_cpu_cores, usable_cores
+
+    computed = split_cpu_cores(usable_cores(), 0, (1,)).engine_binds[0]
+    bind, source = resolve_engine_bind("auto", computed, os.environ.get(BIND_ENV))
+    assert engine.process_environment[BIND_ENV] == bind
+    if bind in ("auto", "nobind"):
+        pytest.skip(f"the environment sets {BIND_ENV}={bind}: vLLM chooses the cores")
+    assert engine.process_environment["OMP_NUM_THREADS"] == "1" and engine.process_environment["MKL_NUM_THREADS"] is None
+    workers = [worker for core in _children(os.getpid(), "VLLM::EngineCor") for worker in _children(core, "VLLM::Worker")]
+    assert workers and all(_allowed_cores(worker) == parse_cores(bind) for worker in workers)
+    assert source != "core split" or BIND_ENV not in os.environ
+    assert "MEGATRON_RLHF_IPC_LEDGER" not in os.environ and str(engine.scratch.path) not in os.environ.get("TMPDIR", "")
+
+
 def test_group_index_and_shapes(engine):
     from megatron_rlhf.config.sampling import SamplingSettings
 

@@ -1,0 +1,57 @@
+"""The environment vLLM's processes start with, set in this process only while they start.
+
+vLLM reads its CPU settings (``VLLM_CPU_OMP_THREADS_BIND``, ``VLLM_CPU_KVCACHE_SPACE``, the
+engine-core's ``OMP_NUM_THREADS``, the workers' ``MKL_NUM_THREADS``), the folders of its sockets and temporary files
+(:mod:`.engine_scratch`) and our IPC ledger's path (:mod:`.vllm_plugin`) from environment
+variables; its engine-core process is started with ``multiprocessing`` (spawn), which gives a
+child this process's environment and has no per-child option, and the engine-core passes them on
+to its workers. So an engine's variables must be in this process's environment while
+``LLM(...)`` starts its processes, and only then: :func:`engine_environment` is the one place
+that sets them.
+
+Guarantees: the variables are set under one process-wide lock (two engines starting at once in
+one process each start with their own) and every one is restored to its previous value, or
+removed, when the engine has started or failed to; this process's temporary folder
+(``tempfile.gettempdir()``, which Python caches on first use) is fixed before ``TMPDIR`` may
+point into an engine's scratch folder, so another thread of this process making a temporary file
+meanwhile (the actor rank loads its model while its colocated engine starts) writes to the user's
+folder, not to one deleted at the engine's shutdown.
+
+Not guaranteed: a subprocess that another thread of this process starts during an engine's
+start-up inherits the engine's variables (none of this project's code starts one there); vLLM's
+own changes to the environment (its CPU platform sets ``LD_PRELOAD``, ``LOCAL_WORLD_SIZE`` and
+others in the process that creates the engine) are vLLM's and stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+
+_STARTING = threading.Lock()
+
+
+@contextlib.contextmanager
+def engine_environment(variables: Mapping[str, str | None]) -> Iterator[None]:
+    """While inside: ``variables`` are in this process's environment (a None value: the variable
+    is absent), so processes started here inherit them; on leaving, the previous values are back
+    (see the module docstring)."""
+    tempfile.gettempdir()  # cached from now on: TMPDIR below changes no temporary file of this process
+    with _STARTING:
+        saved = {name: os.environ.get(name) for name in variables}
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
