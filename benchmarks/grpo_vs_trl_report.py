@@ -87,7 +87,7 @@ def markdown(title: str, settings: str, command: str, source_text: str, versions
                          f"{s['reward']:.3f} | {first} | {s['wall_s']:.0f} | {s['load'][0]:.1f} / {s['load'][1]:.1f} |")
     ratios = paired_ratios(repeats)
     lines += ["", "first step done at: ours' ``time/to_first_step`` (seconds from the process start to the end "
-              "of the first step). process s: the side's whole subprocess.", "",
+              "of the first step). process s: ours' whole `run_rl` (start-up included), TRL's `trainer.train()` (after its model load).", "",
               "Paired ratios (same repeat, ABBA order):", "", "| repeat | ours sync / TRL step time | "
               "ours one-step-off / TRL step time |", "|---|---|---|"]
     for index, (sync, async_) in enumerate(zip(ratios["sync"], ratios["async"])):
