@@ -55,3 +55,34 @@ def test_sweep_removes_only_the_folders_of_dead_engines(tmp_path):
         (folder / "sock").write_text("")
     assert remove_orphaned_scratch(str(tmp_path)) == [str(orphan)]
     assert not orphan.exists() and live.exists() and unrelated.exists() and odd.exists()
+
+
+def test_torch_compile_cache_is_the_users_own_and_survives_removal(tmp_path, monkeypatch):
+    """vLLM's sampler compiles at an engine's first generation; inductor keeps its precompiled
+    header under ``$TMPDIR/torchinductor_<user>`` whatever TORCHINDUCTOR_CACHE_DIR says, so the
+    scratch folder links that name to the user's cache (an empty one cost 6-9 s per engine)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    shared = default_cache_dir()
+    scratch = EngineScratch(str(tmp_path))
+    link = scratch.path / os.path.basename(shared)
+    assert link.is_symlink() and os.path.realpath(link) == os.path.realpath(shared)
+    assert scratch.variables()["TORCHINDUCTOR_CACHE_DIR"] == shared
+    with scratch.environment():
+        child = subprocess.run([sys.executable, "-c", "from torch._inductor.runtime.cache_dir_utils import "
+                                "default_cache_dir; import os; print(os.path.realpath(default_cache_dir()))"],
+                               capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == os.path.realpath(shared)  # an engine's process finds the user's cache
+    kept = link / f"kept_{os.getpid()}"
+    kept.write_text("compiled")
+    try:
+        scratch.remove()
+        assert not scratch.path.exists() and os.path.exists(os.path.join(shared, kept.name))
+    finally:
+        os.remove(os.path.join(shared, kept.name))
+
+
+def test_a_users_compile_cache_setting_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in EngineScratch(str(tmp_path)).variables()
