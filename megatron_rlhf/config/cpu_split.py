@@ -26,7 +26,8 @@ Guarantees: the functions are pure (same inputs, same split); every thread count
 names only the given cores, one ``|``-separated block per vLLM worker, in vLLM's syntax; when
 there are fewer cores than workers, blocks repeat cores and :attr:`CpuSplit.oversubscribed` says
 so. Validation of a user's bind string (:func:`check_engine_bind`) raises naming the key.
-Not guaranteed: that other programs leave the cores idle; NUMA placement (cores in id order);
+Not guaranteed: that other programs leave the cores idle; a CPU quota counts as its whole cores
+(rounded up, the first of the affinity's ids); NUMA placement (cores in id order);
 that the split is the fastest for a given model (explicit settings win: ``threads_per_rank``,
 ``engine_cpu_bind``, the environment's ``VLLM_CPU_OMP_THREADS_BIND``).
 """
@@ -57,12 +58,41 @@ class CpuSplit:
     """More vLLM workers than cores: blocks share cores."""
 
 
-def usable_cores() -> tuple[int, ...]:
-    """The core ids this process may run on (its CPU affinity: taskset, cgroup cpusets)."""
+def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, ...]:
+    """The core ids this process may run on: its CPU affinity (taskset, cgroup cpusets), cut to the
+    first ``ceil(quota / period)`` of them under a CPU quota (``docker --cpus``, a Kubernetes
+    limit: :func:`cpu_quota_cores`), so a container allowed 4 CPUs of a 64-core host splits 4."""
     try:
-        return tuple(sorted(os.sched_getaffinity(0)))
+        cores = tuple(sorted(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        return tuple(range(os.cpu_count() or 1))
+        cores = tuple(range(os.cpu_count() or 1))
+    quota = cpu_quota_cores(cgroup_root)
+    return cores[:quota] if quota is not None and quota < len(cores) else cores
+
+
+def cpu_quota_cores(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """Whole cores of this process's cgroup CPU quota, rounded up (at least 1), or None without
+    one: cgroup v2 ``cpu.max`` (``max 100000`` means none), else v1 ``cpu.cfs_quota_us`` (-1: none)
+    over ``cpu.cfs_period_us``. Unreadable or malformed files count as no quota."""
+    def read(*names: str) -> str | None:
+        try:
+            return open(os.path.join(cgroup_root, *names)).read().strip()
+        except OSError:
+            return None
+
+    quota_text, period_text = None, None
+    v2 = read("cpu.max")
+    if v2 is not None:
+        quota_text, _, period_text = v2.partition(" ")
+    else:
+        quota_text, period_text = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
+    try:
+        quota, period = int(quota_text or ""), int(period_text or "")
+    except ValueError:  # "max", missing files
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
 
 
 def split_cpu_cores(cores: Sequence[int], megatron_ranks: int, engine_tensor_parallels: Sequence[int],

@@ -130,8 +130,8 @@ class RolloutEngine:
         remove_orphaned_semaphores()  # and the semaphores of every process of such a run
         remove_orphaned_scratch()  # and their sockets and rendezvous files
         self.ipc_ledger = start_ipc_ledger()  # what vLLM's processes leave, released at shutdown
-        self.scratch = EngineScratch()  # vLLM's socket and temporary files, removed at shutdown
         try:
+            self.scratch = EngineScratch()  # vLLM's socket and temporary files, removed at shutdown
             with engine_environment({**self.process_environment, **self.scratch.variables(),
                                      IPC_LEDGER_ENV: self.ipc_ledger}):
                 self.llm = LLM(**kwargs)

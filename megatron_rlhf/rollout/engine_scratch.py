@@ -56,7 +56,7 @@ class EngineScratch:
         """The variables that send vLLM's sockets and temporary files into :attr:`path` (and keep
         torch's compile cache the user's own, see the module docstring)."""
         variables = {name: str(self.path) for name in REDIRECTED}
-        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        if self.compile_cache is not None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
             variables["TORCHINDUCTOR_CACHE_DIR"] = str(self.compile_cache)
         return variables
 
@@ -72,14 +72,20 @@ class EngineScratch:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _link_compile_cache(scratch: Path) -> Path:
+def _link_compile_cache(scratch: Path) -> Path | None:
     """Link ``scratch/torchinductor_<user>`` to the user's inductor cache folder (made if missing,
-    at torch's default place for this process's temporary folder); that folder's path."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # light: no inductor import
+    at torch's default place for this process's temporary folder); that folder's path, or None
+    (logged) where it cannot be linked: the link only saves time, an engine starts without it."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # light: no inductor import
 
-    shared = Path(default_cache_dir())  # this process's TMPDIR: the user's, not an engine's
-    shared.mkdir(parents=True, exist_ok=True)
-    (scratch / shared.name).symlink_to(shared, target_is_directory=True)
+        shared = Path(default_cache_dir())  # this process's TMPDIR: the user's, not an engine's
+        shared.mkdir(parents=True, exist_ok=True)
+        (scratch / shared.name).symlink_to(shared, target_is_directory=True)
+    except (ImportError, OSError) as error:
+        log.warning("engine scratch %s: torch's compile cache not linked (%s); the engine's first "
+                    "generation rebuilds it", scratch, error)
+        return None
     return shared
 
 

@@ -86,8 +86,7 @@ class StudyContext:
             result = json.loads(shared_file.read_text())
         else:
             shared_file.parent.mkdir(parents=True, exist_ok=True)
-            shared_file.with_suffix(".key.json").write_text(
-                json.dumps({"layout": KEY_LAYOUT, "key": key}, indent=2, sort_keys=True) + "\n")
+            _write_json_atomically(shared_file.with_suffix(".key.json"), {"layout": KEY_LAYOUT, "key": key})
             seed = self.key_seed(canonical)
             result = self._compute(arm_name, shared_file, shared_file.with_suffix(""),
                                    lambda arm_dir: compute(arm_dir, seed))

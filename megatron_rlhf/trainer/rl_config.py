@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from megatron_rlhf.algorithms import AlgorithmConfig
-from megatron_rlhf.config.cpu_split import NOBIND, CpuSplit, check_engine_bind, resolve_engine_bind, split_cpu_cores
+from megatron_rlhf.config.cpu_split import (
+    AUTO,
+    BIND_ENV,
+    NOBIND,
+    CpuSplit,
+    check_engine_bind,
+    resolve_engine_bind,
+    split_cpu_cores,
+)
 from megatron_rlhf.config.errors import ConfigError
 from megatron_rlhf.config.optimizer import OptimizerSettings
 from megatron_rlhf.config.parallel import ParallelConfig
@@ -269,17 +277,28 @@ class RLConfig:
                     environment_bind: str | None) -> RunThreads:
         """The threads of the run's processes: its Megatron groups of ``trainer_sizes`` ranks and
         its engines on ``cores`` (``config.cpu_split``; ``environment_bind``: the user's
-        ``VLLM_CPU_OMP_THREADS_BIND``). Explicit ``threads_per_rank`` and ``engine_cpu_bind`` win."""
+        ``VLLM_CPU_OMP_THREADS_BIND``). Explicit ``threads_per_rank`` and ``engine_cpu_bind`` win.
+        The split applies where every process runs on the driver's machine (one node, no
+        ``ray_address``); otherwise ``auto`` ranks take 1 thread and each engine splits its own
+        machine's cores. GPU runs: 1 thread per rank, no CPU binding (the variable is ignored)."""
         split = split_cpu_cores(cores, sum(trainer_sizes.values()), self.engine_tensor_parallels,
                                 overlapped=self.rollout_mode == "one_step_off")
         on_gpu = self.resources.uses_gpus
+        local = self.resources.nodes == 1 and self.ray_address is None
         groups = {"actor": self.actor, "reference": self.reference, "critic": self.critic}
         threads = {}
         for name in trainer_sizes:
             chosen = groups[name].threads_per_rank if name in groups else "auto"
-            threads[name] = chosen if chosen != "auto" else 1 if on_gpu else split.rank_threads
-        binds = tuple(resolve_engine_bind(self.engine_cpu_bind, computed, environment_bind)
-                      for computed in split.engine_binds)
+            threads[name] = chosen if chosen != "auto" else split.rank_threads if local and not on_gpu else 1
+        if on_gpu:
+            return RunThreads(threads, tuple((AUTO, "GPU run") for _ in split.engine_binds), split, on_gpu)
+        if self.engine_cpu_bind == AUTO and environment_bind:
+            for tp in self.engine_tensor_parallels:
+                check_engine_bind(environment_bind, tp, f"environment {BIND_ENV}")
+        computed = split.engine_binds if local else (AUTO,) * len(split.engine_binds)
+        binds = tuple(resolve_engine_bind(self.engine_cpu_bind, bind, environment_bind) for bind in computed)
+        if not local:
+            binds = tuple((bind, "each engine's own machine" if bind == AUTO else source) for bind, source in binds)
         return RunThreads(threads, binds, split, on_gpu)
 
     @property

@@ -123,6 +123,42 @@ def test_gpu_runs_keep_one_thread_per_rank():
         "actor": 1, "reference": 1}
 
 
+def test_gpu_runs_ignore_a_cpu_bind_left_in_the_environment():
+    config = RLConfig(**RUN, resources=ResourcesConfig(gpus_per_node=8), placement="disaggregated",
+                      engine_tensor_parallel=2)
+    assert config.run_threads({"actor": 1}, range(64), "0-3").engine_binds == (("auto", "GPU run"),)
+
+
+def test_an_environment_bind_that_does_not_fit_an_engine_names_the_variable():
+    config = RLConfig(**RUN, rollout_engines=(1, 2), placement="disaggregated")
+    with pytest.raises(ValueError, match="environment VLLM_CPU_OMP_THREADS_BIND='0-3' has 1 core list"):
+        config.run_threads({"actor": 1}, range(8), "0-3")
+
+
+@pytest.mark.parametrize("resources, address", [(ResourcesConfig(nodes=2), None), (ResourcesConfig(), "10.0.0.1:6379")])
+def test_runs_beyond_the_drivers_machine_leave_each_engine_its_own_split(resources, address):
+    config = RLConfig(**RUN, resources=resources, ray_address=address)
+    chosen = config.run_threads({"actor": 8, "reference": 8}, range(16), None)
+    assert chosen.group_threads == {"actor": 1, "reference": 1}  # the driver's cores say nothing of theirs
+    assert chosen.engine_binds == (("auto", "each engine's own machine"),)
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({"cpu.max": "400000 100000"}, 4), ({"cpu.max": "150000 100000"}, 2), ({"cpu.max": "max 100000"}, None),
+    ({"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None), ({}, None),
+    ({"cpu.max": "garbage"}, None)])
+def test_a_cgroup_cpu_quota_caps_the_cores_a_run_splits(tmp_path, files, cores):
+    from megatron_rlhf.config.cpu_split import cpu_quota_cores, usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    assert cpu_quota_cores(str(tmp_path)) == cores
+    affinity = tuple(sorted(os.sched_getaffinity(0)))
+    assert usable_cores(str(tmp_path)) == (affinity[:cores] if cores else affinity)
+
+
 def test_engine_environment_is_given_to_processes_started_inside_and_restored(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setenv("MKL_NUM_THREADS", "2")
