@@ -36,13 +36,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from megatron_rlhf.config.cpu_split import (
-    BIND_ENV,
-    engine_process_environment,
-    resolve_engine_bind,
-    split_cpu_cores,
-    usable_cores,
-)
 from megatron_rlhf.config.errors import UserError
 from megatron_rlhf.config.rollout import OVERLONG_POLICIES, RolloutConfig
 from megatron_rlhf.config.sampling import SamplingSettings
@@ -87,7 +80,7 @@ class RolloutEngine:
         self.config = config
         on_gpu = torch.cuda.is_available()
         # given to vLLM's processes only, while they start (rollout.engine_environment)
-        self.process_environment = {} if on_gpu else cpu_process_environment(config)
+        self.process_environment: dict[str, str | None] = {}
         kwargs: dict[str, Any] = dict(
             model=config.model_dir,
             tensor_parallel_size=config.tensor_parallel,
@@ -122,7 +115,7 @@ class RolloutEngine:
         self.asleep: set[str] = set()
         self.llm = None
         from megatron_rlhf.parallel.ipc_orphans import remove_orphaned_semaphores
-        from megatron_rlhf.rollout.engine_environment import engine_environment
+        from megatron_rlhf.rollout.engine_environment import cpu_process_environment, engine_environment
         from megatron_rlhf.rollout.engine_scratch import EngineScratch, remove_orphaned_scratch
         from megatron_rlhf.rollout.vllm_plugin import release_orphaned_ledgers, start_ipc_ledger
 
@@ -132,8 +125,11 @@ class RolloutEngine:
         self.ipc_ledger = start_ipc_ledger()  # what vLLM's processes leave, released at shutdown
         try:
             self.scratch = EngineScratch()  # vLLM's socket and temporary files, removed at shutdown
-            with engine_environment({**self.process_environment, **self.scratch.variables(),
-                                     IPC_LEDGER_ENV: self.ipc_ledger}):
+            def variables() -> dict[str, str | None]:  # read the user's settings under the start lock
+                self.process_environment = {} if on_gpu else cpu_process_environment(config)
+                return {**self.process_environment, **self.scratch.variables(), IPC_LEDGER_ENV: self.ipc_ledger}
+
+            with engine_environment(variables):
                 self.llm = LLM(**kwargs)
         except BaseException:
             self.shutdown()
@@ -286,22 +282,6 @@ class RolloutEngine:
         batch = _batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
         batch.response_texts = [text for group_texts in texts for text in group_texts]
         yield batch
-
-
-def cpu_process_environment(config: RolloutConfig) -> dict[str, str | None]:
-    """The variables a CPU engine's processes start with: its KV cache size (unless the user's
-    ``VLLM_CPU_KVCACHE_SPACE`` is set) and its workers' core binding (``config.cpu_threads_bind``,
-    resolved by :func:`~megatron_rlhf.config.cpu_split.resolve_engine_bind`; auto on its own: the
-    cores left after one for the engine-core process and one for this process). Logged."""
-    standalone = split_cpu_cores(usable_cores(), 0, (config.tensor_parallel,)).engine_binds[0]
-    bind, source = resolve_engine_bind(config.cpu_threads_bind, standalone, os.environ.get(BIND_ENV))
-    variables = engine_process_environment(bind)
-    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        variables["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
-    extra = "; engine-core process: 1 torch thread; MKL threads follow OpenMP's" if bind != "nobind" else ""
-    log.info("vLLM CPU engine (TP %d): workers' OpenMP threads bound to %s (%s)%s", config.tensor_parallel, bind,
-             source, extra)
-    return variables
 
 
 def request_sampling_params(params: Any, prompt_indices: Sequence[int]) -> Any:

@@ -26,21 +26,37 @@ others in the process that creates the engine) are vLLM's and stay.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+
+from megatron_rlhf.config.cpu_split import (
+    BIND_ENV,
+    engine_process_environment,
+    resolve_engine_bind,
+    split_cpu_cores,
+    usable_cores,
+)
+from megatron_rlhf.config.rollout import RolloutConfig
+
+log = logging.getLogger(__name__)
 
 _STARTING = threading.Lock()
 
 
 @contextlib.contextmanager
-def engine_environment(variables: Mapping[str, str | None]) -> Iterator[None]:
+def engine_environment(variables: Mapping[str, str | None] | Callable[[], Mapping[str, str | None]]
+                       ) -> Iterator[None]:
     """While inside: ``variables`` are in this process's environment (a None value: the variable
     is absent), so processes started here inherit them; on leaving, the previous values are back
-    (see the module docstring)."""
+    (see the module docstring). A callable is called under the lock: variables computed from the
+    environment (the user's settings) then never see another engine's while it starts."""
     tempfile.gettempdir()  # cached from now on: TMPDIR below changes no temporary file of this process
     with _STARTING:
+        if callable(variables):
+            variables = variables()
         saved = {name: os.environ.get(name) for name in variables}
         for name, value in variables.items():
             if value is None:
@@ -55,3 +71,19 @@ def engine_environment(variables: Mapping[str, str | None]) -> Iterator[None]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+def cpu_process_environment(config: RolloutConfig) -> dict[str, str | None]:
+    """The variables a CPU engine's processes start with: its KV cache size (unless the user's
+    ``VLLM_CPU_KVCACHE_SPACE`` is set) and its workers' core binding (``config.cpu_threads_bind``,
+    resolved by :func:`~megatron_rlhf.config.cpu_split.resolve_engine_bind`; auto on its own: the
+    cores left after one for the engine-core process and one for this process). Logged."""
+    standalone = split_cpu_cores(usable_cores(), 0, (config.tensor_parallel,)).engine_binds[0]
+    bind, source = resolve_engine_bind(config.cpu_threads_bind, standalone, os.environ.get(BIND_ENV))
+    variables = engine_process_environment(bind)
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        variables["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+    extra = "; engine-core process: 1 torch thread; MKL threads follow OpenMP's" if bind != "nobind" else ""
+    log.info("vLLM CPU engine (TP %d): workers' OpenMP threads bound to %s (%s)%s", config.tensor_parallel, bind,
+             source, extra)
+    return variables

@@ -189,3 +189,29 @@ def test_engines_starting_at_once_in_one_process_each_see_their_own_variables():
     for thread in threads:
         thread.join()
     assert seen == {"0": "0", "1": "1"}
+
+
+def test_variables_read_from_the_environment_never_see_another_engines(monkeypatch):
+    """An engine resolves its bind from the user's environment; computed under the start lock, a
+    second engine starting meanwhile reads the user's value, not the first engine's."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    read: dict[str, str | None] = {}
+    first_inside = threading.Event()
+
+    def start(name: str, bind: str) -> None:
+        def variables() -> dict[str, str]:
+            read[name] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # what the user set: nothing
+            return {"VLLM_CPU_OMP_THREADS_BIND": bind}
+
+        with engine_environment(variables):
+            first_inside.set()
+            threading.Event().wait(0.05)
+
+    first = threading.Thread(target=start, args=("a", "0"))
+    first.start()
+    first_inside.wait(5)
+    second = threading.Thread(target=start, args=("b", "1"))
+    second.start()
+    first.join()
+    second.join()
+    assert read == {"a": None, "b": None} and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
