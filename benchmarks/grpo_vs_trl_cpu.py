@@ -122,7 +122,7 @@ def _our_side(spec: dict, result_path: str) -> None:
         algorithm=algorithm, steps=spec["steps"], **mode,
         prompts_per_step=spec["prompts_per_step"], n=spec["n"], max_new_tokens=spec["max_new_tokens"],
         update=PPOUpdateConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=spec["micro_batch"],
-                               packing=spec.get("packing", True)),
+                               packing=spec.get("packing", True), max_tokens_per_microbatch=spec.get("token_budget", 0)),
         actor_optimizer=OptimizerSettings(lr=spec["lr"]), actor=group, reference=group,
         checkpoint_every=0, seed=spec["seed"], tensorboard=False, console=False,
     )
@@ -293,6 +293,19 @@ def _prepare(workdir: Path, prompt_count: int, model: str, eos_steps: int) -> tu
     return str(policy), str(prompts)
 
 
+def padded_microbatch_positions(policy: str, prompts: str, micro_batch: int, max_new_tokens: int) -> int:
+    """The most positions a right-padded micro-batch of ``micro_batch`` samples can compute: that
+    many times (the longest prompt, as the RL loop renders it, + ``max_new_tokens``). As a token
+    budget, packed rows never need more activation memory than TRL's padded micro-batches."""
+    from transformers import AutoTokenizer
+
+    from megatron_rlhf.data.prompts import count_prompt_tokens, read_prompt_lines
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    longest = max(count_prompt_tokens(record, tokenizer) for record in read_prompt_lines(prompts))
+    return micro_batch * (longest + max_new_tokens)
+
+
 def _snapshot(workdir: Path, source: str) -> tuple[Path, str]:
     """``(source root, description)``: the checkout itself, or ``git archive`` of a commit (other
     sessions may be editing the checkout while the benchmark runs; a snapshot is stable)."""
@@ -347,12 +360,23 @@ def _run_side(side: str, python: str, spec: dict, workdir: Path, timeout: float,
     return result
 
 
-def _settings_text(args: argparse.Namespace, our_threads: dict[str, str]) -> str:
+def _micro_batch_text(args: argparse.Namespace, token_budget: int) -> str:
+    if args.no_packing:
+        return f"micro-batch {args.micro_batch} (right-padded for ours too)"
+    if not token_budget:
+        return f"micro-batch {args.micro_batch} (packed rows of {args.micro_batch} samples for ours)"
+    how = (f" = {args.micro_batch} x (longest prompt + max_new_tokens), the most positions one of TRL's padded "
+           f"micro-batches computes" if args.token_budget == "padded" else "")
+    return (f"micro-batch {args.micro_batch} for TRL; ours: packed rows within a token budget of {token_budget} "
+            f"tokens{how}")
+
+
+def _settings_text(args: argparse.Namespace, our_threads: dict[str, str], token_budget: int) -> str:
     return (f"Settings: Llama {args.model} (vocab {VOCAB}, fp32; {MODELS[args.model][0]}), taught to answer and stop "
             f"at EOS ({args.eos_steps} fine-tuning steps), {args.prompts_per_step} prompts x {args.n} responses per "
             f"step, max_new_tokens={args.max_new_tokens}, temperature 1, lr {args.lr} (Adam, clip 1.0, constant), KL "
-            f"beta {args.beta} (k3, in the loss), 1 PPO epoch, 1 optimizer step per step, micro-batch "
-            f"{args.micro_batch} ({'right-padded' if args.no_packing else 'packed rows'} for ours), every side started with "
+            f"beta {args.beta} (k3, in the loss), 1 PPO epoch, 1 optimizer step per step, "
+            f"{_micro_batch_text(args, token_budget)}, every side started with "
             f"OMP_NUM_THREADS={args.threads} (machine: {os.cpu_count()} cores): TRL {args.threads} torch thread(s), "
             f"ours threads_per_rank={args.our_threads} ({_our_threads_text(our_threads)}), "
             f"{args.steps} steps, first {args.warmup} dropped, medians over the rest, {args.repeats} repeat(s) in "
@@ -394,8 +418,13 @@ def _arguments() -> argparse.Namespace:
                              "between its ranks and its vLLM engine itself)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-packing", action="store_true",
-                        help="ours with right-padded microbatches (default: packed rows of --micro-batch samples, "
+                        help="ours with right-padded microbatches (default: packed rows, see --token-budget; "
                              "no padding; the same loss and gradients)")
+    parser.add_argument("--token-budget", default="padded",
+                        help="ours' max_tokens_per_microbatch: 'padded' (default: --micro-batch x (longest prompt + "
+                             "--max-new-tokens), the most positions one of TRL's padded micro-batches can compute, "
+                             "so ours never needs more activation memory), 0 (packed rows of --micro-batch samples) "
+                             "or a number of tokens")
     parser.add_argument("--eos-steps", type=int, default=150, help="fine-tuning steps teaching the policy to stop")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
@@ -416,12 +445,22 @@ def _arguments() -> argparse.Namespace:
         args.repeats, args.steps, args.warmup, args.prompts_per_step, args.n = 1, 2, 0, 4, 4
         args.max_new_tokens, args.micro_batch, args.eos_steps = 16, 8, 60
     samples = args.prompts_per_step * args.n
+    if not (args.token_budget == "padded" or args.token_budget.isdigit()):
+        parser.error(f"--token-budget={args.token_budget!r}: 'padded' or a number of tokens >= 0")
     if args.our_threads != "auto" and not (args.our_threads.isdigit() and int(args.our_threads) >= 1):
         parser.error(f"--our-threads={args.our_threads!r}: an integer >= 1 or auto")
     if samples % args.micro_batch or args.micro_batch % args.n:
         parser.error(f"--micro-batch={args.micro_batch} must divide prompts x n = {samples} and be a "
                      f"multiple of n={args.n} (TRL keeps whole groups in a micro-batch)")
     return args
+
+
+def _token_budget(args: argparse.Namespace, policy: str, prompts: str) -> int:
+    if args.no_packing or args.token_budget == "0":
+        return 0
+    if args.token_budget == "padded":
+        return padded_microbatch_positions(policy, prompts, args.micro_batch, args.max_new_tokens)
+    return int(args.token_budget)
 
 
 def main() -> int:
@@ -444,7 +483,7 @@ def main() -> int:
                 micro_batch=args.micro_batch, lr=args.lr, beta=args.beta, threads=args.threads, seed=args.seed,
                 trl_gradient_checkpointing=args.trl_gradient_checkpointing, vllm_bind=args.vllm_bind,
                 our_threads=args.our_threads,
-                packing=not args.no_packing)
+                packing=not args.no_packing, token_budget=_token_budget(args, policy, prompts))
     repeats, versions, our_threads = [], {}, {}
     for repeat in range(args.repeats):
         done = {}
@@ -462,7 +501,7 @@ def main() -> int:
     python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
     command = " ".join([python, os.path.relpath(__file__, ROOT)] + sys.argv[1:])
     title = f"Model {args.model}" + (" (SMOKE)" if args.smoke else "")
-    text = markdown(title, _settings_text(args, our_threads), command, source_text, versions, repeats, args.smoke)
+    text = markdown(title, _settings_text(args, our_threads, base["token_budget"]), command, source_text, versions, repeats, args.smoke)
     (workdir / "repeats.json").write_text(json.dumps(repeats))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
