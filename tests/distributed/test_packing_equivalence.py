@@ -217,10 +217,12 @@ def test_packing_reports_less_padding(layout, results):
         assert packed == 0.0
 
 
-SEGMENTS, HEADS, GROUPS, HEAD_DIM = (5, 1, 7, 3), 4, 2, 8
+HEADS, GROUPS, HEAD_DIM = 4, 2, 8
+SEGMENT_CASES = {"short": (5, 1, 7, 3),  # one SDPA call (one group)
+                 "mixed": (100, 5, 90, 1, 64, 70)}  # two calls: {100, 90, 70} and {64, 5, 1}
 
 
-def _attention_job() -> dict:
+def _attention_job(segments: tuple[int, ...]) -> dict:
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -233,14 +235,14 @@ def _attention_job() -> dict:
                                num_query_groups=GROUPS, kv_channels=HEAD_DIM, use_cpu_initialization=True)
     attention = SDPACoreAttention(config, 1, AttnMaskType.causal, "self").eval()
     generator = torch.Generator().manual_seed(2)
-    total = sum(SEGMENTS)
+    total = sum(segments)
     inputs = {"query": torch.randn(total, HEADS, HEAD_DIM, generator=generator),
               "key": torch.randn(total, GROUPS, HEAD_DIM, generator=generator),
               "value": torch.randn(total, GROUPS, HEAD_DIM, generator=generator)}
     upstream = torch.randn(total, HEADS * HEAD_DIM, generator=generator)
-    cu_seqlens = torch.tensor((0,) + SEGMENTS).cumsum(0).to(torch.int32)
+    cu_seqlens = torch.tensor((0,) + segments).cumsum(0).to(torch.int32)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                             max_seqlen_q=max(SEGMENTS), max_seqlen_kv=max(SEGMENTS))
+                             max_seqlen_q=max(segments), max_seqlen_kv=max(segments))
     packed_leaves = {name: tensor.clone().requires_grad_(True) for name, tensor in inputs.items()}
     packed = attention(packed_leaves["query"], packed_leaves["key"], packed_leaves["value"], None,
                        packed_seq_params=params)
@@ -263,11 +265,14 @@ def _attention_job() -> dict:
     return report
 
 
-def test_sdpa_packed_attention_is_each_sequence_attending_alone(rank_pool):
-    """Core attention on a thd pack (GQA, segments of 5, 1, 7 and 3 tokens) equals each sequence
-    run alone through the ordinary causal path: output [t, heads * d] and q/k/v gradients within
-    1e-6; an attention mask with thd is refused by name."""
-    (report,) = rank_pool.run(_attention_job, 1)
-    assert report["shape"] == (sum(SEGMENTS), HEADS * HEAD_DIM)
+@pytest.mark.parametrize("case", list(SEGMENT_CASES))
+def test_sdpa_packed_attention_is_each_sequence_attending_alone(rank_pool, case):
+    """Core attention on a thd pack (GQA; short segments batched in one call, or long and short
+    ones in two right-padded calls) equals each sequence run alone through the ordinary causal
+    path: output [t, heads * d] and q/k/v gradients within 1e-6; an attention mask with thd is
+    refused by name."""
+    segments = SEGMENT_CASES[case]
+    (report,) = rank_pool.run(_attention_job, 1, segments)
+    assert report["shape"] == (sum(segments), HEADS * HEAD_DIM)
     assert report["output_gap"] <= TOLERANCE and report["grad_gap"] <= TOLERANCE, report
     assert "take no attention_mask" in report["mask_refusal"]
