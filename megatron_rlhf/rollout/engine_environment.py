@@ -40,6 +40,12 @@ from megatron_rlhf.config.cpu_split import (
     usable_cores,
 )
 from megatron_rlhf.config.rollout import RolloutConfig
+from megatron_rlhf.rollout.vllm_plugin import IDLE_SPIN_ENV
+
+CPU_IDLE_SPIN_S = 0.05
+"""How long a CPU engine's worker busy-waits for its next message before sleeping (vLLM: 1 s;
+see :mod:`megatron_rlhf.rollout.vllm_plugin`). Decoding steps follow each other within
+milliseconds, so generation never waits on the socket."""
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +81,8 @@ def engine_environment(variables: Mapping[str, str | None] | Callable[[], Mappin
 
 def cpu_process_environment(config: RolloutConfig) -> dict[str, str | None]:
     """The variables a CPU engine's processes start with: its KV cache size (unless the user's
-    ``VLLM_CPU_KVCACHE_SPACE`` is set) and its workers' core binding (``config.cpu_threads_bind``,
+    ``VLLM_CPU_KVCACHE_SPACE`` is set), its workers' idle spin (:data:`CPU_IDLE_SPIN_S` unless the
+    user's :data:`~megatron_rlhf.rollout.vllm_plugin.IDLE_SPIN_ENV` is set) and its workers' core binding (``config.cpu_threads_bind``,
     resolved by :func:`~megatron_rlhf.config.cpu_split.resolve_engine_bind`; auto on its own: the
     cores left after one for the engine-core process and one for this process). Logged."""
     standalone = split_cpu_cores(usable_cores(), 0, (config.tensor_parallel,)).engine_binds[0]
@@ -83,6 +90,8 @@ def cpu_process_environment(config: RolloutConfig) -> dict[str, str | None]:
     variables = engine_process_environment(bind)
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         variables["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+    if IDLE_SPIN_ENV not in os.environ:  # an idle worker gives its core back to the trainer's ranks
+        variables[IDLE_SPIN_ENV] = str(CPU_IDLE_SPIN_S)
     extra = "; engine-core process: 1 torch thread; MKL threads follow OpenMP's" if bind != "nobind" else ""
     log.info("vLLM CPU engine (TP %d): workers' OpenMP threads bound to %s (%s)%s", config.tensor_parallel, bind,
              source, extra)
