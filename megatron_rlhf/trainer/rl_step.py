@@ -22,8 +22,11 @@ penalty in the rewards, no dropout: :func:`~megatron_rlhf.config.ppo_update.old_
 the old-policy pass is skipped; the update takes its own forward's log-probs (detached) as the old
 ones, and the step's KL, entropy, engine-mismatch and ``rollout_is/*`` metrics come from that
 forward (``actor/old_logprob_pass`` is 0). ``update.force_old_logprob_pass`` keeps the pass.
-The reference and critic passes are issued first and run in their own worker groups while the
-actor's pass runs: ``time/reference_logprobs`` and ``time/critic_values`` are the waits left after it.
+The reference and critic passes are issued as soon as the batch is generated, on the batch as
+sampled, and run in their own worker groups while the last rewards are awaited (the GenRM judge,
+the sandbox) and the actor's pass runs: ``time/reference_logprobs`` and ``time/critic_values`` are
+the waits left after those. Rows whose reward turns out to be an infrastructure error are masked
+out of their results (zeros), as out of everything else.
 
 Samples whose reward is an infrastructure error (``reward is None``: a crashed sandbox, an
 unparseable GenRM judgement) are never trained on as a 0: their response mask is cleared and
@@ -118,6 +121,11 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
             prompts, batch, scoring, staleness = rollouts.take(state.step)
     step_prompts = [prompts[int(index)] for index in batch.prompt_index]
 
+    # the reference's and critic's passes run in their own worker groups while the last rewards
+    # are awaited and the actor's pass runs (rows with an infrastructure-error reward are masked
+    # out of their results below)
+    pending_ref = parts.reference.start_logprobs(batch) if algorithm.kl_mode != "none" else None
+    pending_values = parts.critic.start_values(batch) if algorithm.needs_critic else None
     with phase("reward"):  # the last groups' scores, then the whole batch's normalisation
         results = scoring.results(batch.num_samples)
         rewards, valid = rewards_tensor(results, batch.group_index)
@@ -125,10 +133,6 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
         rollouts.start(state.step + 1)  # the next batch generates while this one trains
     sampled = batch
     batch = replace(batch, response_mask=batch.response_mask * valid.unsqueeze(1).to(batch.response_mask.dtype))
-
-    # the reference's and critic's passes run in their own worker groups while the actor's runs
-    pending_ref = parts.reference.start_logprobs(batch) if algorithm.kl_mode != "none" else None
-    pending_values = parts.critic.start_values(batch) if algorithm.needs_critic else None
     on_policy = parts.actor.old_logprob_pass_reason(algorithm) is None
     if on_policy:  # the update's own forward gives them (placeholder until then)
         old_logprobs = entropy = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
@@ -139,10 +143,10 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     ref_logprobs = values = None
     if pending_ref is not None:
         with phase("reference_logprobs"):  # the wait left once the actor's pass is done
-            ref_logprobs = pending_ref.result()
+            ref_logprobs = pending_ref.result() * batch.response_mask
     if pending_values is not None:
         with phase("critic_values"):
-            values = pending_values.result()
+            values = pending_values.result() * batch.response_mask
 
     with phase("make_experience"):
         domain_ids, domains = domain_index([p.domain for p in step_prompts], state.domains)
