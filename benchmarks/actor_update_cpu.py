@@ -7,7 +7,10 @@ shared machine hits both alike:
 - ``megatron``: :meth:`megatron_rlhf.training.actor_critic.ActorTrainer.update` with the
   package's defaults (Megatron DDP with fp32 grad buffers, distributed optimizer, Adam,
   global-norm clip 1.0), the PPO clipped surrogate with token-mean reduction, one minibatch
-  split into microbatches;
+  split into microbatches: packed rows (no padding) within a token budget of
+  ``micro_batch_size x seq_len``, the positions one of plain's padded microbatches computes, so
+  neither side may hold more activations (``--no-packing``: right-padded microbatches of
+  ``micro_batch_size`` sequences, as plain's);
 - ``plain``: ``transformers.LlamaForCausalLM`` loaded from the same HF directory, the same loss
   written directly (``log_softmax`` -> gather -> clipped ratio -> masked token mean over the
   minibatch), the same microbatches (gradient accumulation), ``torch.nn.utils.clip_grad_norm_``
@@ -60,6 +63,9 @@ class BenchPlan:
     repeats: int = 5
     """Timed updates per side (median reported), after one warm-up update each."""
     learning_rate: float = 1e-5
+    packing: bool = True
+    """Megatron's microbatches as packed rows (no padding) within a token budget of
+    ``micro_batch_size x seq_len``: the positions one of plain's padded microbatches computes."""
     profile: bool = False
     """Also print torch.profiler tables (top ops by self CPU time) of one update per side."""
     seed: int = 0
@@ -220,7 +226,8 @@ def _worker(plan: BenchPlan, result_path: str) -> None:
         model,
         OptimizerSettings(lr=plan.learning_rate, clip_grad=1.0),
         AlgorithmConfig(kl_mode="none"),
-        PPOUpdateConfig(micro_batch_size=plan.micro_batch_size),
+        PPOUpdateConfig(micro_batch_size=plan.micro_batch_size, packing=plan.packing,
+                        max_tokens_per_microbatch=plan.micro_batch_size * plan.seq_len if plan.packing else 0),
         valid_vocab_size=VOCAB,
     )
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -290,6 +297,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-packing", action="store_true",
+                        help="Megatron with right-padded microbatches too (default: packed rows within the "
+                             "positions of one padded microbatch, micro-batch-size x seq-len tokens)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=None, help="write a Markdown table here")
     args = parser.parse_args()
@@ -305,6 +315,7 @@ def main() -> None:
             seq_len=args.seq_len,
             micro_batch_size=args.micro_batch_size,
             repeats=args.repeats,
+            packing=not args.no_packing,
             profile=args.profile,
         )
         result_path = tempfile.mktemp(suffix=".json")
@@ -328,6 +339,8 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         command = "  .venv/bin/python benchmarks/actor_update_cpu.py " + " ".join(sys.argv[1:])
+        command += "\n\nMegatron's microbatches: " + ("right-padded, as plain's" if args.no_packing else
+                   "packed rows within micro-batch-size x seq-len tokens (plain: right-padded)")
         Path(args.out).write_text(
             f"# Actor update on CPU ({os.cpu_count()} cores)\n\nCommand:\n\n{command}\n\n{table}\n\n{load}\n"
         )

@@ -47,10 +47,9 @@ Packed sequences (``packed_seq_params.qkv_format == 'thd'``, as built by
 inputs are ``query [t, np, hn]``, ``key``/``value [t, ng, hn]`` and the output is
 ``[t, np * hn]``; each segment ``cu_seqlens[i]:cu_seqlens[i + 1]`` attends causally to itself
 only (a block-diagonal causal mask), so a packed sequence's outputs are those of the sequence
-alone. Segments of similar length (:func:`segment_groups`) are gathered into one right-padded
-``[n, heads, longest, d]`` batch and attended in one causal SDPA call: a real token's causal row
-only sees keys at or before it, all of its own segment, so the padding is never attended and gets
-no gradient. Many short RL sequences then cost one kernel call per layer instead of one each.
+alone. Causal segments of similar length are attended in one SDPA call on a right-padded batch
+(:mod:`megatron_rlhf.models.packed_attention`); many short RL sequences then cost one kernel call
+per layer instead of one each.
 """
 
 from __future__ import annotations
@@ -61,6 +60,8 @@ from typing import Any
 import torch
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
+
+from megatron_rlhf.models.packed_attention import packed_attention_plan
 
 
 class SDPACoreAttention(MegatronModule):
@@ -175,26 +176,15 @@ class SDPACoreAttention(MegatronModule):
                              f"cu_seqlens ending at {int(cu_seqlens[-1])}")
         causal = self._is_causal_type()
         dropout_p = self.dropout_p if self.training else 0.0
-        bounds = cu_seqlens.tolist()
-        starts, lengths = bounds[:-1], [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        contexts, order = [], []
-        for group in segment_groups(lengths):
-            longest = max(lengths[i] for i in group)
-            # [n, longest] token indices; a segment's tail repeats its first token (never attended:
-            # causal rows of real tokens only see keys at or before them, all real)
-            offsets = torch.arange(longest)
-            index = torch.tensor([starts[i] for i in group]).unsqueeze(1) + offsets.unsqueeze(0)
-            real = offsets.unsqueeze(0) < torch.tensor([lengths[i] for i in group]).unsqueeze(1)
-            index, real = torch.where(real, index, index[:, :1]).to(query.device), real.to(query.device)
-            # gathered [n, longest, heads, d] -> [longest, n, heads, d]; output [n, heads, longest, d]
-            context = self._attend(*(tensor[index].transpose(0, 1) for tensor in (query, key, value)), None,
-                                   causal and longest > 1, dropout_p)
-            contexts.append(context.permute(0, 2, 1, 3)[real])  # [tokens of the group, heads, d]
-            order.append(index[real])
-        context = torch.cat(contexts)
-        if len(contexts) > 1 or not torch.equal(order[0], torch.arange(query.shape[0], device=query.device)):
-            context = context[torch.argsort(torch.cat(order))]
-        return context.reshape(context.shape[0], -1)
+        plan = packed_attention_plan(tuple(cu_seqlens.tolist()), batched=causal)
+        width, contexts = query.shape[-1], []
+        for group in plan.groups:
+            # [n * longest] gathered tokens -> [longest, n, heads, d]; output [n, heads, longest, d]
+            padded = (group.pad(tensor).view(group.count, group.longest, tensor.shape[1], width).transpose(0, 1)
+                      for tensor in (query, key, value))
+            context = self._attend(*padded, None, causal and group.longest > 1, dropout_p)
+            contexts.append(group.unpad(context.permute(0, 2, 1, 3).reshape(group.count * group.longest, -1)))
+        return plan.restore_order(torch.cat(contexts) if len(contexts) > 1 else contexts[0])
 
     def _is_causal_type(self) -> bool:
         from megatron.core.transformer.enums import AttnMaskType
@@ -231,31 +221,3 @@ class SDPACoreAttention(MegatronModule):
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return attend()
         return attend()
-
-
-SEGMENT_CALL_POSITIONS = 64 * 64
-"""Attention positions (query x key) one SDPA call costs on its own, as a padding allowance: a
-segment this short always joins a group, whatever padding that adds."""
-
-
-def segment_groups(lengths: list[int], padding_ratio: float = 1.25) -> list[list[int]]:
-    """Packed segments (their indices) batched into one SDPA call each.
-
-    Segments are taken longest first; one joins the current group (longest ``M``) while
-    ``M**2 <= padding_ratio * L**2 + SEGMENT_CALL_POSITIONS``, so a group computes at most
-    ``padding_ratio`` times its segments' own attention positions plus the cost of the calls it
-    saves. Many short segments (RL responses) become one call instead of one each; long segments
-    of different lengths keep their own calls (no quadratic padding). Every index appears exactly
-    once; zero-length segments are left out."""
-    if padding_ratio < 1.0:
-        raise ValueError(f"segment_groups: padding_ratio={padding_ratio} must be >= 1")
-    groups: list[list[int]] = []
-    longest = 0
-    for index in sorted((i for i, length in enumerate(lengths) if length > 0), key=lambda i: -lengths[i]):
-        length = lengths[index]
-        if groups and longest * longest <= padding_ratio * length * length + SEGMENT_CALL_POSITIONS:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-            longest = length
-    return groups
