@@ -41,3 +41,39 @@ def test_trl_version_is_read_from_the_pinned_requirements():
     assert pinned_version("trl") and pinned_version("torch")
     with pytest.raises(ValueError, match="pins no version"):
         pinned_version("no-such-package", REQUIREMENTS)
+
+
+def test_our_token_budget_is_the_positions_of_one_padded_micro_batch(tmp_path):
+    """``--token-budget padded``: micro-batch x (longest prompt as the RL loop renders it +
+    max_new_tokens); 0 or --no-packing: none; a bad value is refused by name."""
+    import json
+    import sys
+
+    from benchmarks.grpo_vs_trl_cpu import _arguments, _token_budget, padded_microbatch_positions
+    from megatron_rlhf.data.prompts import count_prompt_tokens, read_prompt_lines
+    from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
+
+    policy = make_tiny_hf_model("llama", tmp_path / "policy", seed=0, vocab_size=300,
+                                tokenizer=train_tiny_tokenizer(300, seed=0))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text, "domain": "math"}) + "\n"
+                               for text in ("What is 1 + 2?", "What is 12 + 13 + 14 + 15?")))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    longest = max(count_prompt_tokens(record, tokenizer) for record in read_prompt_lines(prompts))
+    assert padded_microbatch_positions(str(policy), str(prompts), 8, 32) == 8 * (longest + 32)
+
+    def parsed(*argv):
+        saved, sys.argv = sys.argv, ["grpo_vs_trl_cpu.py", *argv]
+        try:
+            return _arguments()
+        finally:
+            sys.argv = saved
+
+    assert _token_budget(parsed(), str(policy), str(prompts)) == 8 * (longest + 32)
+    assert _token_budget(parsed("--token-budget", "0"), str(policy), str(prompts)) == 0
+    assert _token_budget(parsed("--no-packing"), str(policy), str(prompts)) == 0
+    assert _token_budget(parsed("--token-budget", "500"), str(policy), str(prompts)) == 500
+    with pytest.raises(SystemExit):
+        parsed("--token-budget", "lots")
