@@ -40,7 +40,7 @@ from megatron_rlhf.config.cpu_split import (
     usable_cores,
 )
 from megatron_rlhf.config.rollout import RolloutConfig
-from megatron_rlhf.rollout.vllm_plugin import IDLE_SPIN_ENV
+from megatron_rlhf.rollout.vllm_plugin import IDLE_SPIN_ENV, idle_spin_seconds
 
 CPU_IDLE_SPIN_S = 0.05
 """How long a CPU engine's worker busy-waits for its next message before sleeping (vLLM: 1 s;
@@ -90,7 +90,9 @@ def cpu_process_environment(config: RolloutConfig) -> dict[str, str | None]:
     variables = engine_process_environment(bind)
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         variables["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
-    if IDLE_SPIN_ENV not in os.environ:  # an idle worker gives its core back to the trainer's ranks
+    if IDLE_SPIN_ENV in os.environ:  # the user's, checked here: vLLM's processes would fail on it late
+        idle_spin_seconds(os.environ[IDLE_SPIN_ENV])
+    else:  # an idle worker gives its core back to the trainer's ranks
         variables[IDLE_SPIN_ENV] = str(CPU_IDLE_SPIN_S)
     extra = "; engine-core process: 1 torch thread; MKL threads follow OpenMP's" if bind != "nobind" else ""
     log.info("vLLM CPU engine (TP %d): workers' OpenMP threads bound to %s (%s)%s", config.tensor_parallel, bind,

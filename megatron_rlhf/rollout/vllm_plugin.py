@@ -181,30 +181,37 @@ IDLE_SPIN_ENV = "MEGATRON_RLHF_ENGINE_IDLE_SPIN_S"
 docstring); set by the engine for CPU engines (:mod:`megatron_rlhf.rollout.engine_environment`)."""
 
 
-def apply_idle_spin() -> float | None:
-    """Make :data:`IDLE_SPIN_ENV`'s seconds the default spin of vLLM's shared-memory queue readers
-    created from now on in this process; the value applied, or None (unset, or a vLLM without the
-    parameter: logged). A value that is not a number >= 0 raises ``ValueError`` naming it."""
-    raw = os.environ.get(IDLE_SPIN_ENV)
-    if raw is None:
-        return None
+def idle_spin_seconds(raw: str) -> float:
+    """:data:`IDLE_SPIN_ENV`'s value as seconds; ``ValueError`` naming the variable unless a number >= 0."""
     try:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not seconds >= 0.0:
-        raise ValueError(f"{IDLE_SPIN_ENV}={raw!r}: a number of seconds >= 0")
+    if not seconds >= 0.0:  # also refuses nan
+        raise ValueError(f"{IDLE_SPIN_ENV}={raw!r}: must be a number of seconds >= 0")
+    return seconds
+
+
+def apply_idle_spin() -> float | None:
+    """Make :data:`IDLE_SPIN_ENV`'s seconds the default spin of vLLM's shared-memory queue readers
+    created from now on in this process; the value applied, or None (unset, or a vLLM whose reader
+    has no ``busy_loop_s``: logged). The engine checks the value before vLLM starts
+    (:func:`idle_spin_seconds`)."""
+    raw = os.environ.get(IDLE_SPIN_ENV)
+    if raw is None:
+        return None
+    seconds = idle_spin_seconds(raw)
     import inspect
 
     from vllm.distributed.device_communicators import shm_broadcast
 
     spin = getattr(shm_broadcast, "SpinCondition", None)
     parameters = list(inspect.signature(spin.__init__).parameters) if spin is not None else []
-    if parameters[-1:] != ["busy_loop_s"]:
+    if parameters[-1:] != ["busy_loop_s"] or not spin.__init__.__defaults__:
         logging.getLogger(__name__).info("%s=%s not applied: this vLLM's queue reader has no busy_loop_s",
                                          IDLE_SPIN_ENV, raw)
         return None
-    spin.__init__.__defaults__ = (seconds,)
+    spin.__init__.__defaults__ = spin.__init__.__defaults__[:-1] + (seconds,)
     return seconds
 
 
