@@ -32,7 +32,9 @@ of the per-repeat paired ratios).
   are wrapped with wall-clock timers (see ``_trl_side``).
 
 All sides: same prompts per step, ``n`` responses each, ``max_new_tokens``, temperature 1,
-micro-batch ``--micro-batch`` for the training passes, fp32. Step time is wall clock per optimizer
+micro-batch ``--micro-batch`` for the training passes (ours: packed rows within a token budget,
+``--token-budget``, by default the most positions one of TRL's padded micro-batches computes, so
+ours never holds more activations), fp32. Step time is wall clock per optimizer
 step; tokens/s = generated response tokens / step time. The first ``--warmup`` steps of each run
 are dropped; medians over the rest are reported.
 
