@@ -63,26 +63,43 @@ def segment_groups(lengths: list[int], padding_ratio: float = 1.25) -> list[list
 
 class RowGather(torch.autograd.Function):
     """``source.index_select(0, index)`` whose backward is a gather too: source row ``i`` takes
-    the gradient of output row ``back[i]`` (``back[i] == len(index)``: none). Exact when every
-    other output row holding source row ``i`` gets zero gradient (see the module docstring)."""
+    the gradient of output row ``back[i]`` (``back[i] == len(index)``: none, a zero row then
+    appended to the gradient only when ``zero_row``). Exact when every other output row holding
+    source row ``i`` gets zero gradient (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, source: Tensor, index: Tensor, back: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, source: Tensor, index: Tensor, back: Tensor, zero_row: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(back)
+        ctx.zero_row = zero_row
         return source.index_select(0, index)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         (back,) = ctx.saved_tensors
-        padded = torch.cat([grad, grad.new_zeros((1,) + tuple(grad.shape[1:]))])
-        return padded.index_select(0, back), None, None
+        if ctx.zero_row:
+            grad = torch.cat([grad, grad.new_zeros((1,) + tuple(grad.shape[1:]))])
+        return grad.index_select(0, back), None, None, None
 
 
-def _gather(source: Tensor, index: Tensor, back: Tensor) -> Tensor:
-    index, back = index.to(source.device), back.to(source.device)
-    if torch.is_grad_enabled() and source.requires_grad:
-        return RowGather.apply(source, index, back)
-    return source.index_select(0, index)
+@dataclass(frozen=True)
+class RowMap:
+    """A gather and its backward (:class:`RowGather`)."""
+
+    index: Tensor
+    """Output row ``r`` is source row ``index[r]``."""
+    back: Tensor
+    """Source row ``i`` takes output row ``back[i]``'s gradient (``len(index)``: none)."""
+
+    @functools.cached_property
+    def zero_row(self) -> bool:
+        """Some source row takes no gradient."""
+        return bool((self.back == self.index.numel()).any())
+
+    def __call__(self, source: Tensor) -> Tensor:
+        index = self.index.to(source.device)
+        if torch.is_grad_enabled() and source.requires_grad:
+            return RowGather.apply(source, index, self.back.to(source.device), self.zero_row)
+        return source.index_select(0, index)
 
 
 @dataclass(frozen=True)
@@ -91,34 +108,24 @@ class SegmentGroup:
 
     count: int
     longest: int
-    gather: Tensor
-    """``[count * longest]``: the packed token at each position of the padded batch."""
-    gather_back: Tensor
-    """``[T]``: each packed token's position in the padded batch (``count * longest``: not here)."""
-    keep: Tensor
-    """``[tokens of the group]``: the padded batch's positions of real tokens, in group order."""
-    keep_back: Tensor
-    """``[count * longest]``: each padded position's row in the kept output (len(keep): padding)."""
-
-    def pad(self, packed: Tensor) -> Tensor:
-        """``[T, ...]`` packed rows -> ``[count * longest, ...]`` this group's padded batch."""
-        return _gather(packed, self.gather, self.gather_back)
-
-    def unpad(self, padded: Tensor) -> Tensor:
-        """``[count * longest, ...]`` -> ``[tokens of the group, ...]`` (padding dropped)."""
-        return _gather(padded, self.keep, self.keep_back)
+    pad: RowMap
+    """``[T, ...]`` packed rows -> ``[count * longest, ...]`` this group's padded batch (a segment's
+    padding repeats its first token)."""
+    unpad: RowMap
+    """``[count * longest, ...]`` -> ``[tokens of the group, ...]``: the real tokens, in group order."""
 
 
 @dataclass(frozen=True)
 class PackedAttentionPlan:
+    """The SDPA calls of one pack (:func:`packed_attention_plan`)."""
+
     groups: tuple[SegmentGroup, ...]
-    order: Tensor | None
-    """Rows of the groups' concatenated outputs in packed order (None: already so)."""
-    order_back: Tensor | None
+    order: RowMap | None
+    """The groups' concatenated outputs -> packed token order (None: already so)."""
 
     def restore_order(self, grouped: Tensor) -> Tensor:
         """The groups' concatenated ``[T, ...]`` outputs in packed token order."""
-        return grouped if self.order is None else _gather(grouped, self.order, self.order_back)
+        return grouped if self.order is None else self.order(grouped)
 
 
 @functools.lru_cache(maxsize=32)
@@ -141,11 +148,11 @@ def packed_attention_plan(bounds: tuple[int, ...], batched: bool = True) -> Pack
         gather_back[gather[keep]] = keep
         keep_back = torch.full((size,), keep.numel(), dtype=torch.long)
         keep_back[keep] = torch.arange(keep.numel())
-        groups.append(SegmentGroup(len(members), longest, gather, gather_back, keep, keep_back))
+        groups.append(SegmentGroup(len(members), longest, RowMap(gather, gather_back), RowMap(keep, keep_back)))
         placed.append(gather[keep])
     placed_order = torch.cat(placed) if placed else torch.zeros(0, dtype=torch.long)
     if torch.equal(placed_order, torch.arange(placed_order.numel())):
-        return PackedAttentionPlan(tuple(groups), None, None)
+        return PackedAttentionPlan(tuple(groups), None)
     # row r of the groups' concatenated output holds packed token placed_order[r]: token t is row
     # argsort(placed_order)[t], and row r takes token placed_order[r]'s gradient
-    return PackedAttentionPlan(tuple(groups), torch.argsort(placed_order), placed_order)
+    return PackedAttentionPlan(tuple(groups), RowMap(torch.argsort(placed_order), placed_order))

@@ -75,5 +75,8 @@ def test_the_padding_of_a_segment_repeats_its_first_token():
 
     (group,) = packed_attention_plan((0, 3, 4)).groups
     assert (group.count, group.longest) == (2, 3)
-    assert group.gather.tolist() == [0, 1, 2, 3, 3, 3]
-    assert group.keep.tolist() == [0, 1, 2, 3]
+    assert group.pad.index.tolist() == [0, 1, 2, 3, 3, 3]
+    assert group.unpad.index.tolist() == [0, 1, 2, 3]
+    # every packed token is in this one group (its gradient needs no zero row); two padded
+    # positions take none
+    assert (group.pad.zero_row, group.unpad.zero_row) == (False, True)
