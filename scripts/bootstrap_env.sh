@@ -42,6 +42,7 @@ PINNED=(
   psutil==7.2.2  # Megatron-Core's distributed checkpoint writer needs it at save time
   pytest==9.2.0
   pytest-timeout==2.4.0
+  pytest-xdist==3.8.0  # scripts/run_tests.sh runs test files in parallel worker processes
   math-verify==0.9.0  # math answer equivalence, run inside the code sandbox
   pyseccomp==0.1.2  # ctypes binding of the system libseccomp: the sandbox's seccomp filter
   ray==2.60.0  # the RL trainer's single controller and worker groups

@@ -9,7 +9,9 @@
 - HF tokenizers' own thread pool is off, so tests that fork or spawn ranks after using a tokenizer
   neither warn nor deadlock.
 - Every test is marked with its directory's tier (``unit``, ``distributed``, ``vllm``, ``e2e``,
-  ``gpu``; some also ``slow``) and the time per tier is printed at the end (see tests/tiers.py).
+  ``gpu``; some also ``slow``) and the time per tier is printed at the end; the longest modules
+  come first, each module's tests together (pytest-xdist's workers take whole modules; see
+  tests/tiers.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 
 import pytest
 
-from tests.tiers import TierTimer, apply_tier_markers
+from tests.tiers import TierTimer, apply_tier_markers, order_for_workers, xdist_workers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,13 +29,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(TierTimer(), "megatron-rlhf-tier-timer")
+    if hasattr(config, "workerinput"):  # an xdist worker: its reports reach the controller's timer
+        return
+    config.pluginmanager.register(TierTimer(config.rootpath, xdist_workers(config)), "megatron-rlhf-tier-timer")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # First, so that `-m` selects on the tier markers added here.
     apply_tier_markers(items)
+    order_for_workers(items)
     _require_vllm([item for item in items if item.get_closest_marker("vllm") is not None])
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:

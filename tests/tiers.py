@@ -8,10 +8,23 @@ Guarantees:
   left, ``-m "not slow"``, is the tier a developer runs while working (unit tests plus the faster
   distributed modules). Markers a file sets itself are kept; these only add.
 - :class:`TierTimer` sums each test's set-up, call and tear-down seconds under the test's primary
-  tier (its directory's) and prints one line per tier in pytest's terminal summary; with
+  tier (its directory's) and prints one line per tier in pytest's terminal summary, then the
+  run's wall time and how many processes ran tests (``pytest -n N``, pytest-xdist: the sums then
+  add up to about N times the wall time, less idle workers); with
   ``MEGATRON_RLHF_TIER_TIMES=<file>`` set it also writes them there (``scripts/run_tests.sh``
-  prints that file last). Module- and session-scoped fixture set-up is charged to the first test
-  that needs it, so the sums add up to the run's time less collection.
+  prints that file last). Under xdist it runs in the controlling process only (reports from the
+  workers reach it; the tier is read from the test's node id). Module- and session-scoped fixture
+  set-up is charged to the first test that needs it, so the sums add up to the run's test time
+  less collection.
+
+- :func:`order_for_workers` puts the modules that take longest first (:data:`LONGEST_MODULES`,
+  then the e2e, vllm, distributed and unit tiers, alphabetical within each), keeping each module's
+  tests together and in file order: with ``pytest -n N --dist loadfile --no-loadscope-reorder``
+  (``scripts/run_tests.sh``) a module's tests, and the engines and clusters its fixtures start,
+  stay in one worker, and the long modules start first instead of one of them running alone at
+  the end. (xdist's ``loadgroup`` cannot split a module instead: with pytest 9 its group suffix
+  never reaches the node id. A long module that shares nothing expensive between two halves is
+  two files, as the quick studies are.)
 
 Does not guarantee: that a ``slow`` test is slow on a given machine, or that an unmarked one is
 fast; the lists below were set from ``--durations`` on a 2-core CPU machine.
@@ -20,6 +33,7 @@ fast; the lists below were set from ``--durations`` on a 2-core CPU machine.
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -55,6 +69,20 @@ seconds per layout once the pool is up.)"""
 
 TIER_ORDER = ("unit", "distributed", "vllm", "e2e", "gpu", "other")
 
+LONGEST_MODULES = (
+    "integration/test_studies_quick.py",
+    "e2e/test_demo_quick.py",
+    "integration/test_slurm_launchers.py",
+    "e2e/test_rl_resume.py",
+)
+"""Modules (relative to tests/) that take longest, longest first (``--durations`` on a 2-core CPU
+machine, 2026-12-07, one test process: about 274, 160, 143 and 140 s): handed out first by
+:func:`order_for_workers`."""
+
+WORKER_TIER_ORDER = ("e2e", "vllm", "distributed", "unit", "gpu", "other")
+"""After :data:`LONGEST_MODULES`, the tiers in the order their modules are handed to workers: the
+longest modules first, the many short unit modules last to fill the workers' ends evenly."""
+
 
 def _relative(item: pytest.Item) -> Path | None:
     try:
@@ -63,12 +91,26 @@ def _relative(item: pytest.Item) -> Path | None:
         return None
 
 
-def tier_of(item: pytest.Item) -> str:
-    """The item's primary tier: its directory's, or ``other`` outside the known directories."""
-    relative = _relative(item)
+def tier_of_path(relative: Path | None) -> str:
+    """The tier of a test file given relative to tests/: its top directory's, else ``other``."""
     if relative is None or len(relative.parts) < 2:
         return "other"
     return DIRECTORY_TIERS.get(relative.parts[0], "other")
+
+
+def tier_of(item: pytest.Item) -> str:
+    """The item's primary tier: its directory's, or ``other`` outside the known directories."""
+    return tier_of_path(_relative(item))
+
+
+def tier_of_nodeid(nodeid: str, rootdir: Path) -> str:
+    """The tier of a test known only by its node id (``tests/unit/test_x.py::test_y``, relative
+    to ``rootdir``): what an xdist controller has, which collects nothing itself."""
+    try:
+        relative = (rootdir / nodeid.split("::", 1)[0]).resolve().relative_to(TESTS_ROOT)
+    except ValueError:
+        return "other"
+    return tier_of_path(relative)
 
 
 def apply_tier_markers(items: list[pytest.Item]) -> None:
@@ -85,38 +127,75 @@ def apply_tier_markers(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-class TierTimer:
-    """Sums test durations (set-up + call + tear-down) per primary tier; counts tests per tier."""
+def order_for_workers(items: list[pytest.Item]) -> None:
+    """Sort ``items`` in place (see the module docstring)."""
+    position: dict[Path | None, int] = {}
+    for item in items:
+        position.setdefault(_relative(item), len(position))
 
-    def __init__(self) -> None:
+    def key(item: pytest.Item) -> tuple[int, int, str, int]:
+        relative = _relative(item)
+        module = relative.as_posix() if relative is not None else ""
+        if module in LONGEST_MODULES:
+            return (0, LONGEST_MODULES.index(module), module, 0)
+        return (1, WORKER_TIER_ORDER.index(tier_of_path(relative)), module, position[relative])
+
+    items.sort(key=key)  # stable: a module's tests keep their order
+
+
+class TierTimer:
+    """Sums test durations (set-up + call + tear-down) per primary tier; counts tests per tier;
+    times the whole run (see the module docstring)."""
+
+    def __init__(self, rootdir: Path, workers: int = 1) -> None:
+        self.rootdir = rootdir
+        self.workers = workers
         self.seconds: dict[str, float] = defaultdict(float)
         self.tests: dict[str, int] = defaultdict(int)
         self.tier_by_nodeid: dict[str, str] = {}
+        self.started = time.monotonic()
+
+    def pytest_sessionstart(self) -> None:
+        self.started = time.monotonic()
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         self.tier_by_nodeid = {item.nodeid: tier_of(item) for item in items}
 
+    def tier(self, nodeid: str) -> str:
+        if nodeid not in self.tier_by_nodeid:
+            self.tier_by_nodeid[nodeid] = tier_of_nodeid(nodeid, self.rootdir)
+        return self.tier_by_nodeid[nodeid]
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        tier = self.tier_by_nodeid.get(report.nodeid, "other")
+        tier = self.tier(report.nodeid)
         self.seconds[tier] += report.duration
         if report.when == "call" or (report.when == "setup" and report.skipped):
             self.tests[tier] += 1
 
-    def lines(self) -> list[str]:
+    def lines(self, wall_seconds: float | None = None) -> list[str]:
         tiers = [tier for tier in TIER_ORDER if tier in self.seconds]
         total = sum(self.seconds.values())
         rows = [f"{tier:<12} {self.tests[tier]:>5} tests {self.seconds[tier]:>9.1f} s" for tier in tiers]
         rows.append(f"{'all':<12} {sum(self.tests.values()):>5} tests {total:>9.1f} s")
+        if wall_seconds is not None:
+            processes = f"{self.workers} worker processes" if self.workers > 1 else "one process"
+            rows.append(f"{'wall':<12} {'':>11} {wall_seconds:>9.1f} s  (tests run in {processes})")
         return rows
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.seconds:
             return
-        lines = self.lines()
+        lines = self.lines(time.monotonic() - self.started)
         terminalreporter.write_sep("=", "time per tier (set-up + call + tear-down)")
         for line in lines:
             terminalreporter.write_line(line)
         target = os.environ.get("MEGATRON_RLHF_TIER_TIMES")
         if target:
             Path(target).write_text("\n".join(lines) + "\n")
+
+
+def xdist_workers(config: pytest.Config) -> int:
+    """How many processes run the tests: pytest-xdist's ``-n`` once resolved (1 without it)."""
+    workers = getattr(config.option, "numprocesses", None)
+    return workers if isinstance(workers, int) and workers > 0 else 1

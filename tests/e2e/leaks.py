@@ -5,6 +5,10 @@ IPC ledgers and scratch folders (:mod:`megatron_rlhf.rollout.engine_scratch`) of
 starting process is dead, optionally only those started by ``owners`` (other jobs on a shared
 machine start and kill engines of their own meanwhile). A released ledger is never written again
 (:func:`megatron_rlhf.rollout.vllm_plugin._append`), so any one of a run that is left is a leak.
+
+A segment or semaphore of another live job (tests in a parallel worker process) can be unmapped
+for a moment (created and not yet mapped, or closed and not yet unlinked): only what is still
+orphaned ``confirm_after_s`` later is reported. A leak does not go away by itself.
 """
 
 from __future__ import annotations
@@ -12,10 +16,19 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import time
 
 
-def orphaned_ipc_objects(owners: set[int] | None = None) -> set[str]:
+def orphaned_ipc_objects(owners: set[int] | None = None, confirm_after_s: float = 2.0) -> set[str]:
     """Paths of what no live process holds (see module docstring)."""
+    orphans = _orphaned_now(owners)
+    if orphans and confirm_after_s > 0:
+        time.sleep(confirm_after_s)
+        orphans &= _orphaned_now(owners)
+    return orphans
+
+
+def _orphaned_now(owners: set[int] | None) -> set[str]:
     from megatron_rlhf.parallel.ipc_orphans import mapped_inodes, pid_alive
     from megatron_rlhf.rollout.engine_scratch import SCRATCH_PREFIX
     from megatron_rlhf.rollout.vllm_plugin import LEDGER_PREFIX

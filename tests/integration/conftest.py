@@ -1,7 +1,8 @@
 """Set-up shared by the integration tier (real vLLM, Ray, Megatron workers).
 
-``ray_cluster``: one local Ray instance for the whole session, started by the first test that
-needs it and shut down at the end, instead of one per test or module. It is always a new local
+``ray_cluster``: one local Ray instance for the whole session (per worker process under
+pytest-xdist: each worker is a session of its own), started by the first test that needs it and
+shut down at the end, instead of one per test or module. It is always a new local
 instance (``address="local"``), never one another user started on this machine, with logical GPUs
 for the placement tests. Tests must leave
 no actor or placement group behind (they shut their worker groups down), so the next test finds
