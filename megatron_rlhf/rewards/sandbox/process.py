@@ -52,29 +52,76 @@ class ExecutionRequest:
     """Host directories made visible read-only at the same path (e.g. a site-packages)."""
 
 
+UID_LOCK_DIRS = ("/run/lock", "/tmp")
+"""Where the uid locks live (the first that is a writable folder): a fixed place, the same for every
+process of the host whatever its TMPDIR, so that all of them see each other's locks."""
+
+
+def uid_lock_dir() -> str:
+    for parent in UID_LOCK_DIRS:
+        if os.path.isdir(parent) and os.access(parent, os.W_OK):
+            directory = os.path.join(parent, "megatron_rlhf_sandbox_uids")
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            return directory
+    raise RuntimeError(f"no writable folder for the sandbox uid locks among {UID_LOCK_DIRS}")
+
+
+def uid_held_elsewhere(uid: int) -> bool:
+    """Whether a live execution of some process on this host holds ``uid`` (its lock is taken).
+    A sandboxed process whose uid nobody holds outlived its execution."""
+    import fcntl
+
+    fd = os.open(os.path.join(uid_lock_dir(), f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock if this call took it
+    return False
+
+
 class UidPool:
     """Dedicated uids for executions of a root trainer, one per running execution, handed out
-    round-robin so that a uid is reused as late as possible."""
+    round-robin so that a uid is reused as late as possible.
+
+    Host-wide: a uid is held through an exclusive ``flock`` on ``<uid_lock_dir()>/<uid>.lock``
+    while its execution runs, and a uid another process holds is skipped, so two trainers (or two
+    test workers) as root on one host never run executions under the same uid (which could then
+    signal each other, and would share ``RLIMIT_NPROC``). The kernel drops a lock when its holder
+    dies, SIGKILL included: nothing to clean up."""
 
     def __init__(self, base: int) -> None:
         self._base = base
-        self._in_use: set[int] = set()
+        self._held: dict[int, int] = {}
         self._next = 0
         self._lock = threading.Lock()
 
     def acquire(self) -> int:
+        import fcntl
+
         with self._lock:
+            directory = uid_lock_dir()
             for step in range(UID_RANGE):
                 uid = self._base + (self._next + step) % UID_RANGE
-                if uid not in self._in_use:
-                    self._in_use.add(uid)
-                    self._next = (uid - self._base + 1) % UID_RANGE
-                    return uid
-        raise RuntimeError(f"all {UID_RANGE} sandbox uids from {self._base} are in use")
+                if uid in self._held:
+                    continue
+                fd = os.open(os.path.join(directory, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another process's execution runs under it
+                    os.close(fd)
+                    continue
+                self._held[uid] = fd
+                self._next = (uid - self._base + 1) % UID_RANGE
+                return uid
+        raise RuntimeError(f"all {UID_RANGE} sandbox uids from {self._base} are in use on this host")
 
     def release(self, uid: int) -> None:
         with self._lock:
-            self._in_use.discard(uid)
+            fd = self._held.pop(uid, None)
+            if fd is not None:
+                os.close(fd)  # drops the lock
 
 
 def _memfd(name: str, content: bytes) -> int:
