@@ -129,16 +129,13 @@ def apply_tier_markers(items: list[pytest.Item]) -> None:
 
 def order_for_workers(items: list[pytest.Item]) -> None:
     """Sort ``items`` in place (see the module docstring)."""
-    position: dict[Path | None, int] = {}
-    for item in items:
-        position.setdefault(_relative(item), len(position))
 
-    def key(item: pytest.Item) -> tuple[int, int, str, int]:
+    def key(item: pytest.Item) -> tuple[int, int, str]:
         relative = _relative(item)
         module = relative.as_posix() if relative is not None else ""
         if module in LONGEST_MODULES:
-            return (0, LONGEST_MODULES.index(module), module, 0)
-        return (1, WORKER_TIER_ORDER.index(tier_of_path(relative)), module, position[relative])
+            return (0, LONGEST_MODULES.index(module), module)
+        return (1, WORKER_TIER_ORDER.index(tier_of_path(relative)), module)
 
     items.sort(key=key)  # stable: a module's tests keep their order
 

@@ -119,6 +119,9 @@ class RolloutEngine:
         from megatron_rlhf.rollout.engine_scratch import EngineScratch, remove_orphaned_scratch
         from megatron_rlhf.rollout.vllm_plugin import release_orphaned_ledgers, start_ipc_ledger
 
+        from megatron_rlhf.rollout.engine_process_exit import FAST_EXIT_ENV, fast_exit_enabled
+
+        fast_exit_enabled(os.environ.get(FAST_EXIT_ENV))  # the user's value, refused here rather than in vLLM's processes
         release_orphaned_ledgers()  # what engines killed with SIGKILL left on this host
         remove_orphaned_semaphores()  # and the semaphores of every process of such a run
         remove_orphaned_scratch()  # and their sockets and rendezvous files

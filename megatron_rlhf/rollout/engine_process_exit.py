@@ -18,7 +18,9 @@ Guarantees:
 
 - Applied only in processes ``multiprocessing`` named ``EngineCore*`` or ``VllmWorker*`` (vLLM's
   names) that have a ``multiprocessing`` parent; never in the trainer's, a Ray actor's or a rank's
-  process, where the plugin also loads. ``MEGATRON_RLHF_ENGINE_FAST_EXIT=0`` turns it off.
+  process, where the plugin also loads. ``MEGATRON_RLHF_ENGINE_FAST_EXIT=0`` turns it off; a value
+  other than ``0`` or ``1`` is refused, naming the variable, by the engine before vLLM starts
+  (:func:`fast_exit_enabled`).
 - Only the ``sys.exit`` called by ``spawn_main`` in the main thread takes the fast path; any other
   ``sys.exit`` (vLLM's own, a thread's) is Python's.
 - The exit status is the one ``spawn_main`` gives (0, 1 after an exception, a ``SystemExit``'s
@@ -38,10 +40,20 @@ import threading
 log = logging.getLogger(__name__)
 
 FAST_EXIT_ENV = "MEGATRON_RLHF_ENGINE_FAST_EXIT"
-"""``0`` turns the fast exit off (Python's full finalisation); anything else, or unset, leaves it on."""
+"""``0`` turns the fast exit off (Python's full finalisation); ``1``, or unset, leaves it on."""
 
 ENGINE_PROCESS_PREFIXES = ("EngineCore", "VllmWorker")
 """``multiprocessing`` names of vLLM's engine-core and worker processes."""
+
+
+def fast_exit_enabled(raw: str | None) -> bool:
+    """:data:`FAST_EXIT_ENV`'s value (None: unset) as on/off; ``ValueError`` naming the variable
+    unless ``0`` or ``1``."""
+    if raw is None or raw.strip() == "1":
+        return True
+    if raw.strip() == "0":
+        return False
+    raise ValueError(f"{FAST_EXIT_ENV}={raw!r}: must be 0 (Python's full exit) or 1 (the default)")
 
 
 def apply_fast_exit() -> bool:
@@ -50,7 +62,7 @@ def apply_fast_exit() -> bool:
     import multiprocessing
     import multiprocessing.spawn
 
-    if os.environ.get(FAST_EXIT_ENV, "1").strip() == "0":
+    if not fast_exit_enabled(os.environ.get(FAST_EXIT_ENV)):  # checked by the engine before vLLM starts
         return False
     if multiprocessing.parent_process() is None:
         return False

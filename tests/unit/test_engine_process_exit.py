@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rlhf.rollout.engine_process_exit import FAST_EXIT_ENV
+from megatron_rlhf.rollout.engine_process_exit import FAST_EXIT_ENV, fast_exit_enabled
 
 _ALIVE_AT_EXIT = []
 
@@ -83,3 +83,9 @@ def test_the_calling_process_is_never_changed():
 
     assert apply_fast_exit() is False  # pytest's own process has no multiprocessing parent
     assert getattr(sys.exit, "fast_exit_of", None) is None
+
+
+def test_only_0_and_1_are_accepted_and_the_error_names_the_variable():
+    assert fast_exit_enabled(None) is True and fast_exit_enabled("1") is True and fast_exit_enabled(" 0 ") is False
+    with pytest.raises(ValueError, match=f"{FAST_EXIT_ENV}='off': must be 0"):
+        fast_exit_enabled("off")

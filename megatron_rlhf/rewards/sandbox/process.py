@@ -66,18 +66,26 @@ def uid_lock_dir() -> str:
     raise RuntimeError(f"no writable folder for the sandbox uid locks among {UID_LOCK_DIRS}")
 
 
-def uid_held_elsewhere(uid: int) -> bool:
-    """Whether a live execution of some process on this host holds ``uid`` (its lock is taken).
-    A sandboxed process whose uid nobody holds outlived its execution."""
+def _lock_uid(directory: str, uid: int) -> int | None:
+    """An fd holding ``uid``'s exclusive lock, or None when another open file holds it."""
     import fcntl
 
-    fd = os.open(os.path.join(uid_lock_dir(), f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(os.path.join(directory, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def uid_held_elsewhere(uid: int) -> bool:
+    """Whether a live execution of some process on this host holds ``uid`` (its lock is taken).
+    A sandboxed process whose uid nobody holds outlived its execution."""
+    fd = _lock_uid(uid_lock_dir(), uid)
+    if fd is None:
         return True
-    finally:
-        os.close(fd)  # closing drops the lock if this call took it
+    os.close(fd)  # drops the lock this call took
     return False
 
 
@@ -94,23 +102,20 @@ class UidPool:
     def __init__(self, base: int) -> None:
         self._base = base
         self._held: dict[int, int] = {}
+        self._directory: str | None = None  # uid_lock_dir(), resolved at the first acquire
         self._next = 0
         self._lock = threading.Lock()
 
     def acquire(self) -> int:
-        import fcntl
-
         with self._lock:
-            directory = uid_lock_dir()
+            if self._directory is None:
+                self._directory = uid_lock_dir()
             for step in range(UID_RANGE):
                 uid = self._base + (self._next + step) % UID_RANGE
                 if uid in self._held:
                     continue
-                fd = os.open(os.path.join(directory, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # another process's execution runs under it
-                    os.close(fd)
+                fd = _lock_uid(self._directory, uid)
+                if fd is None:  # another process's execution runs under it
                     continue
                 self._held[uid] = fd
                 self._next = (uid - self._base + 1) % UID_RANGE
