@@ -16,6 +16,7 @@ from megatron_rlhf.config.cpu_split import check_engine_bind
 
 OVERLONG_POLICIES = ("truncate", "drop")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+ENGINE_PROCESSES = ("auto", "in_process", "separate")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ class RolloutConfig:
     (CUDA IPC handles) colocated and nccl for an engine the trainer reaches from elsewhere (the
     disaggregated rollout worker resolves with ``same_host=False``). shm: same host only, needs
     ``/dev/shm`` room for one bucket. gloo: any hosts, CPU or GPU engines."""
+    engine_process: str = "auto"
+    """Where vLLM runs (:mod:`megatron_rlhf.rollout.engine_in_process`). separate: vLLM's own
+    processes (an engine-core process and a worker per TP rank, spawned and importing torch and
+    vLLM each) | in_process: the engine core and its one worker in the calling process, on its
+    torch threads (CPU, TP 1, in a process whose torch.distributed world, if any, has one rank;
+    starts in seconds, not the ~15 s of two process start-ups; ``cpu_threads_bind`` does not
+    apply) | auto: in_process where it can run, else separate."""
     enable_sleep_mode: bool = False
     """Colocated GPU placement: the actor sleeps the engine after each rollout (vLLM sleep mode
     level 1: KV cache freed, weights offloaded to host memory), wakes its weights just before a
@@ -63,5 +71,7 @@ class RolloutConfig:
         if self.tensor_parallel < 1 or self.max_model_len < 2:
             raise ValueError("tensor_parallel must be >= 1 and max_model_len >= 2")
         check_engine_bind(self.cpu_threads_bind, self.tensor_parallel, "cpu_threads_bind")
+        if self.engine_process not in ENGINE_PROCESSES:
+            raise ValueError(f"engine_process={self.engine_process!r} (choose {', '.join(ENGINE_PROCESSES)})")
         if self.dtype not in ENGINE_DTYPES:  # also the dtype weights are synced in
             raise ValueError(f"dtype={self.dtype!r} (choose {', '.join(ENGINE_DTYPES)})")

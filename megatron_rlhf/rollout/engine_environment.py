@@ -98,3 +98,18 @@ def cpu_process_environment(config: RolloutConfig) -> dict[str, str | None]:
     log.info("vLLM CPU engine (TP %d): workers' OpenMP threads bound to %s (%s)%s", config.tensor_parallel, bind,
              source, extra)
     return variables
+
+
+def in_process_environment(config: RolloutConfig) -> dict[str, str | None]:
+    """The variables an in-process CPU engine (:mod:`.engine_in_process`) starts with: its KV cache
+    size (unless the user's ``VLLM_CPU_KVCACHE_SPACE`` is set). No core binding: it computes on
+    this process's torch threads. Logged."""
+    import torch
+
+    variables: dict[str, str | None] = {}
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        variables["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+    if config.cpu_threads_bind not in ("auto", "nobind"):
+        log.info("vLLM CPU engine in this process: cpu_threads_bind=%s does not apply", config.cpu_threads_bind)
+    log.info("vLLM CPU engine (TP 1) in this process, on its %d torch thread(s)", torch.get_num_threads())
+    return variables

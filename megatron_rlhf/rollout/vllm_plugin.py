@@ -34,6 +34,10 @@ idle worker wakes on the queue's socket ping. Applied where vLLM's reader has th
 And, in vLLM's engine-core and worker processes only, it ends the process with ``os._exit`` once
 its ``atexit`` handlers have run, skipping the interpreter's teardown of the torch + vLLM heap
 (3.4 s -> 0.8 s per engine shutdown; :mod:`megatron_rlhf.rollout.engine_process_exit`).
+
+And, on CPU platforms, it counts the sampled tokens' ranks eagerly instead of compiling vLLM's
+kernel for it in each process (3.7 s of every CPU engine's first rollout;
+:mod:`megatron_rlhf.rollout.sampler_rank`).
 """
 
 from __future__ import annotations
@@ -235,3 +239,6 @@ def register() -> None:
     from megatron_rlhf.rollout.engine_process_exit import apply_fast_exit
 
     apply_fast_exit()  # vLLM's engine-core and worker processes only
+    from megatron_rlhf.rollout.sampler_rank import apply_eager_token_ranks
+
+    apply_eager_token_ranks()  # CPU platforms only

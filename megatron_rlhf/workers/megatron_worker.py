@@ -249,7 +249,9 @@ class ActorWorker(MegatronWorker):
         joined its process group, in a thread of its own, while the rank builds and loads its
         model (CPU machines: vLLM's engine-core and worker processes start on the cores the
         load leaves idle); :meth:`attach_engine` then takes it. The engine sees the environment
-        it saw when started after the load (rank variables set by the join). Call before the join."""
+        it saw when started after the load (rank variables set by the join). An engine that runs
+        in the rank's own process (``engine_process`` resolving to ``in_process``) is not staged:
+        :meth:`attach_engine` starts it, after the load. Call before the join."""
         self._staged_engine = rollout_config if self.rank == 0 else None
 
     def _joined(self) -> None:
@@ -257,6 +259,14 @@ class ActorWorker(MegatronWorker):
 
         config = getattr(self, "_staged_engine", None)
         if config is None:
+            return
+        from megatron_rlhf.rollout.engine_in_process import IN_PROCESS, process_world_size, resolve_engine_process
+
+        if resolve_engine_process(config.engine_process, torch.cuda.is_available(), config.tensor_parallel,
+                                  process_world_size()) == IN_PROCESS:
+            # vLLM's worker builds its groups in this rank's process group: not while the model
+            # load may build others; attach_engine starts it (seconds, in this process)
+            self._staged_engine = None
             return
         # Both threads import from transformers, whose lazy module is not thread-safe (a name
         # half-imported by one thread is missing for the other): the rank's thread imports first what

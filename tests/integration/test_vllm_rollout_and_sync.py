@@ -104,8 +104,9 @@ def engine(models):
     from megatron_rlhf.config.rollout import RolloutConfig
     from megatron_rlhf.rollout.engine import RolloutEngine
 
-    with RolloutEngine(RolloutConfig(model_dir=models["llama_padded_vocab"], max_model_len=64,
-                                     max_prompt_tokens=16, weight_transfer_backend=None)) as rollout:
+    # vLLM's own processes: the tests below check their core binding and idle spin
+    with RolloutEngine(RolloutConfig(model_dir=models["llama_padded_vocab"], max_model_len=64, max_prompt_tokens=16,
+                                     weight_transfer_backend=None, engine_process="separate")) as rollout:
         yield rollout
 
 
@@ -266,3 +267,31 @@ def test_response_texts_equal_the_decode(engine, stop):
         assert list(group.texts) == [decoded[row] for row in group.rows(settings.n)]
     if stop:
         assert "stop" in batch.finish_reasons  # the stop strings were hit
+
+
+def test_an_engine_in_this_process_samples_what_vllms_own_processes_sample(engine):
+    """``engine_process: in_process`` (the CPU default where it can run) against the fixture's
+    engine in vLLM's own processes, same config and seed, both on one torch thread: the same
+    tokens, log-probs, finish reasons and texts."""
+    from dataclasses import replace
+
+    import torch
+
+    from megatron_rlhf.config.sampling import SamplingSettings
+    from megatron_rlhf.rollout.engine import RolloutEngine
+
+    settings = SamplingSettings(n=3, max_new_tokens=12, seed=5)
+    prompts = ["a b c", [7, 8, 9], "the end of it"]
+    expected = engine.generate(prompts, settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the separate worker's OpenMP threads
+    try:
+        with RolloutEngine(replace(engine.config, engine_process="in_process")) as here:
+            assert here.engine_process == "in_process"
+            got = here.generate(prompts, settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got.response_ids, expected.response_ids)
+    assert torch.equal(got.response_mask, expected.response_mask)
+    assert torch.equal(got.sampling_logprobs, expected.sampling_logprobs)
+    assert got.finish_reasons == expected.finish_reasons and got.response_texts == expected.response_texts
