@@ -127,6 +127,7 @@ def _our_side(spec: dict, result_path: str) -> None:
                                packing=spec.get("packing", True), max_tokens_per_microbatch=spec.get("token_budget", 0)),
         actor_optimizer=OptimizerSettings(lr=spec["lr"]), actor=group, reference=group,
         checkpoint_every=0, seed=spec["seed"], tensorboard=False, console=False,
+        engine_process=spec.get("engine_process", "auto"),
     )
     from megatron_rlhf.config.cpu_split import BIND_ENV, usable_cores
 
@@ -384,7 +385,8 @@ def _settings_text(args: argparse.Namespace, our_threads: dict[str, str], token_
             f"{args.steps} steps, first {args.warmup} dropped, medians over the rest, {args.repeats} repeat(s) in "
             f"ABBA order. TRL gradient checkpointing: "
             f"{'on (TRL default)' if args.trl_gradient_checkpointing else 'off (TRL defaults to on)'}. vLLM CPU "
-            f"thread binding: {args.vllm_bind or 'the stack default (engine_cpu_bind: auto)'}.")
+            f"thread binding: {args.vllm_bind or 'the stack default (engine_cpu_bind: auto)'}. "
+            f"Where our engines run: engine_process={args.engine_process}.")
 
 
 def _our_threads_text(our_threads: dict[str, str]) -> str:
@@ -442,6 +444,9 @@ def _arguments() -> argparse.Namespace:
                         help="VLLM_CPU_OMP_THREADS_BIND for ours (default: unset, the stack's core split): auto "
                              "(vLLM's own choice), nobind (the OS places OMP_NUM_THREADS=--threads threads, as for "
                              "TRL) or core lists")
+    parser.add_argument("--engine-process", choices=("auto", "in_process", "separate"), default="auto",
+                        help="RLConfig.engine_process for ours (default auto: on CPU, each TP-1 engine in the "
+                             "process that holds it)")
     args = parser.parse_args()
     if args.smoke:
         args.repeats, args.steps, args.warmup, args.prompts_per_step, args.n = 1, 2, 0, 4, 4
@@ -484,7 +489,7 @@ def main() -> int:
                 prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
                 micro_batch=args.micro_batch, lr=args.lr, beta=args.beta, threads=args.threads, seed=args.seed,
                 trl_gradient_checkpointing=args.trl_gradient_checkpointing, vllm_bind=args.vllm_bind,
-                our_threads=args.our_threads,
+                our_threads=args.our_threads, engine_process=args.engine_process,
                 packing=not args.no_packing, token_budget=_token_budget(args, policy, prompts))
     repeats, versions, our_threads = [], {}, {}
     for repeat in range(args.repeats):

@@ -23,16 +23,19 @@ Guarantees of an in-process engine (:class:`InProcessEngine`):
 - what vLLM changes process-wide while starting is undone once it has started: its CPU worker
   replaces ``torch.set_num_threads`` with a no-op (put back) and its engine core freezes vLLM's
   environment reads (thawed, so a later engine of this process reads its own variables);
-- at shutdown vLLM's parallel groups are destroyed, and so is the ``torch.distributed`` default
-  group when vLLM created it (the process had none), never one the process had (the actor rank's
-  own); the heap vLLM froze at start-up is unfrozen and collected, so the model and the KV cache
-  are freed and a later engine, or a process group, can start in this process.
+- at shutdown the heap vLLM froze at start-up is unfrozen and collected (the model and KV cache
+  are freed); when the process's last in-process engine shuts down (several may live at once and
+  share vLLM's process-wide groups) vLLM's parallel groups are destroyed, and so is the
+  ``torch.distributed`` default group if vLLM created it (the process had none when the first
+  started), never one the process had (the actor rank's own); a later engine, or a process group,
+  can then start in this process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,59 +86,88 @@ def process_world_size() -> int | None:
     return torch.distributed.get_world_size()
 
 
+_LOCK = threading.Lock()
+_live_engines = 0
+"""In-process engines of this process started and not yet shut down: they share vLLM's
+process-wide parallel state, which only the last one's shutdown may tear down."""
+_vllm_made_default_group = False
+"""Whether the first of them found no torch.distributed world (vLLM's worker then made the
+default group, which the last one's shutdown destroys)."""
+
+
 class InProcessEngine:
     """What starting an engine in this process changes, and its undoing (module docstring).
 
     Use: ``state = InProcessEngine()``; ``with state.starting(): llm = LLM(...)``; then
-    ``state.shutdown(llm)`` (or ``state.release()`` when the start failed)."""
+    ``state.shutdown(llm)`` (or ``state.release()`` when the start failed). Several may live in one
+    process at once (an evaluation engine beside a test's): they share vLLM's groups, which the
+    last one to shut down destroys."""
 
     def __init__(self) -> None:
-        self.had_process_group = process_world_size() is not None
+        self.started = False
         self.released = False
 
     def starting(self) -> "_Starting":
+        global _live_engines, _vllm_made_default_group
+        with _LOCK:
+            if _live_engines == 0:
+                _vllm_made_default_group = process_world_size() is None
+            _live_engines += 1
+        self.started = True
         return _Starting()
+
+    def _leave(self) -> tuple[bool, bool]:
+        """This engine no longer counts: ``(tear vLLM's groups down, destroy the default group too)``."""
+        global _live_engines
+        self.released = True
+        with _LOCK:
+            _live_engines -= 1
+            last = _live_engines == 0
+        return last, last and _vllm_made_default_group
 
     def shutdown(self, llm: Any) -> None:
         """vLLM's own teardown of the engine core: its executor and worker shut down, the heap it
-        froze unfrozen, its groups destroyed, garbage collected; the process's own default group
-        (if it had one) kept."""
-        self.released = True
-        with _keeping_process_group(self.had_process_group):
+        froze unfrozen, garbage collected; its groups destroyed by the last in-process engine
+        only, and the process's own default group (if it had one) kept."""
+        groups, default_group = self._leave()
+        with _teardown(groups, default_group):
             llm.llm_engine.engine_core.shutdown()
 
     def release(self) -> None:
         """After a start that failed half-way: the same teardown of what vLLM had set up. Idempotent."""
-        if self.released:
+        if self.released or not self.started:
             return
-        self.released = True
         from vllm.distributed import parallel_state
 
-        with _keeping_process_group(self.had_process_group):
+        groups, default_group = self._leave()
+        with _teardown(groups, default_group):
             parallel_state.cleanup_dist_env_and_memory()
 
 
 @contextlib.contextmanager
-def _keeping_process_group(keep: bool) -> Iterator[None]:
-    """While inside, with ``keep``: vLLM's teardown destroys its world group but not the process's
-    default ``torch.distributed`` group (the actor rank's, which vLLM's worker only joined)."""
-    if not keep:
-        yield
-        return
+def _teardown(groups: bool, default_group: bool) -> Iterator[None]:
+    """While inside, vLLM's teardown destroys its groups only if ``groups``, and the process's
+    default ``torch.distributed`` group only if ``default_group`` as well."""
     from vllm.distributed import parallel_state
 
-    destroy = parallel_state.destroy_distributed_environment
+    destroy_model_parallel = parallel_state.destroy_model_parallel
+    destroy_environment = parallel_state.destroy_distributed_environment
 
     def destroy_vllm_world() -> None:
         world, parallel_state._WORLD, parallel_state._NODE_COUNT = parallel_state._WORLD, None, None
         if world is not None:
             world.destroy()
 
-    parallel_state.destroy_distributed_environment = destroy_vllm_world
+    if not groups:  # another in-process engine still uses them
+        parallel_state.destroy_model_parallel = lambda: None
+        parallel_state.destroy_distributed_environment = lambda: None
+    elif not default_group:
+        parallel_state.destroy_distributed_environment = destroy_vllm_world
     try:
         yield
     finally:
-        parallel_state.destroy_distributed_environment = destroy
+        parallel_state.destroy_model_parallel = destroy_model_parallel
+        parallel_state.destroy_distributed_environment = destroy_environment
 
 
 class _Starting:

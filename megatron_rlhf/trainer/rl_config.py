@@ -150,6 +150,11 @@ class RLConfig:
     core split (``megatron_rlhf.config.cpu_split``: one core per engine-core process and one for the
     controller reserved, the rest in blocks, one per vLLM worker) | nobind | one core list per
     worker, ``|``-separated (``0-3|4-7``), for every engine."""
+    engine_process: str = "auto"
+    """Where each engine runs (``RolloutConfig.engine_process``): auto (in the process that holds
+    it where it can: a CPU engine of TP 1 colocated with a one-rank actor, or a disaggregated one in
+    its Ray actor; else vLLM's own processes) | in_process (refused here where it cannot run) |
+    separate."""
     rollout_engines: tuple[int, ...] = ()
     """Disaggregated placement: the vLLM TP size of each rollout engine (rollout data
     parallelism: prompts are split over them and every engine receives every weight sync), e.g.
@@ -226,6 +231,7 @@ class RLConfig:
                              "cannot live inside the actor")
         for tp in set(self.engine_tensor_parallels):
             check_engine_bind(self.engine_cpu_bind, tp, "RLConfig.engine_cpu_bind")
+        self._check_engine_process()
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if self.sync_alarm_action not in SYNC_ALARM_ACTIONS:
@@ -272,6 +278,21 @@ class RLConfig:
     def engine_tensor_parallels(self) -> tuple[int, ...]:
         """vLLM TP size of each rollout engine of the run."""
         return tuple(self.rollout_engines) or (self.engine_tensor_parallel,)
+
+    def _check_engine_process(self) -> None:
+        """A bad or impossible ``engine_process``, refused before anything starts."""
+        from megatron_rlhf.config.rollout import ENGINE_PROCESSES
+        from megatron_rlhf.rollout.engine_in_process import in_process_obstacle
+
+        if self.engine_process not in ENGINE_PROCESSES:
+            raise ValueError(f"RLConfig.engine_process={self.engine_process!r} (choose {', '.join(ENGINE_PROCESSES)})")
+        if self.engine_process != "in_process":
+            return
+        holder_world = None if self.placement == "disaggregated" else self.actor.world_size  # the colocated actor's
+        for tp in self.engine_tensor_parallels:
+            obstacle = in_process_obstacle(self.resources.uses_gpus, tp, holder_world)
+            if obstacle is not None:
+                raise ValueError(f"RLConfig.engine_process='in_process': {obstacle}; use separate or auto")
 
     def run_threads(self, trainer_sizes: Mapping[str, int], cores: Sequence[int],
                     environment_bind: str | None) -> RunThreads:

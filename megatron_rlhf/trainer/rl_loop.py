@@ -142,7 +142,8 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
                                 seed=config.seed, dtype=engine_dtype(config.precision),
                                 gpu_memory_utilization=config.resources.gpu_memory_utilization,
                                 enable_sleep_mode=not disaggregated and config.resources.uses_gpus,
-                                cpu_threads_bind="auto" if disaggregated else binds[0])
+                                cpu_threads_bind="auto" if disaggregated else binds[0],
+                                engine_process=config.engine_process)
         engine_names = [f"rollout{i}" if i else "rollout" for i in range(len(run_placement.engines))]
         engine_names = engine_names if disaggregated else []
         for i, (name, tp) in enumerate(zip(engine_names, config.engine_tensor_parallels)):

@@ -18,6 +18,26 @@ from typing import Any, Iterator
 from megatron_rlhf.types import RolloutBatch
 
 
+def compute_on_bound_cores(config: Any) -> None:
+    """An engine that will run in this actor's own process (``engine_process`` resolving to
+    ``in_process``) computes on the process's torch threads: given a core list
+    (``cpu_threads_bind``, the run's core split), this process, which holds nothing but the
+    engine, runs on those cores with one torch thread per core, as vLLM's worker would."""
+    import os
+
+    import torch
+
+    from megatron_rlhf.config.cpu_split import AUTO, NOBIND, parse_cores
+    from megatron_rlhf.rollout.engine_in_process import IN_PROCESS, process_world_size, resolve_engine_process
+
+    if config.cpu_threads_bind in (AUTO, NOBIND) or resolve_engine_process(
+            config.engine_process, torch.cuda.is_available(), config.tensor_parallel, process_world_size()) != IN_PROCESS:
+        return
+    cores = parse_cores(config.cpu_threads_bind)
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+
+
 class RolloutWorker:
     """Holds one :class:`RolloutEngine` (vLLM's own TP inside it)."""
 
@@ -35,6 +55,7 @@ class RolloutWorker:
 
             backend = resolve_transfer_backend("auto", torch.cuda.is_available(), same_host=False)
             config = replace(config, weight_transfer_backend=backend)
+        compute_on_bound_cores(config)
         self.engine = RolloutEngine(config)
 
     def rendezvous_address(self) -> tuple[str, int]:

@@ -56,3 +56,43 @@ def test_eager_token_ranks_count_the_entries_at_least_as_likely():
     ranks = count_at_least(logprobs, values)
     assert ranks.dtype == torch.int64 and torch.equal(ranks, expected)
     assert bool((ranks >= 1).all())
+
+
+def test_a_disaggregated_in_process_engine_computes_on_its_bound_cores():
+    """The rollout worker's process holds only its engine: with a core list it runs there, one torch
+    thread per core; with auto, or an engine in vLLM's own processes, it is left alone."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch\n"
+        "from megatron_rlhf.config.rollout import RolloutConfig\n"
+        "from megatron_rlhf.workers.rollout_worker import compute_on_bound_cores\n"
+        "before = (sorted(os.sched_getaffinity(0)), torch.get_num_threads())\n"
+        "compute_on_bound_cores(RolloutConfig(model_dir='m', cpu_threads_bind='0', engine_process='separate'))\n"
+        "compute_on_bound_cores(RolloutConfig(model_dir='m'))\n"
+        "unchanged = (sorted(os.sched_getaffinity(0)), torch.get_num_threads()) == before\n"
+        "compute_on_bound_cores(RolloutConfig(model_dir='m', cpu_threads_bind='0'))\n"
+        "print(unchanged, sorted(os.sched_getaffinity(0)), torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "[0]", "1"]
+
+
+def test_the_rl_config_refuses_an_in_process_engine_where_it_cannot_run_before_anything_starts():
+    from megatron_rlhf.config.parallel import ParallelConfig
+    from megatron_rlhf.trainer.rl_config import RLConfig, WorkerGroupConfig
+
+    def config(**overrides):
+        return RLConfig(policy_dir="p", out_dir="o", prompt_files=("x.jsonl",), **overrides)
+
+    assert config().engine_process == "auto"
+    assert config(engine_process="in_process").engine_process == "in_process"
+    with pytest.raises(ValueError, match="engine_process='fork'"):
+        config(engine_process="fork")
+    two_ranks = WorkerGroupConfig(world_size=2, parallel=ParallelConfig(tensor_parallel=2))
+    with pytest.raises(ValueError, match="in_process.*one of 2 torch.distributed ranks"):
+        config(engine_process="in_process", actor=two_ranks)
+    assert config(engine_process="auto", actor=two_ranks).engine_process == "auto"  # separate, at start-up
+    with pytest.raises(ValueError, match="in_process.*tensor_parallel=2"):
+        config(engine_process="in_process", placement="disaggregated", rollout_engines=(1, 2))
