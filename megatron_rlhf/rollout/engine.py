@@ -137,7 +137,8 @@ class RolloutEngine:
         release_orphaned_ledgers()  # what engines killed with SIGKILL left on this host
         remove_orphaned_semaphores()  # and the semaphores of every process of such a run
         remove_orphaned_scratch()  # and their sockets and rendezvous files
-        self.ipc_ledger = start_ipc_ledger()  # what vLLM's processes leave, released at shutdown
+        # what vLLM's processes leave, released at shutdown (an in-process engine has none)
+        self.ipc_ledger = start_ipc_ledger() if self.in_process is None else None
         try:
             self.scratch = EngineScratch()  # vLLM's socket and temporary files, removed at shutdown
             def variables() -> dict[str, str | None]:  # read the user's settings under the start lock
@@ -145,7 +146,8 @@ class RolloutEngine:
                     self.process_environment = {MULTIPROCESSING_ENV: "0", **in_process_environment(config)}
                 else:
                     self.process_environment = {} if on_gpu else cpu_process_environment(config)
-                return {**self.process_environment, **self.scratch.variables(), IPC_LEDGER_ENV: self.ipc_ledger}
+                ledger = {IPC_LEDGER_ENV: self.ipc_ledger} if self.ipc_ledger is not None else {}
+                return {**self.process_environment, **self.scratch.variables(), **ledger}
 
             with engine_environment(variables):
                 if self.in_process is not None:

@@ -106,12 +106,21 @@ def _append(path: str, line: str) -> None:
 
 
 def record_ipc_names() -> None:
-    """In a process started with :data:`IPC_LEDGER_ENV` set: record every name this process
-    registers with, or unregisters from, Python's resource tracker. Idempotent."""
+    """In vLLM's engine-core and worker processes started with :data:`IPC_LEDGER_ENV` set: record
+    every name the process registers with, or unregisters from, Python's resource tracker.
+    Never in the process that starts the engine (it loads this plugin too, while the variable is
+    set): its own objects are its own to release, and an engine's shutdown releasing them would
+    unlink what it still uses. Idempotent."""
+    import multiprocessing
     from multiprocessing import resource_tracker
+
+    from megatron_rlhf.rollout.engine_process_exit import ENGINE_PROCESS_PREFIXES
 
     path = os.environ.get(IPC_LEDGER_ENV)
     if not path or getattr(resource_tracker, "_megatron_rlhf_ledger", None) == path:
+        return
+    if multiprocessing.parent_process() is None or \
+            not multiprocessing.current_process().name.startswith(ENGINE_PROCESS_PREFIXES):
         return
     original_register, original_unregister = resource_tracker.register, resource_tracker.unregister
 

@@ -62,3 +62,39 @@ def test_a_released_ledger_is_never_written_again(tmp_path):
     os.unlink(path)
     _append(path, "+ semaphore /mp-b")
     assert not os.path.exists(path)
+
+
+def _record_and_make_a_segment() -> None:
+    from megatron_rlhf.rollout.vllm_plugin import record_ipc_names
+
+    record_ipc_names()
+    segment = shared_memory.SharedMemory(create=True, size=64)
+    segment.close()
+    segment.unlink()
+
+
+def test_only_vllms_own_processes_write_the_ledger(tmp_path, monkeypatch):
+    """The process that starts an engine (or holds it in-process) loads the plugin while the
+    ledger's variable is set; its own objects stay out of the ledger (an engine's shutdown would
+    otherwise unlink what that process still uses). vLLM's engine-core and worker processes record."""
+    import multiprocessing
+
+    from megatron_rlhf.rollout.vllm_plugin import IPC_LEDGER_ENV
+
+    results = {}
+    for name in ("RankProcess-1", "EngineCore_DP0"):
+        path = _ledger(tmp_path, os.getpid(), [])
+        monkeypatch.setenv(IPC_LEDGER_ENV, path)
+        child = multiprocessing.get_context("spawn").Process(target=_record_and_make_a_segment, name=name)
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        with open(path, encoding="utf-8") as ledger:
+            results[name] = [line.split()[0] for line in ledger.read().splitlines()]
+        os.unlink(path)
+    script = ("from tests.unit.test_ipc_ledger import _record_and_make_a_segment as f; f()")
+    path = _ledger(tmp_path, os.getpid(), [])
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, IPC_LEDGER_ENV: path})
+    with open(path, encoding="utf-8") as ledger:
+        results["top-level"] = ledger.read().splitlines()
+    assert results == {"RankProcess-1": [], "EngineCore_DP0": ["+", "-"], "top-level": []}
