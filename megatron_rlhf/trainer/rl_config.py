@@ -100,15 +100,20 @@ class RunThreads:
     split: CpuSplit
     """The core split behind the auto values."""
     on_gpu: bool = False
+    in_process: tuple[bool, ...] = ()
+    """Per engine: whether it runs in the process that holds it (``RLConfig.engine_process``)."""
 
     def describe(self) -> str:
         """One line for the start-up log and the benchmark report."""
         groups = ", ".join(f"{name} {threads}" for name, threads in self.group_threads.items())
         if self.on_gpu:
             return f"GPU run: torch threads per rank: {groups}"
-        engines = "; ".join(f"engine {i} workers bound to cores {bind} ({source})"
-                            for i, (bind, source) in enumerate(self.engine_binds))
-        core_threads = ("" if all(bind == NOBIND for bind, _ in self.engine_binds)
+        in_process = self.in_process or (False,) * len(self.engine_binds)
+        engines = "; ".join(f"engine {i} in its holder's process, on its torch threads" if here
+                            else f"engine {i} workers bound to cores {bind} ({source})"
+                            for i, ((bind, source), here) in enumerate(zip(self.engine_binds, in_process)))
+        separate = [bind for (bind, _), here in zip(self.engine_binds, in_process) if not here]
+        core_threads = ("" if all(bind == NOBIND for bind in separate)
                         else "; each engine-core process 1 torch thread; workers' MKL threads follow OpenMP's")
         return (f"{len(self.split.cores)} cores: torch threads per rank: {groups}; {engines}{core_threads}"
                 + (" (oversubscribed: more vLLM workers than cores)" if self.split.oversubscribed else ""))
@@ -288,9 +293,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.engine_process={self.engine_process!r} (choose {', '.join(ENGINE_PROCESSES)})")
         if self.engine_process != "in_process":
             return
-        holder_world = None if self.placement == "disaggregated" else self.actor.world_size  # the colocated actor's
         for tp in self.engine_tensor_parallels:
-            obstacle = in_process_obstacle(self.resources.uses_gpus, tp, holder_world)
+            obstacle = in_process_obstacle(self.resources.uses_gpus, tp, self._engine_holder_world)
             if obstacle is not None:
                 raise ValueError(f"RLConfig.engine_process='in_process': {obstacle}; use separate or auto")
 
@@ -320,7 +324,22 @@ class RLConfig:
         binds = tuple(resolve_engine_bind(self.engine_cpu_bind, bind, environment_bind) for bind in computed)
         if not local:
             binds = tuple((bind, "each engine's own machine" if bind == AUTO else source) for bind, source in binds)
-        return RunThreads(threads, binds, split, on_gpu)
+        return RunThreads(threads, binds, split, on_gpu, self.engines_in_process())
+
+    @property
+    def _engine_holder_world(self) -> int | None:
+        """torch.distributed world of the process that holds an engine: the colocated actor's
+        (its rank 0), none for a disaggregated engine's own actor."""
+        return None if self.placement == "disaggregated" else self.actor.world_size
+
+    def engines_in_process(self) -> tuple[bool, ...]:
+        """Per engine: whether it will run in the process that holds it (``engine_process`` auto or
+        in_process where that can run: the colocated actor's rank 0, a disaggregated engine's actor)."""
+        from megatron_rlhf.rollout.engine_in_process import in_process_obstacle
+
+        return tuple(self.engine_process != "separate"
+                     and in_process_obstacle(self.resources.uses_gpus, tp, self._engine_holder_world) is None
+                     for tp in self.engine_tensor_parallels)
 
     @property
     def algorithm_name(self) -> str:

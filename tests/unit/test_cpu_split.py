@@ -115,6 +115,12 @@ def test_run_threads_auto_follows_the_split_and_explicit_values_win():
     assert "actor 2, reference 3" in chosen.describe() and "cores 0-5" in chosen.describe()
     pinned = RLConfig(**RUN, engine_cpu_bind="1").run_threads({"actor": 1}, range(8), "0-3")
     assert pinned.engine_binds == (("1", "config"),)
+    # a one-rank actor holds its engine in its own process: the log says so, not a binding
+    assert pinned.in_process == (True,) and "engine 0 in its holder's process" in pinned.describe()
+    assert "engine-core process" not in pinned.describe()
+    assert chosen.in_process == (False,)  # a two-rank actor: vLLM's own processes
+    separate = RLConfig(**RUN, engine_process="separate").run_threads({"actor": 1}, range(8), None)
+    assert separate.in_process == (False,) and "engine-core process 1 torch thread" in separate.describe()
 
 
 def test_gpu_runs_keep_one_thread_per_rank():
