@@ -57,7 +57,8 @@ class RolloutConfig:
     """Where vLLM runs (:mod:`megatron_rlhf.rollout.engine_in_process`). separate: vLLM's own
     processes (an engine-core process and a worker per TP rank, spawned and importing torch and
     vLLM each) | in_process: the engine core and its one worker in the calling process, on its
-    torch threads (CPU, TP 1, in a process whose torch.distributed world, if any, has one rank;
+    torch threads (CPU, TP 1, a host of one NUMA node, in a process whose torch.distributed world,
+    if any, has one rank;
     starts in seconds, not the ~15 s of two process start-ups; ``cpu_threads_bind`` does not
     apply) | auto: in_process where it can run, else separate."""
     enable_sleep_mode: bool = False

@@ -9,10 +9,11 @@ has: it holds the colocated engine). Generation then runs in the caller's thread
 threads: the engine core's scheduling and the model no longer overlap on two cores (2048 tokens
 of the tiny model: 0.42 s against 0.35 s).
 
-Choice (:func:`resolve_engine_process`): ``in_process`` needs a CPU engine of TP 1 (one worker)
-and a process whose ``torch.distributed`` world, if it has one, is a single rank (vLLM's worker
+Choice (:func:`resolve_engine_process`): ``in_process`` needs a CPU engine of TP 1 (one worker),
+a process whose ``torch.distributed`` world, if it has one, is a single rank (vLLM's worker
 builds its groups in the process's world: groups of a larger world would need every rank to
-take part). ``auto`` picks it there and ``separate`` elsewhere; an explicit ``in_process`` where
+take part), and a host of one NUMA node (vLLM's CPU worker binds its process's memory to a node,
+which would bind the trainer's too). ``auto`` picks it there and ``separate`` elsewhere; an explicit ``in_process`` where
 it cannot run is a :class:`~megatron_rlhf.config.errors.UserError` naming why, before vLLM starts.
 GPU engines stay separate: vLLM's CUDA-IPC weight transfer opens handles from another process.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -52,24 +54,39 @@ class EngineProcessUnavailable(UserError):
     """``engine_process: in_process`` asked for where an in-process engine cannot run."""
 
 
-def in_process_obstacle(on_gpu: bool, tensor_parallel: int, process_world_size: int | None) -> str | None:
+def in_process_obstacle(on_gpu: bool, tensor_parallel: int, process_world_size: int | None,
+                        numa_nodes: int = 1) -> str | None:
     """Why an engine cannot run in this process (None: it can). ``process_world_size``: the size
-    of this process's ``torch.distributed`` world, None without one. Pure."""
+    of this process's ``torch.distributed`` world, None without one; ``numa_nodes``: the host's
+    (:func:`host_numa_nodes`). Pure."""
     if on_gpu:
         return "GPU engines run in vLLM's own processes (its CUDA-IPC weight transfer needs a second process)"
     if tensor_parallel != 1:
         return f"the engine has tensor_parallel={tensor_parallel} workers; in this process it can have one"
+    if numa_nodes > 1:
+        return (f"this host has {numa_nodes} NUMA nodes and vLLM's CPU worker binds its whole process's memory to "
+                "one of them")
     if process_world_size is not None and process_world_size > 1:
         return (f"this process is one of {process_world_size} torch.distributed ranks; vLLM's worker would build "
                 "its groups across all of them")
     return None
 
 
+def host_numa_nodes(root: str = "/sys/devices/system/node") -> int:
+    """NUMA nodes of this host (1 where the kernel does not say)."""
+    try:
+        return max(1, sum(1 for name in os.listdir(root) if name.startswith("node") and name[4:].isdigit()))
+    except OSError:
+        return 1
+
+
 def resolve_engine_process(requested: str, on_gpu: bool, tensor_parallel: int,
-                           process_world_size: int | None) -> str:
+                           process_world_size: int | None, numa_nodes: int | None = None) -> str:
     """``in_process`` or ``separate`` for ``requested`` (see the module docstring); raises
-    :class:`EngineProcessUnavailable` for an ``in_process`` that cannot run here."""
-    obstacle = in_process_obstacle(on_gpu, tensor_parallel, process_world_size)
+    :class:`EngineProcessUnavailable` for an ``in_process`` that cannot run here. ``numa_nodes``:
+    None reads this host's."""
+    numa_nodes = host_numa_nodes() if numa_nodes is None else numa_nodes
+    obstacle = in_process_obstacle(on_gpu, tensor_parallel, process_world_size, numa_nodes)
     if requested == IN_PROCESS and obstacle is not None:
         raise EngineProcessUnavailable(f"engine_process=in_process: {obstacle}; use separate or auto")
     if requested == SEPARATE or obstacle is not None:

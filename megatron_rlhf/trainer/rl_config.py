@@ -287,14 +287,15 @@ class RLConfig:
     def _check_engine_process(self) -> None:
         """A bad or impossible ``engine_process``, refused before anything starts."""
         from megatron_rlhf.config.rollout import ENGINE_PROCESSES
-        from megatron_rlhf.rollout.engine_in_process import in_process_obstacle
+        from megatron_rlhf.rollout.engine_in_process import host_numa_nodes, in_process_obstacle
 
         if self.engine_process not in ENGINE_PROCESSES:
             raise ValueError(f"RLConfig.engine_process={self.engine_process!r} (choose {', '.join(ENGINE_PROCESSES)})")
         if self.engine_process != "in_process":
             return
         for tp in self.engine_tensor_parallels:
-            obstacle = in_process_obstacle(self.resources.uses_gpus, tp, self._engine_holder_world)
+            obstacle = in_process_obstacle(self.resources.uses_gpus, tp, self._engine_holder_world,
+                                           host_numa_nodes() if self._local else 1)
             if obstacle is not None:
                 raise ValueError(f"RLConfig.engine_process='in_process': {obstacle}; use separate or auto")
 
@@ -327,6 +328,11 @@ class RLConfig:
         return RunThreads(threads, binds, split, on_gpu, self.engines_in_process())
 
     @property
+    def _local(self) -> bool:
+        """Every process of the run on the driver's machine (one node, no ``ray_address``)."""
+        return self.resources.nodes == 1 and self.ray_address is None
+
+    @property
     def _engine_holder_world(self) -> int | None:
         """torch.distributed world of the process that holds an engine: the colocated actor's
         (its rank 0), none for a disaggregated engine's own actor."""
@@ -335,10 +341,11 @@ class RLConfig:
     def engines_in_process(self) -> tuple[bool, ...]:
         """Per engine: whether it will run in the process that holds it (``engine_process`` auto or
         in_process where that can run: the colocated actor's rank 0, a disaggregated engine's actor)."""
-        from megatron_rlhf.rollout.engine_in_process import in_process_obstacle
+        from megatron_rlhf.rollout.engine_in_process import host_numa_nodes, in_process_obstacle
 
+        numa_nodes = host_numa_nodes() if self._local else 1  # elsewhere each engine's host decides
         return tuple(self.engine_process != "separate"
-                     and in_process_obstacle(self.resources.uses_gpus, tp, self._engine_holder_world) is None
+                     and in_process_obstacle(self.resources.uses_gpus, tp, self._engine_holder_world, numa_nodes) is None
                      for tp in self.engine_tensor_parallels)
 
     @property

@@ -96,3 +96,18 @@ def test_the_rl_config_refuses_an_in_process_engine_where_it_cannot_run_before_a
     assert config(engine_process="auto", actor=two_ranks).engine_process == "auto"  # separate, at start-up
     with pytest.raises(ValueError, match="in_process.*tensor_parallel=2"):
         config(engine_process="in_process", placement="disaggregated", rollout_engines=(1, 2))
+
+
+def test_a_host_of_several_numa_nodes_keeps_vllms_own_processes(tmp_path):
+    """vLLM's CPU worker binds its whole process's memory to one NUMA node: in the trainer's
+    process that would bind the trainer's memory too."""
+    from megatron_rlhf.rollout.engine_in_process import host_numa_nodes
+
+    for name in ("node0", "node1", "possible", "has_cpu"):
+        (tmp_path / name).mkdir()
+    assert host_numa_nodes(str(tmp_path)) == 2
+    assert host_numa_nodes(str(tmp_path / "absent")) == 1
+    assert resolve_engine_process("auto", False, 1, None, numa_nodes=2) == "separate"
+    with pytest.raises(EngineProcessUnavailable, match="2 NUMA nodes"):
+        resolve_engine_process("in_process", False, 1, None, numa_nodes=2)
+    assert resolve_engine_process("auto", False, 1, None, numa_nodes=1) == "in_process"
