@@ -50,9 +50,10 @@ def test_ledgers_of_dead_engines_are_released_and_live_ones_kept(tmp_path):
 
 
 def test_a_released_ledger_is_never_written_again(tmp_path):
-    """The process that started an engine keeps the plugin's hooks after the engine's ledger was
-    released and removed; a lock it makes later must not bring the file back (it did: a ledger of
-    released names was left after every demo that scored with the reward model after RL)."""
+    """A process whose plugin hooks outlive its engine's ledger (once the process that started an
+    engine; now vLLM's own processes only) must not bring the removed file back with a later lock
+    (it did: a ledger of released names was left after every demo that scored with the reward
+    model after RL)."""
     from megatron_rlhf.rollout.vllm_plugin import _append
 
     path = _ledger(tmp_path, os.getpid(), ["+ semaphore /mp-a"])
