@@ -94,10 +94,9 @@ class RolloutEngine:
             logprobs_mode="processed_logprobs",
         )
         from megatron_rlhf.rollout.engine_in_process import (
-            IN_PROCESS, MULTIPROCESSING_ENV, InProcessEngine, process_world_size, resolve_engine_process)
+            IN_PROCESS, MULTIPROCESSING_ENV, InProcessEngine, engine_process_here)
 
-        self.engine_process = resolve_engine_process(config.engine_process, on_gpu, config.tensor_parallel,
-                                                     process_world_size())
+        self.engine_process = engine_process_here(config)
         self.in_process = InProcessEngine() if self.engine_process == IN_PROCESS else None
         if self.in_process is not None:
             kwargs["distributed_executor_backend"] = "uni"  # its one worker in this process

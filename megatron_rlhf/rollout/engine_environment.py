@@ -33,7 +33,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 
 from megatron_rlhf.config.cpu_split import (
+    AUTO,
     BIND_ENV,
+    NOBIND,
     engine_process_environment,
     resolve_engine_bind,
     split_cpu_cores,
@@ -109,7 +111,7 @@ def in_process_environment(config: RolloutConfig) -> dict[str, str | None]:
     variables: dict[str, str | None] = {}
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         variables["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
-    if config.cpu_threads_bind not in ("auto", "nobind"):
+    if config.cpu_threads_bind not in (AUTO, NOBIND):
         log.info("vLLM CPU engine in this process: cpu_threads_bind=%s does not apply", config.cpu_threads_bind)
     log.info("vLLM CPU engine (TP 1) in this process, on its %d torch thread(s)", torch.get_num_threads())
     return variables

@@ -94,6 +94,15 @@ def resolve_engine_process(requested: str, on_gpu: bool, tensor_parallel: int,
     return IN_PROCESS
 
 
+def engine_process_here(config: Any) -> str:
+    """:func:`resolve_engine_process` of a ``RolloutConfig`` for an engine started in this
+    process (this host's GPUs, NUMA nodes and torch.distributed world)."""
+    import torch
+
+    return resolve_engine_process(config.engine_process, torch.cuda.is_available(), config.tensor_parallel,
+                                  process_world_size())
+
+
 def process_world_size() -> int | None:
     """Size of this process's ``torch.distributed`` world, None when it has none."""
     import torch.distributed

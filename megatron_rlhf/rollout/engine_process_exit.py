@@ -32,6 +32,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -44,6 +45,16 @@ FAST_EXIT_ENV = "MEGATRON_RLHF_ENGINE_FAST_EXIT"
 
 ENGINE_PROCESS_PREFIXES = ("EngineCore", "VllmWorker")
 """``multiprocessing`` names of vLLM's engine-core and worker processes."""
+
+
+def in_vllm_engine_process() -> bool:
+    """Whether this is one of vLLM's engine-core or worker processes: a ``multiprocessing``
+    child named by vLLM (:data:`ENGINE_PROCESS_PREFIXES`), not the process that started the
+    engine (a trainer, a Ray actor, a rank), which loads our vLLM plugin too."""
+    import multiprocessing
+
+    return (multiprocessing.parent_process() is not None
+            and multiprocessing.current_process().name.startswith(ENGINE_PROCESS_PREFIXES))
 
 
 def fast_exit_enabled(raw: str | None) -> bool:
@@ -59,14 +70,11 @@ def fast_exit_enabled(raw: str | None) -> bool:
 def apply_fast_exit() -> bool:
     """Install the fast exit in this process if it is one of vLLM's (module docstring); returns
     whether this call installed it."""
-    import multiprocessing
     import multiprocessing.spawn
 
     if not fast_exit_enabled(os.environ.get(FAST_EXIT_ENV)):  # checked by the engine before vLLM starts
         return False
-    if multiprocessing.parent_process() is None:
-        return False
-    if not multiprocessing.current_process().name.startswith(ENGINE_PROCESS_PREFIXES):
+    if not in_vllm_engine_process():
         return False
     if getattr(sys.exit, "fast_exit_of", None) is not None:
         return False  # installed already (the plugin may load twice)
@@ -98,8 +106,6 @@ def _finish(status: object) -> int:
         code = 1
     atexit._run_exitfuncs()  # runs and clears them; logging.shutdown flushes the log handlers
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing more can be written
             stream.flush()
-        except (OSError, ValueError):  # closed or broken: nothing more can be written anyway
-            pass
     return code

@@ -111,16 +111,14 @@ def record_ipc_names() -> None:
     Never in the process that starts the engine (it loads this plugin too, while the variable is
     set): its own objects are its own to release, and an engine's shutdown releasing them would
     unlink what it still uses. Idempotent."""
-    import multiprocessing
     from multiprocessing import resource_tracker
 
-    from megatron_rlhf.rollout.engine_process_exit import ENGINE_PROCESS_PREFIXES
+    from megatron_rlhf.rollout.engine_process_exit import in_vllm_engine_process
 
     path = os.environ.get(IPC_LEDGER_ENV)
     if not path or getattr(resource_tracker, "_megatron_rlhf_ledger", None) == path:
         return
-    if multiprocessing.parent_process() is None or \
-            not multiprocessing.current_process().name.startswith(ENGINE_PROCESS_PREFIXES):
+    if not in_vllm_engine_process():
         return
     original_register, original_unregister = resource_tracker.register, resource_tracker.unregister
 

@@ -287,15 +287,12 @@ class RLConfig:
     def _check_engine_process(self) -> None:
         """A bad or impossible ``engine_process``, refused before anything starts."""
         from megatron_rlhf.config.rollout import ENGINE_PROCESSES
-        from megatron_rlhf.rollout.engine_in_process import host_numa_nodes, in_process_obstacle
 
         if self.engine_process not in ENGINE_PROCESSES:
             raise ValueError(f"RLConfig.engine_process={self.engine_process!r} (choose {', '.join(ENGINE_PROCESSES)})")
         if self.engine_process != "in_process":
             return
-        for tp in self.engine_tensor_parallels:
-            obstacle = in_process_obstacle(self.resources.uses_gpus, tp, self._engine_holder_world,
-                                           host_numa_nodes() if self._local else 1)
+        for obstacle in self._in_process_obstacles():
             if obstacle is not None:
                 raise ValueError(f"RLConfig.engine_process='in_process': {obstacle}; use separate or auto")
 
@@ -327,26 +324,22 @@ class RLConfig:
             binds = tuple((bind, "each engine's own machine" if bind == AUTO else source) for bind, source in binds)
         return RunThreads(threads, binds, split, on_gpu, self.engines_in_process())
 
-    @property
-    def _local(self) -> bool:
-        """Every process of the run on the driver's machine (one node, no ``ray_address``)."""
-        return self.resources.nodes == 1 and self.ray_address is None
+    def _in_process_obstacles(self) -> tuple[str | None, ...]:
+        """Per engine: why it cannot run in the process that holds it (None: it can). That process
+        is the colocated actor's rank 0 (in the actor's torch.distributed world) or a disaggregated
+        engine's own actor (none); NUMA nodes are read here when every process runs on this machine
+        (one node, no ``ray_address``), elsewhere each engine's host decides at start-up."""
+        from megatron_rlhf.rollout.engine_in_process import host_numa_nodes, in_process_obstacle
 
-    @property
-    def _engine_holder_world(self) -> int | None:
-        """torch.distributed world of the process that holds an engine: the colocated actor's
-        (its rank 0), none for a disaggregated engine's own actor."""
-        return None if self.placement == "disaggregated" else self.actor.world_size
+        holder_world = None if self.placement == "disaggregated" else self.actor.world_size
+        numa_nodes = host_numa_nodes() if self.resources.nodes == 1 and self.ray_address is None else 1
+        return tuple(in_process_obstacle(self.resources.uses_gpus, tp, holder_world, numa_nodes)
+                     for tp in self.engine_tensor_parallels)
 
     def engines_in_process(self) -> tuple[bool, ...]:
         """Per engine: whether it will run in the process that holds it (``engine_process`` auto or
-        in_process where that can run: the colocated actor's rank 0, a disaggregated engine's actor)."""
-        from megatron_rlhf.rollout.engine_in_process import host_numa_nodes, in_process_obstacle
-
-        numa_nodes = host_numa_nodes() if self._local else 1  # elsewhere each engine's host decides
-        return tuple(self.engine_process != "separate"
-                     and in_process_obstacle(self.resources.uses_gpus, tp, self._engine_holder_world, numa_nodes) is None
-                     for tp in self.engine_tensor_parallels)
+        in_process where that can run)."""
+        return tuple(self.engine_process != "separate" and obstacle is None for obstacle in self._in_process_obstacles())
 
     @property
     def algorithm_name(self) -> str:

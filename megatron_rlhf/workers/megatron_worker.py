@@ -260,10 +260,9 @@ class ActorWorker(MegatronWorker):
         config = getattr(self, "_staged_engine", None)
         if config is None:
             return
-        from megatron_rlhf.rollout.engine_in_process import IN_PROCESS, process_world_size, resolve_engine_process
+        from megatron_rlhf.rollout.engine_in_process import IN_PROCESS, engine_process_here
 
-        if resolve_engine_process(config.engine_process, torch.cuda.is_available(), config.tensor_parallel,
-                                  process_world_size()) == IN_PROCESS:
+        if engine_process_here(config) == IN_PROCESS:
             # vLLM's worker builds its groups in this rank's process group: not while the model
             # load may build others; attach_engine starts it (seconds, in this process)
             self._staged_engine = None

@@ -28,10 +28,9 @@ def compute_on_bound_cores(config: Any) -> None:
     import torch
 
     from megatron_rlhf.config.cpu_split import AUTO, NOBIND, parse_cores
-    from megatron_rlhf.rollout.engine_in_process import IN_PROCESS, process_world_size, resolve_engine_process
+    from megatron_rlhf.rollout.engine_in_process import IN_PROCESS, engine_process_here
 
-    if config.cpu_threads_bind in (AUTO, NOBIND) or resolve_engine_process(
-            config.engine_process, torch.cuda.is_available(), config.tensor_parallel, process_world_size()) != IN_PROCESS:
+    if config.cpu_threads_bind in (AUTO, NOBIND) or engine_process_here(config) != IN_PROCESS:
         return
     cores = parse_cores(config.cpu_threads_bind)
     os.sched_setaffinity(0, cores)

@@ -12,6 +12,7 @@ samples as vLLM's own processes: ``tests/integration/test_vllm_rollout_and_sync.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -31,10 +32,8 @@ def config(tiny_hf_model):
 def _children(pid: int) -> list[str]:
     names = []
     for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
-        try:
+        with contextlib.suppress(FileNotFoundError):  # exited meanwhile
             names.append(open(f"/proc/{child}/comm").read().strip())
-        except FileNotFoundError:
-            pass
     return names
 
 
