@@ -127,13 +127,14 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
     binds = [bind for bind, _ in threads_of.engine_binds]
     common = dict(algorithm=algorithm, update=config.update, temperature=config.temperature, seed=config.seed,
                   precision=config.precision)
+    policy_tokens = len(tokenizer)  # the policy's tokenizer, counted here once instead of in every rank
     groups: dict[str, Any] = {}
     shares = ShareStore()  # one step's batch shares, put into the object store once for every role
     threads, engine_start = ThreadPoolExecutor(1, thread_name_prefix="engine-start"), None
     try:  # every group (and the disaggregated engines) starts and loads at once
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,
                                     optimizer=config.actor_optimizer, threads=threads_of.group_threads["actor"],
-                                    **common)
+                                    tokenizer_size=policy_tokens, **common)
         groups["actor"] = WorkerGroup("actor", ActorWorker, config.actor.world_size, placement, (actor_spec,),
                                       join=False)
         rollout = RolloutConfig(model_dir=config.policy_dir, tensor_parallel=config.engine_tensor_parallel,
@@ -152,13 +153,14 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
             groups[name] = WorkerGroup(name, RolloutWorker, 1, run_placement.engines[i], (engine_config,), join=False)
         if algorithm.kl_mode != "none":
             reference_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.reference.parallel,
-                                            threads=threads_of.group_threads["reference"], **common)
+                                            threads=threads_of.group_threads["reference"],
+                                            tokenizer_size=policy_tokens, **common)
             groups["reference"] = WorkerGroup("reference", ReferenceWorker, config.reference.world_size,
                                               placement, (reference_spec,), join=False)
         if algorithm.needs_critic:
             critic_spec = RoleWorkerSpec(hf_dir=config.critic_dir or config.policy_dir, parallel=config.critic.parallel,
                                          optimizer=config.critic_optimizer, threads=threads_of.group_threads["critic"],
-                                         **common)
+                                         tokenizer_size=None if config.critic_dir else policy_tokens, **common)
             groups["critic"] = WorkerGroup("critic", CriticWorker, config.critic.world_size, placement,
                                            (critic_spec,), join=False)
         for name, source in reward.sources.items():

@@ -52,14 +52,21 @@ class RoleWorkerSpec:
     params_dtype: str = "float32"
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """fp32 | bf16 | fp8 training precision of the group (sets the weight dtype when not fp32)."""
+    tokenizer_size: int | None = None
+    """``len(tokenizer)`` of ``hf_dir``'s tokenizer, counted once by the driver (which has it
+    loaded); None: each rank loads the tokenizer to count it (importing transformers, about 1.5 s
+    of CPU per rank process)."""
 
 
-def defined_vocab_size(hf_dir: str, vocab_size: int) -> int:
+def defined_vocab_size(hf_dir: str, vocab_size: int, tokenizer_size: int | None = None) -> int:
     """Tokens the tokenizer defines (the engine never samples the padded rows beyond them, and
-    its log-probs are normalised over these), at most the model's vocabulary size."""
-    from transformers import AutoTokenizer
+    its log-probs are normalised over these), at most the model's vocabulary size;
+    ``tokenizer_size``: the tokenizer's length when the caller has counted it (else loaded here)."""
+    if tokenizer_size is None:
+        from transformers import AutoTokenizer
 
-    return min(len(AutoTokenizer.from_pretrained(hf_dir)), vocab_size)
+        tokenizer_size = len(AutoTokenizer.from_pretrained(hf_dir))
+    return min(tokenizer_size, vocab_size)
 
 
 class MegatronWorker:
@@ -131,7 +138,7 @@ class MegatronWorker:
         self.weights_dtype = build.weights_dtype
         loaded = load_role_model(self.arch, self.spec.parallel, build, HFWeights(self.spec.hf_dir), state.device)
         self.model, self.padded_vocab = loaded.model, loaded.padded_vocab
-        self.valid_vocab_size = defined_vocab_size(self.spec.hf_dir, self.arch.vocab_size)
+        self.valid_vocab_size = defined_vocab_size(self.spec.hf_dir, self.arch.vocab_size, self.spec.tokenizer_size)
         self._after_load()
 
     def _after_load(self) -> None:
