@@ -67,6 +67,9 @@ class BenchPlan:
     """Megatron's microbatches as packed rows (no padding) within a token budget of
     ``micro_batch_size x seq_len``: the positions one of plain's padded microbatches computes."""
     profile: bool = False
+    rope_ab: bool = False
+    """Also time Megatron's update with Megatron-Core's own packed RoPE (``models/packed_rope`` off),
+    alternating with the other sides."""
     """Also print torch.profiler tables (top ops by self CPU time) of one update per side."""
     seed: int = 0
 
@@ -194,6 +197,7 @@ def _worker(plan: BenchPlan, result_path: str) -> None:
         build_stage_model,
         validate_layout,
     )
+    from megatron_rlhf.models import packed_rope
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.parallel.init import initialize_parallel
     from megatron_rlhf.training.actor_critic import ActorTrainer, PPOUpdateConfig
@@ -244,10 +248,24 @@ def _worker(plan: BenchPlan, result_path: str) -> None:
     def plain() -> float:
         return plain_update(hf_model, optimizer, batch, experience, plan)
 
+    def megatron_rope_update() -> float:  # Megatron-Core's own packed RoPE, for the A/B
+        from megatron.core.models.common.embeddings import rope_utils
+        from megatron.core.transformer import attention
+
+        attention.apply_rotary_pos_emb = rope_utils.apply_rotary_pos_emb
+        try:
+            return megatron_update()
+        finally:
+            packed_rope.install()
+
     first_losses = (megatron_update(), plain())  # warm-up; identical starting weights
-    times: dict[str, list[float]] = {"megatron": [], "plain": []}
+    sides = [("megatron", megatron_update), ("plain", plain)]
+    if plan.rope_ab:
+        megatron_rope_update()
+        sides.insert(1, ("megatron_rope", megatron_rope_update))
+    times: dict[str, list[float]] = {name: [] for name, _ in sides}
     for _ in range(plan.repeats):
-        for name, update in (("megatron", megatron_update), ("plain", plain)):
+        for name, update in sides:
             start = time.perf_counter()
             update()
             times[name].append(time.perf_counter() - start)
@@ -264,6 +282,7 @@ def _worker(plan: BenchPlan, result_path: str) -> None:
                 "loss_diff": abs(first_losses[0] - first_losses[1]),
                 "megatron_s": times["megatron"],
                 "plain_s": times["plain"],
+                "megatron_rope_s": times.get("megatron_rope", []),
                 "plan": asdict(plan),
             }
         )
@@ -301,6 +320,8 @@ def main() -> None:
                         help="Megatron with right-padded microbatches too (default: packed rows within the "
                              "positions of one padded microbatch, micro-batch-size x seq-len tokens)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--rope-ab", action="store_true",
+                        help="also time Megatron's update with Megatron-Core's own packed RoPE (ours off)")
     parser.add_argument("--out", default=None, help="write a Markdown table here")
     args = parser.parse_args()
 
@@ -317,6 +338,7 @@ def main() -> None:
             repeats=args.repeats,
             packing=not args.no_packing,
             profile=args.profile,
+            rope_ab=args.rope_ab,
         )
         result_path = tempfile.mktemp(suffix=".json")
         spawn(_worker, 1, plan, result_path)
@@ -328,6 +350,15 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(result) for result in rows),
     ]
+    if args.rope_ab:
+        lines += ["", "Megatron's update with this stack's packed RoPE (`models/packed_rope.py`) against Megatron-Core's "
+                  "own, alternating in the same process:", "",
+                  "| model | ours s | Megatron-Core RoPE s | paired (core / ours) |", "|---|---|---|---|"]
+        for result in rows:
+            ours, core = result["megatron_s"], result["megatron_rope_s"]
+            paired = statistics.median(c / o for o, c in zip(ours, core))
+            lines.append(f"| {result['size']} | {statistics.median(ours):.3f} | {statistics.median(core):.3f} | "
+                         f"{paired:.3f}x |")
     load_after = os.getloadavg()
     table = "\n".join(lines)
     load = (

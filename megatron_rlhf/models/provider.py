@@ -267,6 +267,9 @@ def build_model(
     """
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    from megatron_rlhf.models import packed_rope
+
+    packed_rope.install()  # one cos/sin table per packed micro-batch instead of per layer (same values)
     impl = resolve_transformer_impl(build.transformer_impl)
     if build.precision is not None and build.precision.uses_transformer_engine and impl != "transformer_engine":
         raise ValueError("precision.mode='fp8' needs the Transformer Engine layer spec; it resolved to local here")
