@@ -231,6 +231,8 @@ class RolloutEngine:
     def sampling_params(self, settings: SamplingSettings):
         from vllm import SamplingParams
 
+        from megatron_rlhf.rollout.logprob_text import LOGPROB_TEXT_ARG
+
         allowed = None
         if self.defined_tokens < self.vocab_size:
             allowed = list(range(self.defined_tokens))  # padded embedding rows are never sampled
@@ -245,6 +247,7 @@ class RolloutEngine:
             seed=settings.seed,
             logprobs=0,
             allowed_token_ids=allowed,
+            extra_args={LOGPROB_TEXT_ARG: False},  # the numbers only: no text per log-prob token
         )
 
     def generate(self, prompts: Sequence[Any], settings: SamplingSettings) -> RolloutBatch:

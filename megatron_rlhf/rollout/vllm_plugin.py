@@ -249,3 +249,6 @@ def register() -> None:
     from megatron_rlhf.rollout.sampler_rank import apply_eager_token_ranks
 
     apply_eager_token_ranks()  # CPU platforms only
+    from megatron_rlhf.rollout.logprob_text import apply_no_logprob_text
+
+    apply_no_logprob_text()  # only requests that ask for it (our rollouts)

@@ -269,6 +269,29 @@ def test_response_texts_equal_the_decode(engine, stop):
         assert "stop" in batch.finish_reasons  # the stop strings were hit
 
 
+def test_rollout_logprobs_come_without_token_text_and_with_vllms_own_numbers(engine):
+    """Our requests ask vLLM not to decode each log-prob's token (``rollout/logprob_text.py``): the
+    same tokens, log-probs and ranks as a request without the flag, same seed; no ``decoded_token``
+    where ours asked, vLLM's text where the other did; the response text is there in both."""
+    from vllm.inputs import TokensPrompt
+
+    from megatron_rlhf.config.sampling import SamplingSettings
+    from megatron_rlhf.rollout.logprob_text import LOGPROB_TEXT_ARG
+
+    ours = engine.sampling_params(SamplingSettings(n=4, max_new_tokens=12, temperature=1.0, seed=11))
+    assert ours.extra_args == {LOGPROB_TEXT_ARG: False}
+    plain = ours.clone()
+    plain.extra_args = None
+    prompt = TokensPrompt(prompt_token_ids=[7, 8, 9, 10])
+    (with_flag,), (without,) = (engine.llm.generate([prompt], params, use_tqdm=False) for params in (ours, plain))
+    for mine, theirs in zip(with_flag.outputs, without.outputs, strict=True):
+        assert mine.token_ids == theirs.token_ids and mine.text == theirs.text and mine.text
+        assert [[(t, p.logprob, p.rank) for t, p in step.items()] for step in mine.logprobs] == \
+            [[(t, p.logprob, p.rank) for t, p in step.items()] for step in theirs.logprobs]
+        assert all(p.decoded_token is None for step in mine.logprobs for p in step.values())
+        assert all(isinstance(p.decoded_token, str) for step in theirs.logprobs for p in step.values())
+
+
 def test_an_engine_in_this_process_samples_what_vllms_own_processes_sample(engine):
     """``engine_process: in_process`` (the CPU default where it can run) against the fixture's
     engine in vLLM's own processes, same config and seed, both on one torch thread: the same
