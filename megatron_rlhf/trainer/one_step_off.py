@@ -7,6 +7,7 @@ of their own, not inside the actor's rank 0), step ``k`` of
     take B_k (generated during step k-1, rewards streamed alongside)   -> phase "rollout"
     combine B_k's rewards                                              -> phase "reward"
     start B_{k+1} on the engines (weights theta_k), rewards streaming  -> background thread
+      ... once generated: B_{k+1}'s reference log-probs issued            -> the reference group
     old / reference log-probs, values, experience, updates -> theta_{k+1}
     wait until B_{k+1} is generated                                    -> phase "rollout_wait"
     sync theta_{k+1} into the engines                                  -> phase "weight_sync"
@@ -31,15 +32,36 @@ else the loop checkpoints is restored exactly.
 
 Rewards keep their order: a batch's rewards are combined (normalisation, the infra-error window)
 in the main thread, in step order, before the next batch starts.
+
+The frozen reference needs nothing of step ``k``: ``early_passes`` (the run gives the reference
+group's ``start_logprobs``) is called with B_{k+1} on the generating thread as soon as the
+batch is generated, so its pass runs during the rest of step ``k`` (the wait, the weight sync)
+instead of at the start of step ``k + 1``; :meth:`OneStepOffRollouts.take` hands back what it
+returned (None for a batch generated in the foreground: the step issues the pass itself). Only
+the reference: the critic's values and the actor's log-probs of B_{k+1} need the weights of
+update ``k``.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from megatron_rlhf.trainer.rollout_phase import generate_scored
+
+
+class TakenBatch(NamedTuple):
+    """What :meth:`OneStepOffRollouts.take` hands a step."""
+
+    prompts: list
+    batch: Any
+    scoring: Any
+    """The batch's reward stream."""
+    staleness: int
+    """Updates between the weights that sampled the batch and the trainer's."""
+    early: Any = None
+    """What ``early_passes`` returned for the batch (None: not called, the batch was generated now)."""
 
 
 @dataclass
@@ -50,6 +72,7 @@ class _InFlight:
     """Updates behind the weights the batch is generated with (the engine's weight version)."""
     thread: threading.Thread
     result: tuple | None = None
+    early: Any = None
     error: BaseException | None = None
 
 
@@ -57,7 +80,8 @@ class OneStepOffRollouts:
     """Generates the batch of step ``k + 1`` on the disaggregated engines during step ``k``."""
 
     def __init__(self, engine: Any, sampler: Any, sampling_for: Callable[[int], Any], tokenizer: Any,
-                 router: Any, chat_template: bool, last_step: int, engine_version: int):
+                 router: Any, chat_template: bool, last_step: int, engine_version: int,
+                 early_passes: Callable[[Any], Any] | None = None):
         self.engine = engine
         """Driver-side proxy of the rollout engine(s) (``generate_stream``): never the actor's rank 0."""
         self.sampler = sampler
@@ -69,6 +93,8 @@ class OneStepOffRollouts:
         """Steps of the run: no batch is started for a step at or past it."""
         self.engine_version = engine_version
         """How many updates the engine's weights have seen (the step of the last sync)."""
+        self.early_passes = early_passes
+        """Called with each background batch once generated (on the generating thread); see the module docstring."""
         self._inflight: _InFlight | None = None
         self._sampler_before: dict | None = None
 
@@ -91,6 +117,8 @@ class OneStepOffRollouts:
         def run() -> None:
             try:
                 flight.result = self._generate(step, prompts)
+                if self.early_passes is not None:
+                    flight.early = self.early_passes(flight.result[0])
             except BaseException as error:  # re-raised by take / wait_generated
                 flight.error = error
 
@@ -99,20 +127,20 @@ class OneStepOffRollouts:
         self._inflight = flight
         flight.thread.start()
 
-    def take(self, step: int) -> tuple[list, Any, Any, int]:
-        """``(prompts, batch, reward stream, staleness)`` of ``step``: the batch started during
-        the previous step, or one generated now (the first step, after a resume)."""
+    def take(self, step: int) -> TakenBatch:
+        """The batch of ``step``: started during the previous step, or generated now (the first
+        step, after a resume)."""
         flight = self._inflight
         if flight is None:
             prompts = self._draw()
             batch, stream = self._generate(step, prompts)
-            return prompts, batch, stream, step - self.engine_version
+            return TakenBatch(prompts, batch, stream, step - self.engine_version)
         if flight.step != step:
             raise RuntimeError(f"the batch in flight is for step {flight.step}, step {step} asked for it")
         self.wait_generated()
         self._inflight, self._sampler_before = None, None
         batch, stream = flight.result
-        return flight.prompts, batch, stream, step - flight.version
+        return TakenBatch(flight.prompts, batch, stream, step - flight.version, flight.early)
 
     def wait_generated(self) -> None:
         """Block until the batch in flight is generated (its rewards may still be scoring): the

@@ -229,8 +229,9 @@ def one_step_off_rollouts(config: RLConfig, groups: dict[str, Any], sampler: Any
     def sampling_for(at: int):  # each step's own seed, as in synchronous mode
         return replace(parts.sampling, seed=config.seed + SEED_STRIDE * at)
 
+    early = parts.reference.start_logprobs if parts.reference is not None else None  # frozen: any time
     return OneStepOffRollouts(engine, sampler, sampling_for, parts.tokenizer, parts.router, parts.chat_template,
-                              last_step=config.steps, engine_version=step)
+                              last_step=config.steps, engine_version=step, early_passes=early)
 
 
 def gpu_metrics(groups: dict[str, Any]) -> dict[str, float]:

@@ -34,7 +34,7 @@ their reward set to their group's mean of valid rewards (zero advantage); they a
 
 One-step-off-policy mode (:mod:`.one_step_off`): the batch was generated during the previous
 step, and the next one is generated during this step's passes and updates (phase "rollout_wait"
-waits for it before the weight sync). The policy loss can correct the engine/trainer mismatch
+waits for it before the weight sync); its reference pass is issued as soon as it is generated. The policy loss can correct the engine/trainer mismatch
 with truncated importance sampling (``AlgorithmConfig.rollout_is``); ``rollout_is/*`` metrics
 report the mismatch KL and the weights every step, ``rollout/staleness`` the updates between the
 sampling weights and the trainer's.
@@ -112,19 +112,21 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
                 parts.on_phase(name, state.step)
             yield
 
-    staleness = 0
+    staleness, early_ref = 0, None
     with phase("rollout"):  # each prompt group is scored as soon as the engine finishes it
         if rollouts is None:
             batch, scoring = generate_scored(parts.actor, [p.engine_input(parts.chat_template) for p in prompts], parts.sampling,
                                              prompts, parts.tokenizer, parts.router, state.step)
-        else:  # generated during the previous step (one-step-off-policy)
-            prompts, batch, scoring, staleness = rollouts.take(state.step)
+        else:  # generated during the previous step (one-step-off-policy), its reference pass issued then
+            prompts, batch, scoring, staleness, early_ref = rollouts.take(state.step)
     step_prompts = [prompts[int(index)] for index in batch.prompt_index]
 
     # the reference's and critic's passes run in their own worker groups while the last rewards
     # are awaited and the actor's pass runs (rows with an infrastructure-error reward are masked
     # out of their results below)
-    pending_ref = parts.reference.start_logprobs(batch) if algorithm.kl_mode != "none" else None
+    pending_ref = None
+    if algorithm.kl_mode != "none":
+        pending_ref = early_ref if early_ref is not None else parts.reference.start_logprobs(batch)
     pending_values = parts.critic.start_values(batch) if algorithm.needs_critic else None
     with phase("reward"):  # the last groups' scores, then the whole batch's normalisation
         results = scoring.results(batch.num_samples)

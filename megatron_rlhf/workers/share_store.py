@@ -8,13 +8,17 @@ shares by split, so each share is serialised once and every rank of every role t
 same split reads the same object.
 
 Guarantees: a share is the batch's rows ``shard`` (``select_rollout``), without the response
-text (ranks never read it); a new batch object (``dataclasses.replace`` makes one) drops the
-previous batch's refs. Not guaranteed: a batch mutated in place after its first dispatch is not
+text (ranks never read it); the refs of the :data:`RECENT_BATCHES` batches dispatched last are
+kept (a batch is a new object after ``dataclasses.replace``), older ones dropped: one-step-off
+runs dispatch the next step's batch to the reference (from the generating thread) while this
+step's batch is still in use; calls from several threads are serialised (a lock), so a batch's
+refs are always its own. Not guaranteed: a batch mutated in place after its first dispatch is not
 noticed (batches are treated as immutable values).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -22,24 +26,36 @@ from megatron_rlhf.parallel.data_dispatch import select_rollout
 from megatron_rlhf.types import RolloutBatch
 
 
-class ShareStore:
-    """Object refs of the last dispatched batch's shares, one list per split."""
+RECENT_BATCHES = 2
+"""Batches whose shares are kept: the step's own and, in one-step-off runs, the next one's."""
 
-    def __init__(self) -> None:
-        self._batch: RolloutBatch | None = None
-        self._by_split: dict[tuple[tuple[int, ...], ...], list[Any]] = {}
+
+class ShareStore:
+    """Object refs of the recently dispatched batches' shares, one list per split."""
+
+    def __init__(self, put: Any = None) -> None:
+        self._put = put
+        """Puts one object into the store and returns its ref (None: ``ray.put``)."""
+        self._recent: list[tuple[RolloutBatch, dict[tuple[tuple[int, ...], ...], list[Any]]]] = []
+        self._lock = threading.Lock()
         self.puts = 0
         """Shares put into the object store so far (each share is put once per batch and split)."""
 
     def rollout_shares(self, batch: RolloutBatch, shards: Sequence[Sequence[int]]) -> list[Any]:
         """One object ref per shard: the batch's rows of that shard (put on first use)."""
-        import ray
+        if self._put is None:
+            import ray
 
-        if batch is not self._batch:  # a strong reference: the identity is never reused meanwhile
-            self._batch, self._by_split = batch, {}
+            self._put = ray.put
         split = tuple(tuple(int(i) for i in shard) for shard in shards)
-        if split not in self._by_split:
-            textless = replace(batch, response_texts=None)
-            self._by_split[split] = [ray.put(select_rollout(textless, shard)) for shard in split]
-            self.puts += len(split)
-        return self._by_split[split]
+        with self._lock:
+            # strong references to the batches: their identities are never reused meanwhile
+            by_split = next((refs for known, refs in self._recent if known is batch), None)
+            if by_split is None:
+                by_split = {}
+                self._recent = [*self._recent, (batch, by_split)][-RECENT_BATCHES:]
+            if split not in by_split:
+                textless = replace(batch, response_texts=None)
+                by_split[split] = [self._put(select_rollout(textless, shard)) for shard in split]
+                self.puts += len(split)
+            return by_split[split]

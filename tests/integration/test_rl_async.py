@@ -2,7 +2,10 @@
 
 The set-up of :mod:`tests.integration.test_rl_improves_reward` (the same tiny llama and
 target-token reward, built once per session: ``target_token_inputs``; 4 prompts x 8 responses,
-2 minibatches per step, no KL), run through ``run_rl`` with the asynchronous schedule: a
+2 minibatches per step), with a small k3 KL to a reference in the loss (so the reference pass of
+each background batch, issued as soon as that batch is generated, is exercised end to end: with
+it and without it, the same run logged the same ``kl/mean`` at every step, bit for bit, checked by
+hand), run through ``run_rl`` with the asynchronous schedule: a
 disaggregated vLLM engine (its own Ray actor) generates the batch of step k+1 while the Megatron
 actor trains on step k, weights synced after every update, and the policy loss corrected with
 token-level truncated importance sampling against the engine's sampling log-probs.
@@ -25,6 +28,8 @@ mismatch-KL check still has its stale steps on each side of the resume.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -52,8 +57,8 @@ def _config(run_inputs: dict, steps: int):
     return RLConfig(
         policy_dir=run_inputs["hf_dir"], out_dir=str(run_inputs["root"] / "one_step_off"),
         prompt_files=(run_inputs["prompts"],),
-        algorithm=AlgorithmConfig(advantage_estimator="grpo", kl_mode="none", rollout_is="token",
-                                  rollout_is_threshold=2.0),
+        algorithm=AlgorithmConfig(advantage_estimator="grpo", kl_mode="loss", kl_estimator="k3", kl_coef=1e-3,
+                                  rollout_is="token", rollout_is_threshold=2.0),
         steps=steps, prompts_per_step=NUM_PROMPTS, n=SAMPLES_PER_PROMPT, temperature=1.0,
         max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=32,
         update=PPOUpdateConfig(num_minibatches=2, micro_batch_size=SAMPLES_PER_PROMPT * NUM_PROMPTS // 2),
@@ -78,13 +83,16 @@ def test_one_step_off_raises_the_reward_and_resumes(target_token_inputs, ray_clu
     curve = [row["reward/probe"] for row in rows]
     staleness = [row["rollout/staleness"] for row in rows]
     print(f"one_step_off: target {run_inputs['target']!r}; rewards {[round(r, 3) for r in curve]}; "
-          f"mismatch KL {[round(row['rollout_is/mismatch_kl'], 4) for row in rows]}")
+          f"mismatch KL {[round(row['rollout_is/mismatch_kl'], 4) for row in rows]}; "
+          f"KL to the reference {[round(row['kl/mean'], 4) for row in rows]}")
     assert staleness == [0.0 if step in (0, SPLIT) else 1.0 for step in range(STEPS)]
     assert rows[1]["rollout_is/mismatch_kl"] > 1e-3  # sampled before the first update
     assert rows[SPLIT]["rollout_is/mismatch_kl"] < 1e-4  # the resumed engine got the restored weights
     assert all(row["rollout_is/mismatch_kl"] >= 0 for row in rows)
     assert all(0 < row["rollout_is/weight_mean"] and row["rollout_is/weight_max"] <= 2.0 for row in rows)
     assert rows[-1]["ratio/sync_alarms"] == 0
+    assert abs(rows[0]["kl/mean"]) < 1e-6  # the policy is the reference before its first update
+    assert all(math.isfinite(row["kl/mean"]) and row["kl/mean"] >= 0 for row in rows)
     start = sum(curve[:FIRST_STEPS]) / FIRST_STEPS
     end = sum(curve[-LAST_STEPS:]) / LAST_STEPS
     assert end >= start + MARGIN, f"one_step_off: start {start:.3f}, end {end:.3f}, curve {curve}"

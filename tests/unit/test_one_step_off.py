@@ -65,10 +65,11 @@ def _parts():
     return records, router
 
 
-def _rollouts(records, router, engine, last_step=10, version=0):
+def _rollouts(records, router, engine, last_step=10, version=0, early_passes=None):
     sampler = PromptSampler(records, 2, seed=3)
     return OneStepOffRollouts(engine, sampler, lambda step: Sampling(seed=100 * step), Tokenizer(), router,
-                              chat_template=False, last_step=last_step, engine_version=version), sampler
+                              chat_template=False, last_step=last_step, engine_version=version,
+                              early_passes=early_passes), sampler
 
 
 def test_schedule_keeps_prompt_order_seeds_and_staleness():
@@ -77,7 +78,8 @@ def test_schedule_keeps_prompt_order_seeds_and_staleness():
     rollouts, _ = _rollouts(records, router, engine, last_step=3)
     reference = PromptSampler(records, 2, seed=3)
     for step in range(3):
-        prompts, batch, stream, staleness = rollouts.take(step)
+        prompts, batch, stream, staleness, early = rollouts.take(step)
+        assert early is None  # no early_passes given
         assert [p.id for p in prompts] == [p.id for p in reference.next_batch()]
         assert staleness == (0 if step == 0 else 1)
         results = stream.results(batch.num_samples)
@@ -90,11 +92,30 @@ def test_schedule_keeps_prompt_order_seeds_and_staleness():
     rollouts.close()
 
 
+def test_the_reference_pass_of_a_background_batch_is_issued_as_soon_as_it_is_generated():
+    records, router = _parts()
+    engine, issued = Engine(), []
+
+    def early_passes(batch):  # the run gives the reference group's start_logprobs
+        issued.append((threading.current_thread().name, batch))
+        return f"pending {len(issued)}"
+
+    rollouts, _ = _rollouts(records, router, engine, last_step=3, early_passes=early_passes)
+    first = rollouts.take(0)
+    assert first.early is None and issued == []  # generated in the foreground: the step issues its own pass
+    rollouts.start(1)
+    rollouts.wait_generated()
+    assert len(issued) == 1 and issued[0][0] == "rollout-step-1"  # on the generating thread, before the wait ends
+    second = rollouts.take(1)
+    assert second.early == "pending 1" and issued[0][1] is second.batch
+    rollouts.close()
+
+
 def test_checkpoint_sampler_state_is_from_before_the_batch_in_flight():
     records, router = _parts()
     engine = Engine()
     rollouts, sampler = _rollouts(records, router, engine)
-    prompts, batch, stream, _ = rollouts.take(0)
+    prompts, batch, stream, _, _ = rollouts.take(0)
     stream.results(batch.num_samples)
     engine.release.clear()  # hold the next generation mid-stream
     engine.started.clear()
