@@ -47,6 +47,9 @@ class _JitLoader(importlib.abc.Loader):
     def __init__(self, loader: importlib.abc.Loader):
         self.loader = loader
 
+    def __getattr__(self, name: str):  # get_source, get_filename, is_package, ...: the file loader's
+        return getattr(self.loader, name)
+
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
 

@@ -151,6 +151,8 @@ class OneStepOffRollouts:
         flight.thread.join()
         if flight.error is not None:
             self._inflight = None
+            if flight.result is not None:  # generated, then the early pass failed: stop its scoring
+                flight.result[1].close()
             raise flight.error
 
     def synced(self, version: int) -> None:

@@ -149,6 +149,20 @@ def test_generation_errors_reach_the_step():
         rollouts.take(0)
 
 
+def test_an_early_pass_that_fails_reaches_the_step():
+    records, router = _parts()
+
+    def early_passes(batch):
+        raise RuntimeError("reference group died")
+
+    rollouts, _ = _rollouts(records, router, Engine(), early_passes=early_passes)
+    rollouts.take(0)
+    rollouts.start(1)
+    with pytest.raises(RuntimeError, match="reference group died"):
+        rollouts.take(1)
+    rollouts.close()  # nothing left in flight
+
+
 def test_config_needs_disaggregated_engines_and_a_known_mode():
     from megatron_rlhf.trainer.rl_config import RLConfig
 
