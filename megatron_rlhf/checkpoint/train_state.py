@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from megatron_rlhf.checkpoint.dist_ckpt import CheckpointError
+from megatron_rlhf.checkpoint.dist_ckpt import CheckpointError, save_sharded
 from megatron_rlhf.checkpoint.optimizer_state import (
     is_distributed_optimizer as _is_distributed_optimizer,
     is_updater as _is_updater,
@@ -139,10 +139,8 @@ def save_train_state(
         return staging
 
     staging = _on_rank0(prepare)
-    from megatron.core import dist_checkpointing
-
     for name, component in models.items():
-        dist_checkpointing.save(_sharded_state(component, False), str(staging / "models" / name))
+        save_sharded(_sharded_state(component, False), str(staging / "models" / name))
     _write_rng_state(staging / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt")
     torch.distributed.barrier()
 
