@@ -56,8 +56,12 @@ PACKAGE_LAYERS = {
 }
 """Layer of each top-level package or module of ``megatron_rlhf``."""
 
-MODULE_LAYERS: dict[str, str] = {}
-"""Modules whose layer is not their folder's, with the reason (none: every folder is one layer)."""
+MODULE_LAYERS: dict[str, str] = {
+    # installed by the package's own __init__ (the lowest layer) before any Megatron import, and
+    # imports nothing of the package itself
+    "parallel.megatron_jit": "config",
+}
+"""Modules whose layer is not their folder's, with the reason."""
 
 
 def _module_name(path: Path) -> str:
@@ -68,7 +72,7 @@ def _module_name(path: Path) -> str:
 def layer_of(module: str) -> str:
     """Layer of ``module`` (a dotted name relative to ``megatron_rlhf``; "" is the package)."""
     if not module:
-        return "config"  # the package's own __init__ imports nothing of it
+        return "config"  # the package's own __init__ imports only parallel.megatron_jit (see MODULE_LAYERS)
     for name, layer in MODULE_LAYERS.items():
         if module == name or module.startswith(name + "."):
             return layer
