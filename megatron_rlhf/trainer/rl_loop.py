@@ -129,7 +129,9 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
                   precision=config.precision)
     policy_tokens = len(tokenizer)  # the policy's tokenizer, counted here once instead of in every rank
     groups: dict[str, Any] = {}
-    shares = ShareStore()  # one step's batch shares, put into the object store once for every role
+    # a step's batch shares, put into the object store once for every role (one-step-off runs also
+    # dispatch the next step's batch to the reference during this step)
+    shares = ShareStore(recent=2 if config.rollout_mode == "one_step_off" else 1)
     threads, engine_start = ThreadPoolExecutor(1, thread_name_prefix="engine-start"), None
     try:  # every group (and the disaggregated engines) starts and loads at once
         actor_spec = RoleWorkerSpec(hf_dir=config.policy_dir, parallel=config.actor.parallel,

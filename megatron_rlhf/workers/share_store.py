@@ -8,11 +8,11 @@ shares by split, so each share is serialised once and every rank of every role t
 same split reads the same object.
 
 Guarantees: a share is the batch's rows ``shard`` (``select_rollout``), without the response
-text (ranks never read it); the refs of the :data:`RECENT_BATCHES` batches dispatched last are
-kept (a batch is a new object after ``dataclasses.replace``), older ones dropped: one-step-off
-runs dispatch the next step's batch to the reference (from the generating thread) while this
-step's batch is still in use; calls from several threads are serialised (a lock), so a batch's
-refs are always its own. Not guaranteed: a batch mutated in place after its first dispatch is not
+text (ranks never read it); the refs of the ``recent`` batches dispatched last are kept (a
+batch is a new object after ``dataclasses.replace``), older ones dropped: 1 in synchronous runs,
+2 in one-step-off runs, which dispatch the next step's batch to the reference (from the
+generating thread) while this step's batch is still in use; calls from several threads are
+serialised (a lock), so a batch's refs are always its own. Not guaranteed: a batch mutated in place after its first dispatch is not
 noticed (batches are treated as immutable values).
 """
 
@@ -26,14 +26,14 @@ from megatron_rlhf.parallel.data_dispatch import select_rollout
 from megatron_rlhf.types import RolloutBatch
 
 
-RECENT_BATCHES = 2
-"""Batches whose shares are kept: the step's own and, in one-step-off runs, the next one's."""
-
-
 class ShareStore:
     """Object refs of the recently dispatched batches' shares, one list per split."""
 
-    def __init__(self, put: Any = None) -> None:
+    def __init__(self, recent: int = 1, put: Any = None) -> None:
+        if recent < 1:
+            raise ValueError(f"ShareStore(recent={recent}): keep the shares of at least one batch")
+        self.recent = recent
+        """Batches whose shares are kept (see the module docstring)."""
         self._put = put
         """Puts one object into the store and returns its ref (None: ``ray.put``)."""
         self._recent: list[tuple[RolloutBatch, dict[tuple[tuple[int, ...], ...], list[Any]]]] = []
@@ -53,7 +53,7 @@ class ShareStore:
             by_split = next((refs for known, refs in self._recent if known is batch), None)
             if by_split is None:
                 by_split = {}
-                self._recent = [*self._recent, (batch, by_split)][-RECENT_BATCHES:]
+                self._recent = [*self._recent, (batch, by_split)][-self.recent:]
             if split not in by_split:
                 textless = replace(batch, response_texts=None)
                 by_split[split] = [self._put(select_rollout(textless, shard)) for shard in split]

@@ -8,7 +8,9 @@ import threading
 import torch
 
 from megatron_rlhf.types import RolloutBatch
-from megatron_rlhf.workers.share_store import RECENT_BATCHES, ShareStore
+import pytest
+
+from megatron_rlhf.workers.share_store import ShareStore
 
 
 def _batch(marker: int, rows: int = 4) -> RolloutBatch:
@@ -22,20 +24,30 @@ def _batch(marker: int, rows: int = 4) -> RolloutBatch:
 
 def test_each_share_is_put_once_per_batch_and_split_and_recent_batches_are_kept():
     puts = []
-    store = ShareStore(put=lambda share: puts.append(share) or len(puts))
+    store = ShareStore(recent=2, put=lambda share: puts.append(share) or len(puts))
     first, second, third = _batch(1), _batch(2), _batch(3)
     refs = store.rollout_shares(first, [[0, 1], [2, 3]])
     assert store.rollout_shares(first, [[0, 1], [2, 3]]) == refs and store.puts == 2
     assert all(share.response_texts is None for share in puts)  # ranks never read the text
     store.rollout_shares(second, [[0, 1], [2, 3]])  # the next step's batch, dispatched early
     assert store.rollout_shares(first, [[0, 1], [2, 3]]) == refs and store.puts == 4  # still kept
-    assert RECENT_BATCHES == 2
     store.rollout_shares(third, [[0, 1, 2, 3]])
     assert store.rollout_shares(first, [[0, 1], [2, 3]]) != refs and store.puts == 7  # dropped, put again
 
 
+def test_a_synchronous_run_keeps_only_the_last_batch():
+    puts = []
+    store = ShareStore(put=lambda share: puts.append(share) or len(puts))
+    first, second = _batch(1), _batch(2)
+    refs = store.rollout_shares(first, [[0, 1], [2, 3]])
+    store.rollout_shares(second, [[0, 1], [2, 3]])
+    assert store.rollout_shares(first, [[0, 1], [2, 3]]) != refs and store.puts == 6  # dropped, put again
+    with pytest.raises(ValueError, match="recent=0"):
+        ShareStore(recent=0)
+
+
 def test_batches_dispatched_from_two_threads_get_their_own_shares():
-    store = ShareStore(put=lambda share: share)
+    store = ShareStore(recent=2, put=lambda share: share)
     batches = [_batch(marker) for marker in range(1, 9)]
     seen: dict[int, list] = {}
 
