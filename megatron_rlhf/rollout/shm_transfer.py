@@ -15,7 +15,7 @@ processes by :mod:`~megatron_rlhf.rollout.vllm_plugin`) and the trainer engine
   default, ``bucket_bytes`` each) and ``init_weight_transfer_engine`` names one to the workers,
   which fail at once if they cannot map it (another host, a private ``/dev/shm``);
 - per bucket: the sender packs the tensors back to back (64-byte aligned) into the next segment
-  in turn and calls ``update_weights`` (on a helper thread) with the bucket's layout (``names``,
+  in turn and calls ``update_weights`` (without waiting: :meth:`EngineClient.submit`) with the bucket's layout (``names``,
   ``dtype_names``, ``shapes``, ``offsets``, ``num_bytes``, and the segment's name and size);
   each worker maps that segment copy-on-write and loads views of it through vLLM's layerwise
   reload (``start_weight_update`` / ``finish_weight_update``, as the gloo backend), copying out
@@ -23,7 +23,10 @@ processes by :mod:`~megatron_rlhf.rollout.vllm_plugin`) and the trainer engine
 - the RPC returns only after every worker has loaded the bucket, and a segment is packed again
   only after the RPC of the bucket it held returned, so with two segments packing overlaps
   loading; a bucket with one tensor larger than its segment replaces it by a larger one (new
-  name, carried in the update info).
+  name, carried in the update info);
+- an engine in another process (a Ray actor) may be left loading: ``send_weights(wait=False)``
+  returns once the last bucket is packed, and the next send, or the shutdown, waits for the
+  loads first (the one-step-off schedule overlaps them with the next update this way).
 
 Guarantees: shared memory only, never a file on disk; ``num_buffers`` segments per sender, each
 at most the largest bucket in size; the segments are unlinked by ``WeightSync.shutdown``, when a sync raises,
@@ -49,7 +52,6 @@ import mmap
 import os
 import shutil
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory, util
 from pathlib import Path
@@ -304,6 +306,18 @@ def build_engine_classes():
     return ShmWeightTransferEngine
 
 
+def _wait_all(calls: list) -> None:
+    """Wait for every call; then raise the first failure, if any."""
+    failure = None
+    for call in calls:
+        try:
+            call.result()
+        except BaseException as error:  # noqa: BLE001 - re-raised below, after the rest returned
+            failure = failure or error
+    if failure is not None:
+        raise failure
+
+
 @functools.cache
 def build_trainer_classes():
     """Define the trainer-side engine (vLLM's ``TrainerWeightTransferEngine``) lazily."""
@@ -338,6 +352,8 @@ def build_trainer_classes():
             self.bucket_bytes = bucket_bytes
             self.num_buffers = num_buffers
             self.segments: list[SharedSegment] = []
+            self.pending: list = []
+            """Calls of the last ``send_weights(wait=False)`` still running on the engine."""
 
         @property
         def segment(self) -> SharedSegment | None:
@@ -367,17 +383,26 @@ def build_trainer_classes():
                     raise
             return engine
 
-        def send_weights(self) -> TransferStats:
+        def send_weights(self, wait: bool = True) -> TransferStats:
+            """Pack every bucket and have the workers load it.
+
+            ``wait=False`` with an engine in another process (``client.remote``): return as soon
+            as the last bucket is packed and its load requested; the workers' last loads and the
+            update's end run on (:attr:`pending`, :meth:`pending_refs`), and the next send or
+            :meth:`shutdown` waits for them first (raising what they raised). The weights may
+            change once this returns: every byte the workers read is in the segments.
+            """
             if not self.is_sender:
                 return TransferStats.iterated(self.source)
             if not self.segments:
                 raise RuntimeError("shm weight transfer used after a failed send or shutdown; "
                                    "call trainer_init (WeightSync.connect) again")
             stats = TransferStats()
-            in_flight: list[Future | None] = [None] * len(self.segments)
-            pool = ThreadPoolExecutor(max_workers=1)  # one RPC at a time, in bucket order
+            calls: list = []
+            in_flight: list = [None] * len(self.segments)
             try:
-                self.client.start_weight_update()
+                self.wait_pending()
+                calls.append(self.client.submit("start_weight_update"))
                 for index, bucket in enumerate(iter_buckets(self.source, self.bucket_bytes, aligned_nbytes)):
                     slot = index % len(self.segments)
                     if in_flight[slot] is not None:
@@ -387,29 +412,42 @@ def build_trainer_classes():
                     segment.ensure(info["num_bytes"])
                     pack_bucket_into(bucket, segment.view, info)
                     info.update(segment_name=segment.name, segment_bytes=segment.num_bytes)
-                    in_flight[slot] = pool.submit(self.client.update_weights, info)
+                    in_flight[slot] = self.client.submit("update_weights", update_info=info)
+                    calls.append(in_flight[slot])
                     stats.add_bucket(bucket)
-                for future in in_flight:
-                    if future is not None:
-                        future.result()
-                self.client.finish_weight_update()
+                calls.append(self.client.submit("finish_weight_update"))
+                if wait or not self.client.remote:
+                    _wait_all(calls)
+                else:
+                    self.pending = calls
             except BaseException:
-                # First let an update RPC still in flight return: the engine client (vLLM's
-                # message queue) is not safe for two threads, and the caller's abort RPC follows.
-                for future in in_flight:
-                    if future is not None:
-                        with contextlib.suppress(BaseException):
-                            future.result()
+                # First let the calls still in flight return: the caller's abort RPC follows.
+                with contextlib.suppress(BaseException):
+                    _wait_all(calls)
                 # Never leave segments behind a failed send; the workers' update is still open.
                 self._unlink_segments()
                 raise
             finally:
-                pool.shutdown(wait=False)
+                if not self.pending:
+                    self.client.close()
             return stats
+
+        def wait_pending(self) -> None:
+            """Wait for the calls a ``send_weights(wait=False)`` left running (raises the first failure)."""
+            calls, self.pending = self.pending, []
+            _wait_all(calls)
+
+        def pending_refs(self) -> list:
+            """Ray handles of the calls still running (for another process to wait on)."""
+            return [call.ref for call in self.pending]
 
         def shutdown(self) -> None:
             if not self.segments:
                 return
+            try:
+                self.wait_pending()
+            except Exception as error:  # the segments go either way
+                log.warning("the engine's last weight load failed: %s", error)
             self._unlink_segments()
             if getattr(self.client, "alive", True):  # an engine already shut down needs nothing
                 try:

@@ -25,6 +25,7 @@ fits, between layers.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -109,18 +110,44 @@ def iter_buckets(pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
 
 
 class EngineClient:
-    """vLLM's ``VLLMWeightSyncClient`` protocol over an engine's ``llm.collective_rpc``."""
+    """vLLM's ``VLLMWeightSyncClient`` protocol over an engine's ``llm.collective_rpc``.
+
+    :meth:`submit` starts a call without waiting for it; calls run one at a time in the order
+    they were submitted (a local engine's on one helper thread; a disaggregated engine's as Ray
+    tasks from this one caller to its one-at-a-time actor, whose handles other processes may
+    wait on: ``ref``).
+    """
 
     def __init__(self, engine: Any):
         self.engine = engine
+        self._local_calls: ThreadPoolExecutor | None = None
 
     @property
     def alive(self) -> bool:
         """False once the engine was shut down (its ``llm`` dropped): nothing left to tell."""
         return getattr(self.engine, "llm", None) is not None
 
+    @property
+    def remote(self) -> bool:
+        """The engine runs in another process and its calls are Ray tasks (``llm.submit``)."""
+        return hasattr(getattr(self.engine, "llm", None), "submit")
+
     def _call(self, method: str, **kwargs: Any) -> None:
         self.engine.llm.collective_rpc(method, kwargs=kwargs or None)
+
+    def submit(self, method: str, **kwargs: Any) -> Any:
+        """Start ``method`` on the engine's workers; a call whose ``result()`` waits for it."""
+        if self.remote:
+            return self.engine.llm.submit(method, kwargs or None)
+        if self._local_calls is None:
+            self._local_calls = ThreadPoolExecutor(1, thread_name_prefix="engine-rpc")
+        return self._local_calls.submit(self._call, method, **kwargs)
+
+    def close(self) -> None:
+        """Stop the local helper thread (after the calls submitted so far). Idempotent."""
+        calls, self._local_calls = self._local_calls, None
+        if calls is not None:
+            calls.shutdown(wait=True)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._call("init_weight_transfer_engine", init_info=init_info)

@@ -22,7 +22,14 @@ Transports, by the engine's ``weight_transfer_backend``:
 Guarantees: never through a file; extra memory on the sender bounded by the buckets in flight
 (``bucket_bytes`` each: ``shm`` keeps two segments so packing overlaps loading, ``gloo`` one
 buffer; vLLM's packed ``nccl``/``ipc`` use it as their packed buffer size) plus one layer's
-tensors (buckets are cut between layers where a layer fits); every rank returns the same :class:`SyncReport`.
+tensors (buckets are cut between layers where a layer fits); every rank returns the same :class:`SyncReport`
+(but ``pending``, rank 0's only).
+
+A sync may leave the engine loading (``sync(wait=False)``; ``shm`` to an engine in another
+process only: :attr:`WeightSync.can_defer`): it returns once every weight is packed into the
+segments, so the model may train on while the engine loads; whoever generates next waits for
+``SyncReport.pending`` first, and the next sync waits for them too (a failed load is then
+handled as a failed sync, below).
 
 A sync that fails half-way is aborted cleanly and reported: the sender closes the transport
 (``shm``: segments unlinked), asks every vLLM worker to close its update (layers left open get
@@ -82,6 +89,9 @@ class SyncReport:
     buckets: int
     """Buckets sent (0 where vLLM's own engine does the bucketing: ``nccl``, ``ipc``)."""
     largest_bucket_bytes: int
+    pending: tuple = ()
+    """Rank 0 of a ``sync(wait=False)``: Ray handles of the engine's loads still running (empty
+    when the sync finished); generation must wait for them (``rollout_worker.wait_engine_calls``)."""
 
 
 class WeightSync:
@@ -162,9 +172,20 @@ class WeightSync:
         if transfer is not None:
             transfer.shutdown()
 
+    @property
+    def can_defer(self) -> bool:
+        """Whether ``sync(wait=False)`` leaves the engine loading: the ``shm`` transport to an
+        engine in another process. Elsewhere the sync finishes before it returns."""
+        return hasattr(self.transfer, "pending_refs") and bool(getattr(self.transfer.client, "remote", False))
+
     @torch.no_grad()
-    def sync(self, model: torch.nn.Module, arch: Any, role: str = "lm") -> SyncReport:
-        """Stream ``model``'s weights into the engine; a collective over all trainer ranks."""
+    def sync(self, model: torch.nn.Module, arch: Any, role: str = "lm", wait: bool = True) -> SyncReport:
+        """Stream ``model``'s weights into the engine; a collective over all trainer ranks.
+
+        ``wait=False``: where :attr:`can_defer`, return once the weights are copied out of the
+        model, the engine's loads still running (``SyncReport.pending``; the next sync waits for
+        them and reports their failure as its own); the model may be trained on at once.
+        """
         if self.transfer is None and self._reconnect:
             self.connect()  # the previous sync was aborted; a collective, as sync is
         if self.transfer is None:
@@ -172,7 +193,8 @@ class WeightSync:
         start = time.perf_counter()
         self.source.bind(model, arch, role)
         try:
-            stats = self.transfer.send_weights()
+            defer = not wait and self.is_sender and self.can_defer
+            stats = self.transfer.send_weights(wait=False) if defer else self.transfer.send_weights()
         except BaseException as failure:
             message = self._abort(failure)
             if isinstance(failure, Exception):
@@ -186,7 +208,9 @@ class WeightSync:
             numbers = [time.perf_counter() - start, stats.bytes, stats.tensors, stats.buckets,
                        stats.largest_bucket_bytes]
         torch.distributed.broadcast_object_list(numbers, src=0)
-        return SyncReport(float(numbers[0]), int(numbers[1]), int(numbers[2]), int(numbers[3]), int(numbers[4]))
+        pending = tuple(self.transfer.pending_refs()) if self.is_sender and defer else ()
+        return SyncReport(float(numbers[0]), int(numbers[1]), int(numbers[2]), int(numbers[3]), int(numbers[4]),
+                          pending)
 
     def _abort(self, failure: BaseException) -> str:
         """Close the transport and the engine's half-done update; the report of what happened.
@@ -237,9 +261,11 @@ class WeightSyncFanout:
         for sync in self.syncs:
             sync.shutdown()
 
-    def sync(self, model: torch.nn.Module, arch: Any, role: str = "lm") -> SyncReport:
-        """Sync every engine; the report sums seconds, bytes, tensors and buckets over them."""
-        reports = [sync.sync(model, arch, role) for sync in self.syncs]
+    def sync(self, model: torch.nn.Module, arch: Any, role: str = "lm", wait: bool = True) -> SyncReport:
+        """Sync every engine; the report sums seconds, bytes, tensors and buckets over them
+        (``wait=False``: one engine loads while the next one's buckets are packed)."""
+        reports = [sync.sync(model, arch, role, wait=wait) for sync in self.syncs]
         return SyncReport(sum(r.seconds for r in reports), sum(r.bytes for r in reports),
                           sum(r.tensors for r in reports), sum(r.buckets for r in reports),
-                          max(r.largest_bucket_bytes for r in reports))
+                          max(r.largest_bucket_bytes for r in reports),
+                          tuple(ref for r in reports for ref in r.pending))

@@ -7,12 +7,15 @@ of their own, not inside the actor's rank 0), step ``k`` of
     take B_k (generated during step k-1, rewards streamed alongside)   -> phase "rollout"
     combine B_k's rewards                                              -> phase "reward"
     start B_{k+1} on the engines (weights theta_k), rewards streaming  -> background thread
+      ... first the engines finish loading theta_k (the last sync's loads)
       ... once generated: B_{k+1}'s reference log-probs issued            -> the reference group
     old / reference log-probs, values, experience, updates -> theta_{k+1}
     wait until B_{k+1} is generated                                    -> phase "rollout_wait"
-    sync theta_{k+1} into the engines                                  -> phase "weight_sync"
+    copy theta_{k+1} out to the engines, which load it on their own    -> phase "weight_sync"
 
-so generation of step ``k + 1`` overlaps the passes and the update of step ``k``, and B_{k+1} was
+so generation of step ``k + 1`` overlaps the passes and the update of step ``k``, the engines'
+loading of theta_{k+1} overlaps the start of step ``k + 1`` (where the transport allows:
+``WeightSync.can_defer``; the step waits only until the weights are packed), and B_{k+1} was
 sampled by weights one update older than those it is trained from (staleness 1; the first step,
 and the first step after a resume, are on-policy: staleness 0). Staleness never exceeds 1: the
 engines take new weights only between two generations, after every update. The PPO ratio is
@@ -44,11 +47,15 @@ update ``k``.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from megatron_rlhf.trainer.rollout_phase import generate_scored
+
+log = logging.getLogger(__name__)
 
 
 class TakenBatch(NamedTuple):
@@ -62,6 +69,8 @@ class TakenBatch(NamedTuple):
     """Updates between the weights that sampled the batch and the trainer's."""
     early: Any = None
     """What ``early_passes`` returned for the batch (None: not called, the batch was generated now)."""
+    load_wait: float = 0.0
+    """Seconds its generation waited for the engines to finish loading the last sync's weights."""
 
 
 @dataclass
@@ -74,6 +83,8 @@ class _InFlight:
     result: tuple | None = None
     early: Any = None
     error: BaseException | None = None
+    load_wait: float = 0.0
+    """Seconds the generating thread waited for the engines to finish loading the weights."""
 
 
 class OneStepOffRollouts:
@@ -97,9 +108,22 @@ class OneStepOffRollouts:
         """Called with each background batch once generated (on the generating thread); see the module docstring."""
         self._inflight: _InFlight | None = None
         self._sampler_before: dict | None = None
+        self._loading: list = []
+        """Ray handles of the engines' loads of the last sync (``synced``): waited for before generating."""
 
     def _draw(self) -> list:
         return list(self.sampler.next_batch())
+
+    def _wait_loaded(self) -> float:
+        """Wait until the engines finished loading the last sync's weights; the seconds waited."""
+        loading, self._loading = self._loading, []
+        if not loading:
+            return 0.0
+        from megatron_rlhf.workers.rollout_worker import wait_engine_calls
+
+        start = time.perf_counter()
+        wait_engine_calls(loading)
+        return time.perf_counter() - start
 
     def _generate(self, step: int, prompts: list) -> tuple:
         batch, stream = generate_scored(self.engine, [p.engine_input(self.chat_template) for p in prompts],
@@ -116,6 +140,7 @@ class OneStepOffRollouts:
 
         def run() -> None:
             try:
+                flight.load_wait = self._wait_loaded()
                 flight.result = self._generate(step, prompts)
                 if self.early_passes is not None:
                     flight.early = self.early_passes(flight.result[0])
@@ -133,14 +158,15 @@ class OneStepOffRollouts:
         flight = self._inflight
         if flight is None:
             prompts = self._draw()
+            load_wait = self._wait_loaded()
             batch, stream = self._generate(step, prompts)
-            return TakenBatch(prompts, batch, stream, step - self.engine_version)
+            return TakenBatch(prompts, batch, stream, step - self.engine_version, load_wait=load_wait)
         if flight.step != step:
             raise RuntimeError(f"the batch in flight is for step {flight.step}, step {step} asked for it")
         self.wait_generated()
         self._inflight, self._sampler_before = None, None
         batch, stream = flight.result
-        return TakenBatch(flight.prompts, batch, stream, step - flight.version, flight.early)
+        return TakenBatch(flight.prompts, batch, stream, step - flight.version, flight.early, flight.load_wait)
 
     def wait_generated(self) -> None:
         """Block until the batch in flight is generated (its rewards may still be scoring): the
@@ -155,19 +181,25 @@ class OneStepOffRollouts:
                 flight.result[1].close()
             raise flight.error
 
-    def synced(self, version: int) -> None:
-        """The engines now hold the weights after ``version`` updates."""
+    def synced(self, version: int, loading: Any = ()) -> None:
+        """The engines now hold the weights after ``version`` updates, once ``loading`` (the
+        sync's ``"pending"`` Ray handles: loads still running) is done; the next generation waits for it."""
         self.engine_version = version
+        self._loading = list(loading)
 
     def sampler_state(self) -> dict:
         """The sampler's state for a checkpoint: before the in-flight batch drew its prompts."""
         return self._sampler_before if self._inflight is not None else self.sampler.state_dict()
 
     def close(self) -> None:
-        """Discard the batch in flight (waits for its generation; its rewards are dropped)."""
+        """Discard the batch in flight (waits for its generation; its rewards are dropped) and
+        wait for the engines' last loads (a failure is logged: the run is over)."""
         flight, self._inflight = self._inflight, None
-        if flight is None:
-            return
-        flight.thread.join()
-        if flight.result is not None:
-            flight.result[1].close()
+        if flight is not None:
+            flight.thread.join()
+            if flight.result is not None:
+                flight.result[1].close()
+        try:
+            self._wait_loaded()
+        except Exception as error:  # noqa: BLE001 - nothing will generate with these weights
+            log.warning("the engines' last weight load failed: %s", error)

@@ -19,7 +19,9 @@ Names (``/``-separated groups, as they appear in JSONL, TensorBoard and W&B):
   and the ratios below then come from the update's own forward;
 - ``ratio/engine_mean``, ``ratio/engine_max_abs_logprob_diff``: importance ratio of the trainer's
   log-probs against the engine's sampling log-probs (1 and 0 when both hold the same weights);
-- ``weight_sync/seconds``; ``time/<phase>`` and ``time/step``; ``throughput/tokens_per_second``;
+- ``weight_sync/seconds`` (one-step-off: until the weights are packed, the engines' load then
+  overlapping the next step; ``time/engine_load_wait``, set by the step, is what the generation
+  of the next batch still waited for it); ``time/<phase>`` and ``time/step``; ``throughput/tokens_per_second``;
   ``time/to_first_step`` (first step of a process only: seconds from the command's start to the
   end of that step, added by the RL loop) and ``startup/<phase>`` beside it
   (:mod:`megatron_rlhf.trainer.startup_timeline`);

@@ -34,7 +34,9 @@ their reward set to their group's mean of valid rewards (zero advantage); they a
 
 One-step-off-policy mode (:mod:`.one_step_off`): the batch was generated during the previous
 step, and the next one is generated during this step's passes and updates (phase "rollout_wait"
-waits for it before the weight sync); its reference pass is issued as soon as it is generated. The policy loss can correct the engine/trainer mismatch
+waits for it before the weight sync); its reference pass is issued as soon as it is generated,
+and the weight sync returns once the weights are packed, the engines loading them while the next
+step starts (the next batch's generation waits for that load). The policy loss can correct the engine/trainer mismatch
 with truncated importance sampling (``AlgorithmConfig.rollout_is``); ``rollout_is/*`` metrics
 report the mismatch KL and the weights every step, ``rollout/staleness`` the updates between the
 sampling weights and the trainer's.
@@ -112,13 +114,15 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
                 parts.on_phase(name, state.step)
             yield
 
-    staleness, early_ref = 0, None
+    staleness, early_ref, load_wait = 0, None, 0.0
     with phase("rollout"):  # each prompt group is scored as soon as the engine finishes it
         if rollouts is None:
             batch, scoring = generate_scored(parts.actor, [p.engine_input(parts.chat_template) for p in prompts], parts.sampling,
                                              prompts, parts.tokenizer, parts.router, state.step)
         else:  # generated during the previous step (one-step-off-policy), its reference pass issued then
-            prompts, batch, scoring, staleness, early_ref = rollouts.take(state.step)
+            taken = rollouts.take(state.step)
+            prompts, batch, scoring = taken.prompts, taken.batch, taken.scoring
+            staleness, early_ref, load_wait = taken.staleness, taken.early, taken.load_wait
     step_prompts = [prompts[int(index)] for index in batch.prompt_index]
 
     # the reference's and critic's passes run in their own worker groups while the last rewards
@@ -182,10 +186,10 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     if rollouts is not None:
         with phase("rollout_wait"):  # the engines finish the next batch before taking new weights
             rollouts.wait_generated()
-    with phase("weight_sync"):
-        sync = parts.actor.sync_weights()
+    with phase("weight_sync"):  # one-step-off: the engines may load on while the next step starts
+        sync = parts.actor.sync_weights(wait=rollouts is None)
     if rollouts is not None:
-        rollouts.synced(state.step + 1)
+        rollouts.synced(state.step + 1, sync.get("pending", ()))
 
     mean_kl = _masked_mean(experience.kl, experience.response_mask) if experience.kl is not None else 0.0
     controller = state.kl_controller.update(max(mean_kl, 0.0) * _mean_length(experience.response_mask), batch.num_samples)
@@ -205,6 +209,8 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     )
     metrics.update(rollout_correction_metrics(old_logprobs, sampled, experience.response_mask, algorithm))
     metrics["rollout/staleness"] = float(staleness)
+    if rollouts is not None:
+        metrics["time/engine_load_wait"] = load_wait
     metrics["actor/old_logprob_pass"] = float(not on_policy)
     new_state = RLState(step=state.step + 1, kl_controller=controller, domain_stats=domain_stats, domains=domains)
     return metrics, new_state

@@ -365,14 +365,17 @@ class ActorWorker(MegatronWorker):
             yield from self.engine.generate_stream(prompts, settings)
         self.engine.release_memory()
 
-    def sync_weights(self) -> dict[str, float]:
+    def sync_weights(self, wait: bool = True) -> dict[str, Any]:
+        """The transfer's report; ``wait=False`` may leave a disaggregated engine loading (its
+        Ray handles under ``"pending"``, rank 0: see ``WeightSync.sync``)."""
         if self.engine is not None:  # rank 0 holds the engine
             self.engine.wake(("weights",))  # vLLM loads into its own weight memory: back first
         with self.gpu.phase("weight_sync"):
-            report = self.weight_sync.sync(self.model, self.arch)
+            report = self.weight_sync.sync(self.model, self.arch, wait=wait)
         if self.engine is not None:
             self.engine.wake(("kv_cache",))
-        return {"seconds": report.seconds, "bytes": float(report.bytes), "buckets": float(report.buckets)}
+        return {"seconds": report.seconds, "bytes": float(report.bytes), "buckets": float(report.buckets),
+                "pending": list(report.pending)}
 
     # --- training ----------------------------------------------------------------------------
     def logprobs_and_entropy(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor] | None:

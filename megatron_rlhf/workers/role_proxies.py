@@ -211,9 +211,11 @@ class ActorGroup(RoleGroup):
         held = self._sharded("update_on_policy", shares, kl_coef, algorithm)
         return held[0][0], reassemble([h[1] for h in held], shards), reassemble([h[2] for h in held], shards)
 
-    def sync_weights(self) -> dict[str, float]:
-        """Megatron -> engine weight transfer (no disk); the transfer's report."""
-        return self._rank0("sync_weights")
+    def sync_weights(self, wait: bool = True) -> dict[str, Any]:
+        """Megatron -> engine weight transfer (no disk); the transfer's report. ``wait=False``: a
+        disaggregated ``shm`` engine may still be loading when this returns; its Ray handles are
+        under ``"pending"`` (wait for them before generating: ``rollout_worker.wait_engine_calls``)."""
+        return self._rank0("sync_weights", wait)
 
     def export_hf(self, out_dir: str) -> str | None:
         """Write the policy as a Hugging Face directory; its path."""

@@ -5,7 +5,10 @@ inside the actor group's rank 0 (:meth:`ActorWorker.attach_engine`), so generati
 sync need no extra hop. Disaggregated placement runs it here, in its own Ray actor on its own
 devices; the actor's rank 0 then drives the weight transfer through :class:`RemoteEngine`, which
 offers the three things :class:`~megatron_rlhf.rollout.weight_sync.WeightSync` uses
-(``backend``, ``config``, ``llm.collective_rpc``) by calling this actor.
+(``backend``, ``config``, ``llm.collective_rpc``, and ``llm.submit``: a call started without
+waiting, whose Ray handle another process can wait on) by calling this actor. On a one-host
+CPU cluster the engine takes ``shm`` weight syncs (the sender shares its ``/dev/shm``), else
+``gloo``; GPU engines take ``nccl``.
 
 Guarantee: the engine is shut down when the actor is (``shutdown``), so no vLLM engine-core
 process outlives the run.
@@ -37,6 +40,14 @@ def compute_on_bound_cores(config: Any) -> None:
     torch.set_num_threads(len(cores))
 
 
+def on_the_only_host() -> bool:
+    """The Ray cluster has one live node, so the trainer's sending rank shares this host (and
+    its ``/dev/shm``): a CPU engine then takes ``shm`` weight syncs instead of ``gloo``'s TCP."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+
+
 class RolloutWorker:
     """Holds one :class:`RolloutEngine` (vLLM's own TP inside it)."""
 
@@ -52,7 +63,7 @@ class RolloutWorker:
 
             from megatron_rlhf.rollout.engine import resolve_transfer_backend
 
-            backend = resolve_transfer_backend("auto", torch.cuda.is_available(), same_host=False)
+            backend = resolve_transfer_backend("auto", torch.cuda.is_available(), same_host=on_the_only_host())
             config = replace(config, weight_transfer_backend=backend)
         compute_on_bound_cores(config)
         self.engine = RolloutEngine(config)
@@ -80,14 +91,37 @@ class RolloutWorker:
         self.engine.shutdown()
 
 
+class RemoteCall:
+    """A ``collective_rpc`` started on a :class:`RolloutWorker` (a Ray task): ``result()`` waits
+    for it; ``ref``, its Ray object, can be handed to another process to wait on."""
+
+    def __init__(self, ref: Any):
+        self.ref = ref
+
+    def result(self) -> Any:
+        import ray
+
+        return ray.get(self.ref)
+
+
+def wait_engine_calls(refs: list) -> None:
+    """Wait for :class:`RemoteCall` ``ref``\\ s started by another process (raises the first failure)."""
+    if refs:
+        import ray
+
+        ray.get(list(refs))
+
+
 class _RemoteLLM:
     def __init__(self, handle: Any):
         self.handle = handle
 
     def collective_rpc(self, method: str, kwargs: dict | None = None) -> Any:
-        import ray
+        return self.submit(method, kwargs).result()
 
-        return ray.get(self.handle.collective_rpc.remote(method, kwargs))
+    def submit(self, method: str, kwargs: dict | None = None) -> RemoteCall:
+        """Start the call; calls submitted from one process run in submission order."""
+        return RemoteCall(self.handle.collective_rpc.remote(method, kwargs))
 
 
 class RemoteEngine:

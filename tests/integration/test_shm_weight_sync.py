@@ -9,6 +9,13 @@ workers re-map) runs too. The segment lives in /dev/shm during a sync and is gon
 ``WeightSync.shutdown``, after a failed sync, and after the processes exit. The ranks are the
 tier's rank pool (tests/integration/conftest.py), which outlive each job: a segment a pool rank
 still holds after its job is counted as left behind, as one whose creator exited is.
+
+A sync may return before the engine has loaded (``sync(wait=False)``, one-step-off runs): a
+Megatron rank (a fresh process), joined to the test's Ray cluster as a driver, syncs weights W1 that
+way into a real RolloutWorker actor (``shm`` on a one-host cluster), overwrites its parameters
+with W2 at once, waits for the sync's pending Ray handles (as the next generation does) and
+samples: the engine's log-probs equal the trainer's under W1, not under W2. 64 KiB buckets make
+many, so packing also waits for the engine to release segments; a waiting sync then brings W2.
 """
 
 from __future__ import annotations
@@ -197,3 +204,94 @@ def test_segments_of_dead_senders_are_removed_and_live_ones_kept():
     finally:
         for path in (dead, live):
             path.unlink(missing_ok=True)
+
+
+NAMESPACE = "megatron_rlhf_deferred_sync"
+ENGINE_NAME = "deferred-sync-engine"
+
+
+def _deferred_sync_rank(hf_dir: str, gcs_address: str) -> dict:
+    import ray
+
+    from megatron_rlhf.checkpoint.role_model import HFWeights, load_role_model
+    from megatron_rlhf.config.parallel import ParallelConfig
+    from megatron_rlhf.config.sampling import SamplingSettings
+    from megatron_rlhf.models.arch import arch_spec_from_hf_dir
+    from megatron_rlhf.models.provider import ModelBuildConfig
+    from megatron_rlhf.models.sequence_logprobs import response_logprobs
+    from megatron_rlhf.parallel.init import initialize_parallel
+    from megatron_rlhf.rollout import shm_transfer
+    from megatron_rlhf.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_rlhf.workers.rollout_worker import RemoteEngine, wait_engine_calls
+
+    initialize_parallel(ParallelConfig(), seed=0)
+    arch = arch_spec_from_hf_dir(hf_dir)
+    model = load_role_model(arch, ParallelConfig(), ModelBuildConfig(role="lm"), HFWeights(hf_dir)).model
+    params = [p for p in model.parameters()]
+    generator = torch.Generator().manual_seed(0)
+
+    def moved() -> list[torch.Tensor]:
+        return [p.detach() + 0.05 * torch.randn(p.shape, generator=generator) for p in params]
+
+    def assign(values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                p.copy_(value)
+
+    prompts = torch.randint(6, VOCAB, (4, 8), generator=generator).tolist()
+    settings = SamplingSettings(n=2, max_new_tokens=8, seed=0)
+    seen: dict = {}
+    ray.init(address=gcs_address, namespace=NAMESPACE, logging_level="WARNING")
+    try:
+        engine = RemoteEngine(ray.get_actor(ENGINE_NAME))
+        seen["backend"] = engine.backend
+        sync = WeightSync(engine, WeightSyncConfig(bucket_bytes=64 * 1024))
+        sync.connect()
+        seen["can_defer"] = sync.can_defer
+        first, second = moved(), moved()
+        assign(first)
+        report = sync.sync(model, arch, wait=False)
+        assign(second)  # the next update writes the weights at once, the engine perhaps still loading
+        seen["buckets"], seen["pending"] = report.buckets, len(report.pending)
+        wait_engine_calls(list(report.pending))  # as the next batch's generation does
+        batch = engine.generate(prompts, settings)
+        mask = batch.response_mask.bool()
+        seen["diff_to_second"] = float((response_logprobs(model, batch, VOCAB) - batch.sampling_logprobs)[mask].abs().max())
+        assign(first)
+        seen["diff_to_first"] = float((response_logprobs(model, batch, VOCAB) - batch.sampling_logprobs)[mask].abs().max())
+        assign(second)
+        waited = sync.sync(model, arch)  # waits for everything, the previous sync's loads first
+        seen["pending_after_wait"] = len(waited.pending)
+        again = engine.generate(prompts, settings)
+        mask = again.response_mask.bool()
+        seen["diff_after_second_sync"] = float((response_logprobs(model, again, VOCAB) - again.sampling_logprobs)[mask].abs().max())
+        seen["segment"] = sync.transfer.segment.path
+        sync.shutdown()
+        seen["segments_left"] = sorted(path.name for path in Path(shm_transfer.SHM_DIR).glob(
+            f"{shm_transfer.SEGMENT_PREFIX}{os.getpid()}_*"))
+    finally:
+        ray.shutdown()
+    return seen
+
+
+def test_a_sync_left_loading_gives_the_engine_the_weights_it_packed(ray_cluster, hf_dir):
+    from megatron_rlhf.config.rollout import RolloutConfig
+    from megatron_rlhf.parallel.launch import spawn
+    from megatron_rlhf.workers.rollout_worker import RolloutWorker
+
+    worker = ray_cluster.remote(num_cpus=1, max_restarts=0)(RolloutWorker).options(
+        name=ENGINE_NAME, namespace=NAMESPACE).remote(0, 1, RolloutConfig(model_dir=hf_dir, max_model_len=64))
+    try:
+        ray_cluster.get(worker.describe.remote())  # started
+        # a fresh process (not the rank pool's): it joins the cluster with the environment Ray
+        # set up here (its auth mode), which a pool rank started before the cluster lacks
+        seen = spawn(_deferred_sync_rank, 1, hf_dir, ray_cluster.get_runtime_context().gcs_address)[0]
+    finally:
+        ray_cluster.get(worker.shutdown.remote())
+        ray_cluster.kill(worker)
+    assert seen["backend"] == "shm" and seen["can_defer"], seen  # one host: shared memory, not gloo
+    assert seen["buckets"] > 2 and seen["pending"] >= 2, seen  # start + the last bucket(s) + finish left running
+    assert seen["diff_to_first"] <= TOLERANCE, seen  # the engine holds what was packed ...
+    assert seen["diff_to_second"] > 100 * TOLERANCE, seen  # ... not what the trainer wrote after
+    assert seen["pending_after_wait"] == 0 and seen["diff_after_second_sync"] <= TOLERANCE, seen
+    assert seen["segments_left"] == [], seen

@@ -78,7 +78,7 @@ def test_schedule_keeps_prompt_order_seeds_and_staleness():
     rollouts, _ = _rollouts(records, router, engine, last_step=3)
     reference = PromptSampler(records, 2, seed=3)
     for step in range(3):
-        prompts, batch, stream, staleness, early = rollouts.take(step)
+        prompts, batch, stream, staleness, early, _ = rollouts.take(step)
         assert early is None  # no early_passes given
         assert [p.id for p in prompts] == [p.id for p in reference.next_batch()]
         assert staleness == (0 if step == 0 else 1)
@@ -115,7 +115,7 @@ def test_checkpoint_sampler_state_is_from_before_the_batch_in_flight():
     records, router = _parts()
     engine = Engine()
     rollouts, sampler = _rollouts(records, router, engine)
-    prompts, batch, stream, _, _ = rollouts.take(0)
+    prompts, batch, stream, _, _, _ = rollouts.take(0)
     stream.results(batch.num_samples)
     engine.release.clear()  # hold the next generation mid-stream
     engine.started.clear()
