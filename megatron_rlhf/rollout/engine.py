@@ -43,7 +43,7 @@ from megatron_rlhf.config.errors import UserError
 from megatron_rlhf.config.rollout import OVERLONG_POLICIES, RolloutConfig
 from megatron_rlhf.config.sampling import SamplingSettings
 from megatron_rlhf.rollout.response_text import engine_text_reusable, response_text
-from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup, batch_from_rows, last_item
+from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup, last_item
 from megatron_rlhf.rollout.vllm_plugin import IPC_LEDGER_ENV
 from megatron_rlhf.types import RolloutBatch
 
@@ -296,8 +296,7 @@ class RolloutEngine:
                         texts[group] = tuple(response_text(c.text, c.token_ids, self.tokenizer, special_ids, reusable)
                                              for c in output.outputs)
                         yield FinishedGroup(group, admitted[group][0],
-                                            tuple(tuple(c.token_ids) for c in output.outputs), texts[group],
-                                            tuple(admitted[group][1]))
+                                            tuple(tuple(c.token_ids) for c in output.outputs), texts[group])
             finally:  # a consumer that stops early leaves no request behind in the engine
                 unfinished = [str(r) for group, r in enumerate(request_ids) if outputs[group] is None]
                 if unfinished and engine.has_unfinished_requests():
@@ -313,7 +312,7 @@ class RolloutEngine:
         stats["responses"] = len(rows)
         stats["responses_empty"] = sum(1 for row in rows if not row[3])
         stats["responses_hit_max_new_tokens"] = sum(1 for row in rows if row[5] == "length")
-        batch = batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
+        batch = _batch_from_rows(rows, int(self.tokenizer.pad_token_id or 0), stats)
         batch.response_texts = [text for group_texts in texts for text in group_texts]
         yield batch
 
@@ -385,3 +384,31 @@ def resolve_transfer_backend(requested: str | None, on_gpu: bool, same_host: boo
     if requested == "shm" and not same_host:
         raise ValueError("weight_transfer_backend='shm' needs the trainer on the engine's host; use 'gloo'")
     return requested
+
+
+def _batch_from_rows(rows: list, pad_token_id: int, stats: dict[str, int]) -> RolloutBatch:
+    count = len(rows)
+    prompt_width = max((len(r[2]) for r in rows), default=0)
+    response_width = max((len(r[3]) for r in rows), default=0)
+    prompt_ids = torch.full((count, prompt_width), pad_token_id, dtype=torch.long)
+    response_ids = torch.full((count, response_width), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((count, response_width), dtype=torch.float32)
+    sampling_logprobs = torch.zeros((count, response_width), dtype=torch.float32)
+    for row, (_, _, prompt, response, logprobs, _) in enumerate(rows):
+        prompt_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        if response:
+            response_ids[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+            response_mask[row, : len(response)] = 1.0
+            sampling_logprobs[row, : len(logprobs)] = torch.tensor(logprobs, dtype=torch.float32)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_lengths=torch.tensor([len(r[2]) for r in rows], dtype=torch.long),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        sampling_logprobs=sampling_logprobs,
+        finish_reasons=[r[5] for r in rows],
+        group_index=torch.tensor([r[0] for r in rows], dtype=torch.long),
+        prompt_index=torch.tensor([r[1] for r in rows], dtype=torch.long),
+        pad_token_id=pad_token_id,
+        stats=stats,
+    )

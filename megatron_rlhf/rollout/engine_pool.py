@@ -188,4 +188,4 @@ def _shifted(item: tuple[int, FinishedGroup], offsets: list[int], used: list) ->
     """An engine's finished group renumbered as in the merged batch."""
     position, group = item
     return FinishedGroup(group.group + offsets[position], used[position][1].start + group.prompt_index,
-                         group.responses, group.texts, group.prompt)
+                         group.responses, group.texts)

@@ -210,12 +210,8 @@ def build_components(config: RLConfig, tokenizer: Any, timeline: StartupTimeline
         raise
     finally:
         threads.shutdown(wait=False)
-    # the reference / critic pass on finished groups during generation, where their devices are
-    # free meanwhile (not beside a colocated GPU engine, which holds its KV cache until it is done)
-    stream_passes = disaggregated or not config.resources.uses_gpus
     parts = RLComponents(actor=groups["actor"], reference=groups.get("reference"), critic=groups.get("critic"),
-                         router=router, tokenizer=tokenizer, algorithm=algorithm, sampling=config.sampling,
-                         stream_passes=stream_passes)
+                         router=router, tokenizer=tokenizer, algorithm=algorithm, sampling=config.sampling)
     return parts, groups, run_placement
 
 

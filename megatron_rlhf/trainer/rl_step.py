@@ -56,7 +56,7 @@ import torch
 from megatron_rlhf.algorithms import AlgorithmConfig, Rollout, make_experience
 from megatron_rlhf.data.prompts import PromptRecord
 from megatron_rlhf.trainer.metrics_log import PhaseTimer
-from megatron_rlhf.trainer.rollout_phase import StreamedPass, generate_scored, rollout_correction_metrics
+from megatron_rlhf.trainer.rollout_phase import generate_scored, rollout_correction_metrics
 from megatron_rlhf.trainer.rl_metrics import step_metrics
 from megatron_rlhf.types import RolloutBatch
 
@@ -94,10 +94,6 @@ class RLComponents:
     """Render prompts as chat messages with the tokenizer's template (False: raw prompt text)."""
     on_phase: Callable[[str, int], None] | None = None
     """Called as each phase starts with ``(phase name, step)`` (tracing, fault-injection tests)."""
-    stream_passes: bool = False
-    """Synchronous steps run the reference's (and critic's) pass on blocks of finished groups
-    while the engine generates (:class:`~megatron_rlhf.trainer.rollout_phase.StreamedPass`);
-    set where they have devices free during generation (CPU, or disaggregated engines)."""
 
 
 def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord] | None,
@@ -119,12 +115,10 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
             yield
 
     staleness, early_ref, load_wait = 0, None, 0.0
-    streamed = streamed_passes(parts) if rollouts is None else {}
-    with phase("rollout"):  # each prompt group is scored (and passed on) as soon as the engine finishes it
+    with phase("rollout"):  # each prompt group is scored as soon as the engine finishes it
         if rollouts is None:
             batch, scoring = generate_scored(parts.actor, [p.engine_input(parts.chat_template) for p in prompts], parts.sampling,
-                                             prompts, parts.tokenizer, parts.router, state.step,
-                                             passes=list(streamed.values()))
+                                             prompts, parts.tokenizer, parts.router, state.step)
         else:  # generated during the previous step (one-step-off-policy), its reference pass issued then
             taken = rollouts.take(state.step)
             prompts, batch, scoring = taken.prompts, taken.batch, taken.scoring
@@ -134,12 +128,10 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     # the reference's and critic's passes run in their own worker groups while the last rewards
     # are awaited and the actor's pass runs (rows with an infrastructure-error reward are masked
     # out of their results below)
-    pending_ref = pending_values = None
+    pending_ref = None
     if algorithm.kl_mode != "none":
-        pending_ref = (early_ref if early_ref is not None else streamed["reference"].bound(batch)
-                       if "reference" in streamed else parts.reference.start_logprobs(batch))
-    if algorithm.needs_critic:
-        pending_values = streamed["critic"].bound(batch) if "critic" in streamed else parts.critic.start_values(batch)
+        pending_ref = early_ref if early_ref is not None else parts.reference.start_logprobs(batch)
+    pending_values = parts.critic.start_values(batch) if algorithm.needs_critic else None
     with phase("reward"):  # the last groups' scores, then the whole batch's normalisation
         results = scoring.results(batch.num_samples)
         rewards, valid = rewards_tensor(results, batch.group_index)
@@ -222,20 +214,6 @@ def rl_step(parts: RLComponents, state: RLState, prompts: Sequence[PromptRecord]
     metrics["actor/old_logprob_pass"] = float(not on_policy)
     new_state = RLState(step=state.step + 1, kl_controller=controller, domain_stats=domain_stats, domains=domains)
     return metrics, new_state
-
-
-def streamed_passes(parts: RLComponents) -> dict[str, StreamedPass]:
-    """The reference's and critic's passes to run on finished groups during generation (none
-    unless ``parts.stream_passes``)."""
-    if not parts.stream_passes:
-        return {}
-    pad = int(parts.tokenizer.pad_token_id or 0)
-    passes = {}
-    if parts.algorithm.kl_mode != "none":
-        passes["reference"] = StreamedPass(parts.reference.start_logprobs, pad, parts.reference.dp_size)
-    if parts.algorithm.needs_critic:
-        passes["critic"] = StreamedPass(parts.critic.start_values, pad, parts.critic.dp_size)
-    return passes
 
 
 def with_old_logprobs(experience: Any, old_logprobs: torch.Tensor, algorithm: AlgorithmConfig) -> Any:

@@ -11,15 +11,11 @@ builds from the finished batch (same ids, text, domain, ground truth, row), so t
 the non-streamed ``router.score`` of the batch (see :mod:`megatron_rlhf.rewards.streaming` for
 the one caveat, batch-shape effects inside a learned scorer). The response text is the engine's
 (``FinishedGroup.texts``, equal to the decode) when it sent it; the controller decodes otherwise.
-
-:class:`StreamedPass` does the same for a worker group's per-sample pass (the frozen reference's
-log-probs in synchronous steps): chunks of finished groups go to the group while the engine
-generates, so the pass mostly overlaps generation instead of following it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -46,95 +42,10 @@ def group_samples(group: Any, samples_per_group: int, prompts: Sequence[Any], to
     return pairs
 
 
-class StreamedPass:
-    """A per-sample pass of another worker group (the reference's log-probs, the critic's
-    values: ``start(batch) -> PendingResult``) run on finished prompt groups while the engine
-    still generates the rest.
-
-    The groups are split into up to ``blocks`` fixed blocks (consecutive group indices, at least
-    ``min_rows`` rows each: the group's data-parallel replicas each get a share); a block's pass
-    is issued as soon as its last group has finished, and :meth:`result` puts its rows where the
-    final batch has them. A block's rows, and so the pass's result, depend only on the groups'
-    tokens, never on the order or timing in which they finished: a run gives the same numbers
-    every time (a resumed run included). They equal the pass over the whole batch up to
-    batch-shape rounding (only the rows beside a row in a micro-batch differ).
-    """
-
-    def __init__(self, start: Callable[[RolloutBatch], Any], pad_token_id: int, min_rows: int = 1,
-                 blocks: int = 8):
-        self.start = start
-        self.pad_token_id = pad_token_id
-        self.min_rows = max(1, min_rows)
-        self.blocks = max(1, blocks)
-        self.chunks: list[tuple[list[int], Any]] = []
-        """``(rows in the final batch, pending result)`` per issued block."""
-        self.per_group = 1
-        self._block_of: list[int] = []
-        self._waiting: dict[int, list[Any]] = {}
-        self._sizes: list[int] = []
-
-    def admitted(self, groups: int, per_group: int) -> None:
-        """The stream's groups are known: fix the blocks."""
-        self.per_group = per_group
-        count = max(1, min(self.blocks, groups))
-        while count > 1 and (groups // count) * per_group < self.min_rows:
-            count -= 1
-        self._sizes = [groups // count + (1 if b < groups % count else 0) for b in range(count)]
-        self._block_of = [b for b, size in enumerate(self._sizes) for _ in range(size)]
-        self._waiting = {b: [] for b in range(count)}
-
-    def add(self, group: Any) -> None:
-        """A finished group (:class:`~megatron_rlhf.rollout.stream.FinishedGroup`)."""
-        block = self._block_of[group.group]
-        self._waiting[block].append(group)
-        if len(self._waiting[block]) == self._sizes[block]:
-            self._issue(block)
-
-    def finish(self) -> None:
-        """The stream ended: every block must have been issued."""
-        for block, groups in list(self._waiting.items()):
-            if groups:
-                self._issue(block)
-
-    def _issue(self, block: int) -> None:
-        from megatron_rlhf.rollout.stream import groups_batch
-
-        groups = sorted(self._waiting.pop(block), key=lambda group: group.group)
-        rows = [row for group in groups for row in group.rows(self.per_group)]
-        self.chunks.append((rows, self.start(groups_batch(groups, self.pad_token_id))))
-
-    def result(self, batch: RolloutBatch) -> torch.Tensor:
-        """``[B, R]`` float32 results in ``batch``'s row order (0.0 past each chunk's width)."""
-        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-        covered = torch.zeros(batch.num_samples, dtype=torch.bool)
-        for rows, pending in self.chunks:
-            values = pending.result()
-            index = torch.as_tensor(rows, dtype=torch.long)
-            out[index, : values.shape[1]] = values.to(torch.float32)
-            covered[index] = True
-        if not bool(covered.all()):
-            missing = (~covered).nonzero().flatten().tolist()
-            raise RuntimeError(f"a streamed pass covers no result for rows {missing[:8]} of the batch")
-        return out
-
-    def bound(self, batch: RolloutBatch) -> Any:
-        """A pending result for ``batch`` (``result()``), as the group's ``start_*`` returns."""
-        return _BoundPass(self, batch)
-
-
-class _BoundPass:
-    def __init__(self, streamed: StreamedPass, batch: RolloutBatch):
-        self.streamed, self.batch = streamed, batch
-
-    def result(self) -> torch.Tensor:
-        return self.streamed.result(self.batch)
-
-
 def generate_scored(engine: Any, inputs: list, sampling: Any, prompts: Sequence[Any], tokenizer: Any,
-                    router: Any, step: int, passes: Sequence[StreamedPass] = ()) -> tuple[RolloutBatch, Any]:
-    """Generate with ``engine.generate_stream`` while scoring each finished group (and running
-    ``passes`` on them); returns the batch and its :class:`RewardStream` (call
-    ``results(batch.num_samples)`` for the rewards)."""
+                    router: Any, step: int) -> tuple[RolloutBatch, Any]:
+    """Generate with ``engine.generate_stream`` while scoring each finished group; returns the
+    batch and its :class:`RewardStream` (call ``results(batch.num_samples)`` for the rewards)."""
     from megatron_rlhf.rewards.streaming import RewardStream
     from megatron_rlhf.rollout.stream import AdmittedPrompts, FinishedGroup
 
@@ -144,16 +55,10 @@ def generate_scored(engine: Any, inputs: list, sampling: Any, prompts: Sequence[
         for event in engine.generate_stream(inputs, sampling):
             if isinstance(event, AdmittedPrompts):
                 per_group = event.samples_per_group
-                for streamed in passes:
-                    streamed.admitted(len(event.prompt_index), per_group)
             elif isinstance(event, FinishedGroup):
                 stream.add(group_samples(event, per_group, prompts, tokenizer, step))
-                for streamed in passes:
-                    streamed.add(event)
             else:
                 batch = event
-                for streamed in passes:
-                    streamed.finish()
     except BaseException:
         stream.close()
         raise
