@@ -14,8 +14,10 @@
   gathered onto global rank 0 alone: the TP (or expert-TP) group of the one owning replica in
   rank 0's data-parallel column gathers onto its TP rank 0, which sends it to rank 0 (point to
   point); every other rank yields a ``meta`` tensor of the same name, shape and dtype (no
-  memory, no copy), so all ranks still iterate the same stream. Only a small header (shape,
-  dtype) is broadcast per tensor.
+  memory, no copy), so all ranks still iterate the same stream. Only a small header (which
+  rank sends, shape, dtype) is agreed per tensor, on the first export of a model only: it never
+  changes for a model object, so later exports (every weight sync) reuse it and move nothing
+  but the tensors; a one-rank world agrees nothing at all.
 
 Used by the checkpoint converters and, later, by weight sync into vLLM.
 """
@@ -23,6 +25,7 @@ Used by the checkpoint converters and, later, by weight sync into vLLM.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -208,23 +211,45 @@ def _in_first_column(expert: bool) -> bool:
     return parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0
 
 
-def _to_rank0(full: torch.Tensor | None, sender: bool) -> torch.Tensor:
-    """Move the one exporting rank's tensor to global rank 0; a ``meta`` stand-in elsewhere."""
+_ROUTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> ``{(role, rule position): (sending rank, shape, dtype)}`` of its ``only_rank0`` exports."""
+
+
+def _routes_of(model: Any) -> dict:
+    """The remembered routes of ``model``'s exports (a fresh dict where it cannot be remembered).
+    Every rank remembers after the same, first, export, so all skip the agreement together."""
+    try:
+        return _ROUTES.setdefault(model, {})
+    except TypeError:  # not weakly referenceable (a list of chunks)
+        return {}
+
+
+def _to_rank0(full: torch.Tensor | None, sender: bool, known: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+    """Move the one exporting rank's tensor to global rank 0; a ``meta`` stand-in elsewhere.
+    ``known``: ``(sending rank, shape, dtype)`` from an earlier export (nothing agreed then);
+    returns the tensor and that triple."""
     rank = torch.distributed.get_rank()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # NCCL reduces CUDA tensors only
-    flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int64, device=device)
-    header = [(tuple(full.shape), full.dtype) if sender else None]
-    flags[rank] = int(sender)
-    torch.distributed.all_reduce(flags)
-    source = int(flags.nonzero()[0])
-    torch.distributed.broadcast_object_list(header, src=source)
-    shape, dtype = header[0]
+    if torch.distributed.get_world_size() == 1:
+        return full, (0, tuple(full.shape), full.dtype)
+    if known is None:
+        flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int64, device=device)
+        header = [(tuple(full.shape), full.dtype) if sender else None]
+        flags[rank] = int(sender)
+        torch.distributed.all_reduce(flags)
+        source = int(flags.nonzero()[0])
+        torch.distributed.broadcast_object_list(header, src=source)
+        known = (source, *header[0])
+    source, shape, dtype = known
+    if rank == source and (full is None or tuple(full.shape) != shape or full.dtype != dtype):
+        raise RuntimeError(f"rank {rank} was to send a {shape} {dtype} tensor to rank 0 for the weight export, "
+                           f"not {None if full is None else (tuple(full.shape), full.dtype)}: the model changed")
     if rank == 0 and source != 0:
         full = torch.empty(shape, dtype=dtype, device=device)
         torch.distributed.recv(full, src=source)
     elif rank == source and source != 0:
         torch.distributed.send(full.contiguous(), dst=0)
-    return full if rank == 0 else torch.empty(shape, dtype=dtype, device="meta")
+    return (full if rank == 0 else torch.empty(shape, dtype=dtype, device="meta")), known
 
 
 @torch.no_grad()
@@ -245,7 +270,8 @@ def export_hf_weights(
     stage_of_layer = {layer: stage for stage, layers in owners for layer in layers}
     num_local_experts = (arch.num_experts or 1) // ep_group.size()
 
-    for placed in expand_rules(arch, role):
+    routes = _routes_of(model) if only_rank0 else {}
+    for position, placed in enumerate(expand_rules(arch, role)):
         rule = placed.rule
         if rule.import_only:
             continue
@@ -263,7 +289,7 @@ def export_hf_weights(
         if only_rank0:
             if holds and _in_first_column(rule.expert):
                 full = _gather_to_first(local[rule.megatron].parameter.detach(), placed)
-            full = _to_rank0(full, full is not None)
+            full, routes[role, position] = _to_rank0(full, full is not None, routes.get((role, position)))
             if rule.vocab_padded:
                 full = full[: arch.vocab_size]
             yield from zip(rule.hf, to_hf(rule, full, arch))

@@ -8,7 +8,9 @@ twice gives the same weights (a fresh pass each round), cast to the requested dt
 another model drops the cached metadata. Checked at TP2 PP2 and, for a MoE model, at EP2,
 against the HF checkpoint the model was loaded from. The weight sync's source (``only_rank0``)
 declares the same metadata on every rank, yields full tensors on the sending rank 0 only (equal
-to the checkpoint) and ``meta`` stand-ins of the same names, shapes and dtypes elsewhere.
+to the checkpoint) and ``meta`` stand-ins of the same names, shapes and dtypes elsewhere; after
+an update its next pass (on the routes agreed by the first: nothing but tensors move) yields
+the updated weights.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def _source_worker(parallel: ParallelConfig, hf_dir: str):
     sender_declared = [(m.name, m.dtype, tuple(m.shape)) for m in sender_source.metadata()]
     sender_pairs = list(sender_source)
     is_sender = torch.distributed.get_rank() == 0
+    with torch.no_grad():  # an update: later syncs reuse the first export's routes, never its values
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    moved = list(sender_source)
     source.bind(torch.nn.Linear(1, 1), arch, "lm")  # another model: metadata must be re-derived
     dropped = source._metadata is None
     return {
@@ -67,6 +73,8 @@ def _source_worker(parallel: ParallelConfig, hf_dir: str):
         "sender_source_full_on_rank0_only": all(t.is_meta != is_sender for _, t in sender_pairs),
         "sender_source_values_on_rank0": not is_sender or all(
             torch.equal(t, reader.get(n).to(torch.bfloat16)) for n, t in sender_pairs),
+        "sender_source_follows_weight_changes": [(n, t.dtype, tuple(t.shape)) for n, t in moved] == declared and (
+            not is_sender or all(torch.equal(t, (reader.get(n).float() + 1.0).to(torch.bfloat16)) for n, t in moved)),
         "declared": declared,
     }
 
