@@ -5,17 +5,20 @@ torchrun or a Ray worker group the environment is already set and :func:`run_dis
 the function in-process instead of spawning.
 
 Guarantees: every child gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT on a free
-loopback port and a fair share of CPU threads; the result of each rank is returned in rank order;
+loopback port (outside the ranges other processes' sockets land in; a job whose port was taken
+anyway before its rendezvous is started again) and a fair share of CPU threads; the result of each rank is returned in rank order;
 if any rank fails, the others are terminated and :class:`DistributedLaunchError` carries the
 failing rank's traceback. No process outlives the call.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import pickle
 import queue
+import random
 import socket
 import time
 import traceback
@@ -24,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 
+log = logging.getLogger(__name__)
 Launcher = Callable[..., list[Any]]
 """Runs a job on local ranks: ``launcher(function, world_size, *args)`` returns ``function(*args)``'s
 result of each rank, in rank order (:func:`run_distributed`, or a persistent
@@ -34,11 +38,42 @@ class DistributedLaunchError(RuntimeError):
     """A rank of a locally launched job failed; the message holds its traceback."""
 
 
+RENDEZVOUS_PORTS = (20000, 32768)
+"""Where :func:`free_port` looks first: above Ray's worker ports (10002-19999 by default) and
+below Linux's usual ephemeral range (32768-60999), where every socket bound to port 0 lands
+(Ray's, vLLM's, the OS's outgoing ones), so that another process rarely takes the port
+between the check and the rendezvous."""
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return RENDEZVOUS_PORTS[1]
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (see :data:`RENDEZVOUS_PORTS`; any free
+    port when none is free there)."""
+    low, high = RENDEZVOUS_PORTS[0], min(RENDEZVOUS_PORTS[1], _ephemeral_start())
+    chooser = random.SystemRandom()  # never the seeded global generator: two jobs would pick alike
+    for _ in range(64 if high > low else 0):
+        port = chooser.randrange(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def rendezvous_port_taken(message: str, port: int) -> bool:
+    """Whether a rank's failure is its rendezvous store finding ``port`` taken (before any work)."""
+    return "EADDRINUSE" in message and f"port: {port}," in message
 
 
 def enter_local_rank(rank: int, world_size: int, port: int, threads: int) -> None:
@@ -89,13 +124,28 @@ def spawn(
 ) -> list[Any]:
     """Run ``function(*args)`` in ``world_size`` fresh processes; return results by rank.
 
-    ``function`` must be importable (module level) and its arguments and result picklable.
+    ``function`` must be importable (module level) and its arguments and result picklable. A job
+    whose rendezvous port was taken by another process before rank 0 listened on it (nothing
+    has run yet) is started again on another port, up to three times in all.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    for attempt in range(3):
+        port = free_port()
+        try:
+            return _spawn_on(port, function, world_size, args, timeout_seconds)
+        except DistributedLaunchError as error:
+            if attempt == 2 or not rendezvous_port_taken(str(error), port):
+                raise
+            log.warning("rendezvous port %d was taken by another process; starting the %d ranks again", port,
+                        world_size)
+    raise AssertionError("unreachable")
+
+
+def _spawn_on(port: int, function: Callable[..., Any], world_size: int, args: tuple,
+              timeout_seconds: float) -> list[Any]:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
     processes = [
         context.Process(
