@@ -438,7 +438,7 @@ def build_trainer_classes():
             _wait_all(calls)
 
         def pending_refs(self) -> list:
-            """Ray handles of the calls still running (for another process to wait on)."""
+            """Ray handles of the last deferred send's calls, every one of them (for another process to wait on)."""
             return [call.ref for call in self.pending]
 
         def shutdown(self) -> None:

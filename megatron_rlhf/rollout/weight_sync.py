@@ -90,8 +90,9 @@ class SyncReport:
     """Buckets sent (0 where vLLM's own engine does the bucketing: ``nccl``, ``ipc``)."""
     largest_bucket_bytes: int
     pending: tuple = ()
-    """Rank 0 of a ``sync(wait=False)``: Ray handles of the engine's loads still running (empty
-    when the sync finished); generation must wait for them (``rollout_worker.wait_engine_calls``)."""
+    """Rank 0 of a deferred ``sync(wait=False)``: the Ray handles of every engine call of the
+    sync (start, each bucket's load, finish), some of them still running; empty when the sync
+    finished before returning. Generation must wait for them (``rollout_worker.wait_engine_calls``)."""
 
 
 class WeightSync:

@@ -48,6 +48,15 @@ def on_the_only_host() -> bool:
     return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
 
 
+def disaggregated_transfer_backend(on_gpu: bool) -> str:
+    """``weight_transfer_backend: auto`` for an engine of its own: GPU engines have devices of
+    their own, so NCCL even on the trainer's host (CUDA IPC is for an engine on the trainer's
+    own GPU); a CPU engine takes ``shm`` where it shares the trainer's host, else ``gloo``."""
+    from megatron_rlhf.rollout.engine import resolve_transfer_backend
+
+    return resolve_transfer_backend("auto", on_gpu, same_host=not on_gpu and on_the_only_host())
+
+
 class RolloutWorker:
     """Holds one :class:`RolloutEngine` (vLLM's own TP inside it)."""
 
@@ -61,10 +70,7 @@ class RolloutWorker:
 
             import torch
 
-            from megatron_rlhf.rollout.engine import resolve_transfer_backend
-
-            backend = resolve_transfer_backend("auto", torch.cuda.is_available(), same_host=on_the_only_host())
-            config = replace(config, weight_transfer_backend=backend)
+            config = replace(config, weight_transfer_backend=disaggregated_transfer_backend(torch.cuda.is_available()))
         compute_on_bound_cores(config)
         self.engine = RolloutEngine(config)
 
@@ -105,7 +111,7 @@ class RemoteCall:
 
 
 def wait_engine_calls(refs: list) -> None:
-    """Wait for :class:`RemoteCall` ``ref``\\ s started by another process (raises the first failure)."""
+    """Wait for the ``ref`` of :class:`RemoteCall` objects another process started (raises the first failure)."""
     if refs:
         import ray
 

@@ -111,3 +111,17 @@ def test_a_host_of_several_numa_nodes_keeps_vllms_own_processes(tmp_path):
     with pytest.raises(EngineProcessUnavailable, match="2 NUMA nodes"):
         resolve_engine_process("in_process", False, 1, None, numa_nodes=2)
     assert resolve_engine_process("auto", False, 1, None, numa_nodes=1) == "in_process"
+
+
+def test_a_disaggregated_engine_takes_nccl_on_gpus_and_shm_only_on_the_trainers_cpu_host(monkeypatch):
+    """An engine of its own on a GPU has its own GPU: NCCL even on a one-node cluster (CUDA IPC
+    would need the trainer's GPU). A CPU engine takes shm on a one-node cluster, else gloo (the
+    one-node case with a real Ray cluster: tests/integration/test_shm_weight_sync.py)."""
+    from megatron_rlhf.workers import rollout_worker
+
+    monkeypatch.setattr(rollout_worker, "on_the_only_host", lambda: True)
+    assert rollout_worker.disaggregated_transfer_backend(on_gpu=True) == "nccl"
+    assert rollout_worker.disaggregated_transfer_backend(on_gpu=False) == "shm"
+    monkeypatch.setattr(rollout_worker, "on_the_only_host", lambda: False)
+    assert rollout_worker.disaggregated_transfer_backend(on_gpu=True) == "nccl"
+    assert rollout_worker.disaggregated_transfer_backend(on_gpu=False) == "gloo"
