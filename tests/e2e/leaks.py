@@ -6,6 +6,9 @@ starting process is dead, optionally only those started by ``owners`` (other job
 machine start and kill engines of their own meanwhile). A released ledger is never written again
 (:func:`megatron_rlhf.rollout.vllm_plugin._append`), so any one of a run that is left is a leak.
 
+:class:`TaggedPids`: every pid that carried a run's tag (an environment variable the run's first
+process gets and every process it starts inherits) while the run lasted: who may own what it left.
+
 A segment or semaphore of another live job (tests in a parallel worker process) can be unmapped
 for a moment (created and not yet mapped, or closed and not yet unlinked): only what is still
 orphaned ``confirm_after_s`` later is reported. A leak does not go away by itself.
@@ -16,7 +19,46 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import threading
 import time
+
+TAG_ENV = "MEGATRON_RLHF_TEST_RUN"
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of the live processes whose environment has ``TAG_ENV=tag``."""
+    marker = f"{TAG_ENV}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if marker in handle.read().split(b"\0"):
+                    found.append(int(entry))
+        except (OSError, ValueError):  # not a process, gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+class TaggedPids(threading.Thread):
+    """Every pid that carried ``tag`` while the run lasted (polled every ``interval_s``)."""
+
+    def __init__(self, tag: str, interval_s: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.tag, self.interval_s = tag, interval_s
+        self.pids: set[int] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.pids.update(tagged_processes(self.tag))
+            if self.done.wait(self.interval_s):
+                return
+
+    def stop(self) -> set[int]:
+        """Stop polling; the pids seen."""
+        self.done.set()
+        self.join()
+        return self.pids
 
 
 def orphaned_ipc_objects(owners: set[int] | None = None, confirm_after_s: float = 2.0) -> set[str]:

@@ -29,45 +29,18 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.leaks import orphaned_ipc_objects
+from tests.e2e.leaks import TAG_ENV, TaggedPids, orphaned_ipc_objects, tagged_processes
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
-TAG_ENV = "MEGATRON_RLHF_TEST_RUN"
 TIMEOUT_SECONDS = 840
 """Below the suite's per-test limit (`scripts/run_tests.sh`: --timeout=900), so a stuck demo is
 reported with its output rather than cut off by pytest-timeout."""
-
-
-def _tagged_processes(tag: str) -> list[int]:
-    marker = f"{TAG_ENV}={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                if marker in handle.read().split(b"\0"):
-                    found.append(int(entry))
-        except (OSError, ValueError):  # not a process, gone meanwhile, or not ours to read
-            continue
-    return found
-
-
-class _TaggedPids(threading.Thread):
-    """Every pid that carried the run's tag while the run lasted (polled): who may own its ledgers."""
-
-    def __init__(self, tag: str) -> None:
-        super().__init__(daemon=True)
-        self.tag, self.pids, self.done = tag, set(), threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(1.0):
-            self.pids.update(_tagged_processes(self.tag))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +53,7 @@ def demo_run(tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "megatron_rlhf", "demo", "--quick", "--with-genrm", "--out", str(out)],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    tagged = _TaggedPids(env[TAG_ENV])
+    tagged = TaggedPids(env[TAG_ENV])
     tagged.start()
     try:
         output, _ = process.communicate(timeout=TIMEOUT_SECONDS)
@@ -88,9 +61,8 @@ def demo_run(tmp_path_factory):
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
     finally:
-        tagged.done.set()
-        tagged.join()
-    left = [pid for pid in _tagged_processes(env[TAG_ENV]) if pid != process.pid]
+        tagged.stop()
+    left = [pid for pid in tagged_processes(env[TAG_ENV]) if pid != process.pid]
     orphans = orphaned_ipc_objects(tagged.pids | {process.pid}) - before
     for pid in left:  # checked below; not left for the next test
         try:
