@@ -122,6 +122,23 @@ def process_group_collection() -> Any:
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
+def gradient_buffers(ddp_model: Any) -> list[Any] | None:
+    """The contiguous gradient buffers of a Megatron-Core DDP model, or None where unknown.
+
+    Every trainable parameter's ``main_grad`` is a view into one of them (0.16.x: ``buffers`` and
+    ``expert_parallel_buffers``, each a ``_ParamAndGradBuffer`` holding ``grad_data``); padding
+    between parameters is zeroed with them. A release that lays them out otherwise returns None,
+    and callers fall back to the per-parameter ``main_grad`` views.
+    """
+    dense, expert = getattr(ddp_model, "buffers", None), getattr(ddp_model, "expert_parallel_buffers", ())
+    if not isinstance(dense, list) or not isinstance(expert, list):  # nn.Module.buffers is a method
+        return None
+    grads = [getattr(buffer, "grad_data", None) for buffer in dense + expert]
+    if not grads or any(grad is None for grad in grads):
+        return None
+    return grads
+
+
 def apply_release_fixes() -> list[str]:
     """Work around defects of specific megatron-core releases; returns what was fixed.
 

@@ -114,13 +114,20 @@ class MegatronUpdater:
         self.steps = 0
 
     def _all_finite(self, loss_values: list[float]) -> bool:
-        """Whether every loss and gradient is finite on every rank (one host sync in total)."""
+        """Whether every loss and gradient is finite on every rank (one host sync in total).
+
+        Checked over the DDP's contiguous gradient buffers (a few ops in all) where this
+        megatron-core exposes them, else over each parameter's ``main_grad`` view.
+        """
+        from megatron_rlhf.parallel.megatron_compat import gradient_buffers
+
         device = next(self.model.parameters()).device
         finite = torch.tensor(all(math.isfinite(value) for value in loss_values), device=device)
-        for parameter in self.model.parameters():
-            grad = getattr(parameter, "main_grad", None)
-            if grad is not None:
-                finite &= torch.isfinite(grad).all()
+        grads = gradient_buffers(self.model)
+        if grads is None:
+            grads = [p.main_grad for p in self.model.parameters() if getattr(p, "main_grad", None) is not None]
+        for grad in grads:
+            finite &= torch.isfinite(grad).all()
         flag = finite.to(torch.float32).reshape(1)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item() == 1.0)

@@ -7,7 +7,9 @@ the same global batch of 4 sequences, split over data-parallel ranks and 2-seque
 and exports the updated weights in HF naming. Checked against TP1 PP1 within 1e-5 (fp32): the
 loss of each step and every updated tensor. An untied (llama) and a tied (qwen2, embedding
 gradients synchronised across pipeline stages) model are both covered. A step whose batch makes
-the loss NaN is skipped and counted, and changes no weight.
+the loss NaN is skipped and counted, and changes no weight; so is a step whose loss is finite but
+whose gradient holds a NaN (one logit's, spread by backward; checked over the DDP's gradient
+buffers, on every rank).
 
 Optimizer: Megatron's distributed Adam with adam_eps=1e-3. Adam divides by sqrt(v) + eps; with
 the usual eps=1e-8 at lr 1e-3 this comparison was measured at up to 3e-5 in 1 element out of
@@ -18,6 +20,8 @@ lr * noise / eps ~ 1e-10, while a wrong gradient shard (an error of the order of
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -64,22 +68,45 @@ def _train_worker(parallel: ParallelConfig, models: dict[str, str], tokens: torc
         local = tokens.chunk(state.data_parallel_size)[state.data_parallel_rank]
         microbatches = [{"input_ids": part} for part in local.split(2)]
         losses = [updater.step(microbatches, lm_loss).loss for _ in range(2)]
-        before_nan = dict(export_hf_weights(model, arch, "lm"))
+        before_nan = _snapshot(export_hf_weights(model, arch, "lm"))
         poisoned = updater.step(microbatches, lambda out, mb: _nan_loss(out, mb))
-        after_nan = dict(export_hf_weights(model, arch, "lm"))
+        nan_skipped = poisoned.skipped and updater.skipped_steps == 1
+        after_nan = _snapshot(export_hf_weights(model, arch, "lm"))
+        poisoned_grad = updater.step(microbatches, _nan_grad_loss)
+        after_nan_grad = _snapshot(export_hf_weights(model, arch, "lm"))
         reports[name] = {
             "losses": losses,
             "weights": after_nan if state.rank == 0 else None,
-            "nan_skipped": poisoned.skipped and updater.skipped_steps == 1,
+            "nan_skipped": nan_skipped,
             "nan_changed": [k for k in before_nan if not torch.equal(before_nan[k], after_nan[k])],
+            "nan_grad_skipped": (poisoned_grad.skipped and updater.skipped_steps == 2
+                                 and all(math.isfinite(m["loss"]) for m in poisoned_grad.metrics if "loss" in m)),
+            "nan_grad_changed": [k for k in after_nan if not torch.equal(after_nan[k], after_nan_grad[k])],
         }
     return reports
+
+
+def _snapshot(weights) -> dict[str, torch.Tensor]:
+    """Copies: an export may hand out views of the live parameters."""
+    return {name: tensor.clone() for name, tensor in weights}
 
 
 def _nan_loss(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
     loss, _ = lm_loss(logits, microbatch)
     loss = loss * float("nan")
     return loss, {"loss": loss.detach()}
+
+
+def _nan_grad_loss(logits: torch.Tensor, microbatch: dict[str, torch.Tensor]):
+    """The usual loss (finite); backward puts a NaN into one logit's gradient."""
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
+
+    logits.register_hook(poison)
+    return lm_loss(logits, microbatch)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +140,8 @@ def results(hf_models, rank_pool):
                     "weights": per_rank[0][arch]["weights"],
                     "nan_skipped": all(r[arch]["nan_skipped"] for r in per_rank),
                     "nan_changed": per_rank[0][arch]["nan_changed"],
+                    "nan_grad_skipped": all(r[arch]["nan_grad_skipped"] for r in per_rank),
+                    "nan_grad_changed": per_rank[0][arch]["nan_grad_changed"],
                 }
             cache[layout] = merged
         return cache[layout]
@@ -148,9 +177,11 @@ def test_weights_actually_moved(arch, hf_models, results):
     assert len(moved) == len(updated), "every tensor should change after two Adam steps"
 
 
-@pytest.mark.parametrize("layout", ["TP1PP1", "TP2PP2"])
+@pytest.mark.parametrize("layout", ["TP1PP1", "DP2", "TP2PP2"])
 def test_non_finite_loss_skips_the_step(layout, results):
     for arch in ARCHS:
         report = results(layout)[arch]
         assert report["nan_skipped"], f"{arch} {layout}: NaN step not reported as skipped"
         assert report["nan_changed"] == [], f"{arch} {layout}: NaN step changed weights"
+        assert report["nan_grad_skipped"], f"{arch} {layout}: a finite loss with a NaN gradient was not skipped"
+        assert report["nan_grad_changed"] == [], f"{arch} {layout}: the NaN-gradient step changed weights"
