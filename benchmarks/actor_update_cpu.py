@@ -185,6 +185,22 @@ def _profile(label: str, update) -> None:
 
 def _worker(plan: BenchPlan, result_path: str) -> None:
     import torch
+
+    hidden, layers, intermediate = SIZES[plan.size]
+    with tempfile.TemporaryDirectory(prefix=f"actor_bench_{plan.size}_") as work:  # removed once both models load
+        model, actor, hf_model = _build_sides(plan, Path(work), hidden, layers, intermediate)
+    optimizer = torch.optim.AdamW(
+        hf_model.parameters(), lr=plan.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
+    )
+    batch = make_batch(plan)
+    experience = _experience(plan, batch, hf_model)
+    tokens = int(batch.prompt_lengths.sum() + batch.response_mask.sum())
+    _measure(plan, result_path, model, actor, hf_model, optimizer, batch, experience, tokens)
+
+
+def _build_sides(plan: BenchPlan, work: Path, hidden: int, layers: int, intermediate: int):
+    """Megatron's model and actor, and plain transformers' model, from one tiny HF checkpoint in ``work``."""
+    import torch
     import transformers
 
     from megatron_rlhf.algorithms import AlgorithmConfig
@@ -192,19 +208,12 @@ def _worker(plan: BenchPlan, result_path: str) -> None:
     from megatron_rlhf.config.parallel import ParallelConfig
     from megatron_rlhf.mapping.engine import load_hf_weights
     from megatron_rlhf.models.arch import arch_spec_from_hf_dir
-    from megatron_rlhf.models.provider import (
-        ModelBuildConfig,
-        build_stage_model,
-        validate_layout,
-    )
-    from megatron_rlhf.models import packed_rope
+    from megatron_rlhf.models.provider import ModelBuildConfig, build_stage_model, validate_layout
     from megatron_rlhf.models.tiny import make_tiny_hf_model, train_tiny_tokenizer
     from megatron_rlhf.parallel.init import initialize_parallel
     from megatron_rlhf.training.actor_critic import ActorTrainer, PPOUpdateConfig
     from megatron_rlhf.training.megatron_step import OptimizerSettings
 
-    hidden, layers, intermediate = SIZES[plan.size]
-    work = Path(tempfile.mkdtemp(prefix=f"actor_bench_{plan.size}_"))
     hf_dir = make_tiny_hf_model(
         "llama",
         work / "hf",
@@ -234,13 +243,15 @@ def _worker(plan: BenchPlan, result_path: str) -> None:
                         max_tokens_per_microbatch=plan.micro_batch_size * plan.seq_len if plan.packing else 0),
         valid_vocab_size=VOCAB,
     )
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(
-        hf_model.parameters(), lr=plan.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
-    )
-    batch = make_batch(plan)
-    experience = _experience(plan, batch, hf_model)
-    tokens = int(batch.prompt_lengths.sum() + batch.response_mask.sum())
+    return model, actor, transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+
+
+def _measure(plan: BenchPlan, result_path: str, model, actor, hf_model, optimizer, batch, experience,
+             tokens: int) -> None:
+    """Warm-up, interleaved timed updates of each side, optional profiles; the JSON result."""
+    import torch
+
+    from megatron_rlhf.models import packed_rope
 
     def megatron_update() -> float:
         return actor.update(batch, experience)[0].loss
@@ -340,9 +351,10 @@ def main() -> None:
             profile=args.profile,
             rope_ab=args.rope_ab,
         )
-        result_path = tempfile.mktemp(suffix=".json")
-        spawn(_worker, 1, plan, result_path)
-        rows.append(json.loads(Path(result_path).read_text()))
+        with tempfile.TemporaryDirectory(prefix="actor_bench_result_") as scratch:
+            result_path = os.path.join(scratch, "result.json")
+            spawn(_worker, 1, plan, result_path)
+            rows.append(json.loads(Path(result_path).read_text()))
         print(rows[-1], flush=True)
     lines = [
         ("| model | params | tokens/update | megatron s | plain s | megatron tok/s | plain tok/s | "

@@ -70,7 +70,8 @@ def _worker(size: str, repeats: int, result_path: str) -> None:
 
     actor_critic.ActorTrainer.__init__ = keep
     bench._profile = lambda label, update: None  # the benchmark's own update runs once (repeats=1)
-    bench._worker(bench.BenchPlan(size=size, repeats=1, profile=True), tempfile.mktemp())
+    with tempfile.TemporaryDirectory(prefix="finite_check_") as scratch:  # the benchmark's own result
+        bench._worker(bench.BenchPlan(size=size, repeats=1, profile=True), str(Path(scratch) / "update.json"))
     updater = next(value for value in vars(built["actor"]).values() if hasattr(value, "_all_finite"))
     variants, tensors = _variants(updater)
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -95,9 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for size in args.sizes:
-        with tempfile.NamedTemporaryFile(suffix=".json") as result:
-            spawn(_worker, 1, size, args.repeats, result.name)
-            rows.append(json.loads(Path(result.name).read_text()))
+        with tempfile.TemporaryDirectory(prefix="finite_check_result_") as scratch:
+            result = str(Path(scratch) / "result.json")
+            spawn(_worker, 1, size, args.repeats, result)
+            rows.append(json.loads(Path(result).read_text()))
     names = list(rows[0]["ms"])
     print("| model | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
