@@ -152,7 +152,7 @@ def plain_update(model, optimizer, batch, experience, plan: BenchPlan, clip: flo
     return loss_value
 
 
-def _experience(plan: BenchPlan, batch, hf_model):
+def make_experience(plan: BenchPlan, batch, hf_model):
     import torch
 
     from megatron_rlhf.algorithms import Experience
@@ -186,20 +186,20 @@ def _profile(label: str, update) -> None:
 def _worker(plan: BenchPlan, result_path: str) -> None:
     import torch
 
-    hidden, layers, intermediate = SIZES[plan.size]
     with tempfile.TemporaryDirectory(prefix=f"actor_bench_{plan.size}_") as work:  # removed once both models load
-        model, actor, hf_model = _build_sides(plan, Path(work), hidden, layers, intermediate)
+        model, actor, hf_model = build_sides(plan, Path(work))
     optimizer = torch.optim.AdamW(
         hf_model.parameters(), lr=plan.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
     )
     batch = make_batch(plan)
-    experience = _experience(plan, batch, hf_model)
+    experience = make_experience(plan, batch, hf_model)
     tokens = int(batch.prompt_lengths.sum() + batch.response_mask.sum())
     _measure(plan, result_path, model, actor, hf_model, optimizer, batch, experience, tokens)
 
 
-def _build_sides(plan: BenchPlan, work: Path, hidden: int, layers: int, intermediate: int):
-    """Megatron's model and actor, and plain transformers' model, from one tiny HF checkpoint in ``work``."""
+def build_sides(plan: BenchPlan, work: Path):
+    """Megatron's model and actor, and plain transformers' model, from one tiny HF checkpoint of
+    ``plan.size`` written in ``work`` (in a process that becomes a one-rank Megatron world)."""
     import torch
     import transformers
 
@@ -214,6 +214,7 @@ def _build_sides(plan: BenchPlan, work: Path, hidden: int, layers: int, intermed
     from megatron_rlhf.training.actor_critic import ActorTrainer, PPOUpdateConfig
     from megatron_rlhf.training.megatron_step import OptimizerSettings
 
+    hidden, layers, intermediate = SIZES[plan.size]
     hf_dir = make_tiny_hf_model(
         "llama",
         work / "hf",

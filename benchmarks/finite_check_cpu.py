@@ -1,7 +1,7 @@
 """The non-finite step check of ``MegatronUpdater`` on CPU: four ways to ask "is every gradient finite?".
 
-Builds the actor of ``benchmarks/actor_update_cpu.py`` (same sizes), runs one update so that every
-gradient buffer holds real gradients, then times, interleaved, each variant over the same
+Builds the actor of ``benchmarks/actor_update_cpu.py`` (same sizes, its ``build_sides``), runs one
+update on that benchmark's batch so that every gradient buffer holds real gradients, then times, interleaved, each variant over the same
 gradients (medians of ``--repeats`` calls):
 
 - ``per parameter, isfinite().all()``: the check before 2026-12-08 (a boolean per element);
@@ -59,20 +59,12 @@ def _variants(updater):
 def _worker(size: str, repeats: int, result_path: str) -> None:
     import json
 
-    from megatron_rlhf.training import actor_critic
-
-    built = {}
-    original = actor_critic.ActorTrainer.__init__
-
-    def keep(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        built["actor"] = self
-
-    actor_critic.ActorTrainer.__init__ = keep
-    bench._profile = lambda label, update: None  # the benchmark's own update runs once (repeats=1)
-    with tempfile.TemporaryDirectory(prefix="finite_check_") as scratch:  # the benchmark's own result
-        bench._worker(bench.BenchPlan(size=size, repeats=1, profile=True), str(Path(scratch) / "update.json"))
-    updater = next(value for value in vars(built["actor"]).values() if hasattr(value, "_all_finite"))
+    plan = bench.BenchPlan(size=size)
+    with tempfile.TemporaryDirectory(prefix="finite_check_") as work:
+        _, actor, hf_model = bench.build_sides(plan, Path(work))
+    batch = bench.make_batch(plan)
+    actor.update(batch, bench.make_experience(plan, batch, hf_model))  # real gradients in every buffer
+    updater = actor.updater
     variants, tensors = _variants(updater)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for index in range(repeats):

